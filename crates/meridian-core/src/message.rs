@@ -509,7 +509,10 @@ mod tests {
         assert_eq!(stored["region"], "eu-west-1");
         assert_eq!(stored["receivedAt"], "2026-11-24T05:12:26.678Z");
         assert_eq!(stored["timestamp"], "2026-11-24T05:12:26.678Z");
-        assert!(stored.get("writeKey").is_none(), "the write key must never be stored");
+        assert!(
+            stored.get("writeKey").is_none(),
+            "the write key must never be stored"
+        );
         assert!(stored.get("originalTimestamp").is_none());
         assert_eq!(stored["messageId"], enriched.message_id.as_str());
         assert_eq!(enriched.message_id.len(), 36);
@@ -540,8 +543,12 @@ mod tests {
         };
         let message = object(json!({"userId": "u", "timestamp": "2026-11-24T05:12:25.678+00:00"}));
         let stored_value = stored(
-            &enrich_message(message.clone(), Some(MessageKind::Identify), &with_batch_sent_at)
-                .unwrap(),
+            &enrich_message(
+                message.clone(),
+                Some(MessageKind::Identify),
+                &with_batch_sent_at,
+            )
+            .unwrap(),
         );
         assert_eq!(stored_value["timestamp"], "2026-11-24T05:12:24.678Z");
         assert_eq!(stored_value["sentAt"], "2026-11-24T05:12:27.678+00:00");
@@ -573,12 +580,18 @@ mod tests {
         };
         let message = object(json!({"type": "page", "userId": "u", "context": {"ip": "5.6.7.8"}}));
         let stored_value = stored(&enrich_message(message, None, &ctx).unwrap());
-        assert_eq!(stored_value["context"], json!({"ip": "5.6.7.8", "locale": "en-US"}));
+        assert_eq!(
+            stored_value["context"],
+            json!({"ip": "5.6.7.8", "locale": "en-US"})
+        );
         assert_eq!(stored_value["integrations"], json!({"All": false}));
 
         let message = object(json!({"type": "page", "userId": "u", "context": null}));
         let stored_value = stored(&enrich_message(message, None, &ctx).unwrap());
-        assert_eq!(stored_value["context"], json!({"ip": "1.2.3.4", "locale": "en-US"}));
+        assert_eq!(
+            stored_value["context"],
+            json!({"ip": "1.2.3.4", "locale": "en-US"})
+        );
     }
 
     #[test]
@@ -593,21 +606,60 @@ mod tests {
     #[test]
     fn refuses_each_broken_rule_with_its_own_code() {
         let cases = [
-            (json!({"userId": "u", "event": "x"}), RejectCode::MissingType),
-            (json!({"type": "click", "userId": "u"}), RejectCode::InvalidType),
+            (
+                json!({"userId": "u", "event": "x"}),
+                RejectCode::MissingType,
+            ),
+            (
+                json!({"type": "click", "userId": "u"}),
+                RejectCode::InvalidType,
+            ),
             (json!({"type": 7, "userId": "u"}), RejectCode::InvalidType),
             (json!({"type": "identify"}), RejectCode::MissingUserId),
-            (json!({"type": "identify", "userId": ""}), RejectCode::MissingUserId),
-            (json!({"type": "identify", "userId": {"a": 1}}), RejectCode::InvalidField),
-            (json!({"type": "alias", "previousId": "p"}), RejectCode::MissingUserId),
-            (json!({"type": "alias", "userId": "u"}), RejectCode::MissingPreviousId),
-            (json!({"type": "track", "userId": "u"}), RejectCode::MissingEvent),
-            (json!({"type": "track", "userId": "u", "event": 5}), RejectCode::MissingEvent),
-            (json!({"type": "group", "userId": "u"}), RejectCode::MissingGroupId),
-            (json!({"type": "identify", "userId": "u", "traits": [1]}), RejectCode::InvalidField),
-            (json!({"type": "page", "userId": "u", "name": 3}), RejectCode::InvalidField),
-            (json!({"type": "identify", "userId": "u", "timestamp": "soon"}), RejectCode::InvalidTimestamp),
-            (json!({"type": "identify", "userId": "u", "sentAt": 12}), RejectCode::InvalidTimestamp),
+            (
+                json!({"type": "identify", "userId": ""}),
+                RejectCode::MissingUserId,
+            ),
+            (
+                json!({"type": "identify", "userId": {"a": 1}}),
+                RejectCode::InvalidField,
+            ),
+            (
+                json!({"type": "alias", "previousId": "p"}),
+                RejectCode::MissingUserId,
+            ),
+            (
+                json!({"type": "alias", "userId": "u"}),
+                RejectCode::MissingPreviousId,
+            ),
+            (
+                json!({"type": "track", "userId": "u"}),
+                RejectCode::MissingEvent,
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": 5}),
+                RejectCode::MissingEvent,
+            ),
+            (
+                json!({"type": "group", "userId": "u"}),
+                RejectCode::MissingGroupId,
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "traits": [1]}),
+                RejectCode::InvalidField,
+            ),
+            (
+                json!({"type": "page", "userId": "u", "name": 3}),
+                RejectCode::InvalidField,
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "timestamp": "soon"}),
+                RejectCode::InvalidTimestamp,
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "sentAt": 12}),
+                RejectCode::InvalidTimestamp,
+            ),
         ];
         for (message, expected_code) in cases {
             let description = message.to_string();
@@ -630,11 +682,15 @@ mod tests {
         let envelope: BatchEnvelope<'_> = serde_json::from_str(&body).unwrap();
         assert!(parse_raw_message(envelope.batch[0], &limits).is_ok());
         assert_eq!(
-            parse_raw_message(envelope.batch[1], &limits).unwrap_err().code,
+            parse_raw_message(envelope.batch[1], &limits)
+                .unwrap_err()
+                .code,
             RejectCode::MessageTooLarge
         );
         assert_eq!(
-            parse_raw_message(envelope.batch[2], &limits).unwrap_err().code,
+            parse_raw_message(envelope.batch[2], &limits)
+                .unwrap_err()
+                .code,
             RejectCode::InvalidMessage
         );
     }

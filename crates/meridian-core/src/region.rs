@@ -68,11 +68,28 @@ mod tests {
 
     #[test]
     fn accepts_aws_style_ids_and_refuses_others() {
-        for valid in ["eu-west-1", "us-east-1", "af-south-1", "ap-southeast-1", "local"] {
+        for valid in [
+            "eu-west-1",
+            "us-east-1",
+            "af-south-1",
+            "ap-southeast-1",
+            "local",
+        ] {
             assert_eq!(RegionId::parse(valid).unwrap().as_str(), valid);
         }
-        for invalid in ["", "E", "EU-WEST-1", "1eu", "eu_west", "eu/west", &"a".repeat(33)] {
-            assert!(RegionId::parse(invalid).is_err(), "{invalid} should be refused");
+        for invalid in [
+            "",
+            "E",
+            "EU-WEST-1",
+            "1eu",
+            "eu_west",
+            "eu/west",
+            &"a".repeat(33),
+        ] {
+            assert!(
+                RegionId::parse(invalid).is_err(),
+                "{invalid} should be refused"
+            );
         }
     }
 }

@@ -32,8 +32,9 @@ pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
         }
     }
     // Offsets without a colon (`+0000`), as some HTTP libraries print them.
-    let with_compact_offset =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond][offset_hour sign:mandatory][offset_minute]");
+    let with_compact_offset = format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond][offset_hour sign:mandatory][offset_minute]"
+    );
     if let Ok(parsed) = OffsetDateTime::parse(text, with_compact_offset) {
         return Some((parsed.unix_timestamp_nanos() / 1_000_000) as i64);
     }
@@ -44,10 +45,10 @@ pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
 /// e.g. `2026-11-24T05:12:26.678Z`. Out-of-range values are clamped to the representable range.
 pub fn format_rfc3339_ms(unix_ms: i64) -> String {
     let nanos = i128::from(unix_ms) * 1_000_000;
-    let moment = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let format = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let moment =
+        OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let format =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     moment
         .format(format)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
@@ -66,20 +67,44 @@ mod tests {
     #[test]
     fn parses_what_sdks_send() {
         let expected = 1_795_497_146_678; // 2026-11-24T05:12:26.678Z
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26.678Z"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26.678+00:00"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T06:12:26.678+01:00"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26.678123+00:00"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26.678"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26.678+0000"), Some(expected));
-        assert_eq!(parse_timestamp_ms("2026-11-24T05:12:26Z"), Some(expected - 678));
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26.678Z"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26.678+00:00"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T06:12:26.678+01:00"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26.678123+00:00"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26.678"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26.678+0000"),
+            Some(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-24T05:12:26Z"),
+            Some(expected - 678)
+        );
         assert_eq!(parse_timestamp_ms("yesterday"), None);
         assert_eq!(parse_timestamp_ms(""), None);
     }
 
     #[test]
     fn formats_with_millisecond_precision_in_utc() {
-        assert_eq!(format_rfc3339_ms(1_795_497_146_678), "2026-11-24T05:12:26.678Z");
+        assert_eq!(
+            format_rfc3339_ms(1_795_497_146_678),
+            "2026-11-24T05:12:26.678Z"
+        );
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
         let round_trip = parse_timestamp_ms(&format_rfc3339_ms(1_795_497_146_001));
         assert_eq!(round_trip, Some(1_795_497_146_001));

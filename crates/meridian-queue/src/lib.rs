@@ -1,0 +1,26 @@
+//! The per-region durable queue: an append-only log of CRC-framed records in segment files, with
+//! group commit (many concurrent appends share one `fdatasync`), a disk budget, and one persisted
+//! cursor per sink.
+//!
+//! ```text
+//! <dir>/segments/<base-offset:020>.seg   header (magic + base offset), then records
+//! <dir>/cursors/<sink>.cursor            {"next_offset": N, "in_flight": [start, end] | null}
+//! ```
+//!
+//! Offsets count records: the first record ever appended has offset 0 and each record's offset is
+//! one more than its predecessor's. A segment is named after the offset of its first record. Only
+//! records below the durable end are ever handed to readers.
+
+mod consumer;
+mod error;
+mod queue;
+mod segment;
+mod writer;
+
+pub use consumer::{Consumer, CursorState, Record};
+pub use error::QueueError;
+pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
+pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES};
+
+#[cfg(test)]
+mod tests;

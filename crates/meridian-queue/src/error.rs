@@ -1,0 +1,44 @@
+use std::path::PathBuf;
+
+/// Errors of the queue. Cloneable so that one failed group commit can answer every request in it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(
+        "the region's queue is full: {used_bytes} of its {budget_bytes}-byte disk budget are in use until its sinks catch up"
+    )]
+    Full { used_bytes: u64, budget_bytes: u64 },
+    #[error("a record of {size} bytes exceeds the queue's record limit of {limit} bytes")]
+    RecordTooLarge { size: usize, limit: usize },
+    #[error("the queue is closed")]
+    Closed,
+    #[error("the queue stopped accepting writes after a failed disk write: {0}")]
+    Broken(String),
+    #[error("queue I/O error while {action} {path}: {message}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("corrupt record in queue segment {path} at byte {position}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
+    #[error("queue cursor file {path} is unreadable: {message}")]
+    BadCursor { path: PathBuf, message: String },
+}
+
+impl QueueError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        error: std::io::Error,
+    ) -> Self {
+        QueueError::Io {
+            action,
+            path: path.into(),
+            message: error.to_string(),
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The queue handle: opening with recovery, appending with group commit, stats.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::consumer::{Consumer, read_cursor_file};
+use crate::error::QueueError;
+use crate::segment::{
+    MAX_RECORD_BYTES, create_segment, encode_record, list_segments, scan_segment,
+};
+use crate::writer::{AppendRequest, Writer, WriterCommand};
+
+/// When an append counts as done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `fdatasync` before the append returns (survives power loss). The default.
+    Fsync,
+    /// Written to the OS before the append returns (survives a crash of the process, not of the
+    /// machine); synced every `sync_interval`.
+    Buffered { sync_interval: Duration },
+}
+
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_max_bytes: u64,
+    /// Appends are refused with [`QueueError::Full`] while the segments on disk would exceed this.
+    pub disk_budget_bytes: u64,
+    pub durability: Durability,
+    /// Bytes of appends waiting for the writer at once; appends beyond this wait (backpressure).
+    pub max_in_flight_bytes: usize,
+}
+
+impl QueueConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> QueueConfig {
+        QueueConfig {
+            dir: dir.into(),
+            segment_max_bytes: 64 * 1024 * 1024,
+            disk_budget_bytes: 10 * 1024 * 1024 * 1024,
+            durability: Durability::Fsync,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A half-open range of offsets `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct OffsetRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl OffsetRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// Records framed and ready to append, built by the caller so that encoding and checksumming
+/// happen on the request's task, not on the single writer thread.
+#[derive(Debug, Default)]
+pub struct RecordBatch {
+    encoded: Vec<u8>,
+    record_count: u64,
+}
+
+impl RecordBatch {
+    pub fn with_capacity(bytes: usize) -> RecordBatch {
+        RecordBatch {
+            encoded: Vec::with_capacity(bytes),
+            record_count: 0,
+        }
+    }
+
+    pub fn push(&mut self, payload: &[u8]) -> Result<(), QueueError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(QueueError::RecordTooLarge {
+                size: payload.len(),
+                limit: MAX_RECORD_BYTES,
+            });
+        }
+        encode_record(payload, &mut self.encoded);
+        self.record_count += 1;
+        Ok(())
+    }
+
+    pub fn record_count(&self) -> u64 {
+        self.record_count
+    }
+
+    pub fn encoded_bytes(&self) -> usize {
+        self.encoded.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.record_count == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct SegmentMeta {
+    pub base_offset: u64,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// State shared by the queue handle, its writer thread and its consumers.
+pub(crate) struct Shared {
+    pub config: QueueConfig,
+    pub segments_dir: PathBuf,
+    pub cursors_dir: PathBuf,
+    /// Ascending by base offset; the last one is the active segment the writer appends to.
+    pub segments: Mutex<Vec<SegmentMeta>>,
+    pub durable_end: AtomicU64,
+    pub end_watch: watch::Sender<u64>,
+    pub disk_bytes: AtomicU64,
+    pub consumer_positions: Mutex<BTreeMap<String, u64>>,
+    pub broken: Mutex<Option<String>>,
+    /// Number of `fdatasync` calls the writer made (group commit makes it far below the number
+    /// of appends under concurrency).
+    pub sync_count: AtomicU64,
+}
+
+impl Shared {
+    pub fn lock_segments(&self) -> MutexGuard<'_, Vec<SegmentMeta>> {
+        self.segments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn lock_positions(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
+        self.consumer_positions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn broken_reason(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn mark_broken(&self, reason: String) {
+        *self
+            .broken
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reason);
+    }
+
+    pub fn durable_end(&self) -> u64 {
+        self.durable_end.load(Ordering::Acquire)
+    }
+
+    pub fn publish_end(&self, end: u64) {
+        debug_assert!(end >= self.durable_end());
+        self.durable_end.store(end, Ordering::Release);
+        self.end_watch.send_replace(end);
+    }
+
+    pub fn first_offset(&self) -> u64 {
+        self.lock_segments()
+            .first()
+            .map(|segment| segment.base_offset)
+            .unwrap_or_else(|| self.durable_end())
+    }
+
+    /// Deletes every closed segment whose records all lie below every consumer's position.
+    pub fn collect_garbage(&self) {
+        let Some(min_position) = self.lock_positions().values().copied().min() else {
+            return;
+        };
+        let mut segments = self.lock_segments();
+        while segments.len() > 1 && segments[1].base_offset <= min_position {
+            let removed = segments.remove(0);
+            match fs::remove_file(&removed.path) {
+                Ok(()) => {
+                    self.disk_bytes.fetch_sub(removed.bytes, Ordering::AcqRel);
+                }
+                Err(error) => {
+                    warn!(path = %removed.path.display(), %error, "could not delete a consumed queue segment");
+                    segments.insert(0, removed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Figures for metrics and readiness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    pub first_offset: u64,
+    pub end_offset: u64,
+    pub disk_bytes: u64,
+    pub disk_budget_bytes: u64,
+    pub segment_count: usize,
+    pub consumer_positions: BTreeMap<String, u64>,
+    pub broken: Option<String>,
+    pub sync_count: u64,
+}
+
+impl QueueStats {
+    /// Records not yet passed by the slowest consumer.
+    pub fn pending_records(&self) -> u64 {
+        let slowest = self
+            .consumer_positions
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(self.end_offset);
+        self.end_offset.saturating_sub(slowest)
+    }
+}
+
+/// One region's durable queue. Cheap to clone.
+#[derive(Clone)]
+pub struct RegionQueue {
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<WriterCommand>,
+    in_flight_bytes: Arc<Semaphore>,
+    writer_thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl RegionQueue {
+    /// Opens (or creates) the queue in `config.dir`, recovering from a torn or corrupt tail, and
+    /// starts its writer thread. Blocking: call it before serving or from `spawn_blocking`.
+    pub fn open(config: QueueConfig) -> Result<RegionQueue, QueueError> {
+        let segments_dir = config.dir.join("segments");
+        let cursors_dir = config.dir.join("cursors");
+        for directory in [&config.dir, &segments_dir, &cursors_dir] {
+            fs::create_dir_all(directory)
+                .map_err(|error| QueueError::io("creating directory", directory, error))?;
+        }
+        let (segments, next_offset) = recover_segments(&segments_dir, &cursors_dir)?;
+        let active = segments
+            .last()
+            .ok_or_else(|| QueueError::Broken("no active segment after recovery".into()))?;
+        let active_path = active.path.clone();
+        let active_bytes = active.bytes;
+        let mut active_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&active_path)
+            .map_err(|error| QueueError::io("opening segment", &active_path, error))?;
+        active_file
+            .seek(SeekFrom::Start(active_bytes))
+            .map_err(|error| QueueError::io("seeking in segment", &active_path, error))?;
+        let disk_bytes: u64 = segments.iter().map(|segment| segment.bytes).sum();
+        let (end_watch, _) = watch::channel(next_offset);
+        let shared = Arc::new(Shared {
+            segments_dir,
+            cursors_dir,
+            segments: Mutex::new(segments),
+            durable_end: AtomicU64::new(next_offset),
+            end_watch,
+            disk_bytes: AtomicU64::new(disk_bytes),
+            consumer_positions: Mutex::new(BTreeMap::new()),
+            broken: Mutex::new(None),
+            sync_count: AtomicU64::new(0),
+            config: config.clone(),
+        });
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer::new(
+            Arc::clone(&shared),
+            active_file,
+            active_path,
+            active_bytes,
+            next_offset,
+        );
+        let thread_name = format!(
+            "queue-writer-{}",
+            config
+                .dir
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("region")
+        );
+        let writer_thread = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || writer.run(receiver))
+            .map_err(|error| QueueError::io("starting writer thread for", &config.dir, error))?;
+        info!(dir = %config.dir.display(), next_offset, disk_bytes, "queue opened");
+        Ok(RegionQueue {
+            shared,
+            sender,
+            in_flight_bytes: Arc::new(Semaphore::new(config.max_in_flight_bytes.max(1))),
+            writer_thread: Arc::new(Mutex::new(Some(writer_thread))),
+        })
+    }
+
+    /// Appends the batch and returns once it is durable (per the queue's durability setting).
+    pub async fn append(&self, batch: RecordBatch) -> Result<OffsetRange, QueueError> {
+        if batch.is_empty() {
+            let end = self.shared.durable_end();
+            return Ok(OffsetRange { start: end, end });
+        }
+        if let Some(reason) = self.shared.broken_reason() {
+            return Err(QueueError::Broken(reason));
+        }
+        let used_bytes = self.shared.disk_bytes.load(Ordering::Acquire);
+        let budget_bytes = self.shared.config.disk_budget_bytes;
+        if used_bytes + batch.encoded.len() as u64 > budget_bytes {
+            return Err(QueueError::Full {
+                used_bytes,
+                budget_bytes,
+            });
+        }
+        let permits = batch
+            .encoded
+            .len()
+            .clamp(1, self.shared.config.max_in_flight_bytes.max(1))
+            .min(u32::MAX as usize) as u32;
+        let _in_flight_permit = self
+            .in_flight_bytes
+            .acquire_many(permits)
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            encoded: batch.encoded,
+            record_count: batch.record_count,
+            reply,
+        };
+        self.sender
+            .send(WriterCommand::Append(request))
+            .map_err(|_| QueueError::Closed)?;
+        answer.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// The offset one past the last durable record.
+    pub fn durable_end(&self) -> u64 {
+        self.shared.durable_end()
+    }
+
+    /// Wakes whenever the durable end moves.
+    pub fn subscribe_durable_end(&self) -> watch::Receiver<u64> {
+        self.shared.end_watch.subscribe()
+    }
+
+    /// Opens the named consumer at its persisted cursor and registers it, so that no segment it
+    /// has not passed is deleted. Blocking (reads the cursor file).
+    pub fn consumer(&self, name: &str) -> Result<Consumer, QueueError> {
+        Consumer::open(Arc::clone(&self.shared), name)
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let segments = self.shared.lock_segments();
+        QueueStats {
+            first_offset: segments
+                .first()
+                .map(|segment| segment.base_offset)
+                .unwrap_or_else(|| self.shared.durable_end()),
+            end_offset: self.shared.durable_end(),
+            disk_bytes: self.shared.disk_bytes.load(Ordering::Acquire),
+            disk_budget_bytes: self.shared.config.disk_budget_bytes,
+            segment_count: segments.len(),
+            consumer_positions: self.shared.lock_positions().clone(),
+            broken: self.shared.broken_reason(),
+            sync_count: self.shared.sync_count.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True while appends can succeed (not broken, not closed, budget not exhausted).
+    pub fn is_writable(&self) -> bool {
+        self.shared.broken_reason().is_none()
+            && self.shared.disk_bytes.load(Ordering::Acquire) < self.shared.config.disk_budget_bytes
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.config.dir
+    }
+
+    /// Stops the writer after it has committed every append sent before this call. Blocking.
+    pub fn close(&self) {
+        let _ = self.sender.send(WriterCommand::Shutdown);
+        let handle = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            warn!(dir = %self.shared.config.dir.display(), "queue writer thread panicked");
+        }
+    }
+}
+
+/// Lists the segments, truncating a torn or corrupt tail of the last one (and logging what was
+/// cut), and creates the first segment of an empty queue. Returns the segments and the offset the
+/// next appended record gets.
+fn recover_segments(
+    segments_dir: &Path,
+    cursors_dir: &Path,
+) -> Result<(Vec<SegmentMeta>, u64), QueueError> {
+    let listed = list_segments(segments_dir)?;
+    let mut segments = Vec::with_capacity(listed.len() + 1);
+    for (base_offset, path) in listed {
+        let bytes = fs::metadata(&path)
+            .map_err(|error| QueueError::io("reading metadata of", &path, error))?
+            .len();
+        segments.push(SegmentMeta {
+            base_offset,
+            path,
+            bytes,
+        });
+    }
+    if let Some(last) = segments.last_mut() {
+        let scan = scan_segment(&last.path, last.base_offset)?;
+        let next_offset = last.base_offset + scan.valid_records;
+        if let Some(reason) = scan.invalid_reason {
+            let cut_bytes = scan.file_bytes - scan.valid_bytes;
+            warn!(
+                segment = %last.path.display(),
+                %reason,
+                kept_records = scan.valid_records,
+                kept_bytes = scan.valid_bytes,
+                cut_bytes,
+                "queue segment has a torn or corrupt tail: truncating it"
+            );
+            if scan.valid_bytes == 0 {
+                // The header itself is damaged: start the segment afresh.
+                let (path, _) = create_segment(segments_dir, last.base_offset)?;
+                last.path = path;
+                last.bytes = crate::segment::SEGMENT_HEADER_BYTES;
+            } else {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&last.path)
+                    .map_err(|error| QueueError::io("opening segment", &last.path, error))?;
+                file.set_len(scan.valid_bytes)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|error| QueueError::io("truncating segment", &last.path, error))?;
+                last.bytes = scan.valid_bytes;
+            }
+        }
+        return Ok((segments, next_offset));
+    }
+    // An empty queue starts past every cursor, so that no consumer skips new records.
+    let base_offset = highest_cursor_position(cursors_dir)?;
+    let (path, _) = create_segment(segments_dir, base_offset)?;
+    segments.push(SegmentMeta {
+        base_offset,
+        path,
+        bytes: crate::segment::SEGMENT_HEADER_BYTES,
+    });
+    Ok((segments, base_offset))
+}
+
+fn highest_cursor_position(cursors_dir: &Path) -> Result<u64, QueueError> {
+    let entries = fs::read_dir(cursors_dir)
+        .map_err(|error| QueueError::io("listing cursors in", cursors_dir, error))?;
+    let mut highest = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
+            continue;
+        }
+        if let Some(state) = read_cursor_file(&path)? {
+            let in_flight_end = state.in_flight.map(|range| range.end).unwrap_or(0);
+            highest = highest.max(state.next_offset).max(in_flight_end);
+        }
+    }
+    Ok(highest)
+}

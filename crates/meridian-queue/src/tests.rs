@@ -1,0 +1,329 @@
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::time::Duration;
+
+use crate::segment::list_segments;
+use crate::*;
+
+fn config(dir: &std::path::Path) -> QueueConfig {
+    QueueConfig::new(dir.join("queue"))
+}
+
+fn batch_of(payloads: &[String]) -> RecordBatch {
+    let mut batch = RecordBatch::default();
+    for payload in payloads {
+        batch.push(payload.as_bytes()).unwrap();
+    }
+    batch
+}
+
+fn read_all(consumer: &mut Consumer) -> Vec<Record> {
+    let mut records = Vec::new();
+    loop {
+        let from = consumer.state().next_offset + records.len() as u64;
+        let chunk = consumer.read(from, 1000, 1 << 20).unwrap();
+        if chunk.is_empty() {
+            return records;
+        }
+        records.extend(chunk);
+    }
+}
+
+fn payload_strings(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|record| String::from_utf8(record.payload.clone()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_syncs_and_read_back_exactly_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let mut tasks = Vec::new();
+    for task_index in 0..64 {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for append_index in 0..10 {
+                let payloads = vec![
+                    format!("t{task_index}-a{append_index}-0"),
+                    format!("t{task_index}-a{append_index}-1"),
+                ];
+                ranges.push(queue.append(batch_of(&payloads)).await.unwrap());
+            }
+            ranges
+        }));
+    }
+    let mut ranges = Vec::new();
+    for task in tasks {
+        ranges.extend(task.await.unwrap());
+    }
+    assert_eq!(queue.durable_end(), 64 * 10 * 2);
+    let covered: BTreeSet<u64> = ranges
+        .iter()
+        .flat_map(|range| range.start..range.end)
+        .collect();
+    assert_eq!(covered.len(), 1280, "every record got its own offset");
+    let stats = queue.stats();
+    assert!(
+        stats.sync_count < 640,
+        "640 appends from 64 concurrent tasks must share syncs, got {} syncs",
+        stats.sync_count
+    );
+
+    let mut consumer = queue.consumer("archive").unwrap();
+    let records = read_all(&mut consumer);
+    let offsets: Vec<u64> = records.iter().map(|record| record.offset).collect();
+    assert_eq!(offsets, (0..1280).collect::<Vec<_>>());
+    let unique: BTreeSet<String> = payload_strings(&records).into_iter().collect();
+    assert_eq!(unique.len(), 1280);
+    // The two records of one append are adjacent.
+    for range in &ranges {
+        let first = &records[range.start as usize].payload;
+        let second = &records[range.start as usize + 1].payload;
+        assert_eq!(first[..first.len() - 1], second[..second.len() - 1]);
+    }
+    queue.close();
+}
+
+#[tokio::test]
+async fn reopening_keeps_offsets_cursors_and_in_flight_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let payloads: Vec<String> = (0..10).map(|index| format!("message {index}")).collect();
+    queue.append(batch_of(&payloads)).await.unwrap();
+    let mut consumer = queue.consumer("clickhouse").unwrap();
+    let first_four = consumer.read(0, 4, usize::MAX).unwrap();
+    assert_eq!(first_four.len(), 4);
+    consumer.begin(OffsetRange { start: 0, end: 4 }).unwrap();
+    consumer.commit(4).unwrap();
+    consumer.begin(OffsetRange { start: 4, end: 7 }).unwrap();
+    queue.close();
+    drop(consumer);
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(queue.durable_end(), 10);
+    let range = queue
+        .append(batch_of(&["message 10".to_string()]))
+        .await
+        .unwrap();
+    assert_eq!(range, OffsetRange { start: 10, end: 11 });
+    let mut consumer = queue.consumer("clickhouse").unwrap();
+    let state = consumer.state();
+    assert_eq!(state.next_offset, 4);
+    assert_eq!(state.in_flight, Some(OffsetRange { start: 4, end: 7 }));
+    let redelivered = consumer.read_range(state.in_flight.unwrap()).unwrap();
+    assert_eq!(
+        payload_strings(&redelivered),
+        vec!["message 4", "message 5", "message 6"]
+    );
+    let fresh = queue.consumer("archive").unwrap();
+    assert_eq!(
+        fresh.state().next_offset,
+        0,
+        "a new consumer starts at the oldest record"
+    );
+    queue.close();
+}
+
+fn last_segment_path(dir: &std::path::Path) -> std::path::PathBuf {
+    list_segments(&dir.join("queue/segments"))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1
+}
+
+#[tokio::test]
+async fn a_torn_or_scribbled_tail_is_cut_and_the_queue_serves_on() {
+    for damage in [
+        "append garbage",
+        "truncate mid-record",
+        "scribble last record",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(config(dir.path())).unwrap();
+        let payloads: Vec<String> = (0..5)
+            .map(|index| format!("record number {index}"))
+            .collect();
+        queue.append(batch_of(&payloads)).await.unwrap();
+        queue.close();
+        let path = last_segment_path(dir.path());
+        let length = std::fs::metadata(&path).unwrap().len();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        match damage {
+            "append garbage" => {
+                file.seek(SeekFrom::End(0)).unwrap();
+                file.write_all(&[0xAB; 37]).unwrap();
+            }
+            "truncate mid-record" => file.set_len(length - 3).unwrap(),
+            _ => {
+                file.seek(SeekFrom::Start(length - 4)).unwrap();
+                file.write_all(b"XXXX").unwrap();
+            }
+        }
+        drop(file);
+
+        let queue = RegionQueue::open(config(dir.path())).unwrap();
+        let expected_survivors = if damage == "append garbage" { 5 } else { 4 };
+        assert_eq!(queue.durable_end(), expected_survivors, "{damage}");
+        queue
+            .append(batch_of(&["after recovery".to_string()]))
+            .await
+            .unwrap();
+        let mut consumer = queue.consumer("archive").unwrap();
+        let mut expected: Vec<String> = payloads[..expected_survivors as usize].to_vec();
+        expected.push("after recovery".to_string());
+        assert_eq!(
+            payload_strings(&read_all(&mut consumer)),
+            expected,
+            "{damage}"
+        );
+        queue.close();
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_segment_header_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue.close();
+    let path = last_segment_path(dir.path());
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(5)
+        .unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue.append(batch_of(&["fine".to_string()])).await.unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["fine"]);
+    queue.close();
+}
+
+#[tokio::test]
+async fn segments_roll_and_are_deleted_once_every_consumer_passed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.segment_max_bytes = 512;
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let mut archive = queue.consumer("archive").unwrap();
+    let mut warehouse = queue.consumer("clickhouse").unwrap();
+    for index in 0..40 {
+        queue
+            .append(batch_of(&[format!("{index:0>60}")]))
+            .await
+            .unwrap();
+    }
+    let segment_count = queue.stats().segment_count;
+    assert!(segment_count > 4, "segments rolled: {segment_count}");
+    assert_eq!(queue.stats().first_offset, 0);
+
+    let all = read_all(&mut archive);
+    assert_eq!(all.len(), 40);
+    archive.begin(OffsetRange { start: 0, end: 40 }).unwrap();
+    archive.commit(40).unwrap();
+    assert_eq!(queue.stats().first_offset, 0, "clickhouse still needs them");
+
+    let all_again = read_all(&mut warehouse);
+    assert_eq!(all_again, all);
+    warehouse.begin(OffsetRange { start: 0, end: 40 }).unwrap();
+    warehouse.commit(40).unwrap();
+    let stats = queue.stats();
+    assert_eq!(
+        stats.segment_count, 1,
+        "only the active segment remains: {stats:?}"
+    );
+    assert!(
+        stats.first_offset > 0 && stats.first_offset <= 40,
+        "{stats:?}"
+    );
+    queue.close();
+}
+
+#[tokio::test]
+async fn a_full_budget_refuses_appends_until_consumers_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.segment_max_bytes = 1024;
+    queue_config.disk_budget_bytes = 4096;
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    let payload = "x".repeat(200);
+    let mut accepted = 0u64;
+    let full_error = loop {
+        match queue.append(batch_of(std::slice::from_ref(&payload))).await {
+            Ok(_) => accepted += 1,
+            Err(error) => break error,
+        }
+        assert!(accepted < 100, "the budget never filled up");
+    };
+    assert!(
+        matches!(full_error, QueueError::Full { .. }),
+        "{full_error}"
+    );
+    let still_full = queue.append(batch_of(std::slice::from_ref(&payload))).await;
+    assert!(matches!(still_full, Err(QueueError::Full { .. })));
+
+    let records = read_all(&mut consumer);
+    assert_eq!(records.len() as u64, accepted);
+    consumer
+        .begin(OffsetRange {
+            start: 0,
+            end: accepted,
+        })
+        .unwrap();
+    consumer.commit(accepted).unwrap();
+    queue
+        .append(batch_of(std::slice::from_ref(&payload)))
+        .await
+        .expect("space was freed by the consumer");
+    queue.close();
+}
+
+#[tokio::test]
+async fn buffered_durability_acknowledges_and_syncs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.durability = Durability::Buffered {
+        sync_interval: Duration::from_millis(10),
+    };
+    let queue = RegionQueue::open(queue_config).unwrap();
+    queue.append(batch_of(&["a".to_string()])).await.unwrap();
+    let mut end = queue.subscribe_durable_end();
+    end.wait_for(|end| *end == 1).await.unwrap();
+    queue.close();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(queue.durable_end(), 1);
+    queue.close();
+}
+
+#[tokio::test]
+async fn an_empty_queue_starts_past_existing_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["a".into(), "b".into(), "c".into()]))
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    consumer.begin(OffsetRange { start: 0, end: 3 }).unwrap();
+    consumer.commit(3).unwrap();
+    queue.close();
+    drop(consumer);
+    std::fs::remove_dir_all(dir.path().join("queue/segments")).unwrap();
+    std::fs::create_dir_all(dir.path().join("queue/segments")).unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(queue.durable_end(), 3);
+    queue.append(batch_of(&["d".into()])).await.unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["d"]);
+    queue.close();
+}
