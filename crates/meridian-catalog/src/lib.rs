@@ -1,1 +1,20 @@
+//! The catalog: orgs, projects, write keys, suppressions and the audit log, in SQLite (the embedded
+//! default) or PostgreSQL (clusters), through one code path (sqlx's `Any` driver and SQL that both
+//! accept). The ingress never queries it on the request path: it reads the [`KeyCache`], an
+//! in-memory snapshot kept fresh in the background.
 
+mod audit;
+mod catalog;
+mod error;
+mod ids;
+mod key_cache;
+mod schema;
+
+pub use audit::{Actor, AuditChainReport, AuditEntry};
+pub use catalog::{Catalog, CatalogBackend, KeyInfo, NewProject, Org, Page, Project, RotatedKey};
+pub use error::CatalogError;
+pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
+pub use key_cache::{KeyCache, ResolvedKey};
+
+#[cfg(test)]
+mod tests;

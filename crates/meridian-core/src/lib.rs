@@ -3,6 +3,7 @@
 
 pub mod message;
 pub mod region;
+pub mod storage;
 pub mod timestamp;
 
 pub use message::{
@@ -10,3 +11,4 @@ pub use message::{
     RejectCode, enrich_message,
 };
 pub use region::RegionId;
+pub use storage::CustomerStorage;

@@ -1,0 +1,132 @@
+//! Versioned catalog migrations, in SQL that SQLite and PostgreSQL both accept. Each version runs
+//! once, in a transaction, and is recorded in `schema_migrations`.
+
+use sqlx::{AnyPool, Row};
+use tracing::info;
+
+use crate::error::CatalogError;
+
+pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
+    1,
+    "orgs, projects, write keys, suppressions, audit log",
+    &[
+        "CREATE TABLE IF NOT EXISTS catalog_state (
+            id BIGINT PRIMARY KEY,
+            version BIGINT NOT NULL,
+            audit_seq BIGINT NOT NULL,
+            audit_head_hash TEXT NOT NULL
+        )",
+        "INSERT INTO catalog_state (id, version, audit_seq, audit_head_hash)
+            VALUES (1, 0, 0, '') ON CONFLICT (id) DO NOTHING",
+        "CREATE TABLE IF NOT EXISTS orgs (
+            org_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            primary_region TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL
+        )",
+        "CREATE TABLE IF NOT EXISTS projects (
+            project_id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            region TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            storage_json TEXT
+        )",
+        "CREATE INDEX IF NOT EXISTS projects_by_org ON projects (org_id, project_id)",
+        "CREATE TABLE IF NOT EXISTS write_keys (
+            key_hash TEXT PRIMARY KEY,
+            project_id TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            expires_at_ms BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS write_keys_by_project ON write_keys (project_id)",
+        "CREATE TABLE IF NOT EXISTS suppressions (
+            project_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (project_id, user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS audit_log (
+            seq BIGINT PRIMARY KEY,
+            org_id TEXT NOT NULL,
+            at_ms BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            before_json TEXT,
+            after_json TEXT,
+            request_id TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )",
+        "CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, seq)",
+    ],
+)];
+
+/// Applies every migration not yet applied. On PostgreSQL an advisory lock keeps several nodes
+/// starting at once from running the same migration concurrently.
+pub(crate) async fn migrate(pool: &AnyPool, is_postgres: bool) -> Result<(), CatalogError> {
+    let mut connection = pool.acquire().await?;
+    if is_postgres {
+        sqlx::query("SELECT pg_advisory_lock(7262746)")
+            .execute(&mut *connection)
+            .await?;
+    }
+    let outcome = apply_migrations(&mut connection).await;
+    if is_postgres {
+        sqlx::query("SELECT pg_advisory_unlock(7262746)")
+            .execute(&mut *connection)
+            .await?;
+    }
+    outcome
+}
+
+async fn apply_migrations(connection: &mut sqlx::AnyConnection) -> Result<(), CatalogError> {
+    use sqlx::Connection;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version BIGINT PRIMARY KEY,
+            description TEXT NOT NULL,
+            applied_at_ms BIGINT NOT NULL
+        )",
+    )
+    .execute(&mut *connection)
+    .await?;
+    for (version, description, statements) in MIGRATIONS {
+        let mut transaction = connection.begin().await?;
+        let applied = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+            .bind(*version)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        if applied.is_some() {
+            continue;
+        }
+        for statement in *statements {
+            sqlx::query(statement).execute(&mut *transaction).await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO schema_migrations (version, description, applied_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(*version)
+        .bind(*description)
+        .bind(meridian_core::timestamp::now_unix_ms())
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        if inserted.rows_affected() == 1 {
+            info!(version, description, "catalog migration applied");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn applied_versions(pool: &AnyPool) -> Result<Vec<i64>, CatalogError> {
+    let rows = sqlx::query("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| row.try_get::<i64, _>("version").map_err(CatalogError::from))
+        .collect()
+}
