@@ -12,12 +12,14 @@
 //! records below the durable end are ever handed to readers.
 
 mod consumer;
+mod delivery;
 mod error;
 mod queue;
 mod segment;
 mod writer;
 
 pub use consumer::{Consumer, CursorState, Record};
+pub use delivery::{BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, Sink, SinkError};
 pub use error::QueueError;
 pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
 pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES};

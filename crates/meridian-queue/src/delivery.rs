@@ -1,0 +1,561 @@
+//! Delivery from a region's queue to one sink: the loop every sink shares.
+//!
+//! A [`DeliveryRunner`] reads records from its consumer's cursor, gathers them into a batch (by
+//! count, bytes or age, as the sink asks), persists the batch's range as in flight, hands it to the
+//! sink until the sink accepts it (retrying with capped exponential backoff and jitter), then
+//! commits the cursor. A batch is always one contiguous range of offsets, and after a crash the
+//! in-flight range is redelivered exactly, so sinks can make writes idempotent by the range.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::consumer::{Consumer, Record};
+use crate::error::QueueError;
+use crate::queue::{OffsetRange, RegionQueue};
+
+/// How a sink wants its batches cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// A batch is delivered once its first record has waited this long, even if small.
+    pub max_age: Duration,
+}
+
+/// One contiguous range of the queue, handed to a sink.
+#[derive(Debug)]
+pub struct DeliveryBatch {
+    pub range: OffsetRange,
+    pub records: Vec<Record>,
+}
+
+impl DeliveryBatch {
+    pub fn payload_bytes(&self) -> usize {
+        self.records.iter().map(|record| record.payload.len()).sum()
+    }
+}
+
+/// Why a delivery failed. Every failure is retried: nothing is dropped by the runner.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Network errors, timeouts, 5xx, throttling: retried with backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// The sink refuses to write for a reason that needs an operator (a residency mismatch, a
+    /// denied credential): retried at the longest backoff, loudly.
+    #[error("{0}")]
+    Blocked(String),
+}
+
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// The consumer name, unique within a region (`archive`, `clickhouse`).
+    fn name(&self) -> &str;
+    fn batch_limits(&self) -> BatchLimits;
+    /// Writes the batch. Must be idempotent for a given range: the same range may be delivered
+    /// again after a crash or a failed attempt.
+    async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError>;
+}
+
+/// Live figures of one runner, read by `/metrics` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct DeliveryStatus {
+    pub delivered_records: AtomicU64,
+    pub delivered_batches: AtomicU64,
+    pub delivered_bytes: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub skipped_corrupt_records: AtomicU64,
+    /// Total time spent in successful deliveries, in microseconds.
+    pub delivery_micros: AtomicU64,
+    /// Cursor position: every record below it is delivered.
+    pub position: AtomicU64,
+    /// Unix ms when the oldest record not yet delivered was first seen by the runner (0: none).
+    pub oldest_pending_since_ms: AtomicI64,
+    pub consecutive_failures: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl DeliveryStatus {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, message: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = message;
+    }
+}
+
+/// Backoff between attempts: 100 ms doubling to 30 s, with ±50% jitter.
+fn backoff(consecutive_failures: u32, blocked: bool) -> Duration {
+    const BASE_MILLIS: u64 = 100;
+    const CAP_MILLIS: u64 = 30_000;
+    let exponential = if blocked {
+        CAP_MILLIS
+    } else {
+        BASE_MILLIS
+            .saturating_mul(1u64 << consecutive_failures.min(20))
+            .min(CAP_MILLIS)
+    };
+    let jitter = rand::rng().random_range(0.5..1.5);
+    Duration::from_millis((exponential as f64 * jitter) as u64)
+}
+
+pub struct DeliveryRunner {
+    region: String,
+    queue: RegionQueue,
+    sink: Arc<dyn Sink>,
+    status: Arc<DeliveryStatus>,
+}
+
+/// What the accumulation step decided.
+enum Gathered {
+    Batch(Vec<Record>),
+    /// Drained: nothing left to deliver and shutdown was asked.
+    Finished,
+}
+
+impl DeliveryRunner {
+    pub fn new(region: &str, queue: RegionQueue, sink: Arc<dyn Sink>) -> DeliveryRunner {
+        DeliveryRunner {
+            region: region.to_string(),
+            queue,
+            sink,
+            status: Arc::new(DeliveryStatus::default()),
+        }
+    }
+
+    pub fn status(&self) -> Arc<DeliveryStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Runs until `drain` becomes true and everything durable at that point is delivered (or the
+    /// caller gives up waiting, leaving the rest queued for the next start).
+    pub async fn run(self, mut drain: watch::Receiver<bool>) {
+        let sink_name = self.sink.name().to_string();
+        let queue = self.queue.clone();
+        let consumer = match tokio::task::spawn_blocking(move || queue.consumer(&sink_name)).await {
+            Ok(Ok(consumer)) => consumer,
+            Ok(Err(failure)) => {
+                error!(region = %self.region, sink = self.sink.name(), error = %failure, "cannot open the sink's queue cursor; this sink will not deliver");
+                self.status.set_last_error(Some(failure.to_string()));
+                return;
+            }
+            Err(join_error) => {
+                error!(region = %self.region, sink = self.sink.name(), error = %join_error, "opening the sink's cursor panicked");
+                return;
+            }
+        };
+        let mut consumer = Some(consumer);
+        if let Err(failure) = self.deliver_in_flight(&mut consumer, &mut drain).await {
+            error!(region = %self.region, sink = self.sink.name(), error = %failure, "cannot redeliver the in-flight batch; this sink stops");
+            self.status.set_last_error(Some(failure.to_string()));
+            return;
+        }
+        let mut end_changes = self.queue.subscribe_durable_end();
+        loop {
+            let gathered = match self
+                .gather(&mut consumer, &mut end_changes, &mut drain)
+                .await
+            {
+                Ok(gathered) => gathered,
+                Err(failure) => {
+                    error!(region = %self.region, sink = self.sink.name(), error = %failure, "reading the queue failed; this sink stops");
+                    self.status.set_last_error(Some(failure.to_string()));
+                    return;
+                }
+            };
+            let records = match gathered {
+                Gathered::Batch(records) => records,
+                Gathered::Finished => return,
+            };
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                continue;
+            };
+            let range = OffsetRange {
+                start: first.offset,
+                end: last.offset + 1,
+            };
+            debug_assert_eq!(
+                range.len() as usize,
+                records.len(),
+                "a batch is one contiguous range"
+            );
+            let batch = DeliveryBatch { range, records };
+            if let Err(failure) = self
+                .deliver_and_commit(&mut consumer, batch, &mut drain)
+                .await
+            {
+                error!(region = %self.region, sink = self.sink.name(), error = %failure, "persisting the sink's cursor failed; this sink stops");
+                self.status.set_last_error(Some(failure.to_string()));
+                return;
+            }
+        }
+    }
+
+    async fn with_consumer<T: Send + 'static>(
+        consumer: &mut Option<Consumer>,
+        work: impl FnOnce(&mut Consumer) -> T + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let mut taken = consumer.take().ok_or(QueueError::Closed)?;
+        let (returned, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = work(&mut taken);
+            (taken, outcome)
+        })
+        .await
+        .map_err(|join_error| QueueError::Broken(format!("queue reader panicked: {join_error}")))?;
+        *consumer = Some(returned);
+        Ok(outcome)
+    }
+
+    async fn deliver_in_flight(
+        &self,
+        consumer: &mut Option<Consumer>,
+        drain: &mut watch::Receiver<bool>,
+    ) -> Result<(), QueueError> {
+        let state = consumer.as_ref().ok_or(QueueError::Closed)?.state();
+        self.status
+            .position
+            .store(state.next_offset, Ordering::Relaxed);
+        let Some(range) = state.in_flight else {
+            return Ok(());
+        };
+        info!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, "redelivering the batch that was in flight at the last stop");
+        let records =
+            Self::with_consumer(consumer, move |consumer| consumer.read_range(range)).await??;
+        self.deliver_and_commit(consumer, DeliveryBatch { range, records }, drain)
+            .await
+    }
+
+    /// Reads until the batch is full, old enough, or the queue is drained on shutdown.
+    async fn gather(
+        &self,
+        consumer: &mut Option<Consumer>,
+        end_changes: &mut watch::Receiver<u64>,
+        drain: &mut watch::Receiver<bool>,
+    ) -> Result<Gathered, QueueError> {
+        let limits = self.sink.batch_limits();
+        let mut records: Vec<Record> = Vec::new();
+        let mut payload_bytes = 0usize;
+        let mut first_seen: Option<Instant> = None;
+        loop {
+            let position = consumer
+                .as_ref()
+                .ok_or(QueueError::Closed)?
+                .state()
+                .next_offset;
+            let from = position + records.len() as u64;
+            let available = self.queue.durable_end().saturating_sub(from);
+            let is_full = records.len() >= limits.max_records || payload_bytes >= limits.max_bytes;
+            if available > 0 && !is_full {
+                let max_records = limits.max_records - records.len();
+                let max_bytes = limits.max_bytes.saturating_sub(payload_bytes).max(1);
+                let chunk = Self::with_consumer(consumer, move |consumer| {
+                    consumer.read(from, max_records, max_bytes)
+                })
+                .await?;
+                match chunk {
+                    Ok(chunk) => {
+                        if first_seen.is_none() && !chunk.is_empty() {
+                            first_seen = Some(Instant::now());
+                            self.status
+                                .oldest_pending_since_ms
+                                .store(meridian_core::timestamp::now_unix_ms(), Ordering::Relaxed);
+                        }
+                        payload_bytes += chunk
+                            .iter()
+                            .map(|record| record.payload.len())
+                            .sum::<usize>();
+                        records.extend(chunk);
+                        continue;
+                    }
+                    Err(QueueError::Corrupt {
+                        path,
+                        position: damaged,
+                        reason,
+                    }) => {
+                        if !records.is_empty() {
+                            return Ok(Gathered::Batch(records));
+                        }
+                        self.skip_corruption(consumer, from, &path, damaged, &reason)
+                            .await?;
+                        continue;
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            if is_full {
+                return Ok(Gathered::Batch(records));
+            }
+            let draining = *drain.borrow();
+            if draining {
+                return Ok(if records.is_empty() {
+                    Gathered::Finished
+                } else {
+                    Gathered::Batch(records)
+                });
+            }
+            match first_seen {
+                Some(started) => {
+                    let deadline = started + limits.max_age;
+                    if Instant::now() >= deadline {
+                        return Ok(Gathered::Batch(records));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline.into()) => return Ok(Gathered::Batch(records)),
+                        _ = end_changes.changed() => {}
+                        _ = drain.changed() => {}
+                    }
+                }
+                None => {
+                    self.status
+                        .oldest_pending_since_ms
+                        .store(0, Ordering::Relaxed);
+                    tokio::select! {
+                        changed = end_changes.changed() => {
+                            if changed.is_err() {
+                                // The queue is gone: nothing more will arrive.
+                                return Ok(Gathered::Finished);
+                            }
+                        }
+                        _ = drain.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn skip_corruption(
+        &self,
+        consumer: &mut Option<Consumer>,
+        from: u64,
+        path: &std::path::Path,
+        damaged_offset: u64,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let next_segment = consumer
+            .as_ref()
+            .ok_or(QueueError::Closed)?
+            .offset_after_corruption(damaged_offset);
+        let Some(resume_at) = next_segment else {
+            warn!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = damaged_offset, reason, "corrupt record in the active segment; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Ok(());
+        };
+        let skipped = resume_at - from;
+        error!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = damaged_offset, reason, skipped, "corrupt queue segment: skipping the rest of it");
+        self.status
+            .skipped_corrupt_records
+            .fetch_add(skipped, Ordering::Relaxed);
+        let range = OffsetRange {
+            start: from,
+            end: resume_at,
+        };
+        Self::with_consumer(consumer, move |consumer| {
+            consumer.begin(range)?;
+            consumer.commit(resume_at)
+        })
+        .await??;
+        self.status.position.store(resume_at, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn deliver_and_commit(
+        &self,
+        consumer: &mut Option<Consumer>,
+        batch: DeliveryBatch,
+        drain: &mut watch::Receiver<bool>,
+    ) -> Result<(), QueueError> {
+        let range = batch.range;
+        let is_persisted_in_flight = consumer
+            .as_ref()
+            .ok_or(QueueError::Closed)?
+            .state()
+            .in_flight
+            == Some(range);
+        if !is_persisted_in_flight {
+            Self::with_consumer(consumer, move |consumer| consumer.begin(range)).await??;
+        }
+        let mut consecutive_failures = 0u32;
+        loop {
+            let started = Instant::now();
+            match self.sink.deliver(&batch).await {
+                Ok(()) => {
+                    let status = &self.status;
+                    status
+                        .delivery_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    status
+                        .delivered_records
+                        .fetch_add(range.len(), Ordering::Relaxed);
+                    status.delivered_batches.fetch_add(1, Ordering::Relaxed);
+                    status
+                        .delivered_bytes
+                        .fetch_add(batch.payload_bytes() as u64, Ordering::Relaxed);
+                    status.consecutive_failures.store(0, Ordering::Relaxed);
+                    if consecutive_failures > 0 {
+                        info!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempts = consecutive_failures + 1, "delivery succeeded after retries");
+                    }
+                    status.set_last_error(None);
+                    break;
+                }
+                Err(failure) => {
+                    consecutive_failures += 1;
+                    self.status.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    self.status
+                        .consecutive_failures
+                        .store(u64::from(consecutive_failures), Ordering::Relaxed);
+                    self.status.set_last_error(Some(failure.to_string()));
+                    let blocked = matches!(failure, SinkError::Blocked(_));
+                    let wait = backoff(consecutive_failures, blocked);
+                    warn!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempt = consecutive_failures, retry_in_ms = wait.as_millis() as u64, error = %failure, "delivery failed; the batch stays queued and will be retried");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        // On shutdown retry promptly; the caller bounds how long it waits.
+                        _ = drain.wait_for(|stop| *stop), if !*drain.borrow() => {}
+                    }
+                }
+            }
+        }
+        Self::with_consumer(consumer, move |consumer| consumer.commit(range.end)).await??;
+        self.status.position.store(range.end, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{QueueConfig, RecordBatch};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that fails its first `failures` attempts and remembers what it stored.
+    struct FlakySink {
+        failures: AtomicUsize,
+        stored: Mutex<Vec<(OffsetRange, Vec<Vec<u8>>)>>,
+    }
+
+    #[async_trait]
+    impl Sink for FlakySink {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        fn batch_limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: 7,
+                max_bytes: 1 << 20,
+                max_age: Duration::from_millis(20),
+            }
+        }
+        async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(SinkError::Transient("injected failure".into()));
+            }
+            let payloads = batch
+                .records
+                .iter()
+                .map(|record| record.payload.clone())
+                .collect();
+            self.stored.lock().unwrap().push((batch.range, payloads));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_every_record_once_in_contiguous_batches_despite_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let sink = Arc::new(FlakySink {
+            failures: AtomicUsize::new(3),
+            stored: Mutex::new(Vec::new()),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone());
+        let status = runner.status();
+        let (drain_sender, drain) = watch::channel(false);
+        let task = tokio::spawn(runner.run(drain));
+        for index in 0..30 {
+            let mut batch = RecordBatch::default();
+            batch.push(format!("record {index}").as_bytes()).unwrap();
+            queue.append(batch).await.unwrap();
+        }
+        drain_sender.send(true).unwrap();
+        task.await.unwrap();
+        let stored = sink.stored.lock().unwrap();
+        let mut expected_start = 0;
+        let mut all = Vec::new();
+        for (range, payloads) in stored.iter() {
+            assert_eq!(
+                range.start, expected_start,
+                "batches are contiguous and in order"
+            );
+            assert_eq!(range.len() as usize, payloads.len());
+            assert!(payloads.len() <= 7);
+            expected_start = range.end;
+            all.extend(
+                payloads
+                    .iter()
+                    .map(|payload| String::from_utf8(payload.clone()).unwrap()),
+            );
+        }
+        let expected: Vec<String> = (0..30).map(|index| format!("record {index}")).collect();
+        assert_eq!(all, expected);
+        assert_eq!(status.failed_attempts.load(Ordering::Relaxed), 3);
+        assert_eq!(status.position.load(Ordering::Relaxed), 30);
+        queue.close();
+    }
+
+    #[tokio::test]
+    async fn redelivers_the_in_flight_range_exactly_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let mut batch = RecordBatch::default();
+        for index in 0..10 {
+            batch.push(format!("r{index}").as_bytes()).unwrap();
+        }
+        queue.append(batch).await.unwrap();
+        {
+            // A previous run began delivering [2, 5) and crashed before committing.
+            let mut consumer = queue.consumer("flaky").unwrap();
+            consumer.begin(OffsetRange { start: 0, end: 2 }).unwrap();
+            consumer.commit(2).unwrap();
+            consumer.begin(OffsetRange { start: 2, end: 5 }).unwrap();
+        }
+        let sink = Arc::new(FlakySink {
+            failures: AtomicUsize::new(0),
+            stored: Mutex::new(Vec::new()),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone());
+        let (drain_sender, drain) = watch::channel(true);
+        drop(drain_sender);
+        runner.run(drain).await;
+        let stored = sink.stored.lock().unwrap();
+        assert_eq!(
+            stored[0].0,
+            OffsetRange { start: 2, end: 5 },
+            "the same range again, not a longer one"
+        );
+        assert_eq!(stored.last().unwrap().0.end, 10);
+        queue.close();
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1, false) < Duration::from_millis(400));
+        assert!(backoff(30, false) <= Duration::from_millis(45_000));
+        assert!(backoff(30, false) >= Duration::from_millis(15_000));
+        assert!(backoff(1, true) >= Duration::from_millis(15_000));
+    }
+}
