@@ -1,1 +1,18 @@
+//! The raw archive: every stored message, as gzip NDJSON objects in Segment's S3 layout,
+//! `[prefix/]segment-logs/<project_id>/<received-day-unix-ms>/<first-offset>-<end-offset>.gz`.
+//!
+//! Object names come from the queue offsets they hold, so redelivering a batch overwrites the same
+//! objects instead of duplicating messages. Stores: a local directory (the embedded default) and
+//! S3 (a regional bucket, or a project's own bucket reached through STS AssumeRole).
 
+mod error;
+pub mod layout;
+mod local;
+mod sink;
+mod store;
+
+pub use error::ArchiveError;
+pub use layout::{ArchivedMessage, decode_object, encode_object, object_key};
+pub use local::LocalDirStore;
+pub use sink::{ArchiveSink, ArchiveSinkConfig, NoCustomerStorage, StoreResolver};
+pub use store::ObjectStore;

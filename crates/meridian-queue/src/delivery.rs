@@ -33,7 +33,8 @@ pub struct BatchLimits {
 #[derive(Debug)]
 pub struct DeliveryBatch {
     pub range: OffsetRange,
-    pub records: Vec<Record>,
+    /// Shared so that a sink can move the records into `spawn_blocking` for CPU-heavy encoding.
+    pub records: Arc<Vec<Record>>,
 }
 
 impl DeliveryBatch {
@@ -193,7 +194,10 @@ impl DeliveryRunner {
                 records.len(),
                 "a batch is one contiguous range"
             );
-            let batch = DeliveryBatch { range, records };
+            let batch = DeliveryBatch {
+                range,
+                records: Arc::new(records),
+            };
             if let Err(failure) = self
                 .deliver_and_commit(&mut consumer, batch, &mut drain)
                 .await
@@ -235,8 +239,11 @@ impl DeliveryRunner {
         info!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, "redelivering the batch that was in flight at the last stop");
         let records =
             Self::with_consumer(consumer, move |consumer| consumer.read_range(range)).await??;
-        self.deliver_and_commit(consumer, DeliveryBatch { range, records }, drain)
-            .await
+        let batch = DeliveryBatch {
+            range,
+            records: Arc::new(records),
+        };
+        self.deliver_and_commit(consumer, batch, drain).await
     }
 
     /// Reads until the batch is full, old enough, or the queue is drained on shutdown.
