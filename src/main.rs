@@ -1,1 +1,309 @@
-fn main() {}
+//! The `meridian` command: `serve`, `token issue`, `migrate`, `audit verify`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use meridian_server::auth::{JwtAuthority, Role, load_or_create_secret};
+use meridian_server::config::{Config, process_environment};
+use meridian_server::{RunningNode, Settings, termination_signal};
+
+const DEFAULT_CONFIG_PATH: &str = "config/meridian.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Multi-region, Segment-compatible event ingestion"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// Config file merged over the embedded defaults (default: config/meridian.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Validate the configuration, print the resolved settings, and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Admin JWTs.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Create or upgrade the catalog schema, then exit (serve does this at start too).
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The admin audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a JWT signed with the configured secret.
+    Issue {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The org the token acts for (not needed for --role platform).
+        #[arg(long)]
+        org: Option<String>,
+        /// owner, admin, member, or platform.
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The token's subject (who acts).
+        #[arg(long, default_value = "cli")]
+        sub: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of the whole audit log; exit 1 if it was tampered with.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    let default_path = Path::new(DEFAULT_CONFIG_PATH);
+    let path = match config {
+        Some(path) => Some(path),
+        None if default_path.exists() => Some(default_path),
+        None => None,
+    };
+    let config = Config::load(path, &process_environment())?;
+    Ok(config.validate()?)
+}
+
+fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split_at);
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("--ttl `{text}`: expected e.g. 30m, 1h, 7d"))?;
+    let multiplier = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        other => bail!("--ttl unit `{other}` is not one of s, m, h, d"),
+    };
+    Ok(number * multiplier)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MERIDIAN_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
+    let json = std::env::var("MERIDIAN_LOG_FORMAT").is_ok_and(|format| format == "json");
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn print_quick_start(settings: &Settings, address: std::net::SocketAddr) {
+    let host = format!("http://{address}");
+    let regions: Vec<&str> = settings
+        .served_regions
+        .iter()
+        .map(|region| region.as_str())
+        .collect();
+    println!(
+        "Meridian is listening on {host}\n\
+         Regions served: {regions}; data in {data_dir}\n\n\
+         Send a first event:\n\
+         \x20 TOKEN=$(cargo run --release -- token issue --role platform)\n\
+         \x20 curl -s -X POST {host}/admin/orgs -H \"Authorization: Bearer $TOKEN\" -d '{{\"org_id\":\"acme\",\"name\":\"Acme\"}}'\n\
+         \x20 curl -s -X POST {host}/admin/orgs/acme/projects -H \"Authorization: Bearer $TOKEN\" -d '{{\"name\":\"Web\",\"region\":\"{default}\"}}'\n\
+         \x20 # copy write_key from the answer, then:\n\
+         \x20 curl -s -X POST {host}/v1/track -u \"$WRITE_KEY:\" -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'\n\
+         \x20 # a few seconds later: zcat {data_dir}/archive/{default}/segment-logs/*/*/*.gz\n",
+        regions = regions.join(", "),
+        data_dir = settings.data_dir.display(),
+        default = settings.default_region,
+    );
+}
+
+async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    if check_config {
+        println!("configuration is valid");
+        println!(
+            "  home region: {}; default region: {}",
+            settings.home_region, settings.default_region
+        );
+        println!(
+            "  serving: {}",
+            settings
+                .served_regions
+                .iter()
+                .map(|region| region.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  listen: {}; data dir: {}",
+            settings.listen,
+            settings.data_dir.display()
+        );
+        println!("  catalog: {}", settings.catalog_url);
+        return Ok(());
+    }
+    let node = RunningNode::start(settings.clone()).await?;
+    let address = node
+        .local_addr()
+        .context("the listener has no local address")?;
+    print_quick_start(&settings, address);
+    node.serve(termination_signal()).await?;
+    Ok(())
+}
+
+async fn issue_token(
+    config: Option<PathBuf>,
+    org: Option<String>,
+    role: String,
+    ttl: String,
+    sub: String,
+) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    let role = Role::parse(&role)
+        .with_context(|| format!("--role `{role}` is not one of owner, admin, member, platform"))?;
+    if role != Role::Platform && org.is_none() {
+        bail!("--org is required for --role owner/admin/member");
+    }
+    let ttl_secs = parse_ttl(&ttl)?;
+    let (secret, _) = load_or_create_secret(settings.jwt_secret.as_deref(), &settings.data_dir)
+        .with_context(|| format!("reading the JWT secret in {}", settings.data_dir.display()))?;
+    let authority = JwtAuthority::new(&secret, settings.jwt_leeway_secs);
+    let token = authority
+        .issue(&sub, org.as_deref(), role, ttl_secs)
+        .map_err(|error| anyhow::anyhow!(error.message))?;
+    println!("{token}");
+    Ok(())
+}
+
+async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+        .await
+        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+    let versions = catalog.applied_migrations().await?;
+    println!(
+        "catalog schema is at version {}",
+        versions.last().copied().unwrap_or(0)
+    );
+    Ok(())
+}
+
+async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
+    let settings = load_settings(config.as_deref())?;
+    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+        .await
+        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+    let report = catalog.verify_audit_chain().await?;
+    match report.first_broken {
+        None => {
+            println!(
+                "audit log intact: {} entries verified",
+                report.entries_checked
+            );
+            Ok(true)
+        }
+        Some((seq, reason)) => {
+            println!(
+                "audit log TAMPERED at entry {seq}: {reason} ({} entries checked)",
+                report.entries_checked
+            );
+            Ok(false)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve {
+                config,
+                check_config,
+            } => serve(config, check_config).await.map(|()| true),
+            Command::Token {
+                command:
+                    TokenCommand::Issue {
+                        config,
+                        org,
+                        role,
+                        ttl,
+                        sub,
+                    },
+            } => issue_token(config, org, role, ttl, sub)
+                .await
+                .map(|()| true),
+            Command::Migrate { config } => migrate(config).await.map(|()| true),
+            Command::Audit {
+                command: AuditCommand::Verify { config },
+            } => verify_audit(config).await,
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse_with_units() {
+        assert_eq!(parse_ttl("90").unwrap(), 90);
+        assert_eq!(parse_ttl("30m").unwrap(), 1800);
+        assert_eq!(parse_ttl("1h").unwrap(), 3600);
+        assert_eq!(parse_ttl("7d").unwrap(), 604_800);
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+    }
+}

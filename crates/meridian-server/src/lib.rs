@@ -1,1 +1,16 @@
+//! The HTTP face of Meridian: the Segment-compatible ingest API, the admin API, operations
+//! routes, configuration, and the assembly of a running node. Only this crate knows HTTP.
 
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod ingest;
+pub mod metrics;
+pub mod ops;
+pub mod server;
+pub mod state;
+
+pub use config::{Config, ConfigError, Settings};
+pub use server::{RunningNode, ServerError, termination_signal};

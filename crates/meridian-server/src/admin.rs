@@ -1,0 +1,596 @@
+//! The admin API (`/admin/...`), authenticated by JWT (see `auth`).
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use meridian_catalog::{Actor, NewProject, Project};
+use meridian_core::RegionId;
+use meridian_core::timestamp::format_rfc3339_ms;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::auth::{AdminAuth, Claims, Role};
+use crate::error::ApiError;
+use crate::headers::RequestId;
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/regions", get(list_regions))
+        .route("/admin/regions/orgs/{org_id}", get(org_regions))
+        .route("/admin/regions/orgs/{org_id}/assign", post(assign_region))
+        .route("/admin/orgs", post(create_org))
+        .route(
+            "/admin/orgs/{org_id}/projects",
+            post(create_project).get(list_projects),
+        )
+        .route("/admin/orgs/{org_id}/audit", get(audit_log))
+        .route(
+            "/admin/projects/{project_id}",
+            get(get_project).patch(update_project),
+        )
+        .route("/admin/projects/{project_id}/keys/rotate", post(rotate_key))
+        .route(
+            "/admin/projects/{project_id}/suppressions",
+            get(list_suppressions).post(suppress_many),
+        )
+        .route(
+            "/admin/projects/{project_id}/suppressions/{user_id}",
+            put(suppress_one).delete(unsuppress_one),
+        )
+}
+
+/// Parses a JSON body into `T`, with a 400 that names the problem.
+pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "the request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|error| {
+        ApiError::bad_request("invalid_request", format!("invalid JSON body: {error}"))
+    })
+}
+
+pub fn actor(claims: &Claims, request_id: &RequestId) -> Actor {
+    Actor {
+        subject: claims.sub.clone(),
+        request_id: request_id.0.to_string(),
+    }
+}
+
+/// `?limit=&cursor=` of list routes; a malformed query is a JSON 400 like every other error.
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PageQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<PageQuery>::try_from_uri(&parts.uri)
+            .map(|Query(page)| page)
+            .map_err(|error| {
+                ApiError::bad_request(
+                    "invalid_request",
+                    format!("invalid query: {}", error.body_text()),
+                )
+            })
+    }
+}
+
+impl PageQuery {
+    pub fn limit(&self, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(default),
+            Some(0) => Err(ApiError::bad_request(
+                "invalid_request",
+                "limit must be positive",
+            )),
+            Some(limit) => Ok(limit.min(max)),
+        }
+    }
+}
+
+fn configured_region(state: &AppState, text: &str) -> Result<RegionId, ApiError> {
+    let region = RegionId::parse(text)
+        .map_err(|error| ApiError::bad_request("unknown_region", error.to_string()))?;
+    if !state.settings.regions.contains_key(&region) {
+        return Err(ApiError::bad_request(
+            "unknown_region",
+            format!(
+                "region `{text}` is not configured; available: {}",
+                state
+                    .settings
+                    .regions
+                    .keys()
+                    .map(RegionId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(region)
+}
+
+pub fn project_json(project: &Project, keys: &[meridian_catalog::KeyInfo]) -> Value {
+    json!({
+        "project_id": project.project_id,
+        "org_id": project.org_id,
+        "name": project.name,
+        "region": project.region,
+        "created_at": format_rfc3339_ms(project.created_at_ms),
+        "keys": keys.iter().map(|key| json!({
+            "prefix": key.prefix,
+            "created_at": format_rfc3339_ms(key.created_at_ms),
+            "expires_at": key.expires_at_ms.map(format_rfc3339_ms),
+        })).collect::<Vec<_>>(),
+        "storage": project.storage.as_ref().map(|storage| json!({
+            "bucket": storage.bucket, "prefix": storage.prefix, "role_arn": storage.role_arn,
+            "kms_key_arn": storage.kms_key_arn, "label": storage.label,
+        })),
+    })
+}
+
+/// Loads a project the token may see at `minimum` role (404 for other orgs' projects).
+pub async fn authorized_project(
+    state: &AppState,
+    claims: &Claims,
+    project_id: &str,
+    minimum: Role,
+) -> Result<Project, ApiError> {
+    let not_found = || ApiError::not_found(format!("project `{project_id}` does not exist"));
+    let project = state
+        .catalog
+        .get_project(project_id)
+        .await?
+        .ok_or_else(not_found)?;
+    claims
+        .require(&project.org_id, minimum, &format!("project `{project_id}`"))
+        .map_err(|failure| {
+            if failure.status == StatusCode::NOT_FOUND {
+                not_found()
+            } else {
+                failure
+            }
+        })?;
+    Ok(project)
+}
+
+async fn list_regions(State(state): State<AppState>, AdminAuth(_claims): AdminAuth) -> Response {
+    let regions: Vec<Value> = state
+        .settings
+        .regions
+        .values()
+        .map(|region| {
+            json!({
+                "id": region.id,
+                "display_name": region.display_name,
+                "status": if region.available { "available" } else { "unavailable" },
+                "default": region.id == state.settings.default_region,
+            })
+        })
+        .collect();
+    axum::Json(Value::Array(regions)).into_response()
+}
+
+#[derive(Deserialize)]
+struct CreateOrg {
+    org_id: String,
+    name: String,
+    primary_region: Option<String>,
+}
+
+async fn create_org(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if claims.role != Role::Platform {
+        return Err(ApiError::forbidden(
+            "creating orgs needs a platform token (role: platform)",
+        ));
+    }
+    let request: CreateOrg = parse_body(&body)?;
+    let region = match &request.primary_region {
+        Some(text) => configured_region(&state, text)?,
+        None => state.settings.default_region.clone(),
+    };
+    let org = state
+        .catalog
+        .create_org(
+            &request.org_id,
+            &request.name,
+            &region,
+            &actor(&claims, &request_id),
+        )
+        .await?;
+    let body = json!({
+        "org_id": org.org_id, "name": org.name, "primary_region": org.primary_region,
+        "created_at": format_rfc3339_ms(org.created_at_ms),
+    });
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+async fn require_org(
+    state: &AppState,
+    claims: &Claims,
+    org_id: &str,
+    minimum: Role,
+) -> Result<meridian_catalog::Org, ApiError> {
+    claims.require(org_id, minimum, &format!("org `{org_id}`"))?;
+    state
+        .catalog
+        .get_org(org_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("org `{org_id}` does not exist")))
+}
+
+async fn org_regions(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let org = require_org(&state, &claims, &org_id, Role::Owner).await?;
+    let mut projects = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = state
+            .catalog
+            .list_projects(&org_id, 1000, cursor.as_deref())
+            .await?;
+        projects.extend(page.items.into_iter().map(|project| {
+            json!({"project_id": project.project_id, "name": project.name, "region": project.region})
+        }));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(axum::Json(
+        json!({"org_id": org.org_id, "primary_region": org.primary_region, "projects": projects}),
+    )
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct AssignRegion {
+    region: String,
+}
+
+async fn assign_region(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(org_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_org(&state, &claims, &org_id, Role::Owner).await?;
+    let request: AssignRegion = parse_body(&body)?;
+    let region = configured_region(&state, &request.region)?;
+    let org = state
+        .catalog
+        .set_primary_region(&org_id, &region, &actor(&claims, &request_id))
+        .await?;
+    Ok(
+        axum::Json(json!({"org_id": org.org_id, "primary_region": org.primary_region}))
+            .into_response(),
+    )
+}
+
+#[derive(Deserialize)]
+struct CreateProject {
+    name: String,
+    region: Option<String>,
+}
+
+async fn create_project(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(org_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    claims.require(&org_id, Role::Admin, &format!("org `{org_id}`"))?;
+    let request: CreateProject = parse_body(&body)?;
+    let region = match &request.region {
+        Some(text) => configured_region(&state, text)?,
+        None => state.settings.default_region.clone(),
+    };
+    if state
+        .settings
+        .regions
+        .get(&region)
+        .is_some_and(|settings| !settings.available)
+    {
+        return Err(ApiError::bad_request(
+            "region_unavailable",
+            format!("region {region} does not accept new projects"),
+        ));
+    }
+    let (project, write_key) = state
+        .catalog
+        .create_project(
+            &org_id,
+            NewProject {
+                name: request.name,
+                region,
+            },
+            &actor(&claims, &request_id),
+        )
+        .await?;
+    state.keys.refresh().await.ok();
+    let body = json!({
+        "project_id": project.project_id,
+        "name": project.name,
+        "region": project.region,
+        "write_key": write_key,
+    });
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+async fn list_projects(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    Path(org_id): Path<String>,
+    page: PageQuery,
+) -> Result<Response, ApiError> {
+    claims.require(&org_id, Role::Member, &format!("org `{org_id}`"))?;
+    let limit = page.limit(100, 1000)?;
+    let listed = state
+        .catalog
+        .list_projects(&org_id, limit, page.cursor.as_deref())
+        .await?;
+    let items: Vec<Value> = listed
+        .items
+        .iter()
+        .map(|project| project_json(project, &[]))
+        .collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": listed.next_cursor})).into_response())
+}
+
+async fn get_project(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    Path(project_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
+    let keys = state.catalog.list_keys(&project_id).await?;
+    Ok(axum::Json(project_json(&project, &keys)).into_response())
+}
+
+async fn update_project(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(project_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let request: serde_json::Map<String, Value> = parse_body(&body)?;
+    if let Some(region) = request.get("region")
+        && region.as_str() != Some(project.region.as_str())
+    {
+        return Err(ApiError::conflict(
+            "region_immutable",
+            format!(
+                "project {project_id} is pinned to {} for good; create a new project in the other region instead",
+                project.region
+            ),
+        ));
+    }
+    for key in request.keys() {
+        if key != "name" && key != "region" {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("`{key}` cannot be changed; only `name` can"),
+            ));
+        }
+    }
+    let project = match request.get("name") {
+        None => project,
+        Some(Value::String(name)) => {
+            state
+                .catalog
+                .rename_project(&project_id, name, &actor(&claims, &request_id))
+                .await?
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "`name` must be a string",
+            ));
+        }
+    };
+    let keys = state.catalog.list_keys(&project_id).await?;
+    Ok(axum::Json(project_json(&project, &keys)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct RotateKey {
+    grace_seconds: Option<u64>,
+}
+
+async fn rotate_key(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(project_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let request: RotateKey = if body.is_empty() {
+        RotateKey::default()
+    } else {
+        parse_body(&body)?
+    };
+    let grace_seconds = request.grace_seconds.unwrap_or(0);
+    if grace_seconds > 30 * 86_400 {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "grace_seconds may be at most 30 days",
+        ));
+    }
+    let rotated = state
+        .catalog
+        .rotate_key(
+            &project_id,
+            Duration::from_secs(grace_seconds),
+            &actor(&claims, &request_id),
+        )
+        .await?;
+    state.keys.refresh().await.ok();
+    Ok(axum::Json(json!({
+        "write_key": rotated.write_key,
+        "previous_key_expires_at": format_rfc3339_ms(rotated.previous_key_expires_at_ms),
+    }))
+    .into_response())
+}
+
+const MAX_USER_IDS_PER_REQUEST: usize = 5_000;
+
+fn validate_user_ids(user_ids: &[String]) -> Result<(), ApiError> {
+    if user_ids.is_empty() || user_ids.len() > MAX_USER_IDS_PER_REQUEST {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("user_ids must hold 1 to {MAX_USER_IDS_PER_REQUEST} ids"),
+        ));
+    }
+    if let Some(bad) = user_ids.iter().find(|id| id.is_empty() || id.len() > 1024) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("user id `{bad}` must be 1 to 1024 bytes"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct UserIds {
+    pub user_ids: Vec<String>,
+}
+
+async fn list_suppressions(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    Path(project_id): Path<String>,
+    page: PageQuery,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let limit = page.limit(1000, 5000)?;
+    let listed = state
+        .catalog
+        .list_suppressions(&project_id, limit, page.cursor.as_deref())
+        .await?;
+    Ok(
+        axum::Json(json!({"items": listed.items, "next_cursor": listed.next_cursor}))
+            .into_response(),
+    )
+}
+
+async fn suppress_many(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(project_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let request: UserIds = parse_body(&body)?;
+    validate_user_ids(&request.user_ids)?;
+    let added = state
+        .catalog
+        .suppress_users(&project_id, &request.user_ids, &actor(&claims, &request_id))
+        .await?;
+    state.keys.refresh().await.ok();
+    Ok(
+        axum::Json(json!({"suppressed": request.user_ids.len(), "newly_suppressed": added}))
+            .into_response(),
+    )
+}
+
+async fn suppress_one(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path((project_id, user_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let user_ids = vec![user_id.clone()];
+    validate_user_ids(&user_ids)?;
+    state
+        .catalog
+        .suppress_users(&project_id, &user_ids, &actor(&claims, &request_id))
+        .await?;
+    state.keys.refresh().await.ok();
+    Ok(
+        axum::Json(json!({"project_id": project_id, "user_id": user_id, "suppressed": true}))
+            .into_response(),
+    )
+}
+
+async fn unsuppress_one(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path((project_id, user_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let removed = state
+        .catalog
+        .unsuppress_user(&project_id, &user_id, &actor(&claims, &request_id))
+        .await?;
+    if !removed {
+        return Err(ApiError::not_found(format!(
+            "user `{user_id}` is not suppressed in project {project_id}"
+        )));
+    }
+    state.keys.refresh().await.ok();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn audit_log(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    Path(org_id): Path<String>,
+    page: PageQuery,
+) -> Result<Response, ApiError> {
+    claims.require(&org_id, Role::Owner, &format!("org `{org_id}`"))?;
+    let limit = page.limit(100, 1000)?;
+    let after_seq = match page.cursor.as_deref() {
+        None => 0,
+        Some(cursor) => cursor.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_request",
+                "cursor must come from a previous page's next_cursor",
+            )
+        })?,
+    };
+    let listed = state.catalog.list_audit(&org_id, after_seq, limit).await?;
+    let items: Vec<Value> = listed
+        .items
+        .iter()
+        .map(|entry| {
+            json!({
+                "seq": entry.seq, "at": format_rfc3339_ms(entry.at_ms), "actor": entry.actor,
+                "action": entry.action, "target": entry.target, "before": entry.before,
+                "after": entry.after, "request_id": entry.request_id, "hash": entry.hash,
+                "prev_hash": entry.prev_hash,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": listed.next_cursor})).into_response())
+}

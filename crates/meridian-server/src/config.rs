@@ -1,0 +1,576 @@
+//! The one typed configuration: embedded defaults (`config/meridian.toml`), a TOML file merged
+//! over them, environment overrides, then validation into [`Settings`] with clear messages.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meridian_core::{IngestLimits, RegionId};
+use meridian_queue::Durability;
+use serde::Deserialize;
+
+/// The embedded defaults, also the documentation of every key.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../../../config/meridian.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("config is not valid TOML or has unknown/mistyped keys: {0}")]
+    Parse(String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub default_region: String,
+    pub node: NodeConfig,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub catalog: CatalogConfig,
+    pub limits: IngestLimits,
+    pub queue: QueueSettings,
+    pub archive: ArchiveDefaults,
+    pub regions: BTreeMap<String, RegionConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub region: String,
+    pub serve_regions: Vec<String>,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub public_url: Option<String>,
+    pub shutdown_timeout_secs: u64,
+    pub body_read_timeout_secs: u64,
+    pub append_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwt_secret: Option<String>,
+    pub jwt_leeway_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    pub url: Option<String>,
+    pub refresh_interval_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurabilityMode {
+    Fsync,
+    Buffered,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub durability: DurabilityMode,
+    pub buffered_sync_interval_ms: u64,
+    pub segment_max_bytes: u64,
+    pub disk_budget_bytes: u64,
+    pub max_in_flight_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveDefaults {
+    pub flush_max_bytes: usize,
+    pub flush_interval_ms: u64,
+    pub gzip_level: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub display_name: Option<String>,
+    #[serde(default = "default_status")]
+    pub status: String,
+    pub disk_budget_bytes: Option<u64>,
+    pub archive: Option<ArchiveConfig>,
+}
+
+fn default_status() -> String {
+    "available".to_string()
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    pub dir: Option<PathBuf>,
+    pub flush_max_bytes: Option<usize>,
+    pub flush_interval_ms: Option<u64>,
+    pub gzip_level: Option<u32>,
+    pub prefix: Option<String>,
+}
+
+/// Validated, resolved settings: what the rest of the program reads.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub home_region: RegionId,
+    pub default_region: RegionId,
+    pub served_regions: Vec<RegionId>,
+    pub regions: BTreeMap<RegionId, RegionSettings>,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub public_url: Option<String>,
+    pub shutdown_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub append_timeout: Duration,
+    /// `None`: use (or create) `<data_dir>/jwt_secret`.
+    pub jwt_secret: Option<String>,
+    pub jwt_leeway_secs: u64,
+    pub catalog_url: String,
+    pub catalog_refresh_interval: Duration,
+    pub limits: IngestLimits,
+    pub durability: Durability,
+    pub segment_max_bytes: u64,
+    pub max_in_flight_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegionSettings {
+    pub id: RegionId,
+    pub display_name: String,
+    pub available: bool,
+    pub disk_budget_bytes: u64,
+    pub queue_dir: PathBuf,
+    pub archive: ArchiveSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct ArchiveSettings {
+    pub dir: PathBuf,
+    pub flush_max_bytes: usize,
+    pub flush_interval: Duration,
+    pub gzip_level: u32,
+    pub prefix: Option<String>,
+}
+
+/// Tables merge key by key; any other value in `overlay` replaces the base's.
+fn merge_toml(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(base_table), toml::Value::Table(overlay_table)) => {
+            for (key, overlay_value) in overlay_table {
+                match base_table.get_mut(&key) {
+                    Some(base_value) => merge_toml(base_value, overlay_value),
+                    None => {
+                        base_table.insert(key, overlay_value);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// Environment overrides, as `(variable, value)` pairs; taken as a parameter for testability.
+pub type Environment = Vec<(String, String)>;
+
+pub fn process_environment() -> Environment {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with("MERIDIAN_"))
+        .collect()
+}
+
+impl Config {
+    /// Loads the embedded defaults, merges `file_text` over them, applies `environment`.
+    pub fn from_sources(
+        file_text: Option<&str>,
+        environment: &Environment,
+    ) -> Result<Config, ConfigError> {
+        let mut merged: toml::Value = toml::from_str(EMBEDDED_DEFAULTS)
+            .map_err(|error| ConfigError::Parse(format!("embedded defaults: {error}")))?;
+        if let Some(text) = file_text {
+            let overlay: toml::Value =
+                toml::from_str(text).map_err(|error| ConfigError::Parse(error.to_string()))?;
+            merge_toml(&mut merged, overlay);
+        }
+        let mut config: Config = merged
+            .try_into()
+            .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+        for (name, value) in environment {
+            match name.as_str() {
+                "MERIDIAN_LISTEN" => config.server.listen = value.clone(),
+                "MERIDIAN_DATA_DIR" => config.node.data_dir = PathBuf::from(value),
+                "MERIDIAN_JWT_SECRET" => config.auth.jwt_secret = Some(value.clone()),
+                "MERIDIAN_NODE_REGION" => config.node.region = value.clone(),
+                "MERIDIAN_SERVE_REGIONS" => {
+                    config.node.serve_regions = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|part| !part.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                }
+                "MERIDIAN_CATALOG_URL" => config.catalog.url = Some(value.clone()),
+                _ => {}
+            }
+        }
+        Ok(config)
+    }
+
+    /// Reads `path` (when given) and builds the config as [`Config::from_sources`] does.
+    pub fn load(path: Option<&Path>, environment: &Environment) -> Result<Config, ConfigError> {
+        let file_text = match path {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                        path: path.display().to_string(),
+                        message: error.to_string(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Config::from_sources(file_text.as_deref(), environment)
+    }
+
+    /// Checks everything and resolves paths and defaults. Lists every problem at once.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut regions = BTreeMap::new();
+        let data_dir = self.node.data_dir.clone();
+        for (id_text, region) in &self.regions {
+            let id = match RegionId::parse(id_text) {
+                Ok(id) => id,
+                Err(error) => {
+                    problems.push(format!("[regions.{id_text}]: {error}"));
+                    continue;
+                }
+            };
+            let available = match region.status.as_str() {
+                "available" => true,
+                "unavailable" => false,
+                other => {
+                    problems.push(format!("regions.{id}.status must be \"available\" or \"unavailable\", not \"{other}\""));
+                    true
+                }
+            };
+            let display_name = match &region.display_name {
+                Some(name) if !name.trim().is_empty() => name.clone(),
+                _ => {
+                    problems.push(format!("regions.{id}.display_name is required"));
+                    id.to_string()
+                }
+            };
+            let disk_budget_bytes = region
+                .disk_budget_bytes
+                .unwrap_or(self.queue.disk_budget_bytes);
+            if disk_budget_bytes < 2 * self.queue.segment_max_bytes.max(1) {
+                problems.push(format!(
+                    "the disk budget of region {id} ({disk_budget_bytes} bytes) must be at least twice queue.segment_max_bytes ({})",
+                    self.queue.segment_max_bytes
+                ));
+            }
+            let archive = region.archive.clone().unwrap_or_default();
+            let archive_dir = match &archive.dir {
+                Some(dir) if dir.is_absolute() => dir.clone(),
+                Some(dir) => data_dir.join(dir),
+                None => data_dir.join("archive").join(id.as_str()),
+            };
+            let gzip_level = archive.gzip_level.unwrap_or(self.archive.gzip_level);
+            if gzip_level > 9 {
+                problems.push(format!("regions.{id}.archive.gzip_level must be 0 to 9"));
+            }
+            regions.insert(
+                id.clone(),
+                RegionSettings {
+                    id: id.clone(),
+                    display_name,
+                    available,
+                    disk_budget_bytes,
+                    queue_dir: data_dir.join("queue").join(id.as_str()),
+                    archive: ArchiveSettings {
+                        dir: archive_dir,
+                        flush_max_bytes: archive
+                            .flush_max_bytes
+                            .unwrap_or(self.archive.flush_max_bytes)
+                            .max(1),
+                        flush_interval: Duration::from_millis(
+                            archive
+                                .flush_interval_ms
+                                .unwrap_or(self.archive.flush_interval_ms),
+                        ),
+                        gzip_level,
+                        prefix: archive.prefix.clone(),
+                    },
+                },
+            );
+        }
+        if regions.is_empty() {
+            problems
+                .push("at least one region must be configured under [regions.<id>]".to_string());
+        }
+        let known = |id_text: &str, what: &str, problems: &mut Vec<String>| -> Option<RegionId> {
+            match RegionId::parse(id_text) {
+                Ok(id) if regions.contains_key(&id) => Some(id),
+                Ok(_) => {
+                    problems.push(format!(
+                        "{what} `{id_text}` is not a configured region (configured: {})",
+                        regions
+                            .keys()
+                            .map(RegionId::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    None
+                }
+                Err(error) => {
+                    problems.push(format!("{what}: {error}"));
+                    None
+                }
+            }
+        };
+        let home_region = known(&self.node.region, "node.region", &mut problems);
+        let default_region = known(&self.default_region, "default_region", &mut problems);
+        let served_regions: Vec<RegionId> = if self.node.serve_regions.is_empty() {
+            regions.keys().cloned().collect()
+        } else {
+            self.node
+                .serve_regions
+                .iter()
+                .filter_map(|id| known(id, "node.serve_regions entry", &mut problems))
+                .collect()
+        };
+        let listen = match self.server.listen.parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(error) => {
+                problems.push(format!(
+                    "server.listen `{}` is not host:port: {error}",
+                    self.server.listen
+                ));
+                None
+            }
+        };
+        if let Some(url) = &self.server.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            problems.push(format!(
+                "server.public_url `{url}` must start with http:// or https://"
+            ));
+        }
+        if let Some(secret) = &self.auth.jwt_secret
+            && secret.len() < 32
+        {
+            problems.push("auth.jwt_secret must be at least 32 bytes long".to_string());
+        }
+        let limits = self.limits;
+        if limits.max_message_bytes == 0
+            || limits.max_request_bytes < limits.max_message_bytes
+            || limits.max_batch_messages == 0
+        {
+            problems.push("limits: max_message_bytes and max_batch_messages must be positive, max_request_bytes at least max_message_bytes".to_string());
+        }
+        if self.queue.segment_max_bytes < 4096 {
+            problems.push("queue.segment_max_bytes must be at least 4096".to_string());
+        }
+        if self.queue.durability == DurabilityMode::Buffered
+            && self.queue.buffered_sync_interval_ms == 0
+        {
+            problems.push("queue.buffered_sync_interval_ms must be positive".to_string());
+        }
+        if self.catalog.refresh_interval_ms == 0 || self.catalog.refresh_interval_ms > 1000 {
+            problems.push("catalog.refresh_interval_ms must be 1 to 1000 (keys must take effect within a second)".to_string());
+        }
+        let catalog_url = self.catalog.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("catalog.db").display()
+            )
+        });
+        if !(catalog_url.starts_with("sqlite:")
+            || catalog_url.starts_with("postgres://")
+            || catalog_url.starts_with("postgresql://"))
+        {
+            problems.push(format!(
+                "catalog.url `{catalog_url}` must start with sqlite:// or postgres://"
+            ));
+        }
+        let (Some(home_region), Some(default_region), Some(listen), true) =
+            (home_region, default_region, listen, problems.is_empty())
+        else {
+            return Err(ConfigError::Invalid(problems));
+        };
+        Ok(Settings {
+            home_region,
+            default_region,
+            served_regions,
+            regions,
+            data_dir,
+            listen,
+            public_url: self
+                .server
+                .public_url
+                .clone()
+                .map(|url| url.trim_end_matches('/').to_string()),
+            shutdown_timeout: Duration::from_secs(self.server.shutdown_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.server.body_read_timeout_secs.max(1)),
+            append_timeout: Duration::from_secs(self.server.append_timeout_secs.max(1)),
+            jwt_secret: self.auth.jwt_secret.clone(),
+            jwt_leeway_secs: self.auth.jwt_leeway_secs,
+            catalog_url,
+            catalog_refresh_interval: Duration::from_millis(self.catalog.refresh_interval_ms),
+            limits,
+            durability: match self.queue.durability {
+                DurabilityMode::Fsync => Durability::Fsync,
+                DurabilityMode::Buffered => Durability::Buffered {
+                    sync_interval: Duration::from_millis(self.queue.buffered_sync_interval_ms),
+                },
+            },
+            segment_max_bytes: self.queue.segment_max_bytes,
+            max_in_flight_bytes: self.queue.max_in_flight_bytes,
+        })
+    }
+}
+
+impl Settings {
+    pub fn serves(&self, region: &RegionId) -> bool {
+        self.served_regions.contains(region)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid_and_serve_the_four_regions() {
+        let settings = Config::from_sources(None, &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let ids: Vec<_> = settings.regions.keys().map(|id| id.to_string()).collect();
+        assert_eq!(
+            ids,
+            vec!["af-south-1", "ap-southeast-1", "eu-west-1", "us-east-1"]
+        );
+        assert_eq!(settings.default_region.as_str(), "eu-west-1");
+        assert_eq!(settings.home_region.as_str(), "eu-west-1");
+        assert_eq!(settings.served_regions.len(), 4);
+        assert_eq!(settings.limits, IngestLimits::default());
+        assert_eq!(settings.durability, Durability::Fsync);
+        assert_eq!(
+            settings.regions[&RegionId::parse("us-east-1").unwrap()]
+                .archive
+                .dir,
+            PathBuf::from("data/archive/us-east-1")
+        );
+    }
+
+    #[test]
+    fn file_merges_over_defaults_and_environment_wins() {
+        let file = r#"
+            [node]
+            region = "us-east-1"
+            [regions.us-east-1]
+            disk_budget_bytes = 999999999
+            [regions.us-east-1.archive]
+            dir = "/srv/archive"
+            [regions.sa-east-1]
+            display_name = "South America / Sao Paulo"
+        "#;
+        let environment = env(&[
+            ("MERIDIAN_SERVE_REGIONS", "us-east-1, sa-east-1"),
+            ("MERIDIAN_LISTEN", "0.0.0.0:9000"),
+            ("MERIDIAN_DATA_DIR", "/var/lib/meridian"),
+        ]);
+        let settings = Config::from_sources(Some(file), &environment)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(settings.home_region.as_str(), "us-east-1");
+        assert_eq!(settings.regions.len(), 5);
+        let us = &settings.regions[&RegionId::parse("us-east-1").unwrap()];
+        assert_eq!(us.display_name, "US East / N. Virginia");
+        assert_eq!(us.disk_budget_bytes, 999_999_999);
+        assert_eq!(us.archive.dir, PathBuf::from("/srv/archive"));
+        assert_eq!(
+            us.queue_dir,
+            PathBuf::from("/var/lib/meridian/queue/us-east-1")
+        );
+        assert_eq!(
+            settings
+                .served_regions
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>(),
+            vec!["us-east-1", "sa-east-1"]
+        );
+        assert_eq!(settings.listen.port(), 9000);
+        assert!(
+            settings
+                .catalog_url
+                .contains("/var/lib/meridian/catalog.db")
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let file = r#"
+            default_region = "mars-1"
+            [node]
+            region = "nowhere-1"
+            serve_regions = ["EU"]
+            [server]
+            listen = "not an address"
+            [auth]
+            jwt_secret = "short"
+            [regions.us-east-1]
+            status = "maybe"
+        "#;
+        let message = Config::from_sources(Some(file), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "default_region `mars-1`",
+            "node.region `nowhere-1`",
+            "node.serve_regions",
+            "server.listen",
+            "jwt_secret",
+            "regions.us-east-1.status",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected} missing from: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let unknown =
+            Config::from_sources(Some("[server]\nlisten_port = 3"), &env(&[])).unwrap_err();
+        assert!(unknown.to_string().contains("listen_port"), "{unknown}");
+        let mistyped =
+            Config::from_sources(Some("[limits]\nmax_message_bytes = \"big\""), &env(&[]))
+                .unwrap_err();
+        assert!(
+            mistyped.to_string().contains("max_message_bytes"),
+            "{mistyped}"
+        );
+    }
+}

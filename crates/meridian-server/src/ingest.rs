@@ -1,0 +1,596 @@
+//! The Segment-compatible ingest API: decode (limits, gzip) → auth (key cache) → region check →
+//! validate + enrich → suppression → append to the region's queue, durably → answer.
+
+use std::io::Read;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use bytes::Bytes;
+use flate2::read::MultiGzDecoder;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use meridian_catalog::ResolvedKey;
+use meridian_core::message::parse_raw_message;
+use meridian_core::timestamp::now_unix_ms;
+use meridian_core::{
+    BatchEnvelope, EnrichmentContext, MessageKind, MessageRejection, RejectCode, enrich_message,
+};
+use meridian_queue::{QueueError, RecordBatch};
+use serde_json::{Map, Value, json};
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::headers::X_REGION;
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    let single = |kind: MessageKind| {
+        post(
+            move |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
+                ingest(state, Some(kind), headers, body).await
+            },
+        )
+    };
+    let batch = || {
+        post(
+            |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
+                ingest(state, None, headers, body).await
+            },
+        )
+    };
+    Router::new()
+        .route("/v1/track", single(MessageKind::Track))
+        .route("/v1/identify", single(MessageKind::Identify))
+        .route("/v1/page", single(MessageKind::Page))
+        .route("/v1/screen", single(MessageKind::Screen))
+        .route("/v1/group", single(MessageKind::Group))
+        .route("/v1/alias", single(MessageKind::Alias))
+        .route("/v1/t", single(MessageKind::Track))
+        .route("/v1/i", single(MessageKind::Identify))
+        .route("/v1/p", single(MessageKind::Page))
+        .route("/v1/s", single(MessageKind::Screen))
+        .route("/v1/g", single(MessageKind::Group))
+        .route("/v1/a", single(MessageKind::Alias))
+        .route("/v1/batch", batch())
+        .route("/v1/import", batch())
+        .route("/v1/b", batch())
+        .route("/v1/m", post(client_metrics))
+        .route("/v1/projects/{write_key}/settings", get(browser_settings))
+}
+
+/// Reads the body within the size limit and time limit, inflating gzip without ever inflating
+/// past the limit.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.settings.limits.max_request_bytes;
+    let too_large = || {
+        ApiError::payload_too_large(
+            "request_too_large",
+            format!("the request body exceeds the limit of {limit} bytes (after decompression)"),
+        )
+    };
+    let declared_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<usize>().ok());
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|value| value.to_str().unwrap_or("").trim().to_ascii_lowercase());
+    let is_gzip = match encoding.as_deref() {
+        None | Some("") | Some("identity") => false,
+        Some("gzip") | Some("x-gzip") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                format!("Content-Encoding `{other}` is not supported; send gzip or no encoding"),
+            ));
+        }
+    };
+    let collected = tokio::time::timeout(
+        state.settings.body_read_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )
+    })?;
+    let raw = match collected {
+        Ok(collected) => collected.to_bytes(),
+        Err(failure) if failure.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(too_large());
+        }
+        Err(failure) => {
+            return Err(ApiError::bad_request(
+                "unreadable_body",
+                format!("the request body could not be read: {failure}"),
+            ));
+        }
+    };
+    if !is_gzip {
+        return Ok(raw);
+    }
+    let mut inflated = Vec::with_capacity((raw.len() * 4).min(limit));
+    MultiGzDecoder::new(&raw[..])
+        .take(limit as u64 + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|error| {
+            ApiError::bad_request(
+                "invalid_gzip",
+                format!("the body is not valid gzip: {error}"),
+            )
+        })?;
+    if inflated.len() > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(inflated))
+}
+
+/// The write key from `Authorization: Basic base64(key:)` or `Authorization: Bearer key`.
+fn write_key_from_headers(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed = || {
+        ApiError::invalid_api_key(
+            "the Authorization header is malformed: use Basic base64(<writeKey>:) or Bearer <writeKey>",
+        )
+    };
+    let text = value.to_str().map_err(|_| malformed())?.trim();
+    let (scheme, credentials) = text.split_once(' ').ok_or_else(malformed)?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credentials)
+            .map_err(|_| malformed())?;
+        let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+        let key = decoded
+            .split_once(':')
+            .map(|(user, _)| user)
+            .unwrap_or(&decoded);
+        return Ok((!key.is_empty()).then(|| key.to_string()));
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Ok((!credentials.is_empty()).then(|| credentials.to_string()));
+    }
+    Err(malformed())
+}
+
+fn write_key_from_value(value: Option<&Value>) -> Option<String> {
+    match value {
+        Some(Value::String(key)) if !key.is_empty() => Some(key.clone()),
+        _ => None,
+    }
+}
+
+fn json_error_to_api_error(error: &serde_json::Error, is_batch: bool) -> ApiError {
+    match error.classify() {
+        serde_json::error::Category::Data if is_batch => ApiError::bad_request(
+            "invalid_batch",
+            format!("the body must be an object with a `batch` array of messages: {error}"),
+        ),
+        serde_json::error::Category::Data => ApiError::bad_request(
+            "invalid_message",
+            format!("the body must be one JSON message object: {error}"),
+        ),
+        _ => ApiError::bad_request(
+            "invalid_json",
+            format!("the body is not valid JSON: {error}"),
+        ),
+    }
+}
+
+/// Resolves the key and checks that this node serves the project's region.
+fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
+    let write_key = write_key.ok_or_else(|| {
+        ApiError::invalid_api_key(
+            "no write key: send Authorization: Basic base64(<writeKey>:) or `writeKey` in the body",
+        )
+    })?;
+    let resolved = state
+        .keys
+        .resolve(&write_key)
+        .ok_or_else(|| ApiError::invalid_api_key("unknown or revoked write key"))?;
+    if !state.settings.serves(&resolved.region) {
+        let home = &state.settings.home_region;
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "wrong_region",
+            format!(
+                "this write key's project is pinned to region {}, which this node ({home}) does not serve; send its events to a {} endpoint",
+                resolved.region, resolved.region
+            ),
+        )
+        .in_region(home.clone()));
+    }
+    Ok(resolved)
+}
+
+struct Outcome {
+    accepted: u64,
+    suppressed: u64,
+    rejected: Vec<(usize, MessageRejection)>,
+    records: RecordBatch,
+}
+
+fn rejected_json(rejected: &[(usize, MessageRejection)]) -> Value {
+    Value::Array(
+        rejected
+            .iter()
+            .map(|(index, rejection)| json!({"index": index, "code": rejection.code.as_str(), "message": rejection.message}))
+            .collect(),
+    )
+}
+
+async fn ingest(
+    state: AppState,
+    kind: Option<MessageKind>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received_at_ms = now_unix_ms();
+    let body = read_body(&state, &headers, body).await?;
+    let header_key = write_key_from_headers(&headers)?;
+    let limits = state.settings.limits;
+
+    let (resolved, outcome) = match kind {
+        Some(kind) => {
+            if body.len() > limits.max_message_bytes {
+                return Err(ApiError::payload_too_large(
+                    "message_too_large",
+                    format!(
+                        "the message is {} bytes; the limit is {} bytes",
+                        body.len(),
+                        limits.max_message_bytes
+                    ),
+                ));
+            }
+            let message: Map<String, Value> = serde_json::from_slice(&body)
+                .map_err(|error| json_error_to_api_error(&error, false))?;
+            let body_key = write_key_from_value(message.get("writeKey"));
+            let resolved = authorize(&state, header_key.or(body_key))?;
+            let outcome = process_messages(
+                &state,
+                &resolved,
+                received_at_ms,
+                MessagesToProcess::Single(kind, message),
+                None,
+            );
+            (resolved, outcome)
+        }
+        None => {
+            let envelope: BatchEnvelope<'_> = serde_json::from_slice(&body)
+                .map_err(|error| json_error_to_api_error(&error, true))?;
+            let body_key = write_key_from_value(envelope.write_key.as_ref());
+            let resolved = authorize(&state, header_key.or(body_key))?;
+            let outcome = process_messages(
+                &state,
+                &resolved,
+                received_at_ms,
+                MessagesToProcess::Batch,
+                Some(&envelope),
+            );
+            (resolved, outcome)
+        }
+    };
+    let region = resolved.region.clone();
+    let outcome = outcome.map_err(|failure| failure.in_region(region.clone()))?;
+    for (_, rejection) in &outcome.rejected {
+        state
+            .metrics
+            .message_rejected(region.as_str(), rejection.code.as_str());
+    }
+    if kind.is_some()
+        && let Some((_, rejection)) = outcome.rejected.first()
+    {
+        return Err(ApiError::from_rejection(rejection.clone()).in_region(region));
+    }
+    if outcome.accepted == 0 && outcome.suppressed == 0 && !outcome.rejected.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_batch",
+            "no message of the batch could be accepted; see `rejected`",
+        )
+        .with_extra("rejected", rejected_json(&outcome.rejected))
+        .in_region(region));
+    }
+    if !outcome.records.is_empty() {
+        append_durably(&state, &resolved, outcome.records).await?;
+    }
+    state
+        .metrics
+        .messages_accepted(region.as_str(), outcome.accepted);
+    if outcome.suppressed > 0 {
+        state
+            .metrics
+            .messages_suppressed(region.as_str(), outcome.suppressed);
+    }
+    let mut response = if outcome.rejected.is_empty() {
+        ok_response()
+    } else {
+        let body = json!({
+            "success": true,
+            "accepted": outcome.accepted + outcome.suppressed,
+            "rejected": rejected_json(&outcome.rejected),
+        });
+        (StatusCode::OK, axum::Json(body)).into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(region.as_str()) {
+        response.headers_mut().insert(X_REGION, value);
+    }
+    Ok(response)
+}
+
+enum MessagesToProcess {
+    Single(MessageKind, Map<String, Value>),
+    Batch,
+}
+
+fn process_messages(
+    state: &AppState,
+    resolved: &ResolvedKey,
+    received_at_ms: i64,
+    messages: MessagesToProcess,
+    envelope: Option<&BatchEnvelope<'_>>,
+) -> Result<Outcome, ApiError> {
+    let limits = state.settings.limits;
+    let batch_context = match envelope.and_then(|envelope| envelope.context.as_ref()) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(object)) => Some(object),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                "the batch's `context` must be an object",
+            ));
+        }
+    };
+    let batch_integrations = match envelope.and_then(|envelope| envelope.integrations.as_ref()) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(object)) => Some(object),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                "the batch's `integrations` must be an object",
+            ));
+        }
+    };
+    let batch_sent_at = match envelope.and_then(|envelope| envelope.sent_at.as_ref()) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text))
+            if meridian_core::timestamp::parse_timestamp_ms(text).is_some() =>
+        {
+            Some(text.as_str())
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_timestamp",
+                "the batch's `sentAt` is not an ISO 8601 timestamp",
+            ));
+        }
+    };
+    let context = EnrichmentContext {
+        project_id: &resolved.project_id,
+        region: resolved.region.as_str(),
+        received_at_ms,
+        batch_context,
+        batch_integrations,
+        batch_sent_at,
+    };
+    let check_suppressions = state.keys.has_suppressions(&resolved.project_id);
+    let mut outcome = Outcome {
+        accepted: 0,
+        suppressed: 0,
+        rejected: Vec::new(),
+        records: RecordBatch::default(),
+    };
+    let mut handle = |index: usize,
+                      parsed: Result<Map<String, Value>, MessageRejection>,
+                      implied: Option<MessageKind>| {
+        let enriched = parsed.and_then(|message| enrich_message(message, implied, &context));
+        match enriched {
+            Ok(enriched) => {
+                let is_suppressed = check_suppressions
+                    && enriched.user_id.as_deref().is_some_and(|user_id| {
+                        state.keys.is_suppressed(&resolved.project_id, user_id)
+                    });
+                if is_suppressed {
+                    outcome.suppressed += 1;
+                } else if let Err(failure) = outcome.records.push(&enriched.json) {
+                    outcome.rejected.push((
+                        index,
+                        MessageRejection::new(RejectCode::MessageTooLarge, failure.to_string()),
+                    ));
+                } else {
+                    outcome.accepted += 1;
+                }
+            }
+            Err(rejection) => outcome.rejected.push((index, rejection)),
+        }
+    };
+    match messages {
+        MessagesToProcess::Single(kind, message) => handle(0, Ok(message), Some(kind)),
+        MessagesToProcess::Batch => {
+            let raw_messages = envelope
+                .map(|envelope| envelope.batch.as_slice())
+                .unwrap_or_default();
+            for (index, raw_message) in raw_messages.iter().enumerate() {
+                if index >= limits.max_batch_messages {
+                    let rejection = MessageRejection::new(
+                        RejectCode::BatchTooLarge,
+                        format!(
+                            "a batch holds at most {} messages; send the rest in another request",
+                            limits.max_batch_messages
+                        ),
+                    );
+                    handle(index, Err(rejection), None);
+                    continue;
+                }
+                handle(index, parse_raw_message(raw_message, &limits), None);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+async fn append_durably(
+    state: &AppState,
+    resolved: &ResolvedKey,
+    records: RecordBatch,
+) -> Result<(), ApiError> {
+    let region = &resolved.region;
+    let Some(queue) = state.queues.get(region) else {
+        return Err(ApiError::unavailable(
+            "region_unavailable",
+            format!("region {region} has no queue on this node"),
+            5,
+        )
+        .in_region(region.clone()));
+    };
+    let appended = tokio::time::timeout(state.settings.append_timeout, queue.append(records)).await;
+    match appended {
+        Ok(Ok(_range)) => Ok(()),
+        Ok(Err(QueueError::Full {
+            used_bytes,
+            budget_bytes,
+        })) => {
+            state.metrics.queue_full(region.as_str());
+            Err(ApiError::unavailable(
+                "queue_full",
+                format!("region {region} is at its disk budget ({used_bytes} of {budget_bytes} bytes) while its sinks catch up; retry later"),
+                5,
+            )
+            .in_region(region.clone()))
+        }
+        Ok(Err(failure)) => {
+            warn!(region = %region, error = %failure, "queue append failed");
+            Err(ApiError::unavailable(
+                "region_unavailable",
+                format!("region {region} cannot store messages right now; retry later"),
+                5,
+            )
+            .in_region(region.clone()))
+        }
+        Err(_) => {
+            warn!(region = %region, timeout_ms = state.settings.append_timeout.as_millis() as u64, "queue append timed out");
+            Err(ApiError::unavailable(
+                "region_unavailable",
+                format!("region {region} is slow to store messages; retry later"),
+                2,
+            )
+            .in_region(region.clone()))
+        }
+    }
+}
+
+fn ok_response() -> Response {
+    static SUCCESS: &[u8] = br#"{"success":true}"#;
+    let mut response = Response::new(Body::from(Bytes::from_static(SUCCESS)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// analytics.js client metrics: counted, never stored, no auth.
+async fn client_metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    read_body(&state, &headers, body).await?;
+    state.metrics.client_metrics_report();
+    Ok(ok_response())
+}
+
+/// analytics.js boot settings.
+async fn browser_settings(
+    State(state): State<AppState>,
+    Path(write_key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let resolved = authorize(&state, Some(write_key.clone()))?;
+    let (scheme, host) = match &state.settings.public_url {
+        Some(url) => {
+            let (scheme, host) = url.split_once("://").unwrap_or(("https", url.as_str()));
+            (scheme.to_string(), host.to_string())
+        }
+        None => {
+            let scheme = headers
+                .get("x-forwarded-proto")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("http")
+                .to_string();
+            let host = headers
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            (scheme, host)
+        }
+    };
+    let body = json!({
+        "integrations": {
+            "Segment.io": {"apiKey": write_key, "apiHost": format!("{host}/v1"), "protocol": scheme}
+        },
+        "metrics": {"host": format!("{host}/v1")},
+        "plan": {"track": {"__default": {"enabled": true}}, "identify": {"__default": {"enabled": true}}, "group": {"__default": {"enabled": true}}},
+    });
+    let mut response = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(resolved.region.as_str()) {
+        response.headers_mut().insert(X_REGION, value);
+    }
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers_with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn reads_the_three_auth_forms() {
+        // "wk_py:" in base64, as segment-analytics-python sends it.
+        assert_eq!(
+            write_key_from_headers(&headers_with("Basic d2tfcHk6"))
+                .unwrap()
+                .as_deref(),
+            Some("wk_py")
+        );
+        assert_eq!(
+            write_key_from_headers(&headers_with("Bearer wk_abc"))
+                .unwrap()
+                .as_deref(),
+            Some("wk_abc")
+        );
+        assert_eq!(write_key_from_headers(&HeaderMap::new()).unwrap(), None);
+        assert!(write_key_from_headers(&headers_with("Basic !!!")).is_err());
+        assert!(write_key_from_headers(&headers_with("Digest x")).is_err());
+        assert_eq!(
+            write_key_from_value(Some(&json!("wk_body"))).as_deref(),
+            Some("wk_body")
+        );
+        assert_eq!(write_key_from_value(Some(&json!(5))), None);
+    }
+}

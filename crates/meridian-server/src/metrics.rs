@@ -1,0 +1,242 @@
+//! Prometheus metrics. Request and message counters live in a `prometheus-client` registry;
+//! queue and sink figures are read from their live state at scrape time. Labels are low
+//! cardinality: route templates, status codes, regions, sinks and reject codes, never project ids.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionLabels {
+    region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionCodeLabels {
+    region: String,
+    code: String,
+}
+
+fn request_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteStatusLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    accepted: Family<RegionLabels, Counter>,
+    rejected: Family<RegionCodeLabels, Counter>,
+    suppressed: Family<RegionLabels, Counter>,
+    queue_full: Family<RegionLabels, Counter>,
+    client_metrics: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meridian");
+        let requests = Family::<RouteStatusLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route template and status",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                request_duration_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route template",
+            request_duration.clone(),
+        );
+        let accepted = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "messages_accepted",
+            "Messages accepted (durable in the region's queue)",
+            accepted.clone(),
+        );
+        let rejected = Family::<RegionCodeLabels, Counter>::default();
+        registry.register(
+            "messages_rejected",
+            "Messages rejected, by reason",
+            rejected.clone(),
+        );
+        let suppressed = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "messages_suppressed",
+            "Messages of suppressed users, answered 200 and dropped",
+            suppressed.clone(),
+        );
+        let queue_full = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "queue_full_rejections",
+            "Requests answered 503 because the region's disk budget was full",
+            queue_full.clone(),
+        );
+        let client_metrics = Counter::default();
+        registry.register(
+            "client_metrics_reports",
+            "analytics.js client metric reports received on /v1/m",
+            client_metrics.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            accepted,
+            rejected,
+            suppressed,
+            queue_full,
+            client_metrics,
+        }
+    }
+
+    pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RouteStatusLabels {
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn messages_accepted(&self, region: &str, count: u64) {
+        self.accepted
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .inc_by(count);
+    }
+
+    pub fn message_rejected(&self, region: &str, code: &str) {
+        self.rejected
+            .get_or_create(&RegionCodeLabels {
+                region: region.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn messages_suppressed(&self, region: &str, count: u64) {
+        self.suppressed
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .inc_by(count);
+    }
+
+    pub fn queue_full(&self, region: &str) {
+        self.queue_full
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn client_metrics_report(&self) {
+        self.client_metrics.inc();
+    }
+
+    /// The registry's metrics in Prometheus text format (without the trailing `# EOF`).
+    pub fn encode_registry(&self, output: &mut String) {
+        let mut encoded = String::new();
+        if prometheus_client::encoding::text::encode(&mut encoded, &self.registry).is_ok() {
+            output.push_str(encoded.trim_end().trim_end_matches("# EOF").trim_end());
+            output.push('\n');
+        }
+    }
+}
+
+/// Writes scrape-time figures in Prometheus text format.
+pub struct TextWriter<'a> {
+    output: &'a mut String,
+}
+
+impl<'a> TextWriter<'a> {
+    pub fn new(output: &'a mut String) -> TextWriter<'a> {
+        TextWriter { output }
+    }
+
+    /// Declares a metric; `kind` is `gauge` or `counter`. Counter samples end in `_total`, and
+    /// (as OpenMetrics wants) the family name is declared without that suffix.
+    pub fn declare(&mut self, name: &str, kind: &str, help: &str) {
+        debug_assert!(
+            kind != "counter" || name.ends_with("_total"),
+            "counter {name} must end in _total"
+        );
+        let family = if kind == "counter" {
+            name.trim_end_matches("_total")
+        } else {
+            name
+        };
+        let _ = writeln!(self.output, "# HELP meridian_{family} {help}");
+        let _ = writeln!(self.output, "# TYPE meridian_{family} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let rendered: Vec<String> = labels
+            .iter()
+            .map(|(key, value)| {
+                format!(
+                    "{key}=\"{}\"",
+                    value.replace('\\', "\\\\").replace('"', "\\\"")
+                )
+            })
+            .collect();
+        if rendered.is_empty() {
+            let _ = writeln!(self.output, "meridian_{name} {value}");
+        } else {
+            let _ = writeln!(
+                self.output,
+                "meridian_{name}{{{}}} {value}",
+                rendered.join(",")
+            );
+        }
+    }
+}
+
+/// Resident memory and open file descriptors of this process, from /proc (Linux).
+pub fn process_figures() -> (Option<u64>, Option<u64>) {
+    let resident_bytes = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kilobytes| kilobytes.parse::<u64>().ok())
+                .map(|kilobytes| kilobytes * 1024)
+        });
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count() as u64);
+    (resident_bytes, open_fds)
+}

@@ -1,0 +1,277 @@
+//! Operations routes: `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meridian_core::timestamp::now_unix_ms;
+use serde_json::json;
+
+use crate::metrics::{TextWriter, process_figures};
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// Ready when the catalog snapshot is loaded and every served region's queue is writable.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut ready = state.keys.version() >= 0;
+    let mut regions = serde_json::Map::new();
+    for (region, queue) in state.queues.iter() {
+        let stats = queue.stats();
+        let writable = queue.is_writable();
+        ready &= writable;
+        let sinks: Vec<_> = state
+            .sinks
+            .iter()
+            .filter(|sink| &sink.region == region)
+            .map(|sink| {
+                json!({
+                    "sink": sink.sink,
+                    "position": sink.status.position.load(Ordering::Relaxed),
+                    "last_error": sink.status.last_error(),
+                })
+            })
+            .collect();
+        regions.insert(
+            region.to_string(),
+            json!({
+                "queue_writable": writable,
+                "queue_bytes": stats.disk_bytes,
+                "disk_budget_bytes": stats.disk_budget_bytes,
+                "pending_records": stats.pending_records(),
+                "broken": stats.broken,
+                "sinks": sinks,
+            }),
+        );
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"ready": ready, "catalog_version": state.keys.version(), "regions": regions});
+    let mut response = (status, axum::Json(body)).into_response();
+    if !ready {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut output = String::with_capacity(16 * 1024);
+    state.metrics.encode_registry(&mut output);
+    let mut writer = TextWriter::new(&mut output);
+
+    writer.declare(
+        "queue_bytes",
+        "gauge",
+        "Bytes of queue segments on disk, by region",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_bytes",
+            &[("region", region.as_str())],
+            queue.stats().disk_bytes as f64,
+        );
+    }
+    writer.declare(
+        "queue_disk_budget_bytes",
+        "gauge",
+        "Disk budget of the region's queue",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_disk_budget_bytes",
+            &[("region", region.as_str())],
+            queue.stats().disk_budget_bytes as f64,
+        );
+    }
+    writer.declare(
+        "queue_pending_records",
+        "gauge",
+        "Records not yet delivered by the slowest sink, by region",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_pending_records",
+            &[("region", region.as_str())],
+            queue.stats().pending_records() as f64,
+        );
+    }
+    writer.declare(
+        "queue_appended_records_total",
+        "counter",
+        "Records ever appended to the region's queue",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_appended_records_total",
+            &[("region", region.as_str())],
+            queue.durable_end() as f64,
+        );
+    }
+    writer.declare(
+        "queue_syncs_total",
+        "counter",
+        "fdatasync calls of the region's queue writer (group commit)",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_syncs_total",
+            &[("region", region.as_str())],
+            queue.stats().sync_count as f64,
+        );
+    }
+    writer.declare(
+        "queue_writable",
+        "gauge",
+        "1 when the region's queue accepts appends",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_writable",
+            &[("region", region.as_str())],
+            if queue.is_writable() { 1.0 } else { 0.0 },
+        );
+    }
+
+    let now_ms = now_unix_ms();
+    let sink_counters: [(&str, &str, fn(&meridian_queue::DeliveryStatus) -> f64); 5] = [
+        (
+            "sink_delivered_records_total",
+            "Records delivered to the sink",
+            |s| s.delivered_records.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_delivered_batches_total",
+            "Batches delivered to the sink",
+            |s| s.delivered_batches.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_delivered_bytes_total",
+            "Payload bytes delivered to the sink",
+            |s| s.delivered_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_failed_attempts_total",
+            "Failed delivery attempts (each retried)",
+            |s| s.failed_attempts.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_skipped_corrupt_records_total",
+            "Records skipped because their queue segment was corrupt",
+            |s| s.skipped_corrupt_records.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, read) in sink_counters {
+        writer.declare(name, "counter", help);
+        for sink in state.sinks.iter() {
+            writer.sample(
+                name,
+                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+                read(&sink.status),
+            );
+        }
+    }
+    writer.declare(
+        "sink_delivery_seconds_total",
+        "counter",
+        "Time spent in successful deliveries",
+    );
+    for sink in state.sinks.iter() {
+        let seconds = sink.status.delivery_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        writer.sample(
+            "sink_delivery_seconds_total",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            seconds,
+        );
+    }
+    writer.declare(
+        "sink_consecutive_failures",
+        "gauge",
+        "Failed attempts since the sink's last success",
+    );
+    for sink in state.sinks.iter() {
+        let failures = sink.status.consecutive_failures.load(Ordering::Relaxed) as f64;
+        writer.sample(
+            "sink_consecutive_failures",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            failures,
+        );
+    }
+    writer.declare(
+        "sink_lag_seconds",
+        "gauge",
+        "Age of the oldest record the sink has read but not yet delivered",
+    );
+    for sink in state.sinks.iter() {
+        let since_ms = sink.status.oldest_pending_since_ms.load(Ordering::Relaxed);
+        let lag = if since_ms > 0 {
+            (now_ms - since_ms).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        writer.sample(
+            "sink_lag_seconds",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            lag,
+        );
+    }
+    writer.declare(
+        "sink_pending_records",
+        "gauge",
+        "Records appended but not yet delivered by this sink",
+    );
+    for sink in state.sinks.iter() {
+        let end = state
+            .queues
+            .get(&sink.region)
+            .map(|queue| queue.durable_end())
+            .unwrap_or(0);
+        let position = sink.status.position.load(Ordering::Relaxed);
+        writer.sample(
+            "sink_pending_records",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            end.saturating_sub(position) as f64,
+        );
+    }
+
+    let (resident_bytes, open_fds) = process_figures();
+    if let Some(resident_bytes) = resident_bytes {
+        writer.declare(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the process",
+        );
+        writer.sample("process_resident_memory_bytes", &[], resident_bytes as f64);
+    }
+    if let Some(open_fds) = open_fds {
+        writer.declare(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors of the process",
+        );
+        writer.sample("process_open_fds", &[], open_fds as f64);
+    }
+    output.push_str("# EOF\n");
+    let mut response = output.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,282 @@
+//! Assembles a node: catalog, key cache, one queue and its sinks per served region, the HTTP
+//! router; and takes it down gracefully.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use meridian_archive::{ArchiveSink, ArchiveSinkConfig, LocalDirStore, NoCustomerStorage};
+use meridian_catalog::{Catalog, KeyCache};
+use meridian_core::RegionId;
+use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::auth::{JwtAuthority, load_or_create_secret};
+use crate::config::Settings;
+use crate::headers::{
+    label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
+};
+use crate::metrics::Metrics;
+use crate::state::{AppState, SinkHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the catalog at {url}: {message}")]
+    Catalog { url: String, message: String },
+    #[error("cannot prepare the data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("cannot open the queue of region {region}: {message}")]
+    Queue { region: String, message: String },
+    #[error("cannot listen on {address}: {message}")]
+    Listen { address: String, message: String },
+    #[error("the HTTP server failed: {0}")]
+    Serve(String),
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(crate::ingest::routes())
+        .merge(crate::admin::routes())
+        .merge(crate::ops::routes())
+        .route_layer(axum::middleware::from_fn(label_route))
+        .fallback(not_found_fallback)
+        .method_not_allowed_fallback(method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            stamp_responses,
+        ))
+        .with_state(state)
+}
+
+/// A node that is listening and delivering; [`RunningNode::serve`] runs it until shutdown.
+pub struct RunningNode {
+    state: AppState,
+    listener: TcpListener,
+    runners: Vec<JoinHandle<()>>,
+    drain: watch::Sender<bool>,
+    stop_background: watch::Sender<bool>,
+}
+
+async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), ServerError> {
+    let failure = |message: String| ServerError::Catalog {
+        url: settings.catalog_url.clone(),
+        message,
+    };
+    let catalog = tokio::time::timeout(
+        Duration::from_secs(30),
+        Catalog::connect(&settings.catalog_url),
+    )
+    .await
+    .map_err(|_| failure("timed out after 30 s".into()))?
+    .map_err(|error| failure(error.to_string()))?;
+    let keys = KeyCache::load(catalog.clone())
+        .await
+        .map_err(|error| failure(error.to_string()))?;
+    Ok((catalog, keys))
+}
+
+fn build_sinks(settings: &Settings, region: &RegionId) -> Vec<Arc<dyn Sink>> {
+    let Some(region_settings) = settings.regions.get(region) else {
+        return Vec::new();
+    };
+    let archive = &region_settings.archive;
+    let store = Arc::new(LocalDirStore::new(archive.dir.clone()));
+    let archive_sink = ArchiveSink::new(
+        region.as_str(),
+        store,
+        Arc::new(NoCustomerStorage),
+        ArchiveSinkConfig {
+            flush_max_bytes: archive.flush_max_bytes,
+            flush_max_records: 1_000_000,
+            flush_interval: archive.flush_interval,
+            gzip_level: archive.gzip_level,
+            prefix: archive.prefix.clone(),
+        },
+    );
+    vec![Arc::new(archive_sink)]
+}
+
+impl RunningNode {
+    /// Opens everything and binds the listener; nothing is served until [`RunningNode::serve`].
+    pub async fn start(settings: Settings) -> Result<RunningNode, ServerError> {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|error| ServerError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            message: error.to_string(),
+        })?;
+        let (jwt_secret, generated) =
+            load_or_create_secret(settings.jwt_secret.as_deref(), &settings.data_dir).map_err(
+                |error| ServerError::DataDir {
+                    path: settings.data_dir.display().to_string(),
+                    message: format!("jwt secret: {error}"),
+                },
+            )?;
+        if generated {
+            warn!(path = %settings.data_dir.join("jwt_secret").display(), "no auth.jwt_secret configured: using the secret generated in the data dir (set MERIDIAN_JWT_SECRET for clusters)");
+        }
+        let (catalog, keys) = open_catalog(&settings).await?;
+
+        let mut queues = BTreeMap::new();
+        for region in &settings.served_regions {
+            let Some(region_settings) = settings.regions.get(region) else {
+                continue;
+            };
+            let queue_config = QueueConfig {
+                dir: region_settings.queue_dir.clone(),
+                segment_max_bytes: settings.segment_max_bytes,
+                disk_budget_bytes: region_settings.disk_budget_bytes,
+                durability: settings.durability,
+                max_in_flight_bytes: settings.max_in_flight_bytes,
+            };
+            let queue = tokio::task::spawn_blocking(move || RegionQueue::open(queue_config))
+                .await
+                .map_err(|error| ServerError::Queue {
+                    region: region.to_string(),
+                    message: error.to_string(),
+                })?
+                .map_err(|error| ServerError::Queue {
+                    region: region.to_string(),
+                    message: error.to_string(),
+                })?;
+            queues.insert(region.clone(), queue);
+        }
+
+        let (drain, drain_receiver) = watch::channel(false);
+        let mut runners = Vec::new();
+        let mut sink_handles = Vec::new();
+        for (region, queue) in &queues {
+            for sink in build_sinks(&settings, region) {
+                let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink));
+                sink_handles.push(SinkHandle {
+                    region: region.clone(),
+                    sink: sink.name().to_string(),
+                    status: runner.status(),
+                });
+                runners.push(tokio::spawn(runner.run(drain_receiver.clone())));
+            }
+        }
+
+        let (stop_background, stop_receiver) = watch::channel(false);
+        tokio::spawn(
+            Arc::clone(&keys).run_refresher(settings.catalog_refresh_interval, stop_receiver),
+        );
+
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|error| ServerError::Listen {
+                    address: settings.listen.to_string(),
+                    message: error.to_string(),
+                })?;
+        let state = AppState {
+            settings: Arc::new(settings),
+            catalog,
+            keys,
+            queues: Arc::new(queues),
+            metrics: Arc::new(Metrics::new()),
+            jwt: Arc::new(JwtAuthority::new(&jwt_secret, 0)),
+            sinks: Arc::new(sink_handles),
+        };
+        let leeway = state.settings.jwt_leeway_secs;
+        let state = AppState {
+            jwt: Arc::new(JwtAuthority::new(&jwt_secret, leeway)),
+            ..state
+        };
+        Ok(RunningNode {
+            state,
+            listener,
+            runners,
+            drain,
+            stop_background,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting, finishes requests in
+    /// flight, flushes every queue to its sinks within the shutdown timeout, closes the queues.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let RunningNode {
+            state,
+            listener,
+            runners,
+            drain,
+            stop_background,
+        } = self;
+        let settings = Arc::clone(&state.settings);
+        let app = router(state.clone());
+        let (shutdown_started, mut shutdown_seen) = watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            let _ = shutdown_started.send(true);
+        };
+        let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let server_task = tokio::spawn(async move { serve.await });
+
+        let _ = shutdown_seen.wait_for(|started| *started).await;
+        info!(
+            timeout_secs = settings.shutdown_timeout.as_secs(),
+            "shutting down: finishing requests in flight and flushing queues"
+        );
+        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        match tokio::time::timeout_at(deadline, server_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => error!(%error, "HTTP server ended with an error"),
+            Ok(Err(join_error)) => error!(error = %join_error, "HTTP server task failed"),
+            Err(_) => warn!("requests still in flight at the shutdown deadline were cut off"),
+        }
+        let _ = drain.send(true);
+        for runner in runners {
+            if tokio::time::timeout_at(deadline, runner).await.is_err() {
+                warn!(
+                    "a sink did not finish flushing before the shutdown deadline; its backlog stays queued for the next start"
+                );
+                break;
+            }
+        }
+        let _ = stop_background.send(true);
+        let queues = Arc::clone(&state.queues);
+        let _ = tokio::task::spawn_blocking(move || {
+            for queue in queues.values() {
+                queue.close();
+            }
+        })
+        .await;
+        state.catalog.close().await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(error) => {
+                error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}

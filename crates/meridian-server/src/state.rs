@@ -1,0 +1,32 @@
+//! What every handler shares.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use meridian_catalog::{Catalog, KeyCache};
+use meridian_core::RegionId;
+use meridian_queue::{DeliveryStatus, RegionQueue};
+
+use crate::auth::JwtAuthority;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+
+/// A running sink of a region, for metrics and readiness.
+#[derive(Clone)]
+pub struct SinkHandle {
+    pub region: RegionId,
+    pub sink: String,
+    pub status: Arc<DeliveryStatus>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub catalog: Catalog,
+    pub keys: Arc<KeyCache>,
+    /// One queue per served region; no other region's queue exists on this node.
+    pub queues: Arc<BTreeMap<RegionId, RegionQueue>>,
+    pub metrics: Arc<Metrics>,
+    pub jwt: Arc<JwtAuthority>,
+    pub sinks: Arc<Vec<SinkHandle>>,
+}
