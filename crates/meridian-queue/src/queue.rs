@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -133,6 +133,9 @@ pub(crate) struct Shared {
     /// Number of `fdatasync` calls the writer made (group commit makes it far below the number
     /// of appends under concurrency).
     pub sync_count: AtomicU64,
+    /// Set when an append was refused for the budget; cleared by the next successful append or
+    /// when consumers free space. Drives `is_writable`.
+    pub refusing_for_budget: AtomicBool,
 }
 
 impl Shared {
@@ -190,6 +193,7 @@ impl Shared {
             match fs::remove_file(&removed.path) {
                 Ok(()) => {
                     self.disk_bytes.fetch_sub(removed.bytes, Ordering::AcqRel);
+                    self.refusing_for_budget.store(false, Ordering::Release);
                 }
                 Err(error) => {
                     warn!(path = %removed.path.display(), %error, "could not delete a consumed queue segment");
@@ -272,6 +276,7 @@ impl RegionQueue {
             consumer_positions: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(None),
             sync_count: AtomicU64::new(0),
+            refusing_for_budget: AtomicBool::new(false),
             config: config.clone(),
         });
         let (sender, receiver) = mpsc::channel();
@@ -315,6 +320,9 @@ impl RegionQueue {
         let used_bytes = self.shared.disk_bytes.load(Ordering::Acquire);
         let budget_bytes = self.shared.config.disk_budget_bytes;
         if used_bytes + batch.encoded.len() as u64 > budget_bytes {
+            self.shared
+                .refusing_for_budget
+                .store(true, Ordering::Release);
             return Err(QueueError::Full {
                 used_bytes,
                 budget_bytes,
@@ -375,9 +383,10 @@ impl RegionQueue {
         }
     }
 
-    /// True while appends can succeed (not broken, not closed, budget not exhausted).
+    /// True while appends can succeed: not broken, and not refusing appends for its budget.
     pub fn is_writable(&self) -> bool {
         self.shared.broken_reason().is_none()
+            && !self.shared.refusing_for_budget.load(Ordering::Acquire)
             && self.shared.disk_bytes.load(Ordering::Acquire) < self.shared.config.disk_budget_bytes
     }
 

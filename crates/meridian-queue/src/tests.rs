@@ -271,6 +271,10 @@ async fn a_full_budget_refuses_appends_until_consumers_free_space() {
     );
     let still_full = queue.append(batch_of(std::slice::from_ref(&payload))).await;
     assert!(matches!(still_full, Err(QueueError::Full { .. })));
+    assert!(
+        !queue.is_writable(),
+        "a queue refusing appends for its budget is not writable"
+    );
 
     let records = read_all(&mut consumer);
     assert_eq!(records.len() as u64, accepted);
@@ -285,6 +289,7 @@ async fn a_full_budget_refuses_appends_until_consumers_free_space() {
         .append(batch_of(std::slice::from_ref(&payload)))
         .await
         .expect("space was freed by the consumer");
+    assert!(queue.is_writable());
     queue.close();
 }
 

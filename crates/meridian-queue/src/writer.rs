@@ -116,6 +116,9 @@ impl Writer {
             }
             let request_bytes = request.encoded.len() as u64;
             if used_bytes + request_bytes > budget_bytes {
+                self.shared
+                    .refusing_for_budget
+                    .store(true, Ordering::Release);
                 let _ = request.reply.send(Err(QueueError::Full {
                     used_bytes,
                     budget_bytes,
@@ -147,6 +150,9 @@ impl Writer {
         if let Some(active) = self.shared.lock_segments().last_mut() {
             active.bytes = self.segment_bytes;
         }
+        self.shared
+            .refusing_for_budget
+            .store(false, Ordering::Release);
         self.shared.publish_end(next_offset);
         for (reply, range) in accepted {
             let _ = reply.send(Ok(range));

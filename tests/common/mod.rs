@@ -1,0 +1,363 @@
+//! Test harness for end-to-end tests: starts the real `meridian` binary on a free loopback port
+//! with its own data directory, and talks to it over HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct TestServer {
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub port: u16,
+    pub base_url: String,
+    pub child: Option<Child>,
+    pub extra_env: Vec<(String, String)>,
+    pub client: reqwest::Client,
+    /// Keeps the temporary directory alive while the server runs.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A config file with fast archive flushes, for tests; `extra` is appended.
+pub fn test_config(extra: &str) -> String {
+    test_config_with_flush(100, extra)
+}
+
+pub fn test_config_with_flush(flush_interval_ms: u64, extra: &str) -> String {
+    format!(
+        r#"
+[archive]
+flush_interval_ms = {flush_interval_ms}
+[catalog]
+refresh_interval_ms = 100
+[server]
+shutdown_timeout_secs = 20
+{extra}
+"#
+    )
+}
+
+impl TestServer {
+    /// Starts a server with `config` (merged over the embedded defaults) and extra environment.
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> TestServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let data_dir = dir.path().join("data");
+        let mut server = TestServer::prepare(dir.path(), &data_dir, config, env);
+        server._dir = Some(dir);
+        server.spawn().await;
+        server
+    }
+
+    fn prepare(root: &Path, data_dir: &Path, config: &str, env: &[(&str, &str)]) -> TestServer {
+        let config_path = root.join("meridian.toml");
+        std::fs::write(&config_path, config).expect("config written");
+        let port = free_port();
+        TestServer {
+            data_dir: data_dir.to_path_buf(),
+            config_path,
+            port,
+            base_url: format!("http://127.0.0.1:{port}"),
+            child: None,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            _dir: None,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_meridian"));
+        command
+            .env("MERIDIAN_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("MERIDIAN_DATA_DIR", &self.data_dir)
+            .env("MERIDIAN_JWT_SECRET", JWT_SECRET)
+            .env("MERIDIAN_LOG", "info,sqlx=warn")
+            .env_remove("MERIDIAN_SERVE_REGIONS")
+            .env_remove("MERIDIAN_NODE_REGION")
+            .env_remove("MERIDIAN_CATALOG_URL");
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        command
+    }
+
+    /// Starts (or restarts) the process and waits until /healthz answers.
+    pub async fn spawn(&mut self) {
+        std::fs::create_dir_all(self.data_dir.parent().expect("data dir parent"))
+            .expect("root dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("stderr.log"))
+            .expect("log file");
+        let child = self
+            .command()
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("meridian starts");
+        self.child = Some(child);
+        let url = format!("{}/healthz", self.base_url);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!(
+                    "meridian exited with {status} at start; its log:\n{}",
+                    self.log()
+                );
+            }
+            if self
+                .client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "meridian did not become healthy within 60 s; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: sending a signal to our own child process by its pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let status = child.wait().ok()?;
+        status.code()
+    }
+
+    pub fn issue_token(&self, role: &str, org: Option<&str>) -> String {
+        let mut command = self.command();
+        command
+            .args(["token", "issue", "--config"])
+            .arg(&self.config_path)
+            .args(["--role", role]);
+        if let Some(org) = org {
+            command.args(["--org", org]);
+        }
+        let output = command.output().expect("token issue runs");
+        assert!(
+            output.status.success(),
+            "token issue failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8 token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_org(&self, org_id: &str) {
+        let token = self.issue_token("platform", None);
+        let (status, body) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/orgs",
+                &token,
+                Some(json!({"org_id": org_id, "name": org_id})),
+            )
+            .await;
+        assert_eq!(status, 201, "create org: {body}");
+    }
+
+    /// Creates a project and returns `(project_id, write_key)`.
+    pub async fn create_project(&self, org_id: &str, region: &str) -> (String, String) {
+        let token = self.issue_token("owner", Some(org_id));
+        let (status, body) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/orgs/{org_id}/projects"),
+                &token,
+                Some(json!({"name": format!("project in {region}"), "region": region})),
+            )
+            .await;
+        assert_eq!(status, 201, "create project: {body}");
+        assert_eq!(body["region"], region);
+        (
+            body["project_id"].as_str().expect("project id").to_string(),
+            body["write_key"].as_str().expect("write key").to_string(),
+        )
+    }
+
+    /// Every message in the local archive of `region`, as JSON.
+    pub fn archived_messages(&self, region: &str) -> Vec<Value> {
+        archived_messages_in(&self.data_dir.join("archive").join(region))
+    }
+
+    /// Queue cursors and ends are in /metrics; waits until every sink of every region caught up.
+    pub async fn wait_for_sinks_to_drain(&self, timeout: Duration) -> bool {
+        let client = self.client.clone();
+        let url = self.url("/metrics");
+        wait_until(timeout, || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let Ok(response) = client.get(&url).send().await else {
+                    return false;
+                };
+                let Ok(text) = response.text().await else {
+                    return false;
+                };
+                let pending: Vec<f64> = text
+                    .lines()
+                    .filter(|line| line.starts_with("meridian_sink_pending_records{"))
+                    .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+                    .collect();
+                !pending.is_empty() && pending.iter().all(|value| *value == 0.0)
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+pub fn archived_messages_in(root: &Path) -> Vec<Value> {
+    let mut messages = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(directory) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|extension| extension == "gz") {
+                let bytes = std::fs::read(&path).expect("archive object readable");
+                let mut text = String::new();
+                flate2::read::MultiGzDecoder::new(&bytes[..])
+                    .read_to_string(&mut text)
+                    .expect("archive object is gzip");
+                for line in text.lines().filter(|line| !line.is_empty()) {
+                    messages.push(serde_json::from_str(line).expect("archive line is JSON"));
+                }
+            }
+        }
+    }
+    messages
+}
+
+/// Counts of archived messages by `messageId`.
+pub fn count_by_message_id(messages: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for message in messages {
+        let id = message["messageId"].as_str().unwrap_or("").to_string();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+pub fn basic_auth(write_key: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))
+    )
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}

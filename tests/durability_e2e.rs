@@ -1,0 +1,306 @@
+//! End-to-end durability: kill -9 under load, corrupt queue tails, the per-region disk budget.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+/// Sends batches of 1-5 uniquely identified messages until `stop`; returns the ids that got a 200.
+async fn client_loop(
+    client: reqwest::Client,
+    url: String,
+    write_key: String,
+    client_index: usize,
+    counter: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
+    let mut accepted = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let size = rand::rng().random_range(1..=5);
+        let ids: Vec<String> = (0..size)
+            .map(|_| {
+                format!(
+                    "c{client_index}-m{}",
+                    counter.fetch_add(1, Ordering::Relaxed)
+                )
+            })
+            .collect();
+        let batch: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"type": "track", "userId": "load", "event": "Load", "messageId": id}))
+            .collect();
+        let response = client
+            .post(format!("{url}/v1/batch"))
+            .header("Authorization", basic_auth(&write_key))
+            .json(&json!({"batch": batch}))
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status() == 200 => accepted.extend(ids),
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
+    let mut server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("acme").await;
+    let keys = vec![
+        (
+            "eu-west-1",
+            server.create_project("acme", "eu-west-1").await.1,
+        ),
+        (
+            "us-east-1",
+            server.create_project("acme", "us-east-1").await.1,
+        ),
+    ];
+    let accepted_by_region: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let counter = Arc::new(AtomicU64::new(0));
+    let rounds = 6;
+    for round in 0..rounds {
+        if round > 0 {
+            server.spawn().await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for client_index in 0..8 {
+            let (region, key) = &keys[client_index % keys.len()];
+            let task = tokio::spawn(client_loop(
+                server.client.clone(),
+                server.base_url.clone(),
+                key.clone(),
+                client_index,
+                Arc::clone(&counter),
+                Arc::clone(&stop),
+            ));
+            clients.push((region.to_string(), task));
+        }
+        let alive_for = Duration::from_millis(rand::rng().random_range(300..900));
+        tokio::time::sleep(alive_for).await;
+        server.kill_hard();
+        stop.store(true, Ordering::Relaxed);
+        for (region, task) in clients {
+            let ids = task.await.expect("client task");
+            accepted_by_region
+                .lock()
+                .await
+                .entry(region)
+                .or_default()
+                .extend(ids);
+        }
+    }
+    server.spawn().await;
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await,
+        "sinks drained after the last restart"
+    );
+    let accepted_by_region = accepted_by_region.lock().await;
+    let total_accepted: usize = accepted_by_region.values().map(BTreeSet::len).sum();
+    assert!(
+        total_accepted > 100,
+        "the load produced too few acknowledged messages ({total_accepted}) to mean anything"
+    );
+    for (region, accepted) in accepted_by_region.iter() {
+        let archived = count_by_message_id(&server.archived_messages(region));
+        let duplicates: Vec<_> = archived.iter().filter(|(_, count)| **count > 1).collect();
+        assert!(
+            duplicates.is_empty(),
+            "{region}: messages archived more than once: {duplicates:?}"
+        );
+        let missing: Vec<_> = accepted
+            .iter()
+            .filter(|id| !archived.contains_key(*id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{region}: {} acknowledged messages lost, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        eprintln!(
+            "{region}: {} acknowledged, {} archived (requests cut by kill -9 may be stored too)",
+            accepted.len(),
+            archived.len()
+        );
+    }
+}
+
+fn last_segment(server: &TestServer, region: &str) -> std::path::PathBuf {
+    let directory = server.data_dir.join("queue").join(region).join("segments");
+    let mut segments: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
+#[tokio::test]
+async fn a_torn_or_scribbled_queue_tail_is_cut_logged_and_the_node_serves() {
+    for damage in ["garbage appended", "torn last record"] {
+        let mut server = TestServer::start(&test_config_with_flush(600_000, ""), &[]).await;
+        server.create_org("acme").await;
+        let (_, key) = server.create_project("acme", "eu-west-1").await;
+        for index in 0..3 {
+            let response = server
+                .client
+                .post(server.url("/v1/track"))
+                .header("Authorization", basic_auth(&key))
+                .json(&json!({"userId": "u", "event": "Before", "messageId": format!("before-{index}")}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+        server.kill_hard();
+        let segment = last_segment(&server, "eu-west-1");
+        let length = std::fs::metadata(&segment).unwrap().len();
+        match damage {
+            "garbage appended" => {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&segment)
+                    .unwrap();
+                file.write_all(&[0x5a; 100]).unwrap();
+            }
+            _ => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&segment)
+                .unwrap()
+                .set_len(length - 5)
+                .unwrap(),
+        }
+        server.spawn().await;
+        assert!(
+            server.log().contains("torn or corrupt tail"),
+            "{damage}: the cut is logged:\n{}",
+            server.log()
+        );
+        let response = server
+            .client
+            .post(server.url("/v1/track"))
+            .header("Authorization", basic_auth(&key))
+            .json(&json!({"userId": "u", "event": "After", "messageId": "after"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{damage}: serves after recovery");
+        assert_eq!(server.terminate(), Some(0), "clean shutdown flushes");
+        let archived = count_by_message_id(&server.archived_messages("eu-west-1"));
+        let expected: Vec<&str> = if damage == "garbage appended" {
+            vec!["after", "before-0", "before-1", "before-2"]
+        } else {
+            // The torn record is lost (the disk lost it); everything before it survives.
+            vec!["after", "before-0", "before-1"]
+        };
+        assert_eq!(
+            archived.keys().map(String::as_str).collect::<Vec<_>>(),
+            expected,
+            "{damage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_budget_refuses_only_its_region_and_recovers_when_the_sink_drains() {
+    let root = tempfile::tempdir().unwrap();
+    // A file where the eu archive directory should be: its sink fails until the file is removed.
+    let blocker = root.path().join("blocker");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let config = test_config(&format!(
+        "[queue]\nsegment_max_bytes = 8192\n[regions.eu-west-1]\ndisk_budget_bytes = 32768\n[regions.eu-west-1.archive]\ndir = \"{}\"\n",
+        blocker.join("archive").display()
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (_, eu_key) = server.create_project("acme", "eu-west-1").await;
+    let (_, us_key) = server.create_project("acme", "us-east-1").await;
+    let send = |key: String, id: String| {
+        let client = server.client.clone();
+        let url = server.url("/v1/track");
+        async move {
+            let response = client
+                .post(url)
+                .header("Authorization", basic_auth(&key))
+                .json(&json!({"userId": "u", "event": "Fill", "messageId": id, "properties": {"pad": "p".repeat(500)}}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let region = response.headers()["x-region"].to_str().unwrap().to_string();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|value| value.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap();
+            (status, region, retry_after, body)
+        }
+    };
+    let mut eu_accepted = Vec::new();
+    let mut refusal = None;
+    for index in 0..200 {
+        let id = format!("eu-{index}");
+        let (status, region, retry_after, body) = send(eu_key.clone(), id.clone()).await;
+        assert_eq!(region, "eu-west-1");
+        match status {
+            200 => eu_accepted.push(id),
+            503 => {
+                refusal = Some((retry_after, body));
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let (retry_after, body) = refusal.expect("the eu budget filled up");
+    assert_eq!(body["code"], "queue_full");
+    assert!(retry_after.is_some(), "503 carries Retry-After");
+    let (status, region, _, _) = send(us_key.clone(), "us-0".into()).await;
+    assert_eq!(
+        (status, region.as_str()),
+        (200, "us-east-1"),
+        "other regions keep working"
+    );
+    let ready = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "readyz reports the full queue");
+
+    std::fs::remove_file(&blocker).unwrap();
+    let recovered = wait_until(Duration::from_secs(60), || {
+        let send = send.clone();
+        let key = eu_key.clone();
+        async move { send(key, "eu-after".into()).await.0 == 200 }
+    })
+    .await;
+    assert!(
+        recovered,
+        "eu accepts again once its sink drained the backlog"
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let archived = count_by_message_id(&archived_messages_in(&blocker.join("archive")));
+    for id in &eu_accepted {
+        assert_eq!(archived.get(id), Some(&1), "{id} archived once");
+    }
+}
