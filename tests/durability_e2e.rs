@@ -55,7 +55,7 @@ async fn client_loop(
 async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
     let mut server = TestServer::start(&test_config(""), &[]).await;
     server.create_org("acme").await;
-    let keys = vec![
+    let keys = [
         (
             "eu-west-1",
             server.create_project("acme", "eu-west-1").await.1,
@@ -285,7 +285,6 @@ async fn a_full_disk_budget_refuses_only_its_region_and_recovers_when_the_sink_d
 
     std::fs::remove_file(&blocker).unwrap();
     let recovered = wait_until(Duration::from_secs(60), || {
-        let send = send.clone();
         let key = eu_key.clone();
         async move { send(key, "eu-after".into()).await.0 == 200 }
     })

@@ -14,5 +14,5 @@ mod store;
 pub use error::ArchiveError;
 pub use layout::{ArchivedMessage, decode_object, encode_object, object_key};
 pub use local::LocalDirStore;
-pub use sink::{ArchiveSink, ArchiveSinkConfig, NoCustomerStorage, StoreResolver};
+pub use sink::{ArchiveSink, ArchiveSinkConfig, CustomerTarget, NoCustomerStorage, StoreResolver};
 pub use store::ObjectStore;

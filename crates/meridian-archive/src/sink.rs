@@ -43,24 +43,25 @@ impl Default for ArchiveSinkConfig {
     }
 }
 
+/// A project's own archive: the customer's bucket and key prefix.
+#[derive(Clone)]
+pub struct CustomerTarget {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Option<String>,
+}
+
 /// Finds a project's own bucket, when it has one (Local Data Storage).
 pub trait StoreResolver: Send + Sync + 'static {
-    /// The store and key prefix of the project's customer-hosted archive, or `None` for the
-    /// regional store. An error keeps the batch queued (the customer store is unusable now).
-    fn customer_store(
-        &self,
-        project_id: &str,
-    ) -> Result<Option<(Arc<dyn ObjectStore>, Option<String>)>, ArchiveError>;
+    /// The project's customer-hosted archive, or `None` for the regional store. An error keeps
+    /// the batch queued (the customer store is unusable now).
+    fn customer_store(&self, project_id: &str) -> Result<Option<CustomerTarget>, ArchiveError>;
 }
 
 /// Every project archives to the regional store.
 pub struct NoCustomerStorage;
 
 impl StoreResolver for NoCustomerStorage {
-    fn customer_store(
-        &self,
-        _project_id: &str,
-    ) -> Result<Option<(Arc<dyn ObjectStore>, Option<String>)>, ArchiveError> {
+    fn customer_store(&self, _project_id: &str) -> Result<Option<CustomerTarget>, ArchiveError> {
         Ok(None)
     }
 }
@@ -167,7 +168,7 @@ impl Sink for ArchiveSink {
                 .customer_store(&project_id)
                 .map_err(|error| SinkError::Blocked(format!("project {project_id}: {error}")))?;
             let (store, prefix) = match customer {
-                Some((store, prefix)) => (store, prefix),
+                Some(target) => (target.store, target.prefix),
                 None => (Arc::clone(&self.regional_store), self.config.prefix.clone()),
             };
             let key = object_key(

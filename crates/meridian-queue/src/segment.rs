@@ -246,11 +246,8 @@ mod tests {
             corrupted[position] ^= 0x5a;
             let mut reader = &corrupted[..];
             let mut intact = Vec::new();
-            loop {
-                match read_record(&mut reader).unwrap() {
-                    NextRecord::Record(payload) => intact.push(payload),
-                    NextRecord::End | NextRecord::Invalid(_) => break,
-                }
+            while let NextRecord::Record(payload) = read_record(&mut reader).unwrap() {
+                intact.push(payload);
             }
             assert!(
                 intact.len() < 3,

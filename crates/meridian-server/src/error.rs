@@ -18,7 +18,7 @@ pub struct ApiError {
     pub region: Option<RegionId>,
     pub retry_after_secs: Option<u64>,
     /// Extra top-level fields of the body (e.g. `rejected`).
-    pub extra: Option<(&'static str, Value)>,
+    pub extra: Option<Box<(&'static str, Value)>>,
 }
 
 impl ApiError {
@@ -82,7 +82,7 @@ impl ApiError {
     }
 
     pub fn with_extra(mut self, key: &'static str, value: Value) -> ApiError {
-        self.extra = Some((key, value));
+        self.extra = Some(Box::new((key, value)));
         self
     }
 
@@ -122,7 +122,8 @@ impl From<CatalogError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({"success": false, "code": self.code, "message": self.message});
-        if let (Some((key, value)), Some(object)) = (self.extra, body.as_object_mut()) {
+        if let (Some(extra), Some(object)) = (self.extra, body.as_object_mut()) {
+            let (key, value) = *extra;
             object.insert(key.to_string(), value);
         }
         let mut response = (self.status, axum::Json(body)).into_response();

@@ -150,7 +150,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 
     let now_ms = now_unix_ms();
-    let sink_counters: [(&str, &str, fn(&meridian_queue::DeliveryStatus) -> f64); 5] = [
+    type ReadFigure = fn(&meridian_queue::DeliveryStatus) -> f64;
+    let sink_counters: [(&str, &str, ReadFigure); 5] = [
         (
             "sink_delivered_records_total",
             "Records delivered to the sink",

