@@ -11,6 +11,11 @@ use meridian_server::{RunningNode, Settings, termination_signal};
 
 const DEFAULT_CONFIG_PATH: &str = "config/meridian.toml";
 
+/// mimalloc: measurably faster than glibc malloc on the ingest path's many small allocations, and
+/// keeps RSS from growing through per-thread arena fragmentation.
+#[global_allocator]
+static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",

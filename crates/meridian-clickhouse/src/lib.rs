@@ -1,1 +1,11 @@
+//! The ClickHouse sink: every region's queue flushes into that region's ClickHouse (one of its
+//! replicas), in RowBinary batches that are one contiguous queue range each, with the schema
+//! chosen by server version and rows ClickHouse rejects isolated into a dead-letter file.
 
+mod row;
+pub mod schema;
+mod sink;
+
+pub use row::{EventFields, LegacyEventRow, ModernEventRow};
+pub use schema::{SchemaFlavor, SchemaOptions, ServerVersion};
+pub use sink::{ClickHouseConfig, ClickHouseSink, MigrationReport};

@@ -63,6 +63,10 @@ pub trait Sink: Send + Sync + 'static {
     /// Writes the batch. Must be idempotent for a given range: the same range may be delivered
     /// again after a crash or a failed attempt.
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError>;
+    /// Sink-specific counters for `/metrics` (exported as `meridian_sink_<name>_total`).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Live figures of one runner, read by `/metrics` and `/readyz`.

@@ -13,6 +13,17 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const X_REGION: HeaderName = HeaderName::from_static("x-region");
+
+/// Request ids: a random per-process prefix and a counter. Unique across nodes and restarts
+/// without a random draw per request.
+fn next_request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_string());
+    format!("{prefix}-{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request id of a request, available to handlers as an extension.
@@ -63,7 +74,7 @@ pub async fn stamp_responses(
         .and_then(acceptable_request_id)
     {
         Some(client_id) => Arc::from(client_id),
-        None => Arc::from(uuid::Uuid::new_v4().to_string().as_str()),
+        None => Arc::from(next_request_id().as_str()),
     };
     request
         .extensions_mut()

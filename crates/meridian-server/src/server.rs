@@ -22,7 +22,7 @@ use crate::headers::{
     label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
 };
 use crate::metrics::Metrics;
-use crate::state::{AppState, SinkHandle};
+use crate::state::{AppState, AppStateInner, SinkHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -172,20 +172,16 @@ impl RunningNode {
                     address: settings.listen.to_string(),
                     message: error.to_string(),
                 })?;
-        let state = AppState {
+        let leeway = settings.jwt_leeway_secs;
+        let state = AppState::new(AppStateInner {
             settings: Arc::new(settings),
             catalog,
             keys,
             queues: Arc::new(queues),
             metrics: Arc::new(Metrics::new()),
-            jwt: Arc::new(JwtAuthority::new(&jwt_secret, 0)),
-            sinks: Arc::new(sink_handles),
-        };
-        let leeway = state.settings.jwt_leeway_secs;
-        let state = AppState {
             jwt: Arc::new(JwtAuthority::new(&jwt_secret, leeway)),
-            ..state
-        };
+            sinks: Arc::new(sink_handles),
+        });
         Ok(RunningNode {
             state,
             listener,

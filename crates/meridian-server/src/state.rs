@@ -19,8 +19,29 @@ pub struct SinkHandle {
     pub status: Arc<DeliveryStatus>,
 }
 
+/// Shared by every handler; one `Arc`, so cloning it per request is one atomic increment.
 #[derive(Clone)]
 pub struct AppState {
+    inner: Arc<AppStateInner>,
+}
+
+impl AppState {
+    pub fn new(inner: AppStateInner) -> AppState {
+        AppState {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.inner
+    }
+}
+
+pub struct AppStateInner {
     pub settings: Arc<Settings>,
     pub catalog: Catalog,
     pub keys: Arc<KeyCache>,

@@ -1,0 +1,583 @@
+//! The sink: schema preparation, batched inserts with failover among the region's replicas,
+//! error classification, bisection of rejected batches, and the dead-letter file.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clickhouse::{Client, RowOwned, RowWrite};
+use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
+use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
+use serde_json::json;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{error, info, warn};
+
+use crate::row::{EventFields, LegacyEventRow, ModernEventRow};
+use crate::schema::{self, SchemaFlavor, SchemaOptions, ServerVersion};
+
+/// One region's ClickHouse settings, built only from that region's config.
+#[derive(Clone, Debug)]
+pub struct ClickHouseConfig {
+    /// This region's replicas; inserts fail over among these only.
+    pub urls: Vec<String>,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub batch_max_rows: usize,
+    pub batch_max_bytes: usize,
+    pub flush_interval: Duration,
+    pub request_timeout: Duration,
+    pub retention_days: Option<u32>,
+    /// Where rows ClickHouse rejects are written, with the reason.
+    pub dead_letter_dir: PathBuf,
+}
+
+/// What `meridian migrate` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub url: String,
+    pub server_version: String,
+    pub flavor: SchemaFlavor,
+    pub applied: Vec<u32>,
+}
+
+/// How an insert failed.
+#[derive(Debug)]
+enum InsertFailure {
+    /// The replica could not be reached or did not answer in time: try another replica.
+    Unreachable(String),
+    /// The server is overloaded or failed in a way worth retrying later.
+    Transient(String),
+    /// The table or database is missing or has other columns: migrate, then retry.
+    Schema(String),
+    /// The server rejected the data itself: isolate the rows it rejects.
+    Data(String),
+}
+
+/// ClickHouse exception codes whose cause is the inserted data.
+const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 33, 38, 41, 53, 69, 70, 72, 117, 131, 395];
+/// Codes that mean the schema is not what we insert into.
+const SCHEMA_ERROR_CODES: &[u32] = &[16, 47, 60, 81];
+
+fn exception_code(message: &str) -> Option<u32> {
+    let start = message.find("Code: ")? + "Code: ".len();
+    let digits: String = message[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+fn classify(failure: clickhouse::error::Error) -> InsertFailure {
+    match failure {
+        clickhouse::error::Error::Network(cause) => {
+            InsertFailure::Unreachable(format!("network error: {cause}"))
+        }
+        clickhouse::error::Error::TimedOut => InsertFailure::Unreachable("timed out".to_string()),
+        clickhouse::error::Error::BadResponse(message) => match exception_code(&message) {
+            Some(code) if DATA_ERROR_CODES.contains(&code) => InsertFailure::Data(message),
+            Some(code) if SCHEMA_ERROR_CODES.contains(&code) => InsertFailure::Schema(message),
+            _ => InsertFailure::Transient(message),
+        },
+        // Serializing our own row failed: the row is the problem.
+        clickhouse::error::Error::Custom(message) => InsertFailure::Data(message),
+        other => InsertFailure::Transient(other.to_string()),
+    }
+}
+
+struct Replica {
+    url: String,
+    /// Without a default database, for DDL on a server where the database may not exist yet.
+    admin: Client,
+    /// With the configured database, for inserts.
+    writer: Client,
+}
+
+#[derive(Default)]
+struct Counters {
+    rows_inserted: AtomicU64,
+    inserts: AtomicU64,
+    failovers: AtomicU64,
+    dead_lettered: AtomicU64,
+    bisections: AtomicU64,
+}
+
+pub struct ClickHouseSink {
+    region: String,
+    config: ClickHouseConfig,
+    replicas: Vec<Replica>,
+    current_replica: AtomicUsize,
+    flavor: AsyncMutex<Option<SchemaFlavor>>,
+    counters: Counters,
+    dead_letter_lock: Arc<Mutex<()>>,
+}
+
+/// Rows of one server flavor, each with its queue offset.
+enum Rows {
+    Legacy(Vec<(u64, LegacyEventRow)>),
+    Modern(Vec<(u64, ModernEventRow)>),
+}
+
+impl ClickHouseSink {
+    pub fn new(region: &str, config: ClickHouseConfig) -> ClickHouseSink {
+        let replicas = config
+            .urls
+            .iter()
+            .map(|url| {
+                let mut admin = Client::default()
+                    .with_url(url.clone())
+                    .with_validation(false);
+                if let Some(user) = &config.user {
+                    admin = admin.with_user(user.clone());
+                }
+                if let Some(password) = &config.password {
+                    admin = admin.with_password(password.clone());
+                }
+                let writer = admin.clone().with_database(config.database.clone());
+                Replica {
+                    url: url.clone(),
+                    admin,
+                    writer,
+                }
+            })
+            .collect();
+        ClickHouseSink {
+            region: region.to_string(),
+            config,
+            replicas,
+            current_replica: AtomicUsize::new(0),
+            flavor: AsyncMutex::new(None),
+            counters: Counters::default(),
+            dead_letter_lock: Arc::new(Mutex::new(())),
+        }
+    }
+
+    fn schema_options(&self) -> SchemaOptions {
+        SchemaOptions {
+            retention_days: self.config.retention_days,
+            dedup_window: 10_000,
+        }
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, clickhouse::error::Error> {
+        tokio::time::timeout(self.config.request_timeout, work)
+            .await
+            .unwrap_or(Err(clickhouse::error::Error::TimedOut))
+    }
+
+    /// Creates the database, the migrations table and every missing migration on one replica.
+    async fn migrate_replica(
+        &self,
+        replica: &Replica,
+    ) -> Result<MigrationReport, clickhouse::error::Error> {
+        let version_text: String = self
+            .with_timeout(
+                replica
+                    .admin
+                    .query("SELECT version()")
+                    .fetch_one::<String>(),
+            )
+            .await?;
+        let flavor = ServerVersion::parse(&version_text)
+            .map(ServerVersion::flavor)
+            .unwrap_or(SchemaFlavor::Legacy);
+        let database = &self.config.database;
+        self.with_timeout(
+            replica
+                .admin
+                .query(&schema::create_database(database))
+                .execute(),
+        )
+        .await?;
+        self.with_timeout(
+            replica
+                .admin
+                .query(&schema::create_migrations_table(database))
+                .execute(),
+        )
+        .await?;
+        let applied_sql = format!(
+            "SELECT DISTINCT version FROM {}.schema_migrations",
+            schema::quote_identifier(database)
+        );
+        let already: Vec<u32> = self
+            .with_timeout(replica.admin.query(&applied_sql).fetch_all::<u32>())
+            .await?;
+        let mut applied = Vec::new();
+        for migration in schema::migrations(database, flavor, &self.schema_options()) {
+            if already.contains(&migration.version) {
+                continue;
+            }
+            for statement in &migration.statements {
+                self.with_timeout(replica.admin.query(statement).execute())
+                    .await?;
+            }
+            let record = format!(
+                "INSERT INTO {}.schema_migrations (version, description, applied_at) VALUES ({}, '{}', now())",
+                schema::quote_identifier(database),
+                migration.version,
+                migration.description.replace('\'', "")
+            );
+            self.with_timeout(replica.admin.query(&record).execute())
+                .await?;
+            info!(region = %self.region, url = %replica.url, version = migration.version, description = migration.description, "clickhouse migration applied");
+            applied.push(migration.version);
+        }
+        Ok(MigrationReport {
+            url: replica.url.clone(),
+            server_version: version_text,
+            flavor,
+            applied,
+        })
+    }
+
+    /// Migrates every replica of the region (for `meridian migrate`).
+    pub async fn migrate_all(&self) -> Vec<Result<MigrationReport, String>> {
+        let mut reports = Vec::new();
+        for replica in &self.replicas {
+            reports.push(
+                self.migrate_replica(replica)
+                    .await
+                    .map_err(|error| format!("{}: {error}", replica.url)),
+            );
+        }
+        reports
+    }
+
+    /// The schema flavor, preparing the schema on first use (and after schema errors).
+    async fn ensure_schema(&self) -> Result<SchemaFlavor, SinkError> {
+        let mut flavor = self.flavor.lock().await;
+        if let Some(known) = *flavor {
+            return Ok(known);
+        }
+        let mut failures = Vec::new();
+        for attempt in 0..self.replicas.len() {
+            let index =
+                (self.current_replica.load(Ordering::Relaxed) + attempt) % self.replicas.len();
+            let replica = &self.replicas[index];
+            match self.migrate_replica(replica).await {
+                Ok(report) => {
+                    info!(region = %self.region, url = %report.url, server_version = %report.server_version, flavor = ?report.flavor, "clickhouse schema ready");
+                    *flavor = Some(report.flavor);
+                    return Ok(report.flavor);
+                }
+                Err(error) => failures.push(format!("{}: {error}", replica.url)),
+            }
+        }
+        Err(SinkError::Transient(format!(
+            "no ClickHouse replica of region {} could be prepared: {}",
+            self.region,
+            failures.join("; ")
+        )))
+    }
+
+    async fn insert_rows<R: RowOwned + RowWrite>(
+        &self,
+        client: &Client,
+        rows: &[(u64, R)],
+        dedup_token: Option<&str>,
+    ) -> Result<(), clickhouse::error::Error> {
+        let timeout = Some(self.config.request_timeout);
+        let mut insert = client
+            .insert::<R>("events")
+            .await?
+            .with_timeouts(timeout, timeout);
+        if let Some(token) = dedup_token {
+            insert = insert.with_setting("insert_deduplication_token", token);
+        }
+        for (_, row) in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await
+    }
+
+    /// Inserts rows on the current replica, failing over to the region's next replica when one
+    /// cannot be reached. Never leaves the region's replica list.
+    async fn insert_with_failover(
+        &self,
+        rows: &Rows,
+        range: (usize, usize),
+        dedup_token: Option<&str>,
+    ) -> Result<(), InsertFailure> {
+        let mut unreachable = Vec::new();
+        for _ in 0..self.replicas.len() {
+            let index = self.current_replica.load(Ordering::Relaxed) % self.replicas.len();
+            let replica = &self.replicas[index];
+            let outcome = match rows {
+                Rows::Legacy(rows) => {
+                    self.insert_rows(&replica.writer, &rows[range.0..range.1], dedup_token)
+                        .await
+                }
+                Rows::Modern(rows) => {
+                    self.insert_rows(&replica.writer, &rows[range.0..range.1], dedup_token)
+                        .await
+                }
+            };
+            match outcome.map_err(classify) {
+                Ok(()) => return Ok(()),
+                Err(InsertFailure::Unreachable(reason)) => {
+                    let next = (index + 1) % self.replicas.len();
+                    if self.replicas.len() > 1 {
+                        self.counters.failovers.fetch_add(1, Ordering::Relaxed);
+                        warn!(region = %self.region, from = %replica.url, to = %self.replicas[next].url, %reason, "clickhouse replica unreachable; failing over within the region");
+                    }
+                    self.current_replica.store(next, Ordering::Relaxed);
+                    unreachable.push(format!("{}: {reason}", replica.url));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(InsertFailure::Transient(format!(
+            "every ClickHouse replica of region {} is unreachable: {}",
+            self.region,
+            unreachable.join("; ")
+        )))
+    }
+
+    fn offsets_of(rows: &Rows, range: (usize, usize)) -> (u64, u64) {
+        let offset_at = |index: usize| match rows {
+            Rows::Legacy(rows) => rows[index].0,
+            Rows::Modern(rows) => rows[index].0,
+        };
+        (offset_at(range.0), offset_at(range.1 - 1) + 1)
+    }
+
+    /// Inserts all rows; a range ClickHouse rejects for its data is split in halves until the
+    /// rejected rows are isolated, which go to `dead`.
+    async fn store(
+        &self,
+        rows: &Rows,
+        flavor: SchemaFlavor,
+        dead: &mut Vec<(u64, String)>,
+    ) -> Result<(), SinkError> {
+        let total = match rows {
+            Rows::Legacy(rows) => rows.len(),
+            Rows::Modern(rows) => rows.len(),
+        };
+        let mut pending = vec![(0usize, total)];
+        while let Some((start, end)) = pending.pop() {
+            if start >= end {
+                continue;
+            }
+            let (first_offset, end_offset) = Self::offsets_of(rows, (start, end));
+            let token = format!("meridian:{}:{first_offset}-{end_offset}", self.region);
+            let dedup_token = (flavor == SchemaFlavor::Modern).then_some(token.as_str());
+            match self
+                .insert_with_failover(rows, (start, end), dedup_token)
+                .await
+            {
+                Ok(()) => {
+                    self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .rows_inserted
+                        .fetch_add((end - start) as u64, Ordering::Relaxed);
+                }
+                Err(InsertFailure::Data(reason)) if end - start == 1 => {
+                    dead.push((first_offset, reason))
+                }
+                Err(InsertFailure::Data(reason)) => {
+                    self.counters.bisections.fetch_add(1, Ordering::Relaxed);
+                    warn!(region = %self.region, first_offset, end_offset, %reason, "clickhouse rejected a batch's data; isolating the rejected rows");
+                    let middle = start + (end - start) / 2;
+                    pending.push((middle, end));
+                    pending.push((start, middle));
+                }
+                Err(InsertFailure::Schema(reason)) => {
+                    // Prepare the schema again (it may have been dropped), then retry the batch.
+                    *self.flavor.lock().await = None;
+                    return Err(SinkError::Transient(format!(
+                        "clickhouse schema problem in region {}: {reason}",
+                        self.region
+                    )));
+                }
+                Err(InsertFailure::Transient(reason)) | Err(InsertFailure::Unreachable(reason)) => {
+                    return Err(SinkError::Transient(reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter_path(&self) -> PathBuf {
+        self.config.dead_letter_dir.join("clickhouse.ndjson")
+    }
+
+    /// Appends rejected messages, with their reasons, to the region's dead-letter file (fsynced).
+    async fn write_dead_letters(
+        &self,
+        dead: Vec<(u64, String)>,
+        records: Arc<Vec<Record>>,
+    ) -> Result<(), SinkError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let path = self.dead_letter_path();
+        let lock = Arc::clone(&self.dead_letter_lock);
+        let region = self.region.clone();
+        let count = dead.len() as u64;
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let first_offset = records.first().map(|record| record.offset).unwrap_or(0);
+            let mut lines = Vec::new();
+            for (offset, reason) in &dead {
+                let payload = records
+                    .get((offset - first_offset) as usize)
+                    .map(|record| String::from_utf8_lossy(&record.payload).into_owned())
+                    .unwrap_or_default();
+                let line = json!({
+                    "region": region, "sink": "clickhouse", "offset": offset,
+                    "dead_lettered_at": format_rfc3339_ms(now_unix_ms()), "reason": reason, "message": payload,
+                });
+                lines.extend_from_slice(line.to_string().as_bytes());
+                lines.push(b'\n');
+            }
+            file.write_all(&lines)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(|error| SinkError::Transient(format!("dead-letter writer panicked: {error}")))?;
+        written.map_err(|error| {
+            SinkError::Transient(format!(
+                "cannot write the dead-letter file {}: {error}",
+                self.dead_letter_path().display()
+            ))
+        })?;
+        self.counters
+            .dead_lettered
+            .fetch_add(count, Ordering::Relaxed);
+        error!(region = %self.region, rows = count, path = %self.dead_letter_path().display(), "clickhouse rejected rows; they are in the dead-letter file with the reason");
+        Ok(())
+    }
+}
+
+fn build_rows(records: &[Record], flavor: SchemaFlavor, dead: &mut Vec<(u64, String)>) -> Rows {
+    let mut legacy = Vec::new();
+    let mut modern = Vec::new();
+    for record in records {
+        match EventFields::from_stored(&record.payload, record.offset) {
+            Ok(fields) => match flavor {
+                SchemaFlavor::Legacy => {
+                    legacy.push((record.offset, LegacyEventRow::from_fields(fields)))
+                }
+                SchemaFlavor::Modern => {
+                    modern.push((record.offset, ModernEventRow::from_fields(fields)))
+                }
+            },
+            Err(reason) => dead.push((record.offset, reason)),
+        }
+    }
+    match flavor {
+        SchemaFlavor::Legacy => Rows::Legacy(legacy),
+        SchemaFlavor::Modern => Rows::Modern(modern),
+    }
+}
+
+#[async_trait]
+impl Sink for ClickHouseSink {
+    fn name(&self) -> &str {
+        "clickhouse"
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_records: self.config.batch_max_rows,
+            max_bytes: self.config.batch_max_bytes,
+            max_age: self.config.flush_interval,
+        }
+    }
+
+    async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+        if self.replicas.is_empty() {
+            return Err(SinkError::Blocked(format!(
+                "region {} has no ClickHouse urls",
+                self.region
+            )));
+        }
+        let flavor = self.ensure_schema().await?;
+        let records = Arc::clone(&batch.records);
+        let (rows, mut dead) = tokio::task::spawn_blocking(move || {
+            let mut dead = Vec::new();
+            let rows = build_rows(&records, flavor, &mut dead);
+            (rows, dead)
+        })
+        .await
+        .map_err(|error| SinkError::Transient(format!("row builder panicked: {error}")))?;
+        self.store(&rows, flavor, &mut dead).await?;
+        dead.sort_by_key(|(offset, _)| *offset);
+        self.write_dead_letters(dead, Arc::clone(&batch.records))
+            .await
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (
+                "clickhouse_rows_inserted",
+                self.counters.rows_inserted.load(Ordering::Relaxed),
+            ),
+            (
+                "clickhouse_inserts",
+                self.counters.inserts.load(Ordering::Relaxed),
+            ),
+            (
+                "clickhouse_failovers",
+                self.counters.failovers.load(Ordering::Relaxed),
+            ),
+            (
+                "clickhouse_dead_lettered_rows",
+                self.counters.dead_lettered.load(Ordering::Relaxed),
+            ),
+            (
+                "clickhouse_bisections",
+                self.counters.bisections.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exception_codes_classify_failures() {
+        let data = "Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero";
+        assert_eq!(exception_code(data), Some(395));
+        assert!(matches!(
+            classify(clickhouse::error::Error::BadResponse(data.into())),
+            InsertFailure::Data(_)
+        ));
+        let parts = "Code: 252, e.displayText() = DB::Exception: Too many parts (300)";
+        assert!(matches!(
+            classify(clickhouse::error::Error::BadResponse(parts.into())),
+            InsertFailure::Transient(_)
+        ));
+        let missing =
+            "Code: 60, e.displayText() = DB::Exception: Table meridian.events doesn't exist.";
+        assert!(matches!(
+            classify(clickhouse::error::Error::BadResponse(missing.into())),
+            InsertFailure::Schema(_)
+        ));
+        assert!(matches!(
+            classify(clickhouse::error::Error::TimedOut),
+            InsertFailure::Unreachable(_)
+        ));
+        assert!(matches!(
+            classify(clickhouse::error::Error::BadResponse(
+                "502 Bad Gateway".into()
+            )),
+            InsertFailure::Transient(_)
+        ));
+    }
+}
