@@ -295,3 +295,32 @@ async fn migrations_are_recorded_and_idempotent() {
     let again = sqlite_catalog(&dir).await;
     assert_eq!(again.applied_migrations().await.unwrap(), vec![1]);
 }
+
+#[tokio::test]
+async fn known_keys_keep_resolving_while_the_catalog_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("outage", "Outage", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let (_, key) = catalog
+            .create_project(
+                "outage",
+                NewProject {
+                    name: "p".into(),
+                    region: region("eu-west-1"),
+                },
+                &actor(),
+            )
+            .await
+            .unwrap();
+        let cache = KeyCache::load(catalog.clone()).await.unwrap();
+        catalog.close().await;
+        assert!(cache.refresh().await.is_err(), "the catalog is gone");
+        assert!(
+            cache.resolve(&key).is_some(),
+            "the last snapshot still serves known keys"
+        );
+    }
+}
