@@ -223,7 +223,7 @@ async fn a_full_disk_budget_refuses_only_its_region_and_recovers_when_the_sink_d
     let blocker = root.path().join("blocker");
     std::fs::write(&blocker, b"not a directory").unwrap();
     let config = test_config(&format!(
-        "[queue]\nsegment_max_bytes = 8192\n[regions.eu-west-1]\ndisk_budget_bytes = 32768\n[regions.eu-west-1.archive]\ndir = \"{}\"\n",
+        "segment_max_bytes = 8192\n[regions.eu-west-1]\ndisk_budget_bytes = 32768\n[regions.eu-west-1.archive]\ndir = \"{}\"\n",
         blocker.join("archive").display()
     ));
     let server = TestServer::start(&config, &[]).await;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod services;
+
 pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
 
 pub fn free_port() -> u16 {
@@ -51,7 +53,8 @@ pub struct TestServer {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// A config file with fast archive flushes, for tests; `extra` is appended.
+/// A config file with fast archive flushes and short retry backoffs, for tests. `extra` is appended
+/// right after the `[queue]` table, so its first lines may set more queue keys.
 pub fn test_config(extra: &str) -> String {
     test_config_with_flush(100, extra)
 }
@@ -65,6 +68,8 @@ flush_interval_ms = {flush_interval_ms}
 refresh_interval_ms = 100
 [server]
 shutdown_timeout_secs = 20
+[queue]
+retry_max_ms = 2000
 {extra}
 "#
     )

@@ -103,19 +103,36 @@ impl DeliveryStatus {
     }
 }
 
-/// Backoff between attempts: 100 ms doubling to 30 s, with ±50% jitter.
-fn backoff(consecutive_failures: u32, blocked: bool) -> Duration {
-    const BASE_MILLIS: u64 = 100;
-    const CAP_MILLIS: u64 = 30_000;
-    let exponential = if blocked {
-        CAP_MILLIS
-    } else {
-        BASE_MILLIS
-            .saturating_mul(1u64 << consecutive_failures.min(20))
-            .min(CAP_MILLIS)
-    };
-    let jitter = rand::rng().random_range(0.5..1.5);
-    Duration::from_millis((exponential as f64 * jitter) as u64)
+/// Backoff between delivery attempts: `base` doubling up to `cap`, with ±50% jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after `consecutive_failures` failures; blocked sinks wait the longest.
+    pub fn backoff(&self, consecutive_failures: u32, blocked: bool) -> Duration {
+        let cap_millis = self.cap.as_millis().max(1) as u64;
+        let exponential = if blocked {
+            cap_millis
+        } else {
+            (self.base.as_millis().max(1) as u64)
+                .saturating_mul(1u64 << consecutive_failures.min(20))
+                .min(cap_millis)
+        };
+        let jitter = rand::rng().random_range(0.5..1.5);
+        Duration::from_millis((exponential as f64 * jitter) as u64)
+    }
 }
 
 pub struct DeliveryRunner {
@@ -123,6 +140,7 @@ pub struct DeliveryRunner {
     queue: RegionQueue,
     sink: Arc<dyn Sink>,
     status: Arc<DeliveryStatus>,
+    retry: RetryPolicy,
 }
 
 /// What the accumulation step decided.
@@ -139,7 +157,13 @@ impl DeliveryRunner {
             queue,
             sink,
             status: Arc::new(DeliveryStatus::default()),
+            retry: RetryPolicy::default(),
         }
+    }
+
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> DeliveryRunner {
+        self.retry = retry;
+        self
     }
 
     pub fn status(&self) -> Arc<DeliveryStatus> {
@@ -430,7 +454,7 @@ impl DeliveryRunner {
                         .store(u64::from(consecutive_failures), Ordering::Relaxed);
                     self.status.set_last_error(Some(failure.to_string()));
                     let blocked = matches!(failure, SinkError::Blocked(_));
-                    let wait = backoff(consecutive_failures, blocked);
+                    let wait = self.retry.backoff(consecutive_failures, blocked);
                     warn!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempt = consecutive_failures, retry_in_ms = wait.as_millis() as u64, error = %failure, "delivery failed; the batch stays queued and will be retried");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -564,9 +588,15 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1, false) < Duration::from_millis(400));
-        assert!(backoff(30, false) <= Duration::from_millis(45_000));
-        assert!(backoff(30, false) >= Duration::from_millis(15_000));
-        assert!(backoff(1, true) >= Duration::from_millis(15_000));
+        let policy = RetryPolicy::default();
+        assert!(policy.backoff(1, false) < Duration::from_millis(400));
+        assert!(policy.backoff(30, false) <= Duration::from_millis(45_000));
+        assert!(policy.backoff(30, false) >= Duration::from_millis(15_000));
+        assert!(policy.backoff(1, true) >= Duration::from_millis(15_000));
+        let short = RetryPolicy {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(200),
+        };
+        assert!(short.backoff(30, false) <= Duration::from_millis(300));
     }
 }

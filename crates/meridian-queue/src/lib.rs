@@ -19,7 +19,9 @@ mod segment;
 mod writer;
 
 pub use consumer::{Consumer, CursorState, Record};
-pub use delivery::{BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, Sink, SinkError};
+pub use delivery::{
+    BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink, SinkError,
+};
 pub use error::QueueError;
 pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
 pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES};

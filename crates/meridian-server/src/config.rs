@@ -84,6 +84,8 @@ pub struct QueueSettings {
     pub segment_max_bytes: u64,
     pub disk_budget_bytes: u64,
     pub max_in_flight_bytes: usize,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -102,6 +104,49 @@ pub struct RegionConfig {
     pub status: String,
     pub disk_budget_bytes: Option<u64>,
     pub archive: Option<ArchiveConfig>,
+    pub clickhouse: Option<ClickHouseRegionConfig>,
+}
+
+/// `[regions.<id>.clickhouse]`: this region's warehouse. Absent: the region has no warehouse sink.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseRegionConfig {
+    /// This region's replicas (http://host:8123); inserts fail over among these only.
+    pub urls: Vec<String>,
+    #[serde(default = "default_clickhouse_database")]
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_clickhouse_batch_rows")]
+    pub batch_max_rows: usize,
+    #[serde(default = "default_clickhouse_batch_bytes")]
+    pub batch_max_bytes: usize,
+    #[serde(default = "default_clickhouse_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_clickhouse_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Rows older than this many days are dropped by ClickHouse (TTL; current servers only).
+    pub retention_days: Option<u32>,
+}
+
+fn default_clickhouse_database() -> String {
+    "meridian".to_string()
+}
+
+fn default_clickhouse_batch_rows() -> usize {
+    50_000
+}
+
+fn default_clickhouse_batch_bytes() -> usize {
+    32 * 1024 * 1024
+}
+
+fn default_clickhouse_flush_interval_ms() -> u64 {
+    1_000
+}
+
+fn default_clickhouse_timeout_secs() -> u64 {
+    30
 }
 
 fn default_status() -> String {
@@ -140,6 +185,7 @@ pub struct Settings {
     pub durability: Durability,
     pub segment_max_bytes: u64,
     pub max_in_flight_bytes: usize,
+    pub retry: meridian_queue::RetryPolicy,
 }
 
 #[derive(Clone, Debug)]
@@ -150,6 +196,7 @@ pub struct RegionSettings {
     pub disk_budget_bytes: u64,
     pub queue_dir: PathBuf,
     pub archive: ArchiveSettings,
+    pub clickhouse: Option<meridian_clickhouse::ClickHouseConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +206,56 @@ pub struct ArchiveSettings {
     pub flush_interval: Duration,
     pub gzip_level: u32,
     pub prefix: Option<String>,
+}
+
+fn validate_clickhouse(
+    region: &RegionId,
+    config: &ClickHouseRegionConfig,
+    data_dir: &Path,
+    problems: &mut Vec<String>,
+) -> meridian_clickhouse::ClickHouseConfig {
+    let key = format!("regions.{region}.clickhouse");
+    if config.urls.is_empty() {
+        problems.push(format!(
+            "{key}.urls must list at least one URL of this region's ClickHouse"
+        ));
+    }
+    for url in &config.urls {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            problems.push(format!(
+                "{key}.urls: `{url}` must start with http:// or https://"
+            ));
+        }
+    }
+    let is_identifier = !config.database.is_empty()
+        && config
+            .database
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !is_identifier {
+        problems.push(format!(
+            "{key}.database `{}` must be letters, digits and underscores",
+            config.database
+        ));
+    }
+    if !(1..=1_000_000).contains(&config.batch_max_rows) {
+        problems.push(format!("{key}.batch_max_rows must be 1 to 1000000"));
+    }
+    if config.batch_max_bytes < 1024 {
+        problems.push(format!("{key}.batch_max_bytes must be at least 1024"));
+    }
+    meridian_clickhouse::ClickHouseConfig {
+        urls: config.urls.clone(),
+        database: config.database.clone(),
+        user: config.user.clone(),
+        password: config.password.clone(),
+        batch_max_rows: config.batch_max_rows,
+        batch_max_bytes: config.batch_max_bytes,
+        flush_interval: Duration::from_millis(config.flush_interval_ms),
+        request_timeout: Duration::from_secs(config.request_timeout_secs.max(1)),
+        retention_days: config.retention_days,
+        dead_letter_dir: data_dir.join("dead-letter").join(region.as_str()),
+    }
 }
 
 /// Tables merge key by key; any other value in `overlay` replaces the base's.
@@ -287,9 +384,14 @@ impl Config {
             if gzip_level > 9 {
                 problems.push(format!("regions.{id}.archive.gzip_level must be 0 to 9"));
             }
+            let clickhouse = region
+                .clickhouse
+                .as_ref()
+                .map(|clickhouse| validate_clickhouse(&id, clickhouse, &data_dir, &mut problems));
             regions.insert(
                 id.clone(),
                 RegionSettings {
+                    clickhouse,
                     id: id.clone(),
                     display_name,
                     available,
@@ -434,6 +536,12 @@ impl Config {
             },
             segment_max_bytes: self.queue.segment_max_bytes,
             max_in_flight_bytes: self.queue.max_in_flight_bytes,
+            retry: meridian_queue::RetryPolicy {
+                base: Duration::from_millis(self.queue.retry_base_ms.max(1)),
+                cap: Duration::from_millis(
+                    self.queue.retry_max_ms.max(self.queue.retry_base_ms).max(1),
+                ),
+            },
         })
     }
 }
@@ -523,6 +631,47 @@ mod tests {
             settings
                 .catalog_url
                 .contains("/var/lib/meridian/catalog.db")
+        );
+    }
+
+    #[test]
+    fn clickhouse_is_configured_per_region() {
+        let file = r#"
+            [regions.us-east-1.clickhouse]
+            urls = ["http://127.0.0.1:8123", "http://127.0.0.1:8124"]
+            retention_days = 400
+        "#;
+        let settings = Config::from_sources(Some(file), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let us = settings.regions[&RegionId::parse("us-east-1").unwrap()]
+            .clickhouse
+            .clone()
+            .unwrap();
+        assert_eq!(us.urls.len(), 2);
+        assert_eq!(us.database, "meridian");
+        assert_eq!(us.batch_max_rows, 50_000);
+        assert_eq!(us.retention_days, Some(400));
+        assert_eq!(
+            us.dead_letter_dir,
+            PathBuf::from("data/dead-letter/us-east-1")
+        );
+        assert!(
+            settings.regions[&RegionId::parse("eu-west-1").unwrap()]
+                .clickhouse
+                .is_none()
+        );
+
+        let bad = "[regions.eu-west-1.clickhouse]\nurls = [\"tcp://x\"]\ndatabase = \"a-b\"";
+        let message = Config::from_sources(Some(bad), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("tcp://x") && message.contains("database"),
+            "{message}"
         );
     }
 

@@ -11,7 +11,7 @@ use meridian_core::timestamp::now_unix_ms;
 use serde_json::json;
 
 use crate::metrics::{TextWriter, process_figures};
-use crate::state::AppState;
+use crate::state::{AppState, SinkHandle};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -249,6 +249,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
             &[("region", sink.region.as_str()), ("sink", &sink.sink)],
             end.saturating_sub(position) as f64,
         );
+    }
+
+    let mut sink_specific: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
+        Default::default();
+    for sink in state.sinks.iter() {
+        for (name, value) in sink.implementation.counters() {
+            sink_specific.entry(name).or_default().push((sink, value));
+        }
+    }
+    for (name, samples) in sink_specific {
+        let metric = format!("sink_{name}_total");
+        writer.declare(
+            &metric,
+            "counter",
+            &format!("Sink counter: {}", name.replace('_', " ")),
+        );
+        for (sink, value) in samples {
+            writer.sample(
+                &metric,
+                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+                value as f64,
+            );
+        }
     }
 
     let (resident_bytes, open_fds) = process_figures();

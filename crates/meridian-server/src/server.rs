@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use meridian_archive::{ArchiveSink, ArchiveSinkConfig, LocalDirStore, NoCustomerStorage};
 use meridian_catalog::{Catalog, KeyCache};
+use meridian_clickhouse::ClickHouseSink;
 use meridian_core::RegionId;
 use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
 use tokio::net::TcpListener;
@@ -98,7 +99,15 @@ fn build_sinks(settings: &Settings, region: &RegionId) -> Vec<Arc<dyn Sink>> {
             prefix: archive.prefix.clone(),
         },
     );
-    vec![Arc::new(archive_sink)]
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(archive_sink)];
+    if let Some(clickhouse) = &region_settings.clickhouse {
+        // Built from this region's settings only: its replicas, its database.
+        sinks.push(Arc::new(ClickHouseSink::new(
+            region.as_str(),
+            clickhouse.clone(),
+        )));
+    }
+    sinks
 }
 
 impl RunningNode {
@@ -150,11 +159,13 @@ impl RunningNode {
         let mut sink_handles = Vec::new();
         for (region, queue) in &queues {
             for sink in build_sinks(&settings, region) {
-                let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink));
+                let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
+                    .with_retry_policy(settings.retry);
                 sink_handles.push(SinkHandle {
                     region: region.clone(),
                     sink: sink.name().to_string(),
                     status: runner.status(),
+                    implementation: Arc::clone(&sink),
                 });
                 runners.push(tokio::spawn(runner.run(drain_receiver.clone())));
             }

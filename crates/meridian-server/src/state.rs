@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use meridian_catalog::{Catalog, KeyCache};
 use meridian_core::RegionId;
-use meridian_queue::{DeliveryStatus, RegionQueue};
+use meridian_queue::{DeliveryStatus, RegionQueue, Sink};
 
 use crate::auth::JwtAuthority;
 use crate::config::Settings;
@@ -17,6 +17,7 @@ pub struct SinkHandle {
     pub region: RegionId,
     pub sink: String,
     pub status: Arc<DeliveryStatus>,
+    pub implementation: Arc<dyn Sink>,
 }
 
 /// Shared by every handler; one `Arc`, so cloning it per request is one atomic increment.

@@ -1,0 +1,555 @@
+//! End-to-end with real ClickHouse servers: residency across two regions, exact counts through
+//! outages, failover within a region, kill -9, dead letters, and column round-trips.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::services::{ClickHouseProcess, clickhouse_count, clickhouse_query, shared_service};
+use common::*;
+use serde_json::{Value, json};
+
+fn unique_database() -> String {
+    format!("meridian_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn clickhouse_block(region: &str, urls: &[String], database: &str) -> String {
+    let urls: Vec<String> = urls.iter().map(|url| format!("\"{url}\"")).collect();
+    format!(
+        "[regions.{region}.clickhouse]\nurls = [{}]\ndatabase = \"{database}\"\nflush_interval_ms = 100\nbatch_max_rows = 2000\nrequest_timeout_secs = 5\n",
+        urls.join(", ")
+    )
+}
+
+async fn post_batch(
+    server: &TestServer,
+    write_key: &str,
+    messages: Vec<Value>,
+) -> reqwest::StatusCode {
+    server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(write_key))
+        .json(&json!({"batch": messages}))
+        .send()
+        .await
+        .map(|response| response.status())
+        .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+}
+
+fn track(id: &str) -> Value {
+    json!({"type": "track", "userId": "u", "event": "Counted", "messageId": id})
+}
+
+/// Polls the count until it equals `expected` or the timeout passes; returns the last count seen.
+async fn wait_for_count(url: &str, sql: &str, expected: u64, timeout: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/"))
+            .body(sql.to_string())
+            .send()
+            .await;
+        let count = match response {
+            Ok(response) => response
+                .text()
+                .await
+                .ok()
+                .and_then(|text| text.trim().parse().ok()),
+            Err(_) => None,
+        };
+        if count == Some(expected) || std::time::Instant::now() >= deadline {
+            return count.unwrap_or(0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn count_sql(database: &str, project_id: &str) -> String {
+    format!("SELECT count() FROM {database}.events FINAL WHERE project_id = '{project_id}'")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_regions_clickhouse_holds_exactly_its_projects_messages() {
+    let (Some(eu_url), Some(us_url)) = (
+        shared_service("MERIDIAN_TEST_CLICKHOUSE_URL"),
+        shared_service("MERIDIAN_TEST_CLICKHOUSE_URL_2"),
+    ) else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&format!(
+        "{}{}",
+        clickhouse_block("eu-west-1", std::slice::from_ref(&eu_url), &database),
+        clickhouse_block("us-east-1", std::slice::from_ref(&us_url), &database)
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let projects = [
+        (
+            "eu-west-1",
+            server.create_project("acme", "eu-west-1").await,
+        ),
+        (
+            "eu-west-1",
+            server.create_project("acme", "eu-west-1").await,
+        ),
+        (
+            "us-east-1",
+            server.create_project("acme", "us-east-1").await,
+        ),
+    ];
+    let mut sent: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for round in 0..20 {
+        for (index, (_, (project_id, key))) in projects.iter().enumerate() {
+            let messages: Vec<Value> = (0..(5 + index * 3))
+                .map(|n| track(&format!("p{index}-r{round}-m{n}")))
+                .collect();
+            let ids = messages
+                .iter()
+                .map(|message| message["messageId"].as_str().unwrap().to_string());
+            sent.entry(project_id.clone()).or_default().extend(ids);
+            assert_eq!(post_batch(&server, key, messages.clone()).await, 200);
+            if round % 5 == 0 {
+                // A client retry of the same messages: stored once (ReplacingMergeTree + FINAL).
+                assert_eq!(post_batch(&server, key, messages).await, 200);
+            }
+        }
+    }
+    for (region, (project_id, _)) in &projects {
+        let (home, other) = if *region == "eu-west-1" {
+            (&eu_url, &us_url)
+        } else {
+            (&us_url, &eu_url)
+        };
+        let expected = sent[project_id].len() as u64;
+        let stored = wait_for_count(
+            home,
+            &count_sql(&database, project_id),
+            expected,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(
+            stored, expected,
+            "{project_id} in its own region's ClickHouse"
+        );
+        let elsewhere = clickhouse_count(
+            other,
+            &format!("SELECT count() FROM {database}.events WHERE project_id = '{project_id}'"),
+        )
+        .await;
+        assert_eq!(
+            elsewhere, 0,
+            "{project_id} has no rows in the other region's ClickHouse"
+        );
+    }
+    let migrations = clickhouse_query(
+        &eu_url,
+        &format!("SELECT DISTINCT version FROM {database}.schema_migrations"),
+    )
+    .await;
+    assert_eq!(migrations.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_clickhouse_outage_under_load_delays_but_loses_nothing() {
+    let Some(mut clickhouse) = ClickHouseProcess::start().await else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        &[clickhouse.url()],
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for client_index in 0..4 {
+        let (client, url, key) = (server.client.clone(), server.url("/v1/batch"), key.clone());
+        let (stop, refused, counter) = (
+            Arc::clone(&stop),
+            Arc::clone(&refused),
+            Arc::clone(&counter),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!(
+                    "c{client_index}-{}",
+                    counter.fetch_add(1, Ordering::Relaxed)
+                );
+                let response = client
+                    .post(&url)
+                    .header("Authorization", basic_auth(&key))
+                    .json(&json!({"batch": [track(&id)]}))
+                    .send()
+                    .await;
+                match response {
+                    Ok(response) if response.status() == 200 => accepted.push(id),
+                    _ => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    clickhouse.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    clickhouse.restart().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut accepted = BTreeSet::new();
+    for client in clients {
+        accepted.extend(client.await.unwrap());
+    }
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "ingestion answered 200 throughout the outage"
+    );
+    assert!(accepted.len() > 500, "load was applied: {}", accepted.len());
+    let expected = accepted.len() as u64;
+    let stored = wait_for_count(
+        &clickhouse.url(),
+        &count_sql(&database, &project_id),
+        expected,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        stored, expected,
+        "every accepted message reached ClickHouse exactly once"
+    );
+    let stored_ids = clickhouse_query(
+        &clickhouse.url(),
+        &format!(
+            "SELECT message_id FROM {database}.events FINAL WHERE project_id = '{project_id}'"
+        ),
+    )
+    .await;
+    let stored_ids: BTreeSet<String> = stored_ids.lines().map(str::to_string).collect();
+    assert_eq!(stored_ids, accepted);
+}
+
+#[tokio::test]
+async fn a_region_with_its_first_replica_down_inserts_into_the_second() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let dead_replica = format!("http://127.0.0.1:{}", free_port());
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        &[dead_replica, eu_url.clone()],
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    let messages: Vec<Value> = (0..25).map(|n| track(&format!("failover-{n}"))).collect();
+    assert_eq!(post_batch(&server, &key, messages).await, 200);
+    let stored = wait_for_count(
+        &eu_url,
+        &count_sql(&database, &project_id),
+        25,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(stored, 25);
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failovers: f64 = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("meridian_sink_clickhouse_failovers_total{region=\"eu-west-1\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .expect("failover metric");
+    assert!(failovers >= 1.0, "the failover was counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_inserts_keeps_clickhouse_counts_exact() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    let mut server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    let mut accepted = BTreeSet::new();
+    let mut next = 0u64;
+    for round in 0..5 {
+        if round > 0 {
+            server.spawn().await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(400 + round * 150);
+        while std::time::Instant::now() < deadline {
+            let messages: Vec<Value> = (0..20).map(|n| track(&format!("k{}-{n}", next))).collect();
+            next += 1;
+            let ids: Vec<String> = messages
+                .iter()
+                .map(|m| m["messageId"].as_str().unwrap().to_string())
+                .collect();
+            if post_batch(&server, &key, messages).await == 200 {
+                accepted.extend(ids);
+            }
+        }
+        server.kill_hard();
+    }
+    server.spawn().await;
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let duplicates = clickhouse_query(
+        &eu_url,
+        &format!("SELECT message_id FROM {database}.events FINAL WHERE project_id = '{project_id}' GROUP BY message_id HAVING count() > 1"),
+    )
+    .await;
+    assert!(
+        duplicates.trim().is_empty(),
+        "duplicates after FINAL: {duplicates}"
+    );
+    let stored: BTreeSet<String> = clickhouse_query(
+        &eu_url,
+        &format!(
+            "SELECT message_id FROM {database}.events FINAL WHERE project_id = '{project_id}'"
+        ),
+    )
+    .await
+    .lines()
+    .map(str::to_string)
+    .collect();
+    let missing: Vec<_> = accepted.difference(&stored).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged messages missing from ClickHouse: {missing:?}"
+    );
+    assert!(accepted.len() > 100);
+}
+
+#[tokio::test]
+async fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_of_its_batch_stored() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    assert_eq!(post_batch(&server, &key, vec![track("before")]).await, 200);
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &project_id),
+            1,
+            Duration::from_secs(60)
+        )
+        .await,
+        1
+    );
+    // A column whose default ClickHouse refuses to compute for one event name.
+    clickhouse_query(&eu_url, &format!("ALTER TABLE {database}.events ADD COLUMN poison_check UInt8 DEFAULT throwIf(event = '__poison__')")).await;
+
+    let mut batch: Vec<Value> = (0..9).map(|n| track(&format!("fine-{n}"))).collect();
+    batch.insert(
+        4,
+        json!({"type": "track", "userId": "u", "event": "__poison__", "messageId": "poison"}),
+    );
+    assert_eq!(post_batch(&server, &key, batch).await, 200);
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &project_id),
+            10,
+            Duration::from_secs(60)
+        )
+        .await,
+        10,
+        "the nine good rows are stored"
+    );
+    let dead_letter_path = server
+        .data_dir
+        .join("dead-letter/eu-west-1/clickhouse.ndjson");
+    let appeared = wait_until(Duration::from_secs(30), || async {
+        dead_letter_path.exists()
+    })
+    .await;
+    assert!(appeared, "dead-letter file written");
+    let dead_letters: Vec<Value> = std::fs::read_to_string(&dead_letter_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(dead_letters.len(), 1, "{dead_letters:?}");
+    assert!(
+        dead_letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("throwIf"),
+        "reason kept: {}",
+        dead_letters[0]
+    );
+    let message: Value =
+        serde_json::from_str(dead_letters[0]["message"].as_str().unwrap()).unwrap();
+    assert_eq!(message["messageId"], "poison");
+    let poison_rows = clickhouse_count(
+        &eu_url,
+        &format!("SELECT count() FROM {database}.events WHERE message_id = 'poison'"),
+    )
+    .await;
+    assert_eq!(poison_rows, 0);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await,
+        "the queue is not blocked"
+    );
+}
+
+#[tokio::test]
+async fn stored_columns_round_trip() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    let properties = json!({"名前": "テスト 🚀", "nested": {"list": [1, null, {"deep": true}], "none": null}, "price": 9.99});
+    let sent = json!({"batch": [
+        {"type": "track", "userId": "ユーザー-1", "anonymousId": null, "event": "Ordered 🛒", "messageId": "rt-1",
+         "properties": properties, "timestamp": "2026-11-24T06:12:24.500+01:00", "sentAt": "2026-11-24T06:12:26.000+01:00",
+         "context": {"library": {"name": "analytics-python", "version": "2.4.0"}, "locale": "fr-FR"}},
+        {"type": "identify", "userId": "u2", "messageId": "rt-2", "traits": {"email": "é@example.com"}},
+        {"type": "page", "anonymousId": "a3", "name": "Home", "messageId": "rt-3"},
+        {"type": "group", "userId": "u4", "groupId": "g4", "messageId": "rt-4"},
+        {"type": "alias", "userId": "u5", "previousId": "p5", "messageId": "rt-5"},
+    ]});
+    let response = server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(&key))
+        .json(&sent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &project_id),
+            5,
+            Duration::from_secs(60)
+        )
+        .await,
+        5
+    );
+    let rows_text = clickhouse_query(
+        &eu_url,
+        &format!("SELECT * FROM {database}.events FINAL WHERE project_id = '{project_id}' ORDER BY message_id FORMAT JSONEachRow"),
+    )
+    .await;
+    let rows: BTreeMap<String, Value> = rows_text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .map(|row| (row["message_id"].as_str().unwrap().to_string(), row))
+        .collect();
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    let archived: BTreeMap<String, Value> = server
+        .archived_messages("eu-west-1")
+        .into_iter()
+        .map(|message| (message["messageId"].as_str().unwrap().to_string(), message))
+        .collect();
+
+    let first = &rows["rt-1"];
+    assert_eq!(first["type"], "track");
+    assert_eq!(first["user_id"], "ユーザー-1");
+    assert_eq!(first["anonymous_id"], "");
+    assert_eq!(first["event"], "Ordered 🛒");
+    assert_eq!(first["region"], "eu-west-1");
+    assert_eq!(
+        serde_json::from_str::<Value>(first["properties"].as_str().unwrap()).unwrap(),
+        properties
+    );
+    assert_eq!(first["library_name"], "analytics-python");
+    assert_eq!(first["library_version"], "2.4.0");
+    let raw: Value = serde_json::from_str(first["raw"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        raw, archived["rt-1"],
+        "the whole stored message, as archived"
+    );
+    // Skew correction: timestamp = receivedAt - (sentAt - originalTimestamp) = receivedAt - 1.5 s.
+    let received_at_ms =
+        meridian_core::timestamp::parse_timestamp_ms(raw["receivedAt"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        first["timestamp_ms"]
+            .as_i64()
+            .or_else(|| first["timestamp_ms"].as_str()?.parse().ok()),
+        Some(received_at_ms - 1_500)
+    );
+    assert_eq!(
+        first["timestamp"],
+        meridian_core::timestamp::format_rfc3339_ms(received_at_ms - 1_500)[..19].replace('T', " ")
+    );
+    assert_eq!(first["original_timestamp"], "2026-11-24 05:12:24");
+    assert_eq!(first["sent_at"], "2026-11-24 05:12:26");
+
+    assert_eq!(
+        serde_json::from_str::<Value>(rows["rt-2"]["traits"].as_str().unwrap()).unwrap()["email"],
+        "é@example.com"
+    );
+    assert_eq!(rows["rt-2"]["original_timestamp"], Value::Null);
+    assert_eq!(rows["rt-3"]["name"], "Home");
+    assert_eq!(rows["rt-3"]["anonymous_id"], "a3");
+    assert_eq!(rows["rt-4"]["group_id"], "g4");
+    assert_eq!(rows["rt-5"]["previous_id"], "p5");
+    for (id, row) in &rows {
+        let raw: Value = serde_json::from_str(row["raw"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            raw, archived[id],
+            "{id}: ClickHouse and the archive hold the same message"
+        );
+    }
+}
