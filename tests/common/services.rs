@@ -158,3 +158,234 @@ impl Drop for ClickHouseProcess {
         }
     }
 }
+
+/// A moto server of our own (STS + a "customer" S3), so a test may turn on IAM enforcement
+/// without affecting other tests.
+pub struct MotoProcess {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl MotoProcess {
+    pub async fn start() -> Option<MotoProcess> {
+        let binary = shared_service("MERIDIAN_TEST_MOTO_BIN")?;
+        let port = free_port();
+        let child = Command::new(binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let process = MotoProcess {
+            port,
+            child: Some(child),
+        };
+        let ready = format!("{}/moto-api/", process.url());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !reqwest::get(&ready)
+            .await
+            .is_ok_and(|response| response.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "moto did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(process)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for MotoProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A SeaweedFS (`weed mini`) of our own, which a test may stop and start again on the same ports.
+pub struct SeaweedProcess {
+    pub dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    child: Option<Child>,
+}
+
+impl SeaweedProcess {
+    pub async fn start() -> Option<SeaweedProcess> {
+        shared_service("MERIDIAN_TEST_WEED_BIN")?;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir_all(dir.path().join("data")).expect("weed data dir");
+        let mut process = SeaweedProcess {
+            dir,
+            ports: (0..10).map(|_| free_port()).collect(),
+            child: None,
+        };
+        process.spawn().await;
+        Some(process)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[0])
+    }
+
+    async fn spawn(&mut self) {
+        let binary = shared_service("MERIDIAN_TEST_WEED_BIN").expect("weed binary");
+        let root = self.dir.path();
+        let port = |index: usize| self.ports[index].to_string();
+        let child = Command::new(binary)
+            .current_dir(root)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .arg("mini")
+            .arg(format!("-dir={}", root.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-s3.port={}", port(0)))
+            .arg(format!("-s3.port.grpc={}", port(1)))
+            .arg(format!("-master.port={}", port(2)))
+            .arg(format!("-master.port.grpc={}", port(3)))
+            .arg(format!("-volume.port={}", port(4)))
+            .arg(format!("-volume.port.grpc={}", port(5)))
+            .arg(format!("-filer.port={}", port(6)))
+            .arg(format!("-filer.port.grpc={}", port(7)))
+            .arg(format!("-admin.port={}", port(8)))
+            .arg(format!("-admin.port.grpc={}", port(9)))
+            .args([
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ])
+            .arg(format!(
+                "-filer.localSocket={}",
+                root.join("filer.sock").display()
+            ))
+            .arg(format!(
+                "-s3.localSocket={}",
+                root.join("s3.sock").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        self.child = Some(child);
+        let health = format!("{}/healthz", self.endpoint());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !reqwest::get(&health)
+            .await
+            .is_ok_and(|response| response.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "seaweedfs did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.spawn().await;
+    }
+}
+
+impl Drop for SeaweedProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An S3 client for a test endpoint (path-style, static credentials).
+pub fn s3_client(endpoint: &str, region: &str) -> aws_sdk_s3::Client {
+    let credentials = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new(region.to_string()))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(credentials)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+pub async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str, location: Option<&str>) {
+    let mut request = client.create_bucket().bucket(bucket);
+    if let Some(location) = location {
+        request = request.create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(location))
+                .build(),
+        );
+    }
+    request
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("create bucket {bucket}: {error:?}"));
+}
+
+/// Every message in every object under `prefix` of a bucket, with each object's metadata.
+pub async fn bucket_messages(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> (Vec<serde_json::Value>, Vec<String>) {
+    use std::io::Read;
+    let mut messages = Vec::new();
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut request = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token.clone());
+        if !prefix.is_empty() {
+            request = request.prefix(prefix);
+        }
+        let page = request
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("list {bucket}: {error:?}"));
+        for object in page.contents() {
+            let key = object.key().unwrap_or_default().to_string();
+            let fetched = client
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .expect("get object");
+            let body = fetched
+                .body
+                .collect()
+                .await
+                .expect("object body")
+                .into_bytes();
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&body[..])
+                .read_to_string(&mut text)
+                .unwrap_or_else(|error| panic!("{key} is not gzip: {error}"));
+            for line in text.lines().filter(|line| !line.is_empty()) {
+                messages.push(serde_json::from_str(line).expect("archived line is JSON"));
+            }
+            keys.push(key);
+        }
+        match page.next_continuation_token() {
+            Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_string()),
+            _ => break,
+        }
+    }
+    (messages, keys)
+}

@@ -5,9 +5,11 @@
 //! objects instead of duplicating messages. Stores: a local directory (the embedded default) and
 //! S3 (a regional bucket, or a project's own bucket reached through STS AssumeRole).
 
+pub mod customer;
 mod error;
 pub mod layout;
 mod local;
+pub mod s3;
 mod sink;
 mod store;
 

@@ -51,17 +51,25 @@ pub struct CustomerTarget {
 }
 
 /// Finds a project's own bucket, when it has one (Local Data Storage).
+#[async_trait]
 pub trait StoreResolver: Send + Sync + 'static {
     /// The project's customer-hosted archive, or `None` for the regional store. An error keeps
     /// the batch queued (the customer store is unusable now).
-    fn customer_store(&self, project_id: &str) -> Result<Option<CustomerTarget>, ArchiveError>;
+    async fn customer_store(
+        &self,
+        project_id: &str,
+    ) -> Result<Option<CustomerTarget>, ArchiveError>;
 }
 
 /// Every project archives to the regional store.
 pub struct NoCustomerStorage;
 
+#[async_trait]
 impl StoreResolver for NoCustomerStorage {
-    fn customer_store(&self, _project_id: &str) -> Result<Option<CustomerTarget>, ArchiveError> {
+    async fn customer_store(
+        &self,
+        _project_id: &str,
+    ) -> Result<Option<CustomerTarget>, ArchiveError> {
         Ok(None)
     }
 }
@@ -99,11 +107,11 @@ fn group_records(records: &[Record]) -> Groups {
 
 async fn put_object(
     (store, key, body): (Arc<dyn ObjectStore>, String, Bytes),
-) -> Result<(), String> {
-    store
-        .put(&key, body)
-        .await
-        .map_err(|error| format!("{} {key}: {error}", store.describe()))
+) -> Result<(), (bool, String)> {
+    store.put(&key, body).await.map_err(|error| {
+        let refused = matches!(error, ArchiveError::Refused(_));
+        (refused, format!("{} {key}: {error}", store.describe()))
+    })
 }
 
 impl ArchiveSink {
@@ -140,6 +148,10 @@ impl Sink for ArchiveSink {
         }
     }
 
+    fn health(&self) -> Option<String> {
+        self.regional_store.health()
+    }
+
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
         let records = Arc::clone(&batch.records);
         let level = self.config.gzip_level;
@@ -166,6 +178,7 @@ impl Sink for ArchiveSink {
             let customer = self
                 .resolver
                 .customer_store(&project_id)
+                .await
                 .map_err(|error| SinkError::Blocked(format!("project {project_id}: {error}")))?;
             let (store, prefix) = match customer {
                 Some(target) => (target.store, target.prefix),
@@ -180,19 +193,26 @@ impl Sink for ArchiveSink {
             );
             puts.push((store, key, Bytes::from(body)));
         }
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures: Vec<(bool, String)> = Vec::new();
         let mut remaining = puts.into_iter().peekable();
         while remaining.peek().is_some() {
             let wave: Vec<_> = remaining.by_ref().take(CONCURRENT_PUTS).collect();
             let outcomes = join_all(wave.into_iter().map(put_object)).await;
             failures.extend(outcomes.into_iter().filter_map(Result::err));
         }
-        if let Some(first) = failures.first() {
-            return Err(SinkError::Transient(format!(
+        if let Some((_, first)) = failures.first() {
+            let message = format!(
                 "region {}: {} of the batch's archive objects failed, first: {first}",
                 self.region,
                 failures.len()
-            )));
+            );
+            // A refusal (residency guard) needs an operator; anything else is retried sooner.
+            let refused = failures.iter().any(|(refused, _)| *refused);
+            return Err(if refused {
+                SinkError::Blocked(message)
+            } else {
+                SinkError::Transient(message)
+            });
         }
         Ok(())
     }

@@ -14,4 +14,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Every key starting with `prefix`, ascending.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError>;
     async fn delete(&self, key: &str) -> Result<(), ArchiveError>;
+    /// A problem an operator must fix (e.g. a residency mismatch), for `/readyz`.
+    fn health(&self) -> Option<String> {
+        None
+    }
 }

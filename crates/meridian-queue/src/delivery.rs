@@ -67,6 +67,10 @@ pub trait Sink: Send + Sync + 'static {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// A problem that needs an operator (e.g. a residency mismatch), for `/readyz`.
+    fn health(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Live figures of one runner, read by `/metrics` and `/readyz`.

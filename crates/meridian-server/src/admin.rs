@@ -44,6 +44,10 @@ pub fn routes() -> Router<AppState> {
             "/admin/projects/{project_id}/suppressions/{user_id}",
             put(suppress_one).delete(unsuppress_one),
         )
+        .route(
+            "/admin/projects/{project_id}/storage",
+            put(set_storage).delete(clear_storage),
+        )
 }
 
 /// Parses a JSON body into `T`, with a 400 that names the problem.
@@ -593,4 +597,109 @@ async fn audit_log(
         })
         .collect();
     Ok(axum::Json(json!({"items": items, "next_cursor": listed.next_cursor})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageRequest {
+    bucket: String,
+    prefix: Option<String>,
+    role_arn: String,
+    external_id: String,
+    kms_key_arn: Option<String>,
+    label: Option<String>,
+}
+
+fn validate_storage(request: StorageRequest) -> Result<meridian_core::CustomerStorage, ApiError> {
+    let bucket_ok = (3..=63).contains(&request.bucket.len())
+        && request
+            .bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !bucket_ok {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("`{}` is not a valid S3 bucket name", request.bucket),
+        ));
+    }
+    if !request.role_arn.starts_with("arn:") || !request.role_arn.contains(":role/") {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!(
+                "`{}` is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
+                request.role_arn
+            ),
+        ));
+    }
+    if request.external_id.trim().is_empty() || request.external_id.len() > 1224 {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "external_id is required (1 to 1224 characters)",
+        ));
+    }
+    Ok(meridian_core::CustomerStorage {
+        bucket: request.bucket,
+        prefix: request
+            .prefix
+            .map(|prefix| prefix.trim_matches('/').to_string())
+            .filter(|prefix| !prefix.is_empty()),
+        role_arn: request.role_arn,
+        external_id: request.external_id,
+        kms_key_arn: request.kms_key_arn,
+        label: request.label,
+    })
+}
+
+/// Local Data Storage: proves access with a test write, then saves; the project's archive goes
+/// only to that bucket from then on.
+async fn set_storage(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(project_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
+    let storage = validate_storage(parse_body(&body)?)?;
+    let verification = tokio::time::timeout(
+        Duration::from_secs(60),
+        state
+            .customer_stores
+            .verify(&project_id, &project.region, &storage),
+    )
+    .await
+    .unwrap_or_else(|_| Err("verifying access to the bucket timed out after 60 s".to_string()));
+    if let Err(sentence) = verification {
+        return Err(ApiError::bad_request(
+            "storage_verification_failed",
+            sentence,
+        ));
+    }
+    let project = state
+        .catalog
+        .set_storage(&project_id, Some(&storage), &actor(&claims, &request_id))
+        .await?;
+    state.keys.refresh().await.ok();
+    let keys = state.catalog.list_keys(&project_id).await?;
+    Ok(axum::Json(project_json(&project, &keys)).into_response())
+}
+
+async fn clear_storage(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    Path(project_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
+    if project.storage.is_none() {
+        return Err(ApiError::not_found(format!(
+            "project {project_id} has no customer storage configured"
+        )));
+    }
+    state
+        .catalog
+        .set_storage(&project_id, None, &actor(&claims, &request_id))
+        .await?;
+    state.keys.refresh().await.ok();
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

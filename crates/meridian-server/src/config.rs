@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: IngestLimits,
     pub queue: QueueSettings,
     pub archive: ArchiveDefaults,
+    pub customer_storage: CustomerStorageConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
 
@@ -93,6 +94,7 @@ pub struct QueueSettings {
 pub struct ArchiveDefaults {
     pub flush_max_bytes: usize,
     pub flush_interval_ms: u64,
+    pub s3_flush_interval_ms: u64,
     pub gzip_level: u32,
 }
 
@@ -157,10 +159,67 @@ fn default_status() -> String {
 #[serde(deny_unknown_fields)]
 pub struct ArchiveConfig {
     pub dir: Option<PathBuf>,
+    pub s3: Option<S3ArchiveConfig>,
     pub flush_max_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub gzip_level: Option<u32>,
     pub prefix: Option<String>,
+}
+
+/// `[regions.<id>.archive.s3]` (or the inline `s3 = { ... }`): this region's archive bucket.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3ArchiveConfig {
+    pub bucket: String,
+    /// An S3-compatible endpoint (e.g. http://127.0.0.1:8333); unset: AWS.
+    pub endpoint: Option<String>,
+    /// The AWS region of the bucket; unset: the region's id.
+    pub region: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// "AES256" (default) or "aws:kms" (with kms_key_id, or the bucket's default key).
+    #[serde(default = "default_sse")]
+    pub sse: String,
+    pub kms_key_id: Option<String>,
+    /// Check at start and periodically that the bucket lives in this region, and refuse to write
+    /// otherwise. Set false only for stores that cannot report a location (SeaweedFS, MinIO).
+    #[serde(default = "default_true")]
+    pub verify_location: bool,
+    /// Static credentials; unset: the standard AWS credential chain.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    #[serde(default = "default_multipart_threshold")]
+    pub multipart_threshold_bytes: usize,
+    #[serde(default = "default_s3_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_sse() -> String {
+    "AES256".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_multipart_threshold() -> usize {
+    16 * 1024 * 1024
+}
+
+fn default_s3_timeout_secs() -> u64 {
+    60
+}
+
+/// `[customer_storage]`: how Meridian reaches customers' own buckets (Local Data Storage).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerStorageConfig {
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub request_timeout_secs: u64,
+    pub location_check_interval_secs: u64,
 }
 
 /// Validated, resolved settings: what the rest of the program reads.
@@ -186,6 +245,8 @@ pub struct Settings {
     pub segment_max_bytes: u64,
     pub max_in_flight_bytes: usize,
     pub retry: meridian_queue::RetryPolicy,
+    pub customer_access: meridian_archive::customer::CustomerAccessSettings,
+    pub location_check_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -201,11 +262,79 @@ pub struct RegionSettings {
 
 #[derive(Clone, Debug)]
 pub struct ArchiveSettings {
-    pub dir: PathBuf,
+    pub target: ArchiveTarget,
     pub flush_max_bytes: usize,
     pub flush_interval: Duration,
     pub gzip_level: u32,
     pub prefix: Option<String>,
+}
+
+/// Where a region's archive goes.
+#[derive(Clone, Debug)]
+pub enum ArchiveTarget {
+    Dir(PathBuf),
+    S3 {
+        settings: meridian_archive::s3::S3Settings,
+        verify_location: bool,
+    },
+}
+
+fn validate_s3(
+    region: &RegionId,
+    config: &S3ArchiveConfig,
+    problems: &mut Vec<String>,
+) -> ArchiveTarget {
+    let key = format!("regions.{region}.archive.s3");
+    if config.bucket.trim().is_empty() {
+        problems.push(format!(
+            "{key}.bucket must name the region's archive bucket"
+        ));
+    }
+    let encryption = match config.sse.as_str() {
+        "AES256" => meridian_archive::s3::Encryption::Aes256,
+        "aws:kms" => meridian_archive::s3::Encryption::Kms {
+            key_id: config.kms_key_id.clone(),
+        },
+        other => {
+            problems.push(format!(
+                "{key}.sse must be \"AES256\" or \"aws:kms\", not \"{other}\""
+            ));
+            meridian_archive::s3::Encryption::Aes256
+        }
+    };
+    if config.access_key_id.is_some() != config.secret_access_key.is_some() {
+        problems.push(format!(
+            "{key}: set both access_key_id and secret_access_key, or neither (AWS credential chain)"
+        ));
+    }
+    if let Some(endpoint) = &config.endpoint
+        && !endpoint.starts_with("http://")
+        && !endpoint.starts_with("https://")
+    {
+        problems.push(format!(
+            "{key}.endpoint `{endpoint}` must start with http:// or https://"
+        ));
+    }
+    if config.multipart_threshold_bytes < 5 * 1024 * 1024 {
+        problems.push(format!(
+            "{key}.multipart_threshold_bytes must be at least 5 MiB (S3's smallest part)"
+        ));
+    }
+    let mut settings = meridian_archive::s3::S3Settings::new(
+        &config.bucket,
+        config.region.as_deref().unwrap_or(region.as_str()),
+    );
+    settings.endpoint = config.endpoint.clone();
+    settings.force_path_style = config.force_path_style;
+    settings.encryption = encryption;
+    settings.access_key_id = config.access_key_id.clone();
+    settings.secret_access_key = config.secret_access_key.clone();
+    settings.request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
+    settings.multipart_threshold = config.multipart_threshold_bytes;
+    ArchiveTarget::S3 {
+        settings,
+        verify_location: config.verify_location,
+    }
 }
 
 fn validate_clickhouse(
@@ -375,10 +504,21 @@ impl Config {
                 ));
             }
             let archive = region.archive.clone().unwrap_or_default();
-            let archive_dir = match &archive.dir {
-                Some(dir) if dir.is_absolute() => dir.clone(),
-                Some(dir) => data_dir.join(dir),
-                None => data_dir.join("archive").join(id.as_str()),
+            let archive_target = match (&archive.dir, &archive.s3) {
+                (Some(_), Some(s3)) => {
+                    problems.push(format!(
+                        "regions.{id}.archive: set exactly one of `dir` or `s3`, not both"
+                    ));
+                    validate_s3(&id, s3, &mut problems)
+                }
+                (Some(dir), None) if dir.is_absolute() => ArchiveTarget::Dir(dir.clone()),
+                (Some(dir), None) => ArchiveTarget::Dir(data_dir.join(dir)),
+                (None, Some(s3)) => validate_s3(&id, s3, &mut problems),
+                (None, None) => ArchiveTarget::Dir(data_dir.join("archive").join(id.as_str())),
+            };
+            let default_flush_interval_ms = match archive_target {
+                ArchiveTarget::Dir(_) => self.archive.flush_interval_ms,
+                ArchiveTarget::S3 { .. } => self.archive.s3_flush_interval_ms,
             };
             let gzip_level = archive.gzip_level.unwrap_or(self.archive.gzip_level);
             if gzip_level > 9 {
@@ -398,7 +538,7 @@ impl Config {
                     disk_budget_bytes,
                     queue_dir: data_dir.join("queue").join(id.as_str()),
                     archive: ArchiveSettings {
-                        dir: archive_dir,
+                        target: archive_target,
                         flush_max_bytes: archive
                             .flush_max_bytes
                             .unwrap_or(self.archive.flush_max_bytes)
@@ -406,7 +546,7 @@ impl Config {
                         flush_interval: Duration::from_millis(
                             archive
                                 .flush_interval_ms
-                                .unwrap_or(self.archive.flush_interval_ms),
+                                .unwrap_or(default_flush_interval_ms),
                         ),
                         gzip_level,
                         prefix: archive.prefix.clone(),
@@ -536,6 +676,18 @@ impl Config {
             },
             segment_max_bytes: self.queue.segment_max_bytes,
             max_in_flight_bytes: self.queue.max_in_flight_bytes,
+            customer_access: meridian_archive::customer::CustomerAccessSettings {
+                endpoint: self.customer_storage.endpoint.clone(),
+                force_path_style: self.customer_storage.force_path_style,
+                access_key_id: self.customer_storage.access_key_id.clone(),
+                secret_access_key: self.customer_storage.secret_access_key.clone(),
+                request_timeout: Duration::from_secs(
+                    self.customer_storage.request_timeout_secs.max(1),
+                ),
+            },
+            location_check_interval: Duration::from_secs(
+                self.customer_storage.location_check_interval_secs.max(1),
+            ),
             retry: meridian_queue::RetryPolicy {
                 base: Duration::from_millis(self.queue.retry_base_ms.max(1)),
                 cap: Duration::from_millis(
@@ -579,12 +731,10 @@ mod tests {
         assert_eq!(settings.served_regions.len(), 4);
         assert_eq!(settings.limits, IngestLimits::default());
         assert_eq!(settings.durability, Durability::Fsync);
-        assert_eq!(
-            settings.regions[&RegionId::parse("us-east-1").unwrap()]
-                .archive
-                .dir,
-            PathBuf::from("data/archive/us-east-1")
-        );
+        assert!(matches!(
+            &settings.regions[&RegionId::parse("us-east-1").unwrap()].archive.target,
+            ArchiveTarget::Dir(dir) if dir == &PathBuf::from("data/archive/us-east-1")
+        ));
     }
 
     #[test]
@@ -613,7 +763,9 @@ mod tests {
         let us = &settings.regions[&RegionId::parse("us-east-1").unwrap()];
         assert_eq!(us.display_name, "US East / N. Virginia");
         assert_eq!(us.disk_budget_bytes, 999_999_999);
-        assert_eq!(us.archive.dir, PathBuf::from("/srv/archive"));
+        assert!(
+            matches!(&us.archive.target, ArchiveTarget::Dir(dir) if dir == &PathBuf::from("/srv/archive"))
+        );
         assert_eq!(
             us.queue_dir,
             PathBuf::from("/var/lib/meridian/queue/us-east-1")
@@ -631,6 +783,52 @@ mod tests {
             settings
                 .catalog_url
                 .contains("/var/lib/meridian/catalog.db")
+        );
+    }
+
+    #[test]
+    fn s3_archives_are_configured_per_region_and_checked() {
+        let file = r#"
+            [regions.eu-west-1.archive]
+            s3 = { bucket = "meridian-eu", endpoint = "http://127.0.0.1:8333", force_path_style = true, verify_location = false }
+        "#;
+        let settings = Config::from_sources(Some(file), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let eu = &settings.regions[&RegionId::parse("eu-west-1").unwrap()].archive;
+        match &eu.target {
+            ArchiveTarget::S3 {
+                settings,
+                verify_location,
+            } => {
+                assert_eq!(settings.bucket, "meridian-eu");
+                assert_eq!(settings.region, "eu-west-1");
+                assert!(settings.force_path_style);
+                assert!(!verify_location);
+                assert_eq!(
+                    settings.encryption,
+                    meridian_archive::s3::Encryption::Aes256
+                );
+            }
+            other => panic!("expected S3, got {other:?}"),
+        }
+        assert_eq!(
+            eu.flush_interval,
+            Duration::from_secs(300),
+            "S3 archives flush every 5 minutes by default"
+        );
+
+        let both =
+            "[regions.eu-west-1.archive]\ndir = \"x\"\ns3 = { bucket = \"b\", sse = \"rot13\" }";
+        let message = Config::from_sources(Some(both), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("exactly one of `dir` or `s3`") && message.contains("rot13"),
+            "{message}"
         );
     }
 

@@ -37,13 +37,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .iter()
             .filter(|sink| &sink.region == region)
             .map(|sink| {
+                let problem = sink.implementation.health();
                 json!({
                     "sink": sink.sink,
                     "position": sink.status.position.load(Ordering::Relaxed),
                     "last_error": sink.status.last_error(),
+                    "problem": problem,
                 })
             })
             .collect();
+        let sinks_healthy = state
+            .sinks
+            .iter()
+            .filter(|sink| &sink.region == region)
+            .all(|sink| sink.implementation.health().is_none());
+        ready &= sinks_healthy;
         regions.insert(
             region.to_string(),
             json!({
@@ -199,6 +207,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "sink_delivery_seconds_total",
             &[("region", sink.region.as_str()), ("sink", &sink.sink)],
             seconds,
+        );
+    }
+    writer.declare(
+        "sink_healthy",
+        "gauge",
+        "0 when the sink needs an operator (e.g. its bucket is in another region)",
+    );
+    for sink in state.sinks.iter() {
+        let healthy = if sink.implementation.health().is_none() {
+            1.0
+        } else {
+            0.0
+        };
+        writer.sample(
+            "sink_healthy",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            healthy,
         );
     }
     writer.declare(

@@ -7,7 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use meridian_archive::{ArchiveSink, ArchiveSinkConfig, LocalDirStore, NoCustomerStorage};
+use meridian_archive::customer::CustomerStores;
+use meridian_archive::s3::{GuardedS3Store, S3Store};
+use meridian_archive::{
+    ArchiveError, ArchiveSink, ArchiveSinkConfig, CustomerTarget, LocalDirStore, ObjectStore,
+    StoreResolver,
+};
 use meridian_catalog::{Catalog, KeyCache};
 use meridian_clickhouse::ClickHouseSink;
 use meridian_core::RegionId;
@@ -18,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::auth::{JwtAuthority, load_or_create_secret};
-use crate::config::Settings;
+use crate::config::{ArchiveTarget, Settings};
 use crate::headers::{
     label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
 };
@@ -81,16 +86,70 @@ async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), S
     Ok((catalog, keys))
 }
 
-fn build_sinks(settings: &Settings, region: &RegionId) -> Vec<Arc<dyn Sink>> {
+/// Finds a project's customer bucket through the key cache's snapshot of the catalog.
+struct CatalogStoreResolver {
+    region: RegionId,
+    keys: Arc<KeyCache>,
+    stores: Arc<CustomerStores>,
+}
+
+#[async_trait::async_trait]
+impl StoreResolver for CatalogStoreResolver {
+    async fn customer_store(
+        &self,
+        project_id: &str,
+    ) -> Result<Option<CustomerTarget>, ArchiveError> {
+        let Some(storage) = self.keys.customer_storage(project_id) else {
+            return Ok(None);
+        };
+        // The store is built for this sink's region only; a bucket elsewhere is refused.
+        let (store, prefix) = self
+            .stores
+            .store_for(self.region.as_str(), &storage)
+            .await?;
+        Ok(Some(CustomerTarget {
+            store,
+            prefix: Some(prefix).filter(|prefix| !prefix.is_empty()),
+        }))
+    }
+}
+
+/// Builds a region's sinks from that region's settings only.
+async fn build_sinks(
+    settings: &Settings,
+    region: &RegionId,
+    keys: &Arc<KeyCache>,
+    customer_stores: &Arc<CustomerStores>,
+    guards: &mut Vec<Arc<GuardedS3Store>>,
+) -> Vec<Arc<dyn Sink>> {
     let Some(region_settings) = settings.regions.get(region) else {
         return Vec::new();
     };
     let archive = &region_settings.archive;
-    let store = Arc::new(LocalDirStore::new(archive.dir.clone()));
+    let store: Arc<dyn ObjectStore> = match &archive.target {
+        ArchiveTarget::Dir(dir) => Arc::new(LocalDirStore::new(dir.clone())),
+        ArchiveTarget::S3 {
+            settings: s3,
+            verify_location,
+        } => {
+            let guarded = Arc::new(GuardedS3Store::new(
+                S3Store::connect(s3.clone()).await,
+                &s3.region,
+                *verify_location,
+            ));
+            guards.push(Arc::clone(&guarded));
+            guarded
+        }
+    };
+    let resolver = CatalogStoreResolver {
+        region: region.clone(),
+        keys: Arc::clone(keys),
+        stores: Arc::clone(customer_stores),
+    };
     let archive_sink = ArchiveSink::new(
         region.as_str(),
         store,
-        Arc::new(NoCustomerStorage),
+        Arc::new(resolver),
         ArchiveSinkConfig {
             flush_max_bytes: archive.flush_max_bytes,
             flush_max_records: 1_000_000,
@@ -108,6 +167,23 @@ fn build_sinks(settings: &Settings, region: &RegionId) -> Vec<Arc<dyn Sink>> {
         )));
     }
     sinks
+}
+
+/// Checks every guarded bucket's location at start and then every `interval`.
+async fn run_residency_guards(
+    guards: Vec<Arc<GuardedS3Store>>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        for guard in &guards {
+            guard.check().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 impl RunningNode {
@@ -157,8 +233,10 @@ impl RunningNode {
         let (drain, drain_receiver) = watch::channel(false);
         let mut runners = Vec::new();
         let mut sink_handles = Vec::new();
+        let customer_stores = Arc::new(CustomerStores::new(settings.customer_access.clone()));
+        let mut guards = Vec::new();
         for (region, queue) in &queues {
-            for sink in build_sinks(&settings, region) {
+            for sink in build_sinks(&settings, region, &keys, &customer_stores, &mut guards).await {
                 let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
                     .with_retry_policy(settings.retry);
                 sink_handles.push(SinkHandle {
@@ -172,6 +250,13 @@ impl RunningNode {
         }
 
         let (stop_background, stop_receiver) = watch::channel(false);
+        if !guards.is_empty() {
+            tokio::spawn(run_residency_guards(
+                guards,
+                settings.location_check_interval,
+                stop_receiver.clone(),
+            ));
+        }
         tokio::spawn(
             Arc::clone(&keys).run_refresher(settings.catalog_refresh_interval, stop_receiver),
         );
@@ -192,6 +277,7 @@ impl RunningNode {
             metrics: Arc::new(Metrics::new()),
             jwt: Arc::new(JwtAuthority::new(&jwt_secret, leeway)),
             sinks: Arc::new(sink_handles),
+            customer_stores,
         });
         Ok(RunningNode {
             state,

@@ -51,4 +51,6 @@ pub struct AppStateInner {
     pub metrics: Arc<Metrics>,
     pub jwt: Arc<JwtAuthority>,
     pub sinks: Arc<Vec<SinkHandle>>,
+    /// Customer-hosted archive buckets (Local Data Storage): verification and cached clients.
+    pub customer_stores: Arc<meridian_archive::customer::CustomerStores>,
 }

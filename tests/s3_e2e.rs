@@ -1,0 +1,532 @@
+//! End-to-end with real S3 servers: SeaweedFS as the regional store, moto as a customer's AWS
+//! account (STS AssumeRole + S3).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::services::*;
+use common::*;
+use serde_json::{Value, json};
+
+fn unique_bucket(tag: &str) -> String {
+    format!(
+        "meridian-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn s3_archive_block(region: &str, bucket: &str, endpoint: &str, verify_location: bool) -> String {
+    format!(
+        "[regions.{region}.archive]\nflush_interval_ms = 100\ns3 = {{ bucket = \"{bucket}\", endpoint = \"{endpoint}\", force_path_style = true, verify_location = {verify_location}, access_key_id = \"test\", secret_access_key = \"test\" }}\n"
+    )
+}
+
+async fn post(server: &TestServer, key: &str, ids: &[String]) -> u16 {
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"type": "track", "userId": "u", "event": "Archived", "messageId": id}))
+        .collect();
+    server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(key))
+        .json(&json!({"batch": batch}))
+        .send()
+        .await
+        .map(|response| response.status().as_u16())
+        .unwrap_or(0)
+}
+
+fn ids(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|n| format!("{prefix}-{n}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_region_archives_to_its_own_bucket_exactly_once_in_the_segment_layout() {
+    let Some(endpoint) = shared_service("MERIDIAN_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let client = s3_client(&endpoint, "us-east-1");
+    let (eu_bucket, us_bucket) = (unique_bucket("eu"), unique_bucket("us"));
+    create_bucket(&client, &eu_bucket, None).await;
+    create_bucket(&client, &us_bucket, None).await;
+    let config = test_config(&format!(
+        "{}{}",
+        s3_archive_block("eu-west-1", &eu_bucket, &endpoint, false),
+        s3_archive_block("us-east-1", &us_bucket, &endpoint, false)
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    assert!(
+        server.log().contains("verify_location = false"),
+        "the node warns that SeaweedFS cannot prove residency"
+    );
+    server.create_org("acme").await;
+    let (eu_project, eu_key) = server.create_project("acme", "eu-west-1").await;
+    let (us_project, us_key) = server.create_project("acme", "us-east-1").await;
+    let (eu_ids, us_ids) = (ids("eu", 150), ids("us", 90));
+    for chunk in eu_ids.chunks(25) {
+        assert_eq!(post(&server, &eu_key, chunk).await, 200);
+    }
+    for chunk in us_ids.chunks(30) {
+        assert_eq!(post(&server, &us_key, chunk).await, 200);
+    }
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+
+    for (bucket, project, sent, other) in [
+        (&eu_bucket, &eu_project, &eu_ids, &us_project),
+        (&us_bucket, &us_project, &us_ids, &eu_project),
+    ] {
+        let (messages, keys) = bucket_messages(&client, bucket, "").await;
+        let counts = count_by_message_id(&messages);
+        assert_eq!(
+            counts.keys().cloned().collect::<BTreeSet<_>>(),
+            sent.iter().cloned().collect::<BTreeSet<_>>(),
+            "{bucket}"
+        );
+        assert!(
+            counts.values().all(|count| *count == 1),
+            "{bucket}: each message once"
+        );
+        assert!(
+            messages
+                .iter()
+                .all(|message| message["projectId"] == project.as_str()
+                    && message["projectId"] != other.as_str())
+        );
+        for key in &keys {
+            let parts: Vec<&str> = key.split('/').collect();
+            assert_eq!(parts[0], "segment-logs", "{key}");
+            assert_eq!(parts[1], project.as_str(), "{key}");
+            assert_eq!(
+                parts[2].parse::<i64>().expect("day in unix ms") % 86_400_000,
+                0,
+                "{key}"
+            );
+            assert!(parts[3].ends_with(".gz"), "{key}");
+            let head = client
+                .head_object()
+                .bucket(bucket.as_str())
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(head.content_encoding(), Some("gzip"), "{key}");
+            assert_eq!(head.content_type(), Some("application/x-ndjson"), "{key}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_under_load_delays_but_loses_and_duplicates_nothing() {
+    let Some(mut seaweed) = SeaweedProcess::start().await else {
+        return;
+    };
+    let client = s3_client(&seaweed.endpoint(), "us-east-1");
+    let bucket = unique_bucket("outage");
+    create_bucket(&client, &bucket, None).await;
+    let config = test_config(&s3_archive_block(
+        "eu-west-1",
+        &bucket,
+        &seaweed.endpoint(),
+        false,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (_, key) = server.create_project("acme", "eu-west-1").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for client_index in 0..4 {
+        let (client, url, key) = (server.client.clone(), server.url("/v1/batch"), key.clone());
+        let (stop, refused, counter) = (
+            Arc::clone(&stop),
+            Arc::clone(&refused),
+            Arc::clone(&counter),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("c{client_index}-{}", counter.fetch_add(1, Ordering::Relaxed));
+                let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": id}]});
+                match client.post(&url).header("Authorization", basic_auth(&key)).json(&batch).send().await {
+                    Ok(response) if response.status() == 200 => accepted.push(id),
+                    _ => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    seaweed.stop();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    seaweed.restart().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut accepted = BTreeSet::new();
+    for client in clients {
+        accepted.extend(client.await.unwrap());
+    }
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "ingestion answered 200 throughout the outage"
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(90))
+            .await,
+        "the backlog drained after recovery"
+    );
+    let (messages, _) = bucket_messages(&client, &bucket, "").await;
+    let counts = count_by_message_id(&messages);
+    assert_eq!(
+        counts.keys().cloned().collect::<BTreeSet<_>>(),
+        accepted,
+        "every accepted message arrived"
+    );
+    assert!(counts.values().all(|count| *count == 1), "and exactly once");
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(
+                "meridian_sink_failed_attempts_total{region=\"eu-west-1\",sink=\"archive\"}",
+            )
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(failures >= 1.0, "the outage is visible in metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_uploads_loses_and_duplicates_nothing() {
+    let Some(endpoint) = shared_service("MERIDIAN_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let client = s3_client(&endpoint, "us-east-1");
+    let bucket = unique_bucket("kill");
+    create_bucket(&client, &bucket, None).await;
+    let config = test_config(&s3_archive_block("eu-west-1", &bucket, &endpoint, false));
+    let mut server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (_, key) = server.create_project("acme", "eu-west-1").await;
+    let mut accepted = BTreeSet::new();
+    let mut next = 0;
+    for round in 0..5u64 {
+        if round > 0 {
+            server.spawn().await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(300 + round * 200);
+        while std::time::Instant::now() < deadline {
+            let batch = ids(&format!("k{next}"), 10);
+            next += 1;
+            if post(&server, &key, &batch).await == 200 {
+                accepted.extend(batch);
+            }
+        }
+        server.kill_hard();
+    }
+    server.spawn().await;
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let (messages, _) = bucket_messages(&client, &bucket, "").await;
+    let counts = count_by_message_id(&messages);
+    let duplicates: Vec<_> = counts
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .take(5)
+        .collect();
+    assert!(duplicates.is_empty(), "duplicated: {duplicates:?}");
+    let missing: Vec<_> = accepted
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .take(5)
+        .collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert!(accepted.len() > 100);
+}
+
+#[tokio::test]
+async fn a_bucket_in_another_region_is_refused_and_its_data_stays_queued() {
+    let Some(moto) = MotoProcess::start().await else {
+        return;
+    };
+    let client = s3_client(&moto.url(), "eu-west-1");
+    let bucket = unique_bucket("misplaced");
+    // The us-east-1 archive bucket actually lives in eu-west-1.
+    create_bucket(&client, &bucket, Some("eu-west-1")).await;
+    let config = test_config(&s3_archive_block("us-east-1", &bucket, &moto.url(), true));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (_, key) = server.create_project("acme", "us-east-1").await;
+    assert_eq!(
+        post(&server, &key, &ids("kept", 5)).await,
+        200,
+        "ingestion continues"
+    );
+
+    let refused = wait_until(Duration::from_secs(30), || async {
+        let response = server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        status == 503
+            && body["regions"]["us-east-1"]["sinks"][0]["problem"]
+                .as_str()
+                .is_some_and(|problem| problem.contains("eu-west-1"))
+    })
+    .await;
+    assert!(refused, "/readyz reports the residency mismatch");
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meridian_sink_healthy{region=\"us-east-1\",sink=\"archive\"} 0"),
+        "metric shows it:\n{}",
+        metrics
+            .lines()
+            .filter(|line| line.contains("healthy"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(server.log().contains("another region"), "and the log");
+    let objects = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        objects.key_count().unwrap_or(0),
+        0,
+        "nothing was written to the misplaced bucket"
+    );
+    let pending: f64 = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("meridian_sink_pending_records{region=\"us-east-1\",sink=\"archive\"}")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert_eq!(pending, 5.0, "the messages stay queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
+    let Some(moto) = MotoProcess::start().await else {
+        return;
+    };
+    let external_id = "ext-7f3a";
+    let customer_bucket = unique_bucket("customer");
+    let setup = std::process::Command::new("python3")
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/helpers/moto_customer_account.py"),
+        )
+        .args([
+            moto.url().as_str(),
+            customer_bucket.as_str(),
+            "eu-west-1",
+            external_id,
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        setup.status.success(),
+        "moto setup failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let account: Value = serde_json::from_slice(&setup.stdout).expect("setup prints JSON");
+    let role_arn = account["role_arn"].as_str().unwrap().to_string();
+    let config = test_config(&format!(
+        "[customer_storage]\nendpoint = \"{}\"\nforce_path_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        moto.url(),
+        account["access_key_id"].as_str().unwrap(),
+        account["secret_access_key"].as_str().unwrap()
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (local_project, local_key) = server.create_project("acme", "eu-west-1").await;
+    let (customer_project, customer_key) = server.create_project("acme", "eu-west-1").await;
+    let owner = server.issue_token("owner", Some("acme"));
+    let storage_path = format!("/admin/projects/{customer_project}/storage");
+    let storage = |external_id: &str, bucket: &str| json!({"bucket": bucket, "prefix": "meridian", "role_arn": role_arn, "external_id": external_id, "label": "customer archive"});
+
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &storage_path,
+            &owner,
+            Some(storage("wrong-id", &customer_bucket)),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "storage_verification_failed");
+    assert!(
+        body["message"].as_str().unwrap().contains("ExternalId"),
+        "an actionable sentence: {body}"
+    );
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &storage_path,
+            &owner,
+            Some(storage(external_id, "no-such-bucket-here")),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("does not exist"),
+        "{body}"
+    );
+    let (_, project) = server
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/projects/{customer_project}"),
+            &owner,
+            None,
+        )
+        .await;
+    assert_eq!(
+        project["storage"],
+        Value::Null,
+        "failed verifications change nothing"
+    );
+    let admin = server.issue_token("admin", Some("acme"));
+    let (status, _) = server
+        .admin(
+            reqwest::Method::PUT,
+            &storage_path,
+            &admin,
+            Some(storage(external_id, &customer_bucket)),
+        )
+        .await;
+    assert_eq!(status, 403, "storage is owner-only");
+
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &storage_path,
+            &owner,
+            Some(storage(external_id, &customer_bucket)),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["storage"]["bucket"], customer_bucket.as_str());
+
+    let (customer_ids, local_ids) = (ids("customer", 40), ids("local", 30));
+    assert_eq!(post(&server, &customer_key, &customer_ids).await, 200);
+    assert_eq!(post(&server, &local_key, &local_ids).await, 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+
+    let customer_client = {
+        let credentials = aws_sdk_s3::config::Credentials::new(
+            account["customer_access_key_id"].as_str().unwrap(),
+            account["customer_secret_access_key"].as_str().unwrap(),
+            None,
+            None,
+            "tests",
+        );
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::new()
+                .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+                .region(aws_sdk_s3::config::Region::new("eu-west-1"))
+                .endpoint_url(moto.url())
+                .force_path_style(true)
+                .credentials_provider(credentials)
+                .build(),
+        )
+    };
+    let (messages, keys) = bucket_messages(&customer_client, &customer_bucket, "").await;
+    let counts = count_by_message_id(&messages);
+    assert_eq!(
+        counts.keys().cloned().collect::<BTreeSet<_>>(),
+        customer_ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert!(counts.values().all(|count| *count == 1));
+    assert!(
+        keys.iter()
+            .all(|key| key.starts_with(&format!("meridian/segment-logs/{customer_project}/"))),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|key| key.contains(".meridian-access-check")),
+        "the test object was deleted"
+    );
+    let regional = server.archived_messages("eu-west-1");
+    assert!(
+        regional
+            .iter()
+            .all(|message| message["projectId"] != customer_project.as_str()),
+        "nothing of it in the regional archive"
+    );
+    assert_eq!(regional.len(), local_ids.len());
+    assert!(
+        regional
+            .iter()
+            .all(|message| message["projectId"] == local_project.as_str())
+    );
+
+    let (status, _) = server
+        .admin(reqwest::Method::DELETE, &storage_path, &owner, None)
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        post(&server, &customer_key, &ids("back-home", 3)).await,
+        200
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let regional = server.archived_messages("eu-west-1");
+    assert_eq!(
+        regional
+            .iter()
+            .filter(|message| message["projectId"] == customer_project.as_str())
+            .count(),
+        3,
+        "back to the regional archive"
+    );
+}
