@@ -9,6 +9,7 @@ pub mod customer;
 mod error;
 pub mod layout;
 mod local;
+pub mod rewrite;
 pub mod s3;
 mod sink;
 mod store;
