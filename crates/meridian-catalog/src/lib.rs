@@ -8,6 +8,7 @@ mod catalog;
 mod error;
 mod ids;
 mod key_cache;
+mod region_migration;
 mod schema;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
@@ -15,6 +16,7 @@ pub use catalog::{Catalog, CatalogBackend, KeyInfo, NewProject, Org, Page, Proje
 pub use error::CatalogError;
 pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
+pub use region_migration::{MigrationStatus, RegionMigration};
 
 #[cfg(test)]
 mod tests;

@@ -6,25 +6,26 @@ use tracing::info;
 
 use crate::error::CatalogError;
 
-pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
-    1,
-    "orgs, projects, write keys, suppressions, audit log",
-    &[
-        "CREATE TABLE IF NOT EXISTS catalog_state (
+pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
+    (
+        1,
+        "orgs, projects, write keys, suppressions, audit log",
+        &[
+            "CREATE TABLE IF NOT EXISTS catalog_state (
             id BIGINT PRIMARY KEY,
             version BIGINT NOT NULL,
             audit_seq BIGINT NOT NULL,
             audit_head_hash TEXT NOT NULL
         )",
-        "INSERT INTO catalog_state (id, version, audit_seq, audit_head_hash)
+            "INSERT INTO catalog_state (id, version, audit_seq, audit_head_hash)
             VALUES (1, 0, 0, '') ON CONFLICT (id) DO NOTHING",
-        "CREATE TABLE IF NOT EXISTS orgs (
+            "CREATE TABLE IF NOT EXISTS orgs (
             org_id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
             primary_region TEXT NOT NULL,
             created_at_ms BIGINT NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS projects (
+            "CREATE TABLE IF NOT EXISTS projects (
             project_id TEXT PRIMARY KEY,
             org_id TEXT NOT NULL,
             name TEXT NOT NULL,
@@ -32,22 +33,22 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             created_at_ms BIGINT NOT NULL,
             storage_json TEXT
         )",
-        "CREATE INDEX IF NOT EXISTS projects_by_org ON projects (org_id, project_id)",
-        "CREATE TABLE IF NOT EXISTS write_keys (
+            "CREATE INDEX IF NOT EXISTS projects_by_org ON projects (org_id, project_id)",
+            "CREATE TABLE IF NOT EXISTS write_keys (
             key_hash TEXT PRIMARY KEY,
             project_id TEXT NOT NULL,
             prefix TEXT NOT NULL,
             created_at_ms BIGINT NOT NULL,
             expires_at_ms BIGINT
         )",
-        "CREATE INDEX IF NOT EXISTS write_keys_by_project ON write_keys (project_id)",
-        "CREATE TABLE IF NOT EXISTS suppressions (
+            "CREATE INDEX IF NOT EXISTS write_keys_by_project ON write_keys (project_id)",
+            "CREATE TABLE IF NOT EXISTS suppressions (
             project_id TEXT NOT NULL,
             user_id TEXT NOT NULL,
             created_at_ms BIGINT NOT NULL,
             PRIMARY KEY (project_id, user_id)
         )",
-        "CREATE TABLE IF NOT EXISTS audit_log (
+            "CREATE TABLE IF NOT EXISTS audit_log (
             seq BIGINT PRIMARY KEY,
             org_id TEXT NOT NULL,
             at_ms BIGINT NOT NULL,
@@ -60,9 +61,29 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             prev_hash TEXT NOT NULL,
             hash TEXT NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, seq)",
-    ],
-)];
+            "CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, seq)",
+        ],
+    ),
+    (
+        2,
+        "region migrations",
+        &[
+            "CREATE TABLE IF NOT EXISTS region_migrations (
+                migration_id TEXT PRIMARY KEY,
+                org_id TEXT NOT NULL,
+                source_project TEXT NOT NULL,
+                target_project TEXT NOT NULL,
+                source_region TEXT NOT NULL,
+                target_region TEXT NOT NULL,
+                status TEXT NOT NULL,
+                error TEXT,
+                created_at_ms BIGINT NOT NULL,
+                updated_at_ms BIGINT NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS region_migrations_by_org ON region_migrations (org_id, status)",
+        ],
+    ),
+];
 
 /// Applies every migration not yet applied. On PostgreSQL an advisory lock keeps several nodes
 /// starting at once from running the same migration concurrently.

@@ -57,7 +57,13 @@ async fn projects_keys_and_rotation_with_grace() {
         let duplicate = catalog
             .create_org("acme", "Acme", &region("eu-west-1"), &actor())
             .await;
-        assert!(matches!(duplicate, Err(CatalogError::Conflict(_))));
+        assert!(matches!(
+            duplicate,
+            Err(CatalogError::Conflict {
+                code: "org_exists",
+                ..
+            })
+        ));
         let (project, key) = catalog
             .create_project(
                 "acme",
@@ -290,10 +296,10 @@ async fn the_audit_chain_detects_tampering_and_deletion() {
 async fn migrations_are_recorded_and_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = sqlite_catalog(&dir).await;
-    assert_eq!(catalog.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(catalog.applied_migrations().await.unwrap(), vec![1, 2]);
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
-    assert_eq!(again.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2]);
 }
 
 #[tokio::test]
@@ -322,5 +328,119 @@ async fn known_keys_keep_resolving_while_the_catalog_is_unreachable() {
             cache.resolve(&key).is_some(),
             "the last snapshot still serves known keys"
         );
+    }
+}
+
+#[tokio::test]
+async fn an_in_flight_region_migration_blocks_assigning_the_org_region() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("mover", "Mover", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let new = |name: &str, id: &str| NewProject {
+            name: name.into(),
+            region: region(id),
+        };
+        let (eu, _) = catalog
+            .create_project("mover", new("eu", "eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let (us, _) = catalog
+            .create_project("mover", new("us", "us-east-1"), &actor())
+            .await
+            .unwrap();
+        let (eu2, _) = catalog
+            .create_project("mover", new("eu2", "eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let same_region = catalog
+            .create_migration("mover", &eu.project_id, &eu2.project_id, &actor())
+            .await;
+        assert!(matches!(same_region, Err(CatalogError::Invalid(_))));
+        let migration = catalog
+            .create_migration("mover", &eu.project_id, &us.project_id, &actor())
+            .await
+            .unwrap();
+        assert_eq!(migration.status, MigrationStatus::Pending);
+        let second = catalog
+            .create_migration("mover", &eu.project_id, &us.project_id, &actor())
+            .await;
+        assert!(matches!(
+            second,
+            Err(CatalogError::Conflict {
+                code: "migration_in_flight",
+                ..
+            })
+        ));
+        let blocked = catalog
+            .set_primary_region("mover", &region("us-east-1"), &actor())
+            .await;
+        assert!(matches!(
+            blocked,
+            Err(CatalogError::Conflict {
+                code: "migration_in_flight",
+                ..
+            })
+        ));
+        let skip = catalog
+            .transition_migration(
+                &migration.migration_id,
+                MigrationStatus::Done,
+                None,
+                &actor(),
+            )
+            .await;
+        assert!(matches!(
+            skip,
+            Err(CatalogError::Conflict {
+                code: "invalid_transition",
+                ..
+            })
+        ));
+        let started = catalog
+            .transition_migration(
+                &migration.migration_id,
+                MigrationStatus::Copying,
+                None,
+                &actor(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.status, MigrationStatus::Copying);
+        catalog
+            .transition_migration(
+                &migration.migration_id,
+                MigrationStatus::Cancelled,
+                None,
+                &actor(),
+            )
+            .await
+            .unwrap();
+        let org = catalog
+            .set_primary_region("mover", &region("us-east-1"), &actor())
+            .await
+            .unwrap();
+        assert_eq!(org.primary_region, "us-east-1");
+        let actions: Vec<String> = catalog
+            .list_audit("mover", 0, 100)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|entry| entry.action)
+            .collect();
+        for expected in [
+            "migration.create",
+            "migration.copying",
+            "migration.cancelled",
+            "org.assign_region",
+        ] {
+            assert!(
+                actions.iter().any(|action| action == expected),
+                "{expected} audited: {actions:?}"
+            );
+        }
     }
 }

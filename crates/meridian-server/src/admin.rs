@@ -2,11 +2,9 @@
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use bytes::Bytes;
 use meridian_catalog::{Actor, NewProject, Project};
 use meridian_core::RegionId;
@@ -16,37 +14,88 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::auth::{AdminAuth, Claims, Role};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;
+use crate::routes::ApiRoutes;
 use crate::state::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/admin/regions", get(list_regions))
-        .route("/admin/regions/orgs/{org_id}", get(org_regions))
-        .route("/admin/regions/orgs/{org_id}/assign", post(assign_region))
-        .route("/admin/orgs", post(create_org))
-        .route(
+pub fn routes() -> ApiRoutes {
+    ApiRoutes::new()
+        .add(Method::GET, "/admin/regions", list_regions)
+        .add(Method::GET, "/admin/regions/orgs/{org_id}", org_regions)
+        .add(
+            Method::POST,
+            "/admin/regions/orgs/{org_id}/assign",
+            assign_region,
+        )
+        .add(Method::POST, "/admin/orgs", create_org)
+        .add(
+            Method::POST,
             "/admin/orgs/{org_id}/projects",
-            post(create_project).get(list_projects),
+            create_project,
         )
-        .route("/admin/orgs/{org_id}/audit", get(audit_log))
-        .route(
+        .add(Method::GET, "/admin/orgs/{org_id}/projects", list_projects)
+        .add(Method::GET, "/admin/orgs/{org_id}/audit", audit_log)
+        .add(
+            Method::POST,
+            "/admin/orgs/{org_id}/migrations",
+            create_migration,
+        )
+        .add(
+            Method::GET,
+            "/admin/migrations/{migration_id}",
+            get_migration,
+        )
+        .add(
+            Method::POST,
+            "/admin/migrations/{migration_id}/start",
+            start_migration,
+        )
+        .add(
+            Method::POST,
+            "/admin/migrations/{migration_id}/cancel",
+            cancel_migration,
+        )
+        .add(Method::GET, "/admin/projects/{project_id}", get_project)
+        .add(
+            Method::PATCH,
             "/admin/projects/{project_id}",
-            get(get_project).patch(update_project),
+            update_project,
         )
-        .route("/admin/projects/{project_id}/keys/rotate", post(rotate_key))
-        .route(
+        .add(
+            Method::POST,
+            "/admin/projects/{project_id}/keys/rotate",
+            rotate_key,
+        )
+        .add(
+            Method::GET,
             "/admin/projects/{project_id}/suppressions",
-            get(list_suppressions).post(suppress_many),
+            list_suppressions,
         )
-        .route(
+        .add(
+            Method::POST,
+            "/admin/projects/{project_id}/suppressions",
+            suppress_many,
+        )
+        .add(
+            Method::PUT,
             "/admin/projects/{project_id}/suppressions/{user_id}",
-            put(suppress_one).delete(unsuppress_one),
+            suppress_one,
         )
-        .route(
+        .add(
+            Method::DELETE,
+            "/admin/projects/{project_id}/suppressions/{user_id}",
+            unsuppress_one,
+        )
+        .add(
+            Method::PUT,
             "/admin/projects/{project_id}/storage",
-            put(set_storage).delete(clear_storage),
+            set_storage,
+        )
+        .add(
+            Method::DELETE,
+            "/admin/projects/{project_id}/storage",
+            clear_storage,
         )
 }
 
@@ -246,7 +295,7 @@ async fn require_org(
 async fn org_regions(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
-    Path(org_id): Path<String>,
+    ApiPath(org_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let org = require_org(&state, &claims, &org_id, Role::Owner).await?;
     let mut projects = Vec::new();
@@ -279,7 +328,7 @@ async fn assign_region(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(org_id): Path<String>,
+    ApiPath(org_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_org(&state, &claims, &org_id, Role::Owner).await?;
@@ -305,7 +354,7 @@ async fn create_project(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(org_id): Path<String>,
+    ApiPath(org_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     claims.require(&org_id, Role::Admin, &format!("org `{org_id}`"))?;
@@ -349,7 +398,7 @@ async fn create_project(
 async fn list_projects(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
-    Path(org_id): Path<String>,
+    ApiPath(org_id): ApiPath<String>,
     page: PageQuery,
 ) -> Result<Response, ApiError> {
     claims.require(&org_id, Role::Member, &format!("org `{org_id}`"))?;
@@ -369,7 +418,7 @@ async fn list_projects(
 async fn get_project(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
     let keys = state.catalog.list_keys(&project_id).await?;
@@ -380,7 +429,7 @@ async fn update_project(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
@@ -432,7 +481,7 @@ async fn rotate_key(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
@@ -490,7 +539,7 @@ pub struct UserIds {
 async fn list_suppressions(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
     page: PageQuery,
 ) -> Result<Response, ApiError> {
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
@@ -509,7 +558,7 @@ async fn suppress_many(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
@@ -530,7 +579,7 @@ async fn suppress_one(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path((project_id, user_id)): Path<(String, String)>,
+    ApiPath((project_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let user_ids = vec![user_id.clone()];
@@ -550,7 +599,7 @@ async fn unsuppress_one(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path((project_id, user_id)): Path<(String, String)>,
+    ApiPath((project_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let removed = state
@@ -569,7 +618,7 @@ async fn unsuppress_one(
 async fn audit_log(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
-    Path(org_id): Path<String>,
+    ApiPath(org_id): ApiPath<String>,
     page: PageQuery,
 ) -> Result<Response, ApiError> {
     claims.require(&org_id, Role::Owner, &format!("org `{org_id}`"))?;
@@ -656,7 +705,7 @@ async fn set_storage(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
@@ -688,7 +737,7 @@ async fn clear_storage(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     axum::Extension(request_id): axum::Extension<RequestId>,
-    Path(project_id): Path<String>,
+    ApiPath(project_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
     if project.storage.is_none() {
@@ -702,4 +751,129 @@ async fn clear_storage(
         .await?;
     state.keys.refresh().await.ok();
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct CreateMigration {
+    source_project: String,
+    target_project: String,
+}
+
+fn migration_json(migration: &meridian_catalog::RegionMigration) -> Value {
+    json!({
+        "migration_id": migration.migration_id,
+        "org_id": migration.org_id,
+        "source_project": migration.source_project,
+        "target_project": migration.target_project,
+        "source_region": migration.source_region,
+        "target_region": migration.target_region,
+        "status": migration.status.as_str(),
+        "error": migration.error,
+        "created_at": format_rfc3339_ms(migration.created_at_ms),
+        "updated_at": format_rfc3339_ms(migration.updated_at_ms),
+    })
+}
+
+async fn create_migration(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    ApiPath(org_id): ApiPath<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_org(&state, &claims, &org_id, Role::Owner).await?;
+    let request: CreateMigration = parse_body(&body)?;
+    let migration = state
+        .catalog
+        .create_migration(
+            &org_id,
+            &request.source_project,
+            &request.target_project,
+            &actor(&claims, &request_id),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(migration_json(&migration))).into_response())
+}
+
+async fn authorized_migration(
+    state: &AppState,
+    claims: &Claims,
+    migration_id: &str,
+) -> Result<meridian_catalog::RegionMigration, ApiError> {
+    let not_found = || ApiError::not_found(format!("migration `{migration_id}` does not exist"));
+    let migration = state
+        .catalog
+        .get_migration(migration_id)
+        .await?
+        .ok_or_else(not_found)?;
+    claims
+        .require(
+            &migration.org_id,
+            Role::Owner,
+            &format!("migration `{migration_id}`"),
+        )
+        .map_err(|failure| {
+            if failure.status == StatusCode::NOT_FOUND {
+                not_found()
+            } else {
+                failure
+            }
+        })?;
+    Ok(migration)
+}
+
+async fn get_migration(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(migration_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let migration = authorized_migration(&state, &claims, &migration_id).await?;
+    Ok(axum::Json(migration_json(&migration)).into_response())
+}
+
+async fn move_migration(
+    state: AppState,
+    claims: Claims,
+    request_id: RequestId,
+    migration_id: String,
+    next: meridian_catalog::MigrationStatus,
+) -> Result<Response, ApiError> {
+    authorized_migration(&state, &claims, &migration_id).await?;
+    let migration = state
+        .catalog
+        .transition_migration(&migration_id, next, None, &actor(&claims, &request_id))
+        .await?;
+    Ok(axum::Json(migration_json(&migration)).into_response())
+}
+
+async fn start_migration(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    ApiPath(migration_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    move_migration(
+        state,
+        claims,
+        request_id,
+        migration_id,
+        meridian_catalog::MigrationStatus::Copying,
+    )
+    .await
+}
+
+async fn cancel_migration(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    ApiPath(migration_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    move_migration(
+        state,
+        claims,
+        request_id,
+        migration_id,
+        meridian_catalog::MigrationStatus::Cancelled,
+    )
+    .await
 }

@@ -99,7 +99,7 @@ impl From<CatalogError> for ApiError {
     fn from(failure: CatalogError) -> ApiError {
         match failure {
             CatalogError::NotFound(message) => ApiError::not_found(message),
-            CatalogError::Conflict(message) => ApiError::conflict("conflict", message),
+            CatalogError::Conflict { code, message } => ApiError::conflict(code, message),
             CatalogError::Invalid(message) => ApiError::bad_request("invalid_request", message),
             CatalogError::Database(database_error) => {
                 error!(error = %database_error, "catalog unavailable");
@@ -137,5 +137,29 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+/// `axum::extract::Path` whose rejection is a JSON 400 like every other error.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_path",
+                format!("invalid path parameter: {}", rejection.body_text()),
+            )),
+        }
     }
 }

@@ -3,12 +3,10 @@
 
 use std::io::Read;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use base64::Engine;
 use bytes::Bytes;
 use flate2::read::MultiGzDecoder;
@@ -23,43 +21,45 @@ use meridian_queue::{QueueError, RecordBatch};
 use serde_json::{Map, Value, json};
 use tracing::warn;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::headers::X_REGION;
+use crate::routes::ApiRoutes;
 use crate::state::AppState;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> ApiRoutes {
     let single = |kind: MessageKind| {
-        post(
-            move |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
-                ingest(state, Some(kind), headers, body).await
-            },
-        )
+        move |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
+            ingest(state, Some(kind), headers, body).await
+        }
     };
-    let batch = || {
-        post(
-            |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
-                ingest(state, None, headers, body).await
-            },
-        )
+    let batch = |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
+        ingest(state, None, headers, body).await
     };
-    Router::new()
-        .route("/v1/track", single(MessageKind::Track))
-        .route("/v1/identify", single(MessageKind::Identify))
-        .route("/v1/page", single(MessageKind::Page))
-        .route("/v1/screen", single(MessageKind::Screen))
-        .route("/v1/group", single(MessageKind::Group))
-        .route("/v1/alias", single(MessageKind::Alias))
-        .route("/v1/t", single(MessageKind::Track))
-        .route("/v1/i", single(MessageKind::Identify))
-        .route("/v1/p", single(MessageKind::Page))
-        .route("/v1/s", single(MessageKind::Screen))
-        .route("/v1/g", single(MessageKind::Group))
-        .route("/v1/a", single(MessageKind::Alias))
-        .route("/v1/batch", batch())
-        .route("/v1/import", batch())
-        .route("/v1/b", batch())
-        .route("/v1/m", post(client_metrics))
-        .route("/v1/projects/{write_key}/settings", get(browser_settings))
+    let mut routes = ApiRoutes::new();
+    for (path, short_path, kind) in [
+        ("/v1/track", "/v1/t", MessageKind::Track),
+        ("/v1/identify", "/v1/i", MessageKind::Identify),
+        ("/v1/page", "/v1/p", MessageKind::Page),
+        ("/v1/screen", "/v1/s", MessageKind::Screen),
+        ("/v1/group", "/v1/g", MessageKind::Group),
+        ("/v1/alias", "/v1/a", MessageKind::Alias),
+    ] {
+        routes = routes.add(Method::POST, path, single(kind)).add(
+            Method::POST,
+            short_path,
+            single(kind),
+        );
+    }
+    routes
+        .add(Method::POST, "/v1/batch", batch)
+        .add(Method::POST, "/v1/import", batch)
+        .add(Method::POST, "/v1/b", batch)
+        .add(Method::POST, "/v1/m", client_metrics)
+        .add(
+            Method::GET,
+            "/v1/projects/{write_key}/settings",
+            browser_settings,
+        )
 }
 
 /// Reads the body within the size limit and time limit, inflating gzip without ever inflating
@@ -515,7 +515,7 @@ async fn client_metrics(
 /// analytics.js boot settings.
 async fn browser_settings(
     State(state): State<AppState>,
-    Path(write_key): Path<String>,
+    ApiPath(write_key): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let resolved = authorize(&state, Some(write_key.clone()))?;

@@ -1,3 +1,4 @@
+#![recursion_limit = "512"]
 //! The HTTP face of Meridian: the Segment-compatible ingest API, the admin API, operations
 //! routes, configuration, and the assembly of a running node. Only this crate knows HTTP.
 
@@ -8,7 +9,9 @@ pub mod error;
 pub mod headers;
 pub mod ingest;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
+pub mod routes;
 pub mod server;
 pub mod state;
 

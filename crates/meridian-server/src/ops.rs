@@ -2,22 +2,21 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use meridian_core::timestamp::now_unix_ms;
 use serde_json::json;
 
 use crate::metrics::{TextWriter, process_figures};
+use crate::routes::ApiRoutes;
 use crate::state::{AppState, SinkHandle};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub fn routes() -> ApiRoutes {
+    ApiRoutes::new()
+        .add(Method::GET, "/healthz", healthz)
+        .add(Method::GET, "/readyz", readyz)
+        .add(Method::GET, "/metrics", metrics)
 }
 
 async fn healthz() -> Response {

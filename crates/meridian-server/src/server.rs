@@ -44,11 +44,25 @@ pub enum ServerError {
     Serve(String),
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(crate::ingest::routes())
+/// Every route of the service, registered once: the router and the OpenAPI document read it.
+pub fn api_routes() -> crate::routes::ApiRoutes {
+    crate::ingest::routes()
         .merge(crate::admin::routes())
         .merge(crate::ops::routes())
+}
+
+pub fn router(state: AppState) -> Router {
+    let routes = api_routes();
+    let openapi = Arc::new(crate::openapi::document(&routes.registered()));
+    routes
+        .into_router()
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let openapi = Arc::clone(&openapi);
+                async move { axum::Json((*openapi).clone()) }
+            }),
+        )
         .route_layer(axum::middleware::from_fn(label_route))
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
