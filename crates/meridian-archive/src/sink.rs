@@ -7,7 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::join_all;
-use meridian_core::timestamp::{now_unix_ms, utc_day_start_ms};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meridian_core::ErasureFilter;
+use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms, utc_day_start_ms};
 use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
 use tracing::error;
 
@@ -79,16 +82,28 @@ pub struct ArchiveSink {
     regional_store: Arc<dyn ObjectStore>,
     resolver: Arc<dyn StoreResolver>,
     config: ArchiveSinkConfig,
+    erasures: Arc<dyn ErasureFilter>,
+    erased_messages: Arc<AtomicU64>,
 }
 
 /// The records of one (project, day) group, by index into the batch.
 type Groups = BTreeMap<(String, i64), Vec<usize>>;
 
-fn group_records(records: &[Record]) -> Groups {
+/// Groups records by (project, received day), leaving out messages a GDPR deletion erased.
+/// Returns the groups and how many messages were left out.
+fn group_records(records: &[Record], erasures: &dyn ErasureFilter) -> (Groups, u64) {
     let mut groups: Groups = BTreeMap::new();
+    let mut erased = 0;
     for (index, record) in records.iter().enumerate() {
         let key = match serde_json::from_slice::<ArchivedMessage<'_>>(&record.payload) {
             Ok(message) => {
+                let received_at_ms = parse_timestamp_ms(&message.received_at).unwrap_or(0);
+                if let Some(user_id) = &message.user_id
+                    && erasures.is_erased(&message.project_id, user_id, received_at_ms)
+                {
+                    erased += 1;
+                    continue;
+                }
                 let day_ms = message.received_day_ms();
                 (message.project_id.into_owned(), day_ms)
             }
@@ -102,7 +117,7 @@ fn group_records(records: &[Record]) -> Groups {
         };
         groups.entry(key).or_default().push(index);
     }
-    groups
+    (groups, erased)
 }
 
 async fn put_object(
@@ -120,12 +135,15 @@ impl ArchiveSink {
         regional_store: Arc<dyn ObjectStore>,
         resolver: Arc<dyn StoreResolver>,
         config: ArchiveSinkConfig,
+        erasures: Arc<dyn ErasureFilter>,
     ) -> ArchiveSink {
         ArchiveSink {
             region: region.to_string(),
             regional_store,
             resolver,
             config,
+            erasures,
+            erased_messages: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -152,12 +170,22 @@ impl Sink for ArchiveSink {
         self.regional_store.health()
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![(
+            "erased_messages",
+            self.erased_messages.load(Ordering::Relaxed),
+        )]
+    }
+
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
         let records = Arc::clone(&batch.records);
         let level = self.config.gzip_level;
+        let erasures = Arc::clone(&self.erasures);
+        let erased_counter = Arc::clone(&self.erased_messages);
         let encoded = tokio::task::spawn_blocking(
             move || -> Result<Vec<(String, i64, Vec<u8>)>, std::io::Error> {
-                let groups = group_records(&records);
+                let (groups, erased) = group_records(&records, erasures.as_ref());
+                erased_counter.fetch_add(erased, Ordering::Relaxed);
                 let mut objects = Vec::with_capacity(groups.len());
                 for ((project_id, day_ms), indexes) in groups {
                     let messages = indexes
@@ -244,6 +272,7 @@ mod tests {
             store.clone(),
             Arc::new(NoCustomerStorage),
             ArchiveSinkConfig::default(),
+            Arc::new(meridian_core::NoErasures),
         );
         let batch = DeliveryBatch {
             range: OffsetRange { start: 10, end: 14 },
@@ -270,5 +299,63 @@ mod tests {
         assert_eq!(lines.len(), 2, "offsets 10 and 13, in order");
         assert!(String::from_utf8_lossy(&lines[0]).contains(r#""n":10"#));
         assert!(String::from_utf8_lossy(&lines[1]).contains(r#""n":13"#));
+    }
+
+    /// Erases user "gone" of project p1 for messages received up to the end of 2026-11-24.
+    struct EraseGone;
+
+    impl ErasureFilter for EraseGone {
+        fn is_erased(&self, project_id: &str, user_id: &str, received_at_ms: i64) -> bool {
+            project_id == "p1" && user_id == "gone" && received_at_ms <= 1_795_564_799_999
+        }
+    }
+
+    #[tokio::test]
+    async fn erased_users_messages_are_left_out_of_archive_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalDirStore::new(dir.path()));
+        let sink = ArchiveSink::new(
+            "eu-west-1",
+            store.clone(),
+            Arc::new(NoCustomerStorage),
+            ArchiveSinkConfig::default(),
+            Arc::new(EraseGone),
+        );
+        let message = |offset: u64, user: &str, received_at: &str| Record {
+            offset,
+            payload: format!(
+                r#"{{"projectId":"p1","userId":"{user}","receivedAt":"{received_at}"}}"#
+            )
+            .into_bytes(),
+        };
+        let batch = DeliveryBatch {
+            range: OffsetRange { start: 0, end: 3 },
+            records: Arc::new(vec![
+                message(0, "gone", "2026-11-24T10:00:00.000Z"),
+                message(1, "kept", "2026-11-24T10:00:00.000Z"),
+                message(2, "gone", "2026-11-25T10:00:00.000Z"),
+            ]),
+        };
+        sink.deliver(&batch).await.unwrap();
+        let mut lines = Vec::new();
+        for key in store.list("segment-logs/").await.unwrap() {
+            lines.extend(decode_object(&key, &store.get(&key).await.unwrap().unwrap()).unwrap());
+        }
+        let users: Vec<String> = lines
+            .iter()
+            .map(|line| {
+                serde_json::from_slice::<serde_json::Value>(line).unwrap()["userId"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(users.len(), 2);
+        assert!(users.contains(&"kept".to_string()));
+        assert!(
+            users.contains(&"gone".to_string()),
+            "a message received after the deletion is kept"
+        );
+        assert_eq!(sink.counters(), vec![("erased_messages", 1)]);
     }
 }

@@ -38,6 +38,8 @@ struct ProjectEntry {
     region: RegionId,
     storage: Option<Arc<CustomerStorage>>,
     suppressed_users: HashSet<String>,
+    /// Users with a GDPR deletion, and the time of their latest deletion request.
+    erased_users: HashMap<String, i64>,
 }
 
 #[derive(Debug, Default)]
@@ -147,12 +149,21 @@ impl KeyCache {
                     region,
                     storage: storage.map(Arc::new),
                     suppressed_users: HashSet::new(),
+                    erased_users: HashMap::new(),
                 },
             );
         }
         for (project_id, user_id) in rows.suppressions {
             if let Some(project) = projects.get_mut(project_id.as_str()) {
                 project.suppressed_users.insert(user_id);
+            }
+        }
+        for (project_id, user_ids, created_at_ms) in rows.deletions {
+            if let Some(project) = projects.get_mut(project_id.as_str()) {
+                for user_id in user_ids {
+                    let latest = project.erased_users.entry(user_id).or_insert(created_at_ms);
+                    *latest = (*latest).max(created_at_ms);
+                }
             }
         }
         let mut keys = HashMap::with_capacity(rows.keys.len());
@@ -228,5 +239,16 @@ impl KeyCache {
                 }
             }
         }
+    }
+}
+
+impl meridian_core::ErasureFilter for KeyCache {
+    fn is_erased(&self, project_id: &str, user_id: &str, received_at_ms: i64) -> bool {
+        self.snapshot
+            .load()
+            .projects
+            .get(project_id)
+            .and_then(|project| project.erased_users.get(user_id))
+            .is_some_and(|deleted_at_ms| received_at_ms <= *deleted_at_ms)
     }
 }

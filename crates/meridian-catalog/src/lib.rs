@@ -5,6 +5,7 @@
 
 mod audit;
 mod catalog;
+mod deletion;
 mod error;
 mod ids;
 mod key_cache;
@@ -13,6 +14,7 @@ mod schema;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
 pub use catalog::{Catalog, CatalogBackend, KeyInfo, NewProject, Org, Page, Project, RotatedKey};
+pub use deletion::{Deletion, DeletionProgress, DeletionStage, DeletionStatus};
 pub use error::CatalogError;
 pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};

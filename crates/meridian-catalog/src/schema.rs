@@ -83,6 +83,34 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX IF NOT EXISTS region_migrations_by_org ON region_migrations (org_id, status)",
         ],
     ),
+    (
+        3,
+        "gdpr deletions",
+        &[
+            "CREATE TABLE IF NOT EXISTS deletions (
+                deletion_id TEXT PRIMARY KEY,
+                org_id TEXT NOT NULL,
+                project_id TEXT NOT NULL,
+                region TEXT NOT NULL,
+                user_ids_json TEXT NOT NULL,
+                status TEXT NOT NULL,
+                stage TEXT NOT NULL,
+                clickhouse_rows_deleted BIGINT NOT NULL,
+                archive_objects_scanned BIGINT NOT NULL,
+                archive_objects_rewritten BIGINT NOT NULL,
+                archive_messages_removed BIGINT NOT NULL,
+                error TEXT,
+                created_at_ms BIGINT NOT NULL,
+                updated_at_ms BIGINT NOT NULL,
+                started_at_ms BIGINT,
+                finished_at_ms BIGINT,
+                deadline_ms BIGINT NOT NULL,
+                lease_owner TEXT,
+                lease_until_ms BIGINT
+            )",
+            "CREATE INDEX IF NOT EXISTS deletions_by_status ON deletions (status, region)",
+        ],
+    ),
 ];
 
 /// Applies every migration not yet applied. On PostgreSQL an advisory lock keeps several nodes

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clickhouse::{Client, RowOwned, RowWrite};
+use meridian_core::ErasureFilter;
 use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
 use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
 use serde_json::json;
@@ -105,9 +106,11 @@ struct Counters {
     failovers: AtomicU64,
     dead_lettered: AtomicU64,
     bisections: AtomicU64,
+    erased: AtomicU64,
 }
 
 pub struct ClickHouseSink {
+    erasures: Arc<dyn ErasureFilter>,
     region: String,
     config: ClickHouseConfig,
     replicas: Vec<Replica>,
@@ -123,8 +126,21 @@ enum Rows {
     Modern(Vec<(u64, ModernEventRow)>),
 }
 
+impl Rows {
+    fn is_empty(&self) -> bool {
+        match self {
+            Rows::Legacy(rows) => rows.is_empty(),
+            Rows::Modern(rows) => rows.is_empty(),
+        }
+    }
+}
+
 impl ClickHouseSink {
-    pub fn new(region: &str, config: ClickHouseConfig) -> ClickHouseSink {
+    pub fn new(
+        region: &str,
+        config: ClickHouseConfig,
+        erasures: Arc<dyn ErasureFilter>,
+    ) -> ClickHouseSink {
         let replicas = config
             .urls
             .iter()
@@ -147,6 +163,7 @@ impl ClickHouseSink {
             })
             .collect();
         ClickHouseSink {
+            erasures,
             region: region.to_string(),
             config,
             replicas,
@@ -462,11 +479,136 @@ impl ClickHouseSink {
     }
 }
 
-fn build_rows(records: &[Record], flavor: SchemaFlavor, dead: &mut Vec<(u64, String)>) -> Rows {
+/// Rows for the records, leaving out messages a GDPR deletion erased; returns the rows and how
+/// many were left out.
+/// Splits user ids into chunks whose SQL stays well under ClickHouse's 256 KiB query limit.
+fn chunk_user_ids(user_ids: &[String]) -> Vec<&[String]> {
+    const MAX_CHUNK_BYTES: usize = 64 * 1024;
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (index, user_id) in user_ids.iter().enumerate() {
+        if index > start && bytes + user_id.len() + 8 > MAX_CHUNK_BYTES {
+            chunks.push(&user_ids[start..index]);
+            start = index;
+            bytes = 0;
+        }
+        bytes += user_id.len() + 8;
+    }
+    if start < user_ids.len() {
+        chunks.push(&user_ids[start..]);
+    }
+    chunks
+}
+
+impl ClickHouseSink {
+    /// Deletes a project's rows of `user_ids` on every replica of the region: counts them, runs
+    /// `ALTER TABLE ... DELETE WHERE project_id = ? AND user_id IN (?, ...)` (values bound, never
+    /// spliced), waits for the mutation to finish, and verifies the count is zero. Returns the rows
+    /// deleted. A replica without the table has nothing to delete.
+    pub async fn delete_users(&self, project_id: &str, user_ids: &[String]) -> Result<u64, String> {
+        let database = schema::quote_identifier(&self.config.database);
+        let mut deleted = 0u64;
+        for replica in &self.replicas {
+            for chunk in chunk_user_ids(user_ids) {
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                let condition = format!("project_id = ? AND user_id IN ({placeholders})");
+                let bind_all = |query: clickhouse::query::Query| {
+                    chunk.iter().fold(query.bind(project_id), |query, user| {
+                        query.bind(user.as_str())
+                    })
+                };
+                let count_sql = format!("SELECT count() FROM {database}.events WHERE {condition}");
+                let before = match self
+                    .with_timeout(bind_all(replica.admin.query(&count_sql)).fetch_one::<u64>())
+                    .await
+                {
+                    Ok(count) => count,
+                    Err(clickhouse::error::Error::BadResponse(message))
+                        if matches!(exception_code(&message), Some(60) | Some(81)) =>
+                    {
+                        continue;
+                    }
+                    Err(error) => {
+                        return Err(format!("{}: counting rows failed: {error}", replica.url));
+                    }
+                };
+                if before == 0 {
+                    continue;
+                }
+                let delete_sql = format!("ALTER TABLE {database}.events DELETE WHERE {condition}");
+                self.with_timeout(bind_all(replica.admin.query(&delete_sql)).execute())
+                    .await
+                    .map_err(|error| {
+                        format!("{}: ALTER TABLE ... DELETE failed: {error}", replica.url)
+                    })?;
+                self.wait_for_mutations(replica).await?;
+                let after = self
+                    .with_timeout(bind_all(replica.admin.query(&count_sql)).fetch_one::<u64>())
+                    .await
+                    .map_err(|error| {
+                        format!("{}: verifying the deletion failed: {error}", replica.url)
+                    })?;
+                if after != 0 {
+                    return Err(format!(
+                        "{}: {after} rows remain after the deletion mutation",
+                        replica.url
+                    ));
+                }
+                deleted += before;
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn wait_for_mutations(&self, replica: &Replica) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            let pending: u64 = self
+                .with_timeout(
+                    replica
+                        .admin
+                        .query("SELECT count() FROM system.mutations WHERE database = ? AND table = 'events' AND is_done = 0")
+                        .bind(self.config.database.as_str())
+                        .fetch_one::<u64>(),
+                )
+                .await
+                .map_err(|error| format!("{}: reading system.mutations failed: {error}", replica.url))?;
+            if pending == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{}: the deletion mutation did not finish within 10 minutes",
+                    replica.url
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn build_rows(
+    records: &[Record],
+    flavor: SchemaFlavor,
+    erasures: &dyn ErasureFilter,
+    dead: &mut Vec<(u64, String)>,
+) -> (Rows, u64) {
     let mut legacy = Vec::new();
     let mut modern = Vec::new();
+    let mut erased = 0;
     for record in records {
         match EventFields::from_stored(&record.payload, record.offset) {
+            Ok(fields)
+                if !fields.user_id.is_empty()
+                    && erasures.is_erased(
+                        &fields.project_id,
+                        &fields.user_id,
+                        fields.received_at_ms,
+                    ) =>
+            {
+                erased += 1;
+            }
             Ok(fields) => match flavor {
                 SchemaFlavor::Legacy => {
                     legacy.push((record.offset, LegacyEventRow::from_fields(fields)))
@@ -478,10 +620,11 @@ fn build_rows(records: &[Record], flavor: SchemaFlavor, dead: &mut Vec<(u64, Str
             Err(reason) => dead.push((record.offset, reason)),
         }
     }
-    match flavor {
+    let rows = match flavor {
         SchemaFlavor::Legacy => Rows::Legacy(legacy),
         SchemaFlavor::Modern => Rows::Modern(modern),
-    }
+    };
+    (rows, erased)
 }
 
 #[async_trait]
@@ -507,13 +650,20 @@ impl Sink for ClickHouseSink {
         }
         let flavor = self.ensure_schema().await?;
         let records = Arc::clone(&batch.records);
-        let (rows, mut dead) = tokio::task::spawn_blocking(move || {
+        let erasures = Arc::clone(&self.erasures);
+        let (rows, erased, mut dead) = tokio::task::spawn_blocking(move || {
             let mut dead = Vec::new();
-            let rows = build_rows(&records, flavor, &mut dead);
-            (rows, dead)
+            let (rows, erased) = build_rows(&records, flavor, erasures.as_ref(), &mut dead);
+            (rows, erased, dead)
         })
         .await
         .map_err(|error| SinkError::Transient(format!("row builder panicked: {error}")))?;
+        self.counters.erased.fetch_add(erased, Ordering::Relaxed);
+        if rows.is_empty() {
+            return self
+                .write_dead_letters(dead, Arc::clone(&batch.records))
+                .await;
+        }
         self.store(&rows, flavor, &mut dead).await?;
         dead.sort_by_key(|(offset, _)| *offset);
         self.write_dead_letters(dead, Arc::clone(&batch.records))
@@ -542,6 +692,10 @@ impl Sink for ClickHouseSink {
                 "clickhouse_bisections",
                 self.counters.bisections.load(Ordering::Relaxed),
             ),
+            (
+                "erased_messages",
+                self.counters.erased.load(Ordering::Relaxed),
+            ),
         ]
     }
 }
@@ -549,6 +703,20 @@ impl Sink for ClickHouseSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_id_chunks_stay_small_and_cover_everyone() {
+        let users: Vec<String> = (0..5000).map(|index| format!("{index:0>100}")).collect();
+        let chunks = chunk_user_ids(&users);
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks.iter().map(|chunk| chunk.len()).sum::<usize>(), 5000);
+        assert!(
+            chunks
+                .iter()
+                .all(|chunk| chunk.iter().map(|user| user.len() + 8).sum::<usize>() <= 64 * 1024)
+        );
+        assert_eq!(chunk_user_ids(&[]).len(), 0);
+    }
 
     #[test]
     fn exception_codes_classify_failures() {

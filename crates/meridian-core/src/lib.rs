@@ -12,3 +12,18 @@ pub use message::{
 };
 pub use region::RegionId;
 pub use storage::CustomerStorage;
+
+/// Tells sinks which stored messages a GDPR deletion has erased: a message of `user_id` in
+/// `project_id` received at or before a deletion of that user is never written to a sink.
+pub trait ErasureFilter: Send + Sync + 'static {
+    fn is_erased(&self, project_id: &str, user_id: &str, received_at_ms: i64) -> bool;
+}
+
+/// No deletions (tests, tools).
+pub struct NoErasures;
+
+impl ErasureFilter for NoErasures {
+    fn is_erased(&self, _project_id: &str, _user_id: &str, _received_at_ms: i64) -> bool {
+        false
+    }
+}

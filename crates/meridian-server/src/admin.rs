@@ -515,7 +515,7 @@ async fn rotate_key(
 
 const MAX_USER_IDS_PER_REQUEST: usize = 5_000;
 
-fn validate_user_ids(user_ids: &[String]) -> Result<(), ApiError> {
+pub fn validate_user_ids(user_ids: &[String]) -> Result<(), ApiError> {
     if user_ids.is_empty() || user_ids.len() > MAX_USER_IDS_PER_REQUEST {
         return Err(ApiError::bad_request(
             "invalid_request",

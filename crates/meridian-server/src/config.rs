@@ -35,7 +35,16 @@ pub struct Config {
     pub queue: QueueSettings,
     pub archive: ArchiveDefaults,
     pub customer_storage: CustomerStorageConfig,
+    pub gdpr: GdprConfig,
     pub regions: BTreeMap<String, RegionConfig>,
+}
+
+/// `[gdpr]`: the deletion executor.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GdprConfig {
+    pub settle_ms: u64,
+    pub poll_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -247,6 +256,8 @@ pub struct Settings {
     pub retry: meridian_queue::RetryPolicy,
     pub customer_access: meridian_archive::customer::CustomerAccessSettings,
     pub location_check_interval: Duration,
+    pub gdpr_settle: Duration,
+    pub gdpr_poll_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -685,6 +696,8 @@ impl Config {
                     self.customer_storage.request_timeout_secs.max(1),
                 ),
             },
+            gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
+            gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             location_check_interval: Duration::from_secs(
                 self.customer_storage.location_check_interval_secs.max(1),
             ),

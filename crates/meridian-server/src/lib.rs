@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod gdpr;
 pub mod headers;
 pub mod ingest;
 pub mod metrics;

@@ -333,6 +333,24 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             ),
         ),
         (
+            Method::POST,
+            "/admin/projects/{project_id}/deletions",
+            admin(
+                "Request a GDPR deletion of up to 5,000 users, carried out in the project's region; also suppresses them (owner/admin)",
+                Some("UserIds"),
+                (202, Some("Deletion")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/deletions/{deletion_id}",
+            admin(
+                "A GDPR deletion's status, per-store progress and deadline (owner/admin)",
+                None,
+                (200, Some("Deletion")),
+            ),
+        ),
+        (
             Method::GET,
             "/healthz",
             Operation {
@@ -465,6 +483,14 @@ fn schemas() -> Value {
             "source_region": string, "target_region": string,
             "status": {"enum": ["pending", "copying", "dual_write", "done", "failed", "cancelled"]},
             "error": nullable(json!({"type": "string"})), "created_at": string, "updated_at": string}},
+        "Deletion": {"type": "object", "required": ["deletion_id", "project_id", "region", "status", "stage", "user_count", "created_at", "deadline", "stores"], "properties": {
+            "deletion_id": string, "project_id": string, "region": string,
+            "status": {"enum": ["pending", "running", "done", "failed"]},
+            "stage": {"enum": ["settle", "clickhouse", "archive", "finished"]},
+            "user_count": {"type": "integer"}, "created_at": string,
+            "started_at": nullable(json!({"type": "string"})), "finished_at": nullable(json!({"type": "string"})),
+            "deadline": string, "error": nullable(json!({"type": "string"})),
+            "stores": {"type": "object"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": string}},
         "Readiness": {"type": "object", "required": ["ready", "regions"], "properties": {"ready": {"type": "boolean"}, "regions": {"type": "object"}}},
     })

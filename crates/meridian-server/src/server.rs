@@ -15,7 +15,7 @@ use meridian_archive::{
 };
 use meridian_catalog::{Catalog, KeyCache};
 use meridian_clickhouse::ClickHouseSink;
-use meridian_core::RegionId;
+use meridian_core::{ErasureFilter, RegionId};
 use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -28,7 +28,7 @@ use crate::headers::{
     label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
 };
 use crate::metrics::Metrics;
-use crate::state::{AppState, AppStateInner, SinkHandle};
+use crate::state::{AppState, AppStateInner, RegionServices, SinkHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -48,6 +48,7 @@ pub enum ServerError {
 pub fn api_routes() -> crate::routes::ApiRoutes {
     crate::ingest::routes()
         .merge(crate::admin::routes())
+        .merge(crate::gdpr::routes())
         .merge(crate::ops::routes())
 }
 
@@ -135,10 +136,8 @@ async fn build_sinks(
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
     guards: &mut Vec<Arc<GuardedS3Store>>,
-) -> Vec<Arc<dyn Sink>> {
-    let Some(region_settings) = settings.regions.get(region) else {
-        return Vec::new();
-    };
+) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
+    let region_settings = settings.regions.get(region)?;
     let archive = &region_settings.archive;
     let store: Arc<dyn ObjectStore> = match &archive.target {
         ArchiveTarget::Dir(dir) => Arc::new(LocalDirStore::new(dir.clone())),
@@ -162,7 +161,7 @@ async fn build_sinks(
     };
     let archive_sink = ArchiveSink::new(
         region.as_str(),
-        store,
+        Arc::clone(&store),
         Arc::new(resolver),
         ArchiveSinkConfig {
             flush_max_bytes: archive.flush_max_bytes,
@@ -171,16 +170,27 @@ async fn build_sinks(
             gzip_level: archive.gzip_level,
             prefix: archive.prefix.clone(),
         },
+        Arc::clone(keys) as Arc<dyn ErasureFilter>,
     );
     let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(archive_sink)];
-    if let Some(clickhouse) = &region_settings.clickhouse {
+    let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
         // Built from this region's settings only: its replicas, its database.
-        sinks.push(Arc::new(ClickHouseSink::new(
+        Arc::new(ClickHouseSink::new(
             region.as_str(),
             clickhouse.clone(),
-        )));
+            Arc::clone(keys) as Arc<dyn ErasureFilter>,
+        ))
+    });
+    if let Some(clickhouse) = &clickhouse {
+        sinks.push(Arc::clone(clickhouse) as Arc<dyn Sink>);
     }
-    sinks
+    let services = RegionServices {
+        archive_store: store,
+        archive_prefix: archive.prefix.clone(),
+        gzip_level: archive.gzip_level,
+        clickhouse,
+    };
+    Some((sinks, services))
 }
 
 /// Checks every guarded bucket's location at start and then every `interval`.
@@ -218,6 +228,11 @@ impl RunningNode {
             warn!(path = %settings.data_dir.join("jwt_secret").display(), "no auth.jwt_secret configured: using the secret generated in the data dir (set MERIDIAN_JWT_SECRET for clusters)");
         }
         let (catalog, keys) = open_catalog(&settings).await?;
+        let node_id =
+            load_or_create_node_id(&settings.data_dir).map_err(|error| ServerError::DataDir {
+                path: settings.data_dir.display().to_string(),
+                message: format!("node id: {error}"),
+            })?;
 
         let mut queues = BTreeMap::new();
         for region in &settings.served_regions {
@@ -249,8 +264,15 @@ impl RunningNode {
         let mut sink_handles = Vec::new();
         let customer_stores = Arc::new(CustomerStores::new(settings.customer_access.clone()));
         let mut guards = Vec::new();
+        let mut region_services = BTreeMap::new();
         for (region, queue) in &queues {
-            for sink in build_sinks(&settings, region, &keys, &customer_stores, &mut guards).await {
+            let Some((sinks, services)) =
+                build_sinks(&settings, region, &keys, &customer_stores, &mut guards).await
+            else {
+                continue;
+            };
+            region_services.insert(region.clone(), services);
+            for sink in sinks {
                 let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
                     .with_retry_policy(settings.retry);
                 sink_handles.push(SinkHandle {
@@ -292,7 +314,14 @@ impl RunningNode {
             jwt: Arc::new(JwtAuthority::new(&jwt_secret, leeway)),
             sinks: Arc::new(sink_handles),
             customer_stores,
+            region_services: Arc::new(region_services),
+            node_id: node_id.clone(),
+            deletion_requested: Arc::new(tokio::sync::Notify::new()),
         });
+        tokio::spawn(crate::gdpr::run_deletion_executor(
+            state.clone(),
+            stop_background.subscribe(),
+        ));
         Ok(RunningNode {
             state,
             listener,
@@ -366,6 +395,21 @@ impl RunningNode {
         info!("shutdown complete");
         Ok(())
     }
+}
+
+/// This node's identity, kept in `<data_dir>/node_id` so that a restarted node resumes the work
+/// it had leased (GDPR deletions) without waiting for its leases to lapse.
+fn load_or_create_node_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, &node_id)?;
+    Ok(node_id)
 }
 
 /// Resolves on SIGTERM or SIGINT.

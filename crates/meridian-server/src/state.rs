@@ -53,4 +53,19 @@ pub struct AppStateInner {
     pub sinks: Arc<Vec<SinkHandle>>,
     /// Customer-hosted archive buckets (Local Data Storage): verification and cached clients.
     pub customer_stores: Arc<meridian_archive::customer::CustomerStores>,
+    /// The stores of each served region, for the GDPR executor.
+    pub region_services: Arc<BTreeMap<RegionId, RegionServices>>,
+    /// This node's stable identity (deletion leases).
+    pub node_id: String,
+    /// Wakes the deletion executor when a deletion is requested on this node.
+    pub deletion_requested: Arc<tokio::sync::Notify>,
+}
+
+/// What a served region's data lives in, built from that region's settings only.
+#[derive(Clone)]
+pub struct RegionServices {
+    pub archive_store: Arc<dyn meridian_archive::ObjectStore>,
+    pub archive_prefix: Option<String>,
+    pub gzip_level: u32,
+    pub clickhouse: Option<Arc<meridian_clickhouse::ClickHouseSink>>,
 }
