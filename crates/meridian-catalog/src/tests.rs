@@ -296,10 +296,10 @@ async fn the_audit_chain_detects_tampering_and_deletion() {
 async fn migrations_are_recorded_and_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = sqlite_catalog(&dir).await;
-    assert_eq!(catalog.applied_migrations().await.unwrap(), vec![1, 2]);
+    assert_eq!(catalog.applied_migrations().await.unwrap(), vec![1, 2, 3]);
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
-    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2]);
+    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2, 3]);
 }
 
 #[tokio::test]
