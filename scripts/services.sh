@@ -36,6 +36,7 @@ install_services() {
   command -v clickhouse-server >/dev/null || apt_packages+=(clickhouse-server clickhouse-client)
   [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql)
   command -v curl >/dev/null || apt_packages+=(curl)
+  command -v openssl >/dev/null || apt_packages+=(openssl)
   if (( ${#apt_packages[@]} )); then
     log "installing ${apt_packages[*]} (apt)"
     apt-get update -qq

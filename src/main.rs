@@ -133,8 +133,7 @@ fn init_logging() {
     }
 }
 
-fn print_quick_start(settings: &Settings, address: std::net::SocketAddr) {
-    let host = format!("http://{address}");
+fn print_quick_start(settings: &Settings, host: &str) {
     let regions: Vec<&str> = settings
         .served_regions
         .iter()
@@ -175,17 +174,21 @@ async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()
         );
         println!(
             "  listen: {}; data dir: {}",
-            settings.listen,
+            settings
+                .listen
+                .map(|listen| listen.to_string())
+                .unwrap_or_else(|| "off".to_string()),
             settings.data_dir.display()
         );
         println!("  catalog: {}", settings.catalog_url);
         return Ok(());
     }
     let node = RunningNode::start(settings.clone()).await?;
-    let address = node
-        .local_addr()
-        .context("the listener has no local address")?;
-    print_quick_start(&settings, address);
+    match (node.local_addr(), node.tls_local_addr()) {
+        (Some(address), _) => print_quick_start(&settings, &format!("http://{address}")),
+        (None, Some(address)) => print_quick_start(&settings, &format!("https://{address}")),
+        (None, None) => bail!("no listener is configured"),
+    }
     node.serve(termination_signal()).await?;
     Ok(())
 }

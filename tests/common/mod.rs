@@ -66,8 +66,6 @@ pub fn test_config_with_flush(flush_interval_ms: u64, extra: &str) -> String {
 flush_interval_ms = {flush_interval_ms}
 [catalog]
 refresh_interval_ms = 100
-[server]
-shutdown_timeout_secs = 20
 [queue]
 retry_max_ms = 2000
 {extra}
@@ -102,6 +100,9 @@ impl TestServer {
                 .collect(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // Below every server idle timeout the tests configure, so that a pooled
+                // connection the server closed is never reused.
+                .pool_idle_timeout(Duration::from_secs(1))
                 .build()
                 .expect("http client"),
             _dir: None,

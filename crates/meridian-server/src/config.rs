@@ -36,7 +36,25 @@ pub struct Config {
     pub archive: ArchiveDefaults,
     pub customer_storage: CustomerStorageConfig,
     pub gdpr: GdprConfig,
+    pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
+}
+
+/// `[rate_limits]`: messages per second per project (0: unlimited).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub default_messages_per_second: f64,
+    pub default_burst: f64,
+    #[serde(default)]
+    pub projects: BTreeMap<String, ProjectRateLimit>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRateLimit {
+    pub messages_per_second: f64,
+    pub burst: Option<f64>,
 }
 
 /// `[gdpr]`: the deletion executor.
@@ -59,10 +77,32 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: String,
+    pub plain_http: bool,
     pub public_url: Option<String>,
     pub shutdown_timeout_secs: u64,
     pub body_read_timeout_secs: u64,
     pub append_timeout_secs: u64,
+    pub request_timeout_secs: u64,
+    pub header_read_timeout_secs: u64,
+    pub max_header_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub max_connection_age_secs: u64,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the TLS listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    #[serde(default = "default_tls_reload_check_secs")]
+    pub reload_check_secs: u64,
+}
+
+fn default_tls_reload_check_secs() -> u64 {
+    10
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -239,8 +279,13 @@ pub struct Settings {
     pub served_regions: Vec<RegionId>,
     pub regions: BTreeMap<RegionId, RegionSettings>,
     pub data_dir: PathBuf,
-    pub listen: SocketAddr,
+    /// The plain-HTTP listener (`None` when `server.plain_http = false`).
+    pub listen: Option<SocketAddr>,
+    pub tls: Option<TlsSettings>,
     pub public_url: Option<String>,
+    pub request_timeout: Duration,
+    pub connection_limits: crate::listener::ConnectionLimits,
+    pub max_concurrent_requests: usize,
     pub shutdown_timeout: Duration,
     pub body_read_timeout: Duration,
     pub append_timeout: Duration,
@@ -258,6 +303,8 @@ pub struct Settings {
     pub location_check_interval: Duration,
     pub gdpr_settle: Duration,
     pub gdpr_poll_interval: Duration,
+    pub default_rate_limit: Option<crate::rate_limit::Limit>,
+    pub project_rate_limits: std::collections::HashMap<String, crate::rate_limit::Limit>,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +325,14 @@ pub struct ArchiveSettings {
     pub flush_interval: Duration,
     pub gzip_level: u32,
     pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub reload_check: Duration,
 }
 
 /// Where a region's archive goes.
@@ -654,6 +709,42 @@ impl Config {
                 "catalog.url `{catalog_url}` must start with sqlite:// or postgres://"
             ));
         }
+        let tls = self
+            .server
+            .tls
+            .as_ref()
+            .and_then(|tls| match tls.listen.parse::<SocketAddr>() {
+                Ok(address) => {
+                    for (what, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)]
+                    {
+                        if !path.exists() {
+                            problems.push(format!(
+                                "server.tls.{what} {} does not exist",
+                                path.display()
+                            ));
+                        }
+                    }
+                    Some(TlsSettings {
+                        listen: address,
+                        cert_path: tls.cert_path.clone(),
+                        key_path: tls.key_path.clone(),
+                        reload_check: Duration::from_secs(tls.reload_check_secs.max(1)),
+                    })
+                }
+                Err(error) => {
+                    problems.push(format!(
+                        "server.tls.listen `{}` is not host:port: {error}",
+                        tls.listen
+                    ));
+                    None
+                }
+            });
+        if !self.server.plain_http && self.server.tls.is_none() {
+            problems.push("server.plain_http = false needs a [server.tls] listener".to_string());
+        }
+        if self.server.max_concurrent_requests == 0 {
+            problems.push("server.max_concurrent_requests must be positive".to_string());
+        }
         let (Some(home_region), Some(default_region), Some(listen), true) =
             (home_region, default_region, listen, problems.is_empty())
         else {
@@ -665,7 +756,19 @@ impl Config {
             served_regions,
             regions,
             data_dir,
-            listen,
+            listen: self.server.plain_http.then_some(listen),
+            tls,
+            request_timeout: Duration::from_secs(self.server.request_timeout_secs.max(1)),
+            connection_limits: crate::listener::ConnectionLimits {
+                header_read_timeout: Duration::from_secs(
+                    self.server.header_read_timeout_secs.max(1),
+                ),
+                max_header_bytes: self.server.max_header_bytes,
+                tls_handshake_timeout: Duration::from_secs(10),
+                max_connection_age: Duration::from_secs(self.server.max_connection_age_secs.max(1)),
+                max_concurrent_http2_streams: 256,
+            },
+            max_concurrent_requests: self.server.max_concurrent_requests,
             public_url: self
                 .server
                 .public_url
@@ -696,6 +799,35 @@ impl Config {
                     self.customer_storage.request_timeout_secs.max(1),
                 ),
             },
+            default_rate_limit: (self.rate_limits.default_messages_per_second > 0.0).then_some(
+                crate::rate_limit::Limit {
+                    per_second: self.rate_limits.default_messages_per_second,
+                    burst: if self.rate_limits.default_burst > 0.0 {
+                        self.rate_limits.default_burst
+                    } else {
+                        self.rate_limits.default_messages_per_second * 2.0
+                    },
+                },
+            ),
+            project_rate_limits: self
+                .rate_limits
+                .projects
+                .iter()
+                .filter(|(_, limit)| limit.messages_per_second > 0.0)
+                .map(|(project, limit)| {
+                    let burst = limit
+                        .burst
+                        .filter(|burst| *burst > 0.0)
+                        .unwrap_or(limit.messages_per_second * 2.0);
+                    (
+                        project.clone(),
+                        crate::rate_limit::Limit {
+                            per_second: limit.messages_per_second,
+                            burst,
+                        },
+                    )
+                })
+                .collect(),
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             location_check_interval: Duration::from_secs(
@@ -791,7 +923,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["us-east-1", "sa-east-1"]
         );
-        assert_eq!(settings.listen.port(), 9000);
+        assert_eq!(settings.listen.map(|listen| listen.port()), Some(9000));
         assert!(
             settings
                 .catalog_url

@@ -17,6 +17,8 @@ pub struct ApiError {
     /// Stamped as `X-Region` (else the node's home region is).
     pub region: Option<RegionId>,
     pub retry_after_secs: Option<u64>,
+    /// Seconds until a rate-limited project's bucket is full again (`X-RateLimit-Reset`).
+    pub rate_limit_reset_secs: Option<u64>,
     /// Extra top-level fields of the body (e.g. `rejected`).
     pub extra: Option<Box<(&'static str, Value)>>,
 }
@@ -29,6 +31,7 @@ impl ApiError {
             message: message.into(),
             region: None,
             retry_after_secs: None,
+            rate_limit_reset_secs: None,
             extra: None,
         }
     }
@@ -69,6 +72,18 @@ impl ApiError {
         ApiError {
             retry_after_secs: Some(retry_after_secs),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    pub fn rate_limited(retry_after_secs: u64, reset_secs: u64) -> ApiError {
+        ApiError {
+            retry_after_secs: Some(retry_after_secs),
+            rate_limit_reset_secs: Some(reset_secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("this project is over its message rate; retry after {retry_after_secs} s"),
+            )
         }
     }
 
@@ -135,6 +150,9 @@ impl IntoResponse for ApiError {
         }
         if let Some(seconds) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(seconds) = self.rate_limit_reset_secs {
+            headers.insert("x-ratelimit-reset", HeaderValue::from(seconds));
         }
         response
     }

@@ -139,3 +139,37 @@ pub async fn method_not_allowed_fallback() -> ApiError {
         "this route does not accept that method",
     )
 }
+
+/// Caps the requests handled at once (503 + Retry-After beyond; health, readiness and metrics are
+/// exempt so operators can still see the node) and bounds every request's time (408).
+pub async fn limit_requests(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let is_exempt = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let _slot = if is_exempt {
+        None
+    } else {
+        match Arc::clone(&state.request_slots).try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                return ApiError::unavailable(
+                    "overloaded",
+                    "this node is handling as many requests as it may; retry shortly",
+                    1,
+                )
+                .into_response();
+            }
+        }
+    };
+    match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long and was abandoned",
+        )
+        .into_response(),
+    }
+}

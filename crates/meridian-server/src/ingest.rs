@@ -216,6 +216,26 @@ fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey,
     Ok(resolved)
 }
 
+fn enforce_rate_limit(
+    state: &AppState,
+    resolved: &ResolvedKey,
+    messages: u64,
+) -> Result<(), ApiError> {
+    match state
+        .rate_limiter
+        .check(&resolved.project_id, messages.max(1))
+    {
+        crate::rate_limit::Decision::Allowed => Ok(()),
+        crate::rate_limit::Decision::Limited {
+            retry_after_secs,
+            reset_secs,
+        } => {
+            Err(ApiError::rate_limited(retry_after_secs, reset_secs)
+                .in_region(resolved.region.clone()))
+        }
+    }
+}
+
 struct Outcome {
     accepted: u64,
     suppressed: u64,
@@ -259,6 +279,7 @@ async fn ingest(
                 .map_err(|error| json_error_to_api_error(&error, false))?;
             let body_key = write_key_from_value(message.get("writeKey"));
             let resolved = authorize(&state, header_key.or(body_key))?;
+            enforce_rate_limit(&state, &resolved, 1)?;
             let outcome = process_messages(
                 &state,
                 &resolved,
@@ -273,6 +294,7 @@ async fn ingest(
                 .map_err(|error| json_error_to_api_error(&error, true))?;
             let body_key = write_key_from_value(envelope.write_key.as_ref());
             let resolved = authorize(&state, header_key.or(body_key))?;
+            enforce_rate_limit(&state, &resolved, envelope.batch.len() as u64)?;
             let outcome = process_messages(
                 &state,
                 &resolved,

@@ -9,12 +9,15 @@ pub mod error;
 pub mod gdpr;
 pub mod headers;
 pub mod ingest;
+pub mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
+pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod tls;
 
 pub use config::{Config, ConfigError, Settings};
 pub use server::{RunningNode, ServerError, termination_signal};

@@ -69,6 +69,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            crate::headers::limit_requests,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             stamp_responses,
         ))
         .with_state(state)
@@ -77,7 +81,8 @@ pub fn router(state: AppState) -> Router {
 /// A node that is listening and delivering; [`RunningNode::serve`] runs it until shutdown.
 pub struct RunningNode {
     state: AppState,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    tls_listener: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     runners: Vec<JoinHandle<()>>,
     drain: watch::Sender<bool>,
     stop_background: watch::Sender<bool>,
@@ -297,16 +302,46 @@ impl RunningNode {
             Arc::clone(&keys).run_refresher(settings.catalog_refresh_interval, stop_receiver),
         );
 
-        let listener =
-            TcpListener::bind(settings.listen)
+        let bind = |address: SocketAddr| async move {
+            TcpListener::bind(address)
                 .await
                 .map_err(|error| ServerError::Listen {
-                    address: settings.listen.to_string(),
+                    address: address.to_string(),
                     message: error.to_string(),
-                })?;
+                })
+        };
+        let listener = match settings.listen {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
+        let tls_listener = match &settings.tls {
+            Some(tls) => {
+                let certificate =
+                    crate::tls::ReloadingCertificate::load(&tls.cert_path, &tls.key_path).map_err(
+                        |error| ServerError::Listen {
+                            address: tls.listen.to_string(),
+                            message: error.to_string(),
+                        },
+                    )?;
+                let config =
+                    crate::tls::server_config(Arc::clone(&certificate)).map_err(|error| {
+                        ServerError::Listen {
+                            address: tls.listen.to_string(),
+                            message: error.to_string(),
+                        }
+                    })?;
+                tokio::spawn(certificate.watch(tls.reload_check, stop_background.subscribe()));
+                Some((
+                    bind(tls.listen).await?,
+                    tokio_rustls::TlsAcceptor::from(config),
+                ))
+            }
+            None => None,
+        };
         let leeway = settings.jwt_leeway_secs;
+        let settings = Arc::new(settings);
         let state = AppState::new(AppStateInner {
-            settings: Arc::new(settings),
+            settings: Arc::clone(&settings),
             catalog,
             keys,
             queues: Arc::new(queues),
@@ -317,6 +352,13 @@ impl RunningNode {
             region_services: Arc::new(region_services),
             node_id: node_id.clone(),
             deletion_requested: Arc::new(tokio::sync::Notify::new()),
+            rate_limiter: Arc::new(crate::rate_limit::RateLimiter::new(
+                settings.default_rate_limit,
+                settings.project_rate_limits.clone(),
+            )),
+            request_slots: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_requests,
+            )),
         });
         tokio::spawn(crate::gdpr::run_deletion_executor(
             state.clone(),
@@ -325,14 +367,25 @@ impl RunningNode {
         Ok(RunningNode {
             state,
             listener,
+            tls_listener,
             runners,
             drain,
             stop_background,
         })
     }
 
+    /// The plain-HTTP listener's address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// The TLS listener's address.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn state(&self) -> &AppState {
@@ -348,31 +401,48 @@ impl RunningNode {
         let RunningNode {
             state,
             listener,
+            tls_listener,
             runners,
             drain,
             stop_background,
         } = self;
         let settings = Arc::clone(&state.settings);
         let app = router(state.clone());
-        let (shutdown_started, mut shutdown_seen) = watch::channel(false);
-        let signal = async move {
-            shutdown.await;
-            let _ = shutdown_started.send(true);
-        };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
-        let server_task = tokio::spawn(async move { serve.await });
+        let (stop_listening, listening) = watch::channel(false);
+        let limits = settings.connection_limits.clone();
+        let mut listeners = Vec::new();
+        if let Some(listener) = listener {
+            listeners.push(tokio::spawn(crate::listener::serve(
+                listener,
+                app.clone(),
+                None,
+                limits.clone(),
+                listening.clone(),
+                settings.shutdown_timeout,
+            )));
+        }
+        if let Some((listener, acceptor)) = tls_listener {
+            listeners.push(tokio::spawn(crate::listener::serve(
+                listener,
+                app,
+                Some(acceptor),
+                limits,
+                listening,
+                settings.shutdown_timeout,
+            )));
+        }
 
-        let _ = shutdown_seen.wait_for(|started| *started).await;
+        shutdown.await;
         info!(
             timeout_secs = settings.shutdown_timeout.as_secs(),
             "shutting down: finishing requests in flight and flushing queues"
         );
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
-        match tokio::time::timeout_at(deadline, server_task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(error))) => error!(%error, "HTTP server ended with an error"),
-            Ok(Err(join_error)) => error!(error = %join_error, "HTTP server task failed"),
-            Err(_) => warn!("requests still in flight at the shutdown deadline were cut off"),
+        let _ = stop_listening.send(true);
+        for listener in listeners {
+            if tokio::time::timeout_at(deadline, listener).await.is_err() {
+                warn!("requests still in flight at the shutdown deadline were cut off");
+            }
         }
         let _ = drain.send(true);
         for runner in runners {

@@ -59,6 +59,9 @@ pub struct AppStateInner {
     pub node_id: String,
     /// Wakes the deletion executor when a deletion is requested on this node.
     pub deletion_requested: Arc<tokio::sync::Notify>,
+    pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
+    /// Requests handled at once; beyond, 503.
+    pub request_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a served region's data lives in, built from that region's settings only.

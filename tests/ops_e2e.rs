@@ -1,0 +1,403 @@
+//! End-to-end operations: TLS (HTTP/1.1 and HTTP/2 by ALPN, plaintext refused, certificate
+//! reload), per-project rate limits, slowloris protection, and the concurrency limit.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+
+fn make_certificate(dir: &Path, common_name: &str) -> CertificateDer<'static> {
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem.new"))
+        .arg("-out")
+        .arg(dir.join("cert.pem.new"))
+        .args([
+            "-subj",
+            &format!("/CN={common_name}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
+    CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap()
+}
+
+/// Connects with rustls trusting `trusted`, offering `alpn`; returns the stream and the
+/// certificate the server presented.
+async fn tls_connect(
+    port: u16,
+    trusted: &[CertificateDer<'static>],
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in trusted {
+        roots.add(certificate.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let presented = stream.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec();
+    assert_eq!(
+        stream.get_ref().1.alpn_protocol(),
+        Some(alpn),
+        "ALPN negotiated"
+    );
+    (stream, presented)
+}
+
+async fn get_healthz_http1(
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u16, hyper::Version) {
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/healthz")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let version = response.version();
+    let status = response.status().as_u16();
+    response.into_body().collect().await.unwrap();
+    (status, version)
+}
+
+async fn get_healthz_http2(
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u16, hyper::Version, Option<String>) {
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get("https://localhost/healthz")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let region = response
+        .headers()
+        .get("x-region")
+        .map(|value| value.to_str().unwrap().to_string());
+    (response.status().as_u16(), response.version(), region)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http1_and_http2_refuses_plaintext_and_reloads_its_certificate() {
+    let tls_dir = tempfile::tempdir().unwrap();
+    let first = make_certificate(tls_dir.path(), "first");
+    let tls_port = free_port();
+    let config = test_config(&format!(
+        "[server.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\nreload_check_secs = 3600\n",
+        tls_dir.path().join("cert.pem").display(),
+        tls_dir.path().join("key.pem").display()
+    ));
+    let server = TestServer::start(&config, &[]).await;
+
+    let (stream, presented) =
+        tls_connect(tls_port, std::slice::from_ref(&first), b"http/1.1").await;
+    assert_eq!(presented, first.as_ref());
+    assert_eq!(
+        get_healthz_http1(stream).await,
+        (200, hyper::Version::HTTP_11)
+    );
+    let (stream, _) = tls_connect(tls_port, std::slice::from_ref(&first), b"h2").await;
+    let (status, version, region) = get_healthz_http2(stream).await;
+    assert_eq!(
+        (status, version, region.as_deref()),
+        (200, hyper::Version::HTTP_2, Some("eu-west-1"))
+    );
+
+    // Plain HTTP to the TLS port: no HTTP answer, the connection is closed, the server lives on.
+    let mut plain = TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"),
+        "plaintext got an HTTP answer"
+    );
+    let (stream, _) = tls_connect(tls_port, std::slice::from_ref(&first), b"http/1.1").await;
+    assert_eq!(get_healthz_http1(stream).await.0, 200);
+
+    // Replace the certificate and send SIGHUP: new connections get the new one, no restart.
+    let second = make_certificate(tls_dir.path(), "second");
+    assert_ne!(first, second);
+    // SAFETY: signalling the server process this test started.
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGHUP);
+    }
+    let both = [first.clone(), second.clone()];
+    let mut reloaded = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let (_, presented) = tls_connect(tls_port, &both, b"http/1.1").await;
+        if presented == second.as_ref() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the new certificate is served after SIGHUP");
+    // The plain listener keeps working beside the TLS one.
+    assert_eq!(
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+async fn track_status(server: &TestServer, key: &str) -> (u16, Option<String>, Option<String>) {
+    let response = server
+        .client
+        .post(server.url("/v1/track"))
+        .header("Authorization", basic_auth(key))
+        .json(&json!({"userId": "u", "event": "e"}))
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_string())
+    };
+    (
+        response.status().as_u16(),
+        header("retry-after"),
+        header("x-ratelimit-reset"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_over_its_rate_gets_429_while_another_keeps_getting_200() {
+    let mut server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("acme").await;
+    let (_, noisy_key) = server.create_project("acme", "eu-west-1").await;
+    let (quiet_project, quiet_key) = server.create_project("acme", "eu-west-1").await;
+    assert_eq!(server.terminate(), Some(0));
+    let limited = test_config(&format!(
+        "[rate_limits]\ndefault_messages_per_second = 5\ndefault_burst = 10\n[rate_limits.projects]\n{quiet_project} = {{ messages_per_second = 100000 }}\n"
+    ));
+    std::fs::write(&server.config_path, limited).unwrap();
+    server.spawn().await;
+
+    let noisy = {
+        let client = server.client.clone();
+        let url = server.url("/v1/track");
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..40 {
+                let response = client
+                    .post(&url)
+                    .header("Authorization", basic_auth(&noisy_key))
+                    .json(&json!({"userId": "u", "event": "e"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .map(|value| value.to_str().unwrap().to_string())
+                };
+                outcomes.push((
+                    response.status().as_u16(),
+                    header("retry-after"),
+                    header("x-ratelimit-reset"),
+                ));
+            }
+            outcomes
+        })
+    };
+    let mut quiet_statuses = Vec::new();
+    for _ in 0..40 {
+        quiet_statuses.push(track_status(&server, &quiet_key).await.0);
+    }
+    let noisy_outcomes = noisy.await.unwrap();
+    assert!(
+        quiet_statuses.iter().all(|status| *status == 200),
+        "the quiet project is never limited: {quiet_statuses:?}"
+    );
+    let limited: Vec<_> = noisy_outcomes
+        .iter()
+        .filter(|(status, _, _)| *status == 429)
+        .collect();
+    assert!(!limited.is_empty(), "the noisy project was limited");
+    assert!(
+        noisy_outcomes
+            .iter()
+            .filter(|(status, _, _)| *status == 200)
+            .count()
+            >= 10,
+        "its burst passed"
+    );
+    for (_, retry_after, reset) in limited {
+        assert!(
+            retry_after
+                .as_deref()
+                .is_some_and(|value| value.parse::<u64>().unwrap() >= 1),
+            "Retry-After"
+        );
+        assert!(reset.is_some(), "X-RateLimit-Reset");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let server =
+        TestServer::start(&test_config("[server]\nheader_read_timeout_secs = 2"), &[]).await;
+    let port = server.port;
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let started = Instant::now();
+        let head = b"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for byte in head {
+            if stream.write_all(&[*byte]).is_err() {
+                return started.elapsed();
+            }
+            let mut buffer = [0u8; 512];
+            match stream.read(&mut buffer) {
+                Ok(0) => return started.elapsed(),
+                Ok(_) => return started.elapsed(),
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::WouldBlock
+                        || error.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return started.elapsed(),
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        started.elapsed()
+    });
+    for _ in 0..5 {
+        assert_eq!(
+            server
+                .client
+                .get(server.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "others are served meanwhile"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let cut_after = slow.await.unwrap();
+    assert!(
+        cut_after < Duration::from_secs(8),
+        "the slow client was cut off after {cut_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_limit_get_503_with_retry_after() {
+    let server = TestServer::start(
+        &test_config("[server]\nmax_concurrent_requests = 1\nbody_read_timeout_secs = 20"),
+        &[],
+    )
+    .await;
+    server.create_org("acme").await;
+    let (_, key) = server.create_project("acme", "eu-west-1").await;
+    // Hold the only slot: a request whose body never finishes arriving.
+    let mut holder = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Length: 100\r\n\r\n{{",
+        basic_auth(&key)
+    );
+    holder.write_all(head.as_bytes()).unwrap();
+    let refused = wait_until(Duration::from_secs(5), || async {
+        track_status(&server, &key).await.0 == 503
+    })
+    .await;
+    assert!(
+        refused,
+        "a second request is refused while the slot is held"
+    );
+    let (status, retry_after, _) = track_status(&server, &key).await;
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "health stays visible"
+    );
+    drop(holder);
+    let served = wait_until(Duration::from_secs(5), || async {
+        track_status(&server, &key).await.0 == 200
+    })
+    .await;
+    assert!(served, "the slot frees when the held request ends");
+}
