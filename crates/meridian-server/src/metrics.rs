@@ -114,6 +114,17 @@ impl Metrics {
         }
     }
 
+    /// Creates the per-region counters at zero, so that dashboards and `rate()` see a series
+    /// from the start instead of after the first event.
+    pub fn initialize_region(&self, region: &str) {
+        let labels = RegionLabels {
+            region: region.to_string(),
+        };
+        let _ = self.accepted.get_or_create(&labels);
+        let _ = self.suppressed.get_or_create(&labels);
+        let _ = self.queue_full.get_or_create(&labels);
+    }
+
     pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
         self.requests
             .get_or_create(&RouteStatusLabels {

@@ -360,6 +360,9 @@ impl RunningNode {
                 settings.max_concurrent_requests,
             )),
         });
+        for region in state.queues.keys() {
+            state.metrics.initialize_region(region.as_str());
+        }
         tokio::spawn(crate::gdpr::run_deletion_executor(
             state.clone(),
             stop_background.subscribe(),
