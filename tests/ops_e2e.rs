@@ -401,3 +401,98 @@ async fn requests_beyond_the_concurrency_limit_get_503_with_retry_after() {
     .await;
     assert!(served, "the slot frees when the held request ends");
 }
+
+fn write_key_file(path: &Path, keys: &[(u8, u8)], active: u8) {
+    use base64::Engine;
+    let mut text = format!("active = {active}\n[keys]\n");
+    for (id, fill) in keys {
+        text.push_str(&format!(
+            "{id} = \"{}\"\n",
+            base64::engine::general_purpose::STANDARD.encode([*fill; 32])
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn queue_bytes(data_dir: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut stack = vec![data_dir.join("queue")];
+    while let Some(directory) = stack.pop() {
+        for entry in std::fs::read_dir(&directory).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|extension| extension == "seg") {
+                bytes.extend(std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn queue_records_are_encrypted_at_rest_and_keys_rotate_without_a_restart() {
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("queue-keys.toml");
+    write_key_file(&key_file, &[(1, 0x11)], 1);
+    let config = test_config_with_flush(
+        600_000,
+        &format!(
+            "[queue.encryption]\nkey_file = \"{}\"\n",
+            key_file.display()
+        ),
+    );
+    let mut server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (_, key) = server.create_project("acme", "eu-west-1").await;
+    let post = |user: &'static str| {
+        let client = server.client.clone();
+        let url = server.url("/v1/track");
+        let key = key.clone();
+        async move {
+            client
+                .post(url)
+                .header("Authorization", basic_auth(&key))
+                .json(&json!({"userId": user, "event": "Sealed"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(post("plaintext-canary-one").await, 200);
+    write_key_file(&key_file, &[(1, 0x11), (2, 0x22)], 2);
+    // SAFETY: signalling the server process this test started.
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGHUP);
+    }
+    let rotated = wait_until(Duration::from_secs(10), || async {
+        server.log().contains("queue key file reloaded")
+    })
+    .await;
+    assert!(rotated, "the key file was reloaded on SIGHUP");
+    assert_eq!(post("plaintext-canary-two").await, 200);
+    let at_rest = queue_bytes(&server.data_dir);
+    assert!(!at_rest.is_empty());
+    assert!(
+        !at_rest
+            .windows(16)
+            .any(|window| window == b"plaintext-canary"),
+        "no plaintext in queue segments"
+    );
+    assert_eq!(
+        server.terminate(),
+        Some(0),
+        "a clean stop flushes the queue through both keys"
+    );
+    let users: Vec<String> = server
+        .archived_messages("eu-west-1")
+        .iter()
+        .map(|message| message["userId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users.len(), 2, "{users:?}");
+    assert!(
+        users.contains(&"plaintext-canary-one".to_string())
+            && users.contains(&"plaintext-canary-two".to_string())
+    );
+}

@@ -203,7 +203,21 @@ impl Consumer {
             match next {
                 NextRecord::Record(payload) => {
                     reader.next_offset += 1;
-                    return Ok(payload);
+                    if payload.first() != Some(&crate::encryption::SEALED_MAGIC) {
+                        return Ok(payload);
+                    }
+                    let Some(encryption) = &self.shared.config.encryption else {
+                        reader.next_offset -= 1;
+                        self.reader = None;
+                        return Err(QueueError::Encryption(
+                            "the queue holds encrypted records but no key file is configured"
+                                .into(),
+                        ));
+                    };
+                    return encryption.open(&payload).inspect_err(|_| {
+                        // Reposition on the next read: this record is retried, never skipped.
+                        self.reader = None;
+                    });
                 }
                 NextRecord::End => {
                     // The segment ended at a record boundary: the record lives in the next one.

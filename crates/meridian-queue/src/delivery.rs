@@ -332,6 +332,18 @@ impl DeliveryRunner {
                             .await?;
                         continue;
                     }
+                    Err(QueueError::Encryption(reason)) if records.is_empty() => {
+                        // A key is missing from the key file: wait for it (SIGHUP reloads the file).
+                        error!(region = %self.region, sink = self.sink.name(), offset = from, %reason, "cannot open a queued record; delivery waits for the key");
+                        self.status
+                            .set_last_error(Some(format!("queue encryption: {reason}")));
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = drain.wait_for(|stop| *stop) => return Ok(Gathered::Finished),
+                        }
+                        continue;
+                    }
+                    Err(QueueError::Encryption(_)) => return Ok(Gathered::Batch(records)),
                     Err(other) => return Err(other),
                 }
             }

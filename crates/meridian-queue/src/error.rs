@@ -25,6 +25,8 @@ pub enum QueueError {
         position: u64,
         reason: String,
     },
+    #[error("queue encryption: {0}")]
+    Encryption(String),
     #[error("queue cursor file {path} is unreadable: {message}")]
     BadCursor { path: PathBuf, message: String },
 }

@@ -13,6 +13,7 @@
 
 mod consumer;
 mod delivery;
+pub mod encryption;
 mod error;
 mod queue;
 mod segment;

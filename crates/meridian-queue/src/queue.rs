@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::consumer::{Consumer, read_cursor_file};
+use crate::encryption::QueueEncryption;
 use crate::error::QueueError;
 use crate::segment::{
     MAX_RECORD_BYTES, create_segment, encode_record, list_segments, scan_segment,
@@ -29,7 +30,7 @@ pub enum Durability {
     Buffered { sync_interval: Duration },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QueueConfig {
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
@@ -39,6 +40,8 @@ pub struct QueueConfig {
     pub durability: Durability,
     /// Bytes of appends waiting for the writer at once; appends beyond this wait (backpressure).
     pub max_in_flight_bytes: usize,
+    /// Seal records at rest (AES-256-GCM); `None`: records are stored as given.
+    pub encryption: Option<Arc<QueueEncryption>>,
 }
 
 impl QueueConfig {
@@ -49,6 +52,7 @@ impl QueueConfig {
             disk_budget_bytes: 10 * 1024 * 1024 * 1024,
             durability: Durability::Fsync,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            encryption: None,
         }
     }
 }
@@ -72,17 +76,19 @@ impl OffsetRange {
 
 /// Records framed and ready to append, built by the caller so that encoding and checksumming
 /// happen on the request's task, not on the single writer thread.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RecordBatch {
     encoded: Vec<u8>,
     record_count: u64,
+    encryption: Option<Arc<QueueEncryption>>,
+    sealed: Vec<u8>,
 }
 
 impl RecordBatch {
     pub fn with_capacity(bytes: usize) -> RecordBatch {
         RecordBatch {
             encoded: Vec::with_capacity(bytes),
-            record_count: 0,
+            ..RecordBatch::default()
         }
     }
 
@@ -93,7 +99,14 @@ impl RecordBatch {
                 limit: MAX_RECORD_BYTES,
             });
         }
-        encode_record(payload, &mut self.encoded);
+        match &self.encryption {
+            Some(encryption) => {
+                self.sealed.clear();
+                encryption.seal(payload, &mut self.sealed)?;
+                encode_record(&self.sealed, &mut self.encoded);
+            }
+            None => encode_record(payload, &mut self.encoded),
+        }
         self.record_count += 1;
         Ok(())
     }
@@ -348,6 +361,14 @@ impl RegionQueue {
             .send(WriterCommand::Append(request))
             .map_err(|_| QueueError::Closed)?;
         answer.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// An empty batch for this queue (sealed with its encryption key when it has one).
+    pub fn new_batch(&self) -> RecordBatch {
+        RecordBatch {
+            encryption: self.shared.config.encryption.clone(),
+            ..RecordBatch::default()
+        }
     }
 
     /// The offset one past the last durable record.

@@ -136,6 +136,15 @@ pub struct QueueSettings {
     pub max_in_flight_bytes: usize,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    pub encryption: Option<QueueEncryptionConfig>,
+}
+
+/// `[queue.encryption]`: seal queue records at rest with AES-256-GCM.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueEncryptionConfig {
+    /// `active = <id>` and a `[keys]` table of id = base64 32-byte keys. Re-read on SIGHUP.
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -303,6 +312,8 @@ pub struct Settings {
     pub location_check_interval: Duration,
     pub gdpr_settle: Duration,
     pub gdpr_poll_interval: Duration,
+    /// The queue key file, when records are encrypted at rest.
+    pub queue_key_file: Option<PathBuf>,
     pub default_rate_limit: Option<crate::rate_limit::Limit>,
     pub project_rate_limits: std::collections::HashMap<String, crate::rate_limit::Limit>,
 }
@@ -799,6 +810,11 @@ impl Config {
                     self.customer_storage.request_timeout_secs.max(1),
                 ),
             },
+            queue_key_file: self
+                .queue
+                .encryption
+                .as_ref()
+                .map(|encryption| encryption.key_file.clone()),
             default_rate_limit: (self.rate_limits.default_messages_per_second > 0.0).then_some(
                 crate::rate_limit::Limit {
                     per_second: self.rate_limits.default_messages_per_second,

@@ -364,6 +364,13 @@ fn process_messages(
     messages: MessagesToProcess,
     envelope: Option<&BatchEnvelope<'_>>,
 ) -> Result<Outcome, ApiError> {
+    let queue = state.queues.get(&resolved.region).ok_or_else(|| {
+        ApiError::unavailable(
+            "region_unavailable",
+            format!("region {} has no queue on this node", resolved.region),
+            5,
+        )
+    })?;
     let limits = state.settings.limits;
     let batch_context = match envelope.and_then(|envelope| envelope.context.as_ref()) {
         None | Some(Value::Null) => None,
@@ -412,7 +419,7 @@ fn process_messages(
         accepted: 0,
         suppressed: 0,
         rejected: Vec::new(),
-        records: RecordBatch::default(),
+        records: queue.new_batch(),
     };
     let mut handle = |index: usize,
                       parsed: Result<Map<String, Value>, MessageRejection>,

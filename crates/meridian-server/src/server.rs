@@ -239,6 +239,10 @@ impl RunningNode {
                 message: format!("node id: {error}"),
             })?;
 
+        let queue_encryption = match &settings.queue_key_file {
+            Some(path) => Some(Arc::new(load_queue_keys(path)?)),
+            None => None,
+        };
         let mut queues = BTreeMap::new();
         for region in &settings.served_regions {
             let Some(region_settings) = settings.regions.get(region) else {
@@ -250,6 +254,7 @@ impl RunningNode {
                 disk_budget_bytes: region_settings.disk_budget_bytes,
                 durability: settings.durability,
                 max_in_flight_bytes: settings.max_in_flight_bytes,
+                encryption: queue_encryption.clone(),
             };
             let queue = tokio::task::spawn_blocking(move || RegionQueue::open(queue_config))
                 .await
@@ -291,6 +296,13 @@ impl RunningNode {
         }
 
         let (stop_background, stop_receiver) = watch::channel(false);
+        if let (Some(path), Some(encryption)) = (&settings.queue_key_file, &queue_encryption) {
+            tokio::spawn(reload_queue_keys_on_hangup(
+                path.clone(),
+                Arc::clone(encryption),
+                stop_receiver.clone(),
+            ));
+        }
         if !guards.is_empty() {
             tokio::spawn(run_residency_guards(
                 guards,
@@ -467,6 +479,49 @@ impl RunningNode {
         state.catalog.close().await;
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+fn load_queue_keys(
+    path: &std::path::Path,
+) -> Result<meridian_queue::encryption::QueueEncryption, ServerError> {
+    let failure = |message: String| ServerError::DataDir {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| failure(format!("queue key file: {error}")))?;
+    let keyring = meridian_queue::encryption::parse_key_file(&text)
+        .map_err(|error| failure(error.to_string()))?;
+    info!(key_file = %path.display(), active_key = keyring.active_key_id(), "queue records are encrypted at rest");
+    Ok(meridian_queue::encryption::QueueEncryption::new(keyring))
+}
+
+/// Re-reads the queue key file on SIGHUP (key rotation without downtime).
+async fn reload_queue_keys_on_hangup(
+    path: std::path::PathBuf,
+    encryption: Arc<meridian_queue::encryption::QueueEncryption>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => {
+                match std::fs::read_to_string(&path).map_err(|error| error.to_string()).and_then(|text| {
+                    meridian_queue::encryption::parse_key_file(&text).map_err(|error| error.to_string())
+                }) {
+                    Ok(keyring) => {
+                        info!(active_key = keyring.active_key_id(), "queue key file reloaded");
+                        encryption.replace_keyring(keyring);
+                    }
+                    Err(error) => error!(%error, "queue key file reload failed; keeping the current keys"),
+                }
+            }
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
     }
 }
 
