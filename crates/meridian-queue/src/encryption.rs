@@ -20,6 +20,9 @@ use aws_lc_rs::hmac;
 use crate::error::QueueError;
 
 pub const SEALED_MAGIC: u8 = 0xE5;
+
+/// A process start's random identity, which salts its record subkeys.
+type Epoch = [u8; 16];
 const HEADER_BYTES: usize = 1 + 1 + 16 + 8;
 const TAG_BYTES: usize = 16;
 
@@ -80,7 +83,7 @@ pub struct QueueEncryption {
     epoch: [u8; 16],
     counter: AtomicU64,
     sealing_keys: Mutex<HashMap<u8, Arc<LessSafeKey>>>,
-    opening_keys: Mutex<HashMap<(u8, [u8; 16]), Arc<LessSafeKey>>>,
+    opening_keys: Mutex<HashMap<(u8, Epoch), Arc<LessSafeKey>>>,
 }
 
 impl QueueEncryption {
