@@ -496,3 +496,40 @@ async fn queue_records_are_encrypted_at_rest_and_keys_rotate_without_a_restart()
             && users.contains(&"plaintext-canary-two".to_string())
     );
 }
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused_and_the_node_serves_on() {
+    let server = TestServer::start(&test_config("[server]\nmax_header_bytes = 16384"), &[]).await;
+    let port = server.port;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        );
+        let _ = stream.write_all(head.as_bytes());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).to_string()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a 100 KB head was served: {}",
+        &answer[..answer.len().min(80)]
+    );
+    assert_eq!(
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
