@@ -16,7 +16,8 @@ mod delivery;
 pub mod encryption;
 mod error;
 mod queue;
-mod segment;
+/// Segment files and record framing (public for the fuzz targets and tools).
+pub mod segment;
 mod writer;
 
 pub use consumer::{Consumer, CursorState, Record};
