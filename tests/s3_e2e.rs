@@ -530,3 +530,102 @@ async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
         "back to the regional archive"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_customer_bucket_never_holds_back_the_rest_of_the_region() {
+    let Some(moto) = MotoProcess::start().await else {
+        return;
+    };
+    let customer = s3_client(&moto.url(), "eu-west-1");
+    let bucket = unique_bucket("fragile");
+    create_bucket(&customer, &bucket, Some("eu-west-1")).await;
+    let config = test_config(&format!(
+        "[customer_storage]\nendpoint = \"{}\"\nforce_path_style = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nspool_retry_secs = 1\n",
+        moto.url()
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (customer_project, customer_key) = server.create_project("acme", "eu-west-1").await;
+    let (regional_project, regional_key) = server.create_project("acme", "eu-west-1").await;
+    let owner = server.issue_token("owner", Some("acme"));
+    let storage = json!({"bucket": bucket, "role_arn": "arn:aws:iam::123456789012:role/customer", "external_id": "x-1"});
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/projects/{customer_project}/storage"),
+            &owner,
+            Some(storage),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The customer deletes their bucket.
+    customer
+        .delete_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+
+    let (customer_ids, regional_ids) = (ids("theirs", 20), ids("ours", 20));
+    assert_eq!(post(&server, &customer_key, &customer_ids).await, 200);
+    assert_eq!(post(&server, &regional_key, &regional_ids).await, 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await,
+        "the region's archive is not held back"
+    );
+    let regional = server.archived_messages("eu-west-1");
+    assert_eq!(regional.len(), 20);
+    assert!(
+        regional
+            .iter()
+            .all(|message| message["projectId"] == regional_project.as_str())
+    );
+    let spool_dir = server
+        .data_dir
+        .join("spool/eu-west-1")
+        .join(&customer_project);
+    assert!(
+        std::fs::read_dir(&spool_dir)
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+            >= 1,
+        "the customer's objects wait in the spool"
+    );
+
+    // The bucket comes back: the spool drains into it, each message once.
+    create_bucket(&customer, &bucket, Some("eu-west-1")).await;
+    let drained = wait_until(Duration::from_secs(60), || async {
+        std::fs::read_dir(&spool_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+            == 0
+    })
+    .await;
+    assert!(drained, "the spool drained once the bucket was back");
+    let (messages, _) = bucket_messages(&customer, &bucket, "").await;
+    let counts = count_by_message_id(&messages);
+    assert_eq!(
+        counts.keys().cloned().collect::<BTreeSet<_>>(),
+        customer_ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert!(counts.values().all(|count| *count == 1));
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(
+        "meridian_sink_customer_objects_unspooled_total{region=\"eu-west-1\",sink=\"archive\"}"
+    ));
+}

@@ -12,10 +12,12 @@ mod local;
 pub mod rewrite;
 pub mod s3;
 mod sink;
+mod spool;
 mod store;
 
 pub use error::ArchiveError;
 pub use layout::{ArchivedMessage, decode_object, encode_object, object_key};
 pub use local::LocalDirStore;
 pub use sink::{ArchiveSink, ArchiveSinkConfig, CustomerTarget, NoCustomerStorage, StoreResolver};
+pub use spool::{Spool, SpooledObject};
 pub use store::ObjectStore;

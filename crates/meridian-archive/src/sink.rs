@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use meridian_core::ErasureFilter;
 use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms, utc_day_start_ms};
 use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
-use tracing::error;
+use tracing::{error, info, warn};
 
 use crate::error::ArchiveError;
 use crate::layout::{ArchivedMessage, encode_object, object_key};
+use crate::spool::Spool;
 use crate::store::ObjectStore;
 
 /// Where a message goes when its routing fields cannot be read (never expected: we wrote it).
@@ -84,6 +85,10 @@ pub struct ArchiveSink {
     config: ArchiveSinkConfig,
     erasures: Arc<dyn ErasureFilter>,
     erased_messages: Arc<AtomicU64>,
+    /// Where objects for customer buckets wait while those buckets fail (`None`: they block).
+    spool: Option<Arc<Spool>>,
+    spooled: AtomicU64,
+    unspooled: AtomicU64,
 }
 
 /// The records of one (project, day) group, by index into the batch.
@@ -120,13 +125,37 @@ fn group_records(records: &[Record], erasures: &dyn ErasureFilter) -> (Groups, u
     (groups, erased)
 }
 
-async fn put_object(
-    (store, key, body): (Arc<dyn ObjectStore>, String, Bytes),
-) -> Result<(), (bool, String)> {
-    store.put(&key, body).await.map_err(|error| {
-        let refused = matches!(error, ArchiveError::Refused(_));
-        (refused, format!("{} {key}: {error}", store.describe()))
-    })
+/// One object to write, and where it goes if it is a customer's and the write fails.
+struct Put {
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    body: Bytes,
+    spool_as: Option<(String, String)>,
+}
+
+struct PutFailure {
+    refused: bool,
+    message: String,
+    body: Bytes,
+    spool_as: Option<(String, String)>,
+}
+
+async fn put_object(put: Put) -> Result<(), PutFailure> {
+    let Put {
+        store,
+        key,
+        body,
+        spool_as,
+    } = put;
+    match store.put(&key, body.clone()).await {
+        Ok(()) => Ok(()),
+        Err(error) => Err(PutFailure {
+            refused: matches!(error, ArchiveError::Refused(_)),
+            message: format!("{} {key}: {error}", store.describe()),
+            body,
+            spool_as,
+        }),
+    }
 }
 
 impl ArchiveSink {
@@ -144,7 +173,126 @@ impl ArchiveSink {
             config,
             erasures,
             erased_messages: Arc::new(AtomicU64::new(0)),
+            spool: None,
+            spooled: AtomicU64::new(0),
+            unspooled: AtomicU64::new(0),
         }
+    }
+
+    /// Lets objects for failing customer buckets wait in `spool` instead of blocking the region.
+    pub fn with_spool(mut self, spool: Spool) -> ArchiveSink {
+        self.spool = Some(Arc::new(spool));
+        self
+    }
+
+    /// Uploads spooled objects whose bucket works again (or, when the project no longer has
+    /// customer storage, to the regional store), leaving out messages erased since. Returns how
+    /// many objects left the spool. Failures stay spooled for the next round.
+    pub async fn drain_spool(&self) -> usize {
+        let Some(spool) = self.spool.clone() else {
+            return 0;
+        };
+        let listing_spool = Arc::clone(&spool);
+        let objects = match tokio::task::spawn_blocking(move || listing_spool.list()).await {
+            Ok(Ok(objects)) => objects,
+            Ok(Err(error)) => {
+                warn!(region = %self.region, %error, "cannot list the customer spool");
+                return 0;
+            }
+            Err(_) => return 0,
+        };
+        let mut drained = 0;
+        let mut failing_projects = std::collections::HashSet::new();
+        for object in objects {
+            if failing_projects.contains(&object.project_id) {
+                continue;
+            }
+            let (store, prefix) = match self.resolver.customer_store(&object.project_id).await {
+                Ok(Some(target)) => (target.store, target.prefix),
+                Ok(None) => (Arc::clone(&self.regional_store), self.config.prefix.clone()),
+                Err(_) => {
+                    failing_projects.insert(object.project_id.clone());
+                    continue;
+                }
+            };
+            let reading_spool = Arc::clone(&spool);
+            let reading = object.clone();
+            let Ok(Ok(body)) =
+                tokio::task::spawn_blocking(move || reading_spool.read(&reading)).await
+            else {
+                continue;
+            };
+            let body = match self.without_erased(&object.key, &body) {
+                Ok(Some(body)) => body,
+                Ok(None) => {
+                    // Every message in it was erased meanwhile: nothing to upload.
+                    let _ = spool.remove(&object);
+                    drained += 1;
+                    continue;
+                }
+                Err(error) => {
+                    warn!(region = %self.region, key = %object.key, %error, "spooled object unreadable; it stays in the spool");
+                    continue;
+                }
+            };
+            let key = match prefix
+                .as_deref()
+                .map(|prefix| prefix.trim_matches('/'))
+                .filter(|prefix| !prefix.is_empty())
+            {
+                Some(prefix) => format!("{prefix}/{}", object.key),
+                None => object.key.clone(),
+            };
+            match store.put(&key, Bytes::from(body)).await {
+                Ok(()) => {
+                    let _ = spool.remove(&object);
+                    self.unspooled.fetch_add(1, Ordering::Relaxed);
+                    drained += 1;
+                }
+                Err(_) => {
+                    failing_projects.insert(object.project_id.clone());
+                }
+            }
+        }
+        if drained > 0 {
+            info!(region = %self.region, objects = drained, "customer spool drained");
+        }
+        drained
+    }
+
+    /// The object's messages without those erased since it was spooled; `None` when none is left.
+    fn without_erased(&self, key: &str, body: &[u8]) -> Result<Option<Vec<u8>>, ArchiveError> {
+        let lines = crate::layout::decode_object(key, body)?;
+        let kept: Vec<&Vec<u8>> = lines
+            .iter()
+            .filter(
+                |line| match serde_json::from_slice::<ArchivedMessage<'_>>(line) {
+                    Ok(message) => !message.user_id.as_ref().is_some_and(|user_id| {
+                        self.erasures.is_erased(
+                            &message.project_id,
+                            user_id,
+                            parse_timestamp_ms(&message.received_at).unwrap_or(0),
+                        )
+                    }),
+                    Err(_) => true,
+                },
+            )
+            .collect();
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        if kept.len() == lines.len() {
+            return Ok(Some(body.to_vec()));
+        }
+        encode_object(
+            kept.iter().map(|line| line.as_slice()),
+            self.config.gzip_level,
+        )
+        .map(Some)
+        .map_err(|error| ArchiveError::BadObject {
+            key: key.to_string(),
+            message: error.to_string(),
+        })
     }
 
     pub fn regional_store(&self) -> Arc<dyn ObjectStore> {
@@ -171,10 +319,20 @@ impl Sink for ArchiveSink {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![(
-            "erased_messages",
-            self.erased_messages.load(Ordering::Relaxed),
-        )]
+        vec![
+            (
+                "erased_messages",
+                self.erased_messages.load(Ordering::Relaxed),
+            ),
+            (
+                "customer_objects_spooled",
+                self.spooled.load(Ordering::Relaxed),
+            ),
+            (
+                "customer_objects_unspooled",
+                self.unspooled.load(Ordering::Relaxed),
+            ),
+        ]
     }
 
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
@@ -202,31 +360,89 @@ impl Sink for ArchiveSink {
 
         let range = batch.range;
         let mut puts = Vec::with_capacity(encoded.len());
+        let mut to_spool: Vec<(String, String, Bytes)> = Vec::new();
         for (project_id, day_ms, body) in encoded {
-            let customer = self
-                .resolver
-                .customer_store(&project_id)
-                .await
-                .map_err(|error| SinkError::Blocked(format!("project {project_id}: {error}")))?;
-            let (store, prefix) = match customer {
-                Some(target) => (target.store, target.prefix),
-                None => (Arc::clone(&self.regional_store), self.config.prefix.clone()),
-            };
-            let key = object_key(
-                prefix.as_deref(),
-                &project_id,
-                day_ms,
-                range.start,
-                range.end,
-            );
-            puts.push((store, key, Bytes::from(body)));
+            let body = Bytes::from(body);
+            // Unprefixed: the prefix of the store it finally lands in is applied then.
+            let bare_key = object_key(None, &project_id, day_ms, range.start, range.end);
+            match self.resolver.customer_store(&project_id).await {
+                Ok(Some(target)) => {
+                    let key = object_key(
+                        target.prefix.as_deref(),
+                        &project_id,
+                        day_ms,
+                        range.start,
+                        range.end,
+                    );
+                    puts.push(Put {
+                        store: target.store,
+                        key,
+                        body,
+                        spool_as: Some((project_id, bare_key)),
+                    });
+                }
+                Ok(None) => {
+                    let key = object_key(
+                        self.config.prefix.as_deref(),
+                        &project_id,
+                        day_ms,
+                        range.start,
+                        range.end,
+                    );
+                    puts.push(Put {
+                        store: Arc::clone(&self.regional_store),
+                        key,
+                        body,
+                        spool_as: None,
+                    });
+                }
+                Err(error) if self.spool.is_some() => {
+                    warn!(region = %self.region, project_id, %error, "customer bucket unusable; spooling the project's archive object");
+                    to_spool.push((project_id, bare_key, body));
+                }
+                Err(error) => {
+                    return Err(SinkError::Blocked(format!("project {project_id}: {error}")));
+                }
+            }
         }
         let mut failures: Vec<(bool, String)> = Vec::new();
         let mut remaining = puts.into_iter().peekable();
         while remaining.peek().is_some() {
             let wave: Vec<_> = remaining.by_ref().take(CONCURRENT_PUTS).collect();
             let outcomes = join_all(wave.into_iter().map(put_object)).await;
-            failures.extend(outcomes.into_iter().filter_map(Result::err));
+            for outcome in outcomes {
+                match outcome {
+                    Ok(()) => {}
+                    // A customer's bucket failing never holds the region back: spool its object.
+                    Err(PutFailure {
+                        spool_as: Some((project_id, bare_key)),
+                        body,
+                        message,
+                        ..
+                    }) if self.spool.is_some() => {
+                        warn!(region = %self.region, project_id, error = %message, "customer bucket write failed; spooling the object");
+                        to_spool.push((project_id, bare_key, body));
+                    }
+                    Err(failure) => failures.push((failure.refused, failure.message)),
+                }
+            }
+        }
+        if let Some(spool) = &self.spool
+            && !to_spool.is_empty()
+        {
+            let spool = Arc::clone(spool);
+            let count = to_spool.len() as u64;
+            tokio::task::spawn_blocking(move || {
+                to_spool
+                    .iter()
+                    .try_for_each(|(project_id, key, body)| spool.put(project_id, key, body))
+            })
+            .await
+            .map_err(|error| SinkError::Transient(format!("spool writer panicked: {error}")))?
+            .map_err(|error| {
+                SinkError::Transient(format!("cannot spool customer objects: {error}"))
+            })?;
+            self.spooled.fetch_add(count, Ordering::Relaxed);
         }
         if let Some((_, first)) = failures.first() {
             let message = format!(
@@ -356,6 +572,6 @@ mod tests {
             users.contains(&"gone".to_string()),
             "a message received after the deletion is kept"
         );
-        assert_eq!(sink.counters(), vec![("erased_messages", 1)]);
+        assert_eq!(sink.counters()[0], ("erased_messages", 1));
     }
 }

@@ -278,6 +278,7 @@ pub struct CustomerStorageConfig {
     pub secret_access_key: Option<String>,
     pub request_timeout_secs: u64,
     pub location_check_interval_secs: u64,
+    pub spool_retry_secs: u64,
 }
 
 /// Validated, resolved settings: what the rest of the program reads.
@@ -310,6 +311,8 @@ pub struct Settings {
     pub retry: meridian_queue::RetryPolicy,
     pub customer_access: meridian_archive::customer::CustomerAccessSettings,
     pub location_check_interval: Duration,
+    /// How often objects spooled for failing customer buckets are retried.
+    pub spool_retry: Duration,
     pub gdpr_settle: Duration,
     pub gdpr_poll_interval: Duration,
     /// The queue key file, when records are encrypted at rest.
@@ -844,6 +847,7 @@ impl Config {
                     )
                 })
                 .collect(),
+            spool_retry: Duration::from_secs(self.customer_storage.spool_retry_secs.max(1)),
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             location_check_interval: Duration::from_secs(

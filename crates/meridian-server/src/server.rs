@@ -11,7 +11,7 @@ use meridian_archive::customer::CustomerStores;
 use meridian_archive::s3::{GuardedS3Store, S3Store};
 use meridian_archive::{
     ArchiveError, ArchiveSink, ArchiveSinkConfig, CustomerTarget, LocalDirStore, ObjectStore,
-    StoreResolver,
+    Spool, StoreResolver,
 };
 use meridian_catalog::{Catalog, KeyCache};
 use meridian_clickhouse::ClickHouseSink;
@@ -141,6 +141,7 @@ async fn build_sinks(
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
     guards: &mut Vec<Arc<GuardedS3Store>>,
+    spool_drainers: &mut Vec<Arc<ArchiveSink>>,
 ) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
     let region_settings = settings.regions.get(region)?;
     let archive = &region_settings.archive;
@@ -176,8 +177,13 @@ async fn build_sinks(
             prefix: archive.prefix.clone(),
         },
         Arc::clone(keys) as Arc<dyn ErasureFilter>,
-    );
-    let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(archive_sink)];
+    )
+    .with_spool(Spool::new(
+        settings.data_dir.join("spool").join(region.as_str()),
+    ));
+    let archive_sink = Arc::new(archive_sink);
+    spool_drainers.push(Arc::clone(&archive_sink));
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![archive_sink];
     let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
         // Built from this region's settings only: its replicas, its database.
         Arc::new(ClickHouseSink::new(
@@ -196,6 +202,21 @@ async fn build_sinks(
         clickhouse,
     };
     Some((sinks, services))
+}
+
+/// Retries uploading a region's spooled customer objects every `interval`.
+async fn run_spool_drainer(
+    sink: Arc<ArchiveSink>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        sink.drain_spool().await;
+    }
 }
 
 /// Checks every guarded bucket's location at start and then every `interval`.
@@ -274,10 +295,18 @@ impl RunningNode {
         let mut sink_handles = Vec::new();
         let customer_stores = Arc::new(CustomerStores::new(settings.customer_access.clone()));
         let mut guards = Vec::new();
+        let mut spool_drainers = Vec::new();
         let mut region_services = BTreeMap::new();
         for (region, queue) in &queues {
-            let Some((sinks, services)) =
-                build_sinks(&settings, region, &keys, &customer_stores, &mut guards).await
+            let Some((sinks, services)) = build_sinks(
+                &settings,
+                region,
+                &keys,
+                &customer_stores,
+                &mut guards,
+                &mut spool_drainers,
+            )
+            .await
             else {
                 continue;
             };
@@ -300,6 +329,13 @@ impl RunningNode {
             tokio::spawn(reload_queue_keys_on_hangup(
                 path.clone(),
                 Arc::clone(encryption),
+                stop_receiver.clone(),
+            ));
+        }
+        for archive_sink in spool_drainers {
+            tokio::spawn(run_spool_drainer(
+                archive_sink,
+                settings.spool_retry,
                 stop_receiver.clone(),
             ));
         }

@@ -116,13 +116,19 @@ const ID_PLACEHOLDER: &str = "@@MESSAGE_ID@@";
 impl Template {
     fn new(message: &Value) -> Template {
         let text = message.to_string();
-        let (before, after) = text.split_once(ID_PLACEHOLDER).expect("the template carries the placeholder");
+        let (before, after) = text
+            .split_once(ID_PLACEHOLDER)
+            .expect("the template carries the placeholder");
         let path = match message["type"].as_str() {
             Some("identify") => "/v1/identify",
             Some("page") => "/v1/page",
             _ => "/v1/track",
         };
-        Template { before_id: before.to_string(), after_id: after.to_string(), path }
+        Template {
+            before_id: before.to_string(),
+            after_id: after.to_string(),
+            path,
+        }
     }
 
     fn with_id(&self, id: &str) -> String {
@@ -201,11 +207,20 @@ async fn run_connection(
         let ids: Vec<String> = (0..arguments.batch.max(1))
             .map(|_| format!("{run_id}-{}", counter.fetch_add(1, Ordering::Relaxed)))
             .collect();
-        let chosen: Vec<&Template> = ids.iter().map(|_| &templates[rng.random_range(0..templates.len())]).collect();
+        let chosen: Vec<&Template> = ids
+            .iter()
+            .map(|_| &templates[rng.random_range(0..templates.len())])
+            .collect();
         let (path, body) = if arguments.batch <= 1 {
             (chosen[0].path, chosen[0].with_id(&ids[0]))
         } else {
-            let mut body = String::with_capacity(chosen.iter().map(|template| template.len() + 40).sum::<usize>() + 64);
+            let mut body = String::with_capacity(
+                chosen
+                    .iter()
+                    .map(|template| template.len() + 40)
+                    .sum::<usize>()
+                    + 64,
+            );
             body.push_str(r#"{"sentAt":"2026-11-24T05:12:27.000Z","batch":["#);
             for (index, (template, id)) in chosen.iter().zip(&ids).enumerate() {
                 if index > 0 {

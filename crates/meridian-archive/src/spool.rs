@@ -1,0 +1,139 @@
+//! The customer spool: archive objects bound for a project's own bucket wait here, on the node's
+//! disk in the project's region, while that bucket cannot be written (its role was revoked, the
+//! bucket deleted, the customer's S3 down). The regional archive keeps flowing meanwhile: one
+//! customer's broken bucket never holds back the other projects of the region. A drainer uploads
+//! spooled objects once the bucket works again; keys are the same as they would have been, so a
+//! retried upload overwrites instead of duplicating.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::ArchiveError;
+
+pub struct Spool {
+    dir: PathBuf,
+}
+
+/// One spooled object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpooledObject {
+    pub project_id: String,
+    pub key: String,
+    pub path: PathBuf,
+}
+
+fn encode_key(key: &str) -> String {
+    key.replace('%', "%25").replace('/', "%2F")
+}
+
+fn decode_key(file_name: &str) -> String {
+    file_name.replace("%2F", "/").replace("%25", "%")
+}
+
+impl Spool {
+    pub fn new(dir: impl Into<PathBuf>) -> Spool {
+        Spool { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stores the object durably (temporary file, fsync, rename, fsync of the directory).
+    pub fn put(&self, project_id: &str, key: &str, body: &[u8]) -> Result<(), ArchiveError> {
+        use std::io::Write;
+        let is_safe_project = !project_id.is_empty()
+            && project_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !is_safe_project {
+            return Err(ArchiveError::Refused(format!(
+                "unsafe project id `{project_id}` for the spool"
+            )));
+        }
+        let directory = self.dir.join(project_id);
+        std::fs::create_dir_all(&directory).map_err(|error| ArchiveError::io(&directory, error))?;
+        let path = directory.join(encode_key(key));
+        let temporary = directory.join(format!(".{}.tmp", encode_key(key)));
+        let mut file = std::fs::File::create(&temporary)
+            .map_err(|error| ArchiveError::io(&temporary, error))?;
+        file.write_all(body)
+            .and_then(|()| file.sync_all())
+            .map_err(|error| ArchiveError::io(&temporary, error))?;
+        std::fs::rename(&temporary, &path).map_err(|error| ArchiveError::io(&path, error))?;
+        std::fs::File::open(&directory)
+            .and_then(|handle| handle.sync_all())
+            .map_err(|error| ArchiveError::io(&directory, error))
+    }
+
+    /// Every spooled object, oldest key first per project.
+    pub fn list(&self) -> Result<Vec<SpooledObject>, ArchiveError> {
+        let mut objects = Vec::new();
+        let projects = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(objects),
+            Err(error) => return Err(ArchiveError::io(&self.dir, error)),
+        };
+        for project in projects.flatten() {
+            let project_path = project.path();
+            let Some(project_id) = project.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Ok(files) = std::fs::read_dir(&project_path) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let Some(name) = file.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if name.starts_with('.') {
+                    continue;
+                }
+                objects.push(SpooledObject {
+                    project_id: project_id.clone(),
+                    key: decode_key(&name),
+                    path: file.path(),
+                });
+            }
+        }
+        objects.sort_by(|a, b| (&a.project_id, &a.key).cmp(&(&b.project_id, &b.key)));
+        Ok(objects)
+    }
+
+    pub fn read(&self, object: &SpooledObject) -> Result<Vec<u8>, ArchiveError> {
+        std::fs::read(&object.path).map_err(|error| ArchiveError::io(&object.path, error))
+    }
+
+    pub fn remove(&self, object: &SpooledObject) -> Result<(), ArchiveError> {
+        match std::fs::remove_file(&object.path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(ArchiveError::io(&object.path, error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip_through_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("spool"));
+        assert!(spool.list().unwrap().is_empty());
+        spool
+            .put("prj_1", "pre/fix/segment-logs/prj_1/0/0001-0002.gz", b"one")
+            .unwrap();
+        spool
+            .put("prj_1", "segment-logs/prj_1/0/0001-0002%.gz", b"two")
+            .unwrap();
+        let listed = spool.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].key, "pre/fix/segment-logs/prj_1/0/0001-0002.gz");
+        assert_eq!(listed[1].key, "segment-logs/prj_1/0/0001-0002%.gz");
+        assert_eq!(spool.read(&listed[0]).unwrap(), b"one");
+        spool.remove(&listed[0]).unwrap();
+        assert_eq!(spool.list().unwrap().len(), 1);
+        assert!(spool.put("../escape", "k", b"x").is_err());
+    }
+}
