@@ -9,8 +9,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::services::*;
@@ -65,72 +63,6 @@ fn tally(accepted: &BTreeSet<String>, stored: &BTreeMap<String, usize>) -> (usiz
         duplicates,
         accepted.len() - stored_accepted,
     )
-}
-
-/// Clients sending small batches of unique messages until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    refused: Arc<AtomicU64>,
-    tasks: Vec<(String, tokio::task::JoinHandle<Vec<String>>)>,
-}
-
-impl Load {
-    fn start(server: &TestServer, keys: &[(&str, String)], clients: usize, tag: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicU64::new(0));
-        let counter = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for client_index in 0..clients {
-            let (region, key) = keys[client_index % keys.len()].clone();
-            let (client, url) = (server.client.clone(), server.url("/v1/batch"));
-            let (stop, refused, counter) = (
-                Arc::clone(&stop),
-                Arc::clone(&refused),
-                Arc::clone(&counter),
-            );
-            let tag = tag.to_string();
-            tasks.push((
-                region.to_string(),
-                tokio::spawn(async move {
-                    let mut accepted = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let size = rand::rng().random_range(1..=5);
-                        let ids: Vec<String> = (0..size).map(|_| format!("{tag}-{}", counter.fetch_add(1, Ordering::Relaxed))).collect();
-                        let batch: Vec<Value> = ids.iter().map(|id| json!({"type": "track", "userId": "chaos", "event": "Chaos", "messageId": id})).collect();
-                        match client.post(&url).header("Authorization", basic_auth(&key)).json(&json!({"batch": batch})).send().await {
-                            Ok(response) if response.status() == 200 => accepted.extend(ids),
-                            Ok(_) => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    accepted
-                }),
-            ));
-        }
-        Load {
-            stop,
-            refused,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (BTreeMap<String, BTreeSet<String>>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut accepted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (region, task) in self.tasks {
-            accepted
-                .entry(region)
-                .or_default()
-                .extend(task.await.unwrap_or_default());
-        }
-        (accepted, self.refused.load(Ordering::Relaxed))
-    }
 }
 
 fn archive_counts(server: &TestServer, region: &str) -> BTreeMap<String, usize> {

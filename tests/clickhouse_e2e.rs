@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::services::{ClickHouseProcess, clickhouse_count, clickhouse_query, shared_service};
@@ -170,56 +168,15 @@ async fn a_thirty_second_clickhouse_outage_under_load_delays_but_loses_nothing()
     server.create_org("acme").await;
     let (project_id, key) = server.create_project("acme", "eu-west-1").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    let counter = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for client_index in 0..4 {
-        let (client, url, key) = (server.client.clone(), server.url("/v1/batch"), key.clone());
-        let (stop, refused, counter) = (
-            Arc::clone(&stop),
-            Arc::clone(&refused),
-            Arc::clone(&counter),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut accepted = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let id = format!(
-                    "c{client_index}-{}",
-                    counter.fetch_add(1, Ordering::Relaxed)
-                );
-                let response = client
-                    .post(&url)
-                    .header("Authorization", basic_auth(&key))
-                    .json(&json!({"batch": [track(&id)]}))
-                    .send()
-                    .await;
-                match response {
-                    Ok(response) if response.status() == 200 => accepted.push(id),
-                    _ => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            accepted
-        }));
-    }
+    let load = Load::start(&server, &[("eu-west-1", key)], 4, "outage");
     tokio::time::sleep(Duration::from_secs(2)).await;
     clickhouse.stop();
     tokio::time::sleep(Duration::from_secs(30)).await;
     clickhouse.restart().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut accepted = BTreeSet::new();
-    for client in clients {
-        accepted.extend(client.await.unwrap());
-    }
-    assert_eq!(
-        refused.load(Ordering::Relaxed),
-        0,
-        "ingestion answered 200 throughout the outage"
-    );
+    let (accepted_by_region, refused) = load.finish().await;
+    let accepted: BTreeSet<String> = accepted_by_region.into_values().flatten().collect();
+    assert_eq!(refused, 0, "ingestion answered 200 throughout the outage");
     assert!(accepted.len() > 500, "load was applied: {}", accepted.len());
     let expected = accepted.len() as u64;
     let stored = wait_for_count(

@@ -3,53 +3,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
 use rand::Rng;
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
-
-/// Sends batches of 1-5 uniquely identified messages until `stop`; returns the ids that got a 200.
-async fn client_loop(
-    client: reqwest::Client,
-    url: String,
-    write_key: String,
-    client_index: usize,
-    counter: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) -> Vec<String> {
-    let mut accepted = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let size = rand::rng().random_range(1..=5);
-        let ids: Vec<String> = (0..size)
-            .map(|_| {
-                format!(
-                    "c{client_index}-m{}",
-                    counter.fetch_add(1, Ordering::Relaxed)
-                )
-            })
-            .collect();
-        let batch: Vec<Value> = ids
-            .iter()
-            .map(|id| json!({"type": "track", "userId": "load", "event": "Load", "messageId": id}))
-            .collect();
-        let response = client
-            .post(format!("{url}/v1/batch"))
-            .header("Authorization", basic_auth(&write_key))
-            .json(&json!({"batch": batch}))
-            .send()
-            .await;
-        match response {
-            Ok(response) if response.status() == 200 => accepted.extend(ids),
-            Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
-    accepted
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
@@ -65,39 +23,19 @@ async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
             server.create_project("acme", "us-east-1").await.1,
         ),
     ];
-    let accepted_by_region: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
-    let counter = Arc::new(AtomicU64::new(0));
+    let mut accepted_by_region: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let rounds = 6;
     for round in 0..rounds {
         if round > 0 {
             server.spawn().await;
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut clients = Vec::new();
-        for client_index in 0..8 {
-            let (region, key) = &keys[client_index % keys.len()];
-            let task = tokio::spawn(client_loop(
-                server.client.clone(),
-                server.base_url.clone(),
-                key.clone(),
-                client_index,
-                Arc::clone(&counter),
-                Arc::clone(&stop),
-            ));
-            clients.push((region.to_string(), task));
-        }
+        let load = Load::start(&server, &keys, 8, &format!("r{round}"));
         let alive_for = Duration::from_millis(rand::rng().random_range(300..900));
         tokio::time::sleep(alive_for).await;
         server.kill_hard();
-        stop.store(true, Ordering::Relaxed);
-        for (region, task) in clients {
-            let ids = task.await.expect("client task");
-            accepted_by_region
-                .lock()
-                .await
-                .entry(region)
-                .or_default()
-                .extend(ids);
+        let (accepted, _refused_while_killed) = load.finish().await;
+        for (region, ids) in accepted {
+            accepted_by_region.entry(region).or_default().extend(ids);
         }
     }
     server.spawn().await;
@@ -107,7 +45,6 @@ async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
             .await,
         "sinks drained after the last restart"
     );
-    let accepted_by_region = accepted_by_region.lock().await;
     let total_accepted: usize = accepted_by_region.values().map(BTreeSet::len).sum();
     assert!(
         total_accepted > 100,

@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::services::*;
@@ -142,48 +140,15 @@ async fn an_s3_outage_under_load_delays_but_loses_and_duplicates_nothing() {
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    let counter = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for client_index in 0..4 {
-        let (client, url, key) = (server.client.clone(), server.url("/v1/batch"), key.clone());
-        let (stop, refused, counter) = (
-            Arc::clone(&stop),
-            Arc::clone(&refused),
-            Arc::clone(&counter),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut accepted = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let id = format!("c{client_index}-{}", counter.fetch_add(1, Ordering::Relaxed));
-                let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": id}]});
-                match client.post(&url).header("Authorization", basic_auth(&key)).json(&batch).send().await {
-                    Ok(response) if response.status() == 200 => accepted.push(id),
-                    _ => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            accepted
-        }));
-    }
+    let load = Load::start(&server, &[("eu-west-1", key)], 4, "outage");
     tokio::time::sleep(Duration::from_secs(1)).await;
     seaweed.stop();
     tokio::time::sleep(Duration::from_secs(8)).await;
     seaweed.restart().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut accepted = BTreeSet::new();
-    for client in clients {
-        accepted.extend(client.await.unwrap());
-    }
-    assert_eq!(
-        refused.load(Ordering::Relaxed),
-        0,
-        "ingestion answered 200 throughout the outage"
-    );
+    let (accepted_by_region, refused) = load.finish().await;
+    let accepted: BTreeSet<String> = accepted_by_region.into_values().flatten().collect();
+    assert_eq!(refused, 0, "ingestion answered 200 throughout the outage");
     assert!(
         server
             .wait_for_sinks_to_drain(Duration::from_secs(90))

@@ -3,13 +3,16 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use serde_json::{Value, json};
 
 pub mod services;
@@ -366,4 +369,73 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(bytes).expect("gzip");
     encoder.finish().expect("gzip")
+}
+
+/// Clients sending batches of 1 to 5 uniquely identified track messages (ids `<tag>-<n>`) until
+/// stopped; each remembers the ids answered 200, and every other answer or failed request counts
+/// as refused.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    tasks: Vec<(String, tokio::task::JoinHandle<Vec<String>>)>,
+}
+
+impl Load {
+    pub fn start(server: &TestServer, keys: &[(&str, String)], clients: usize, tag: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for client_index in 0..clients {
+            let (region, key) = keys[client_index % keys.len()].clone();
+            let (client, url) = (server.client.clone(), server.url("/v1/batch"));
+            let (stop, refused, counter) = (
+                Arc::clone(&stop),
+                Arc::clone(&refused),
+                Arc::clone(&counter),
+            );
+            let tag = tag.to_string();
+            tasks.push((
+                region.to_string(),
+                tokio::spawn(async move {
+                    let mut accepted = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let size = rand::rng().random_range(1..=5);
+                        let ids: Vec<String> = (0..size).map(|_| format!("{tag}-{}", counter.fetch_add(1, Ordering::Relaxed))).collect();
+                        let batch: Vec<Value> = ids.iter().map(|id| json!({"type": "track", "userId": "load", "event": "Load", "messageId": id})).collect();
+                        match client.post(&url).header("Authorization", basic_auth(&key)).json(&json!({"batch": batch})).send().await {
+                            Ok(response) if response.status() == 200 => accepted.extend(ids),
+                            Ok(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    accepted
+                }),
+            ));
+        }
+        Load {
+            stop,
+            refused,
+            tasks,
+        }
+    }
+
+    /// Stops the clients; returns the accepted ids by region and the number of refusals.
+    pub async fn finish(self) -> (BTreeMap<String, BTreeSet<String>>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut accepted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (region, task) in self.tasks {
+            accepted
+                .entry(region)
+                .or_default()
+                .extend(task.await.expect("a load client task panicked"));
+        }
+        (accepted, self.refused.load(Ordering::Relaxed))
+    }
 }

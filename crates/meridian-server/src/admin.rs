@@ -210,15 +210,7 @@ pub async fn authorized_project(
         .get_project(project_id)
         .await?
         .ok_or_else(not_found)?;
-    claims
-        .require(&project.org_id, minimum, &format!("project `{project_id}`"))
-        .map_err(|failure| {
-            if failure.status == StatusCode::NOT_FOUND {
-                not_found()
-            } else {
-                failure
-            }
-        })?;
+    claims.require(&project.org_id, minimum, &format!("project `{project_id}`"))?;
     Ok(project)
 }
 
@@ -806,19 +798,11 @@ async fn authorized_migration(
         .get_migration(migration_id)
         .await?
         .ok_or_else(not_found)?;
-    claims
-        .require(
-            &migration.org_id,
-            Role::Owner,
-            &format!("migration `{migration_id}`"),
-        )
-        .map_err(|failure| {
-            if failure.status == StatusCode::NOT_FOUND {
-                not_found()
-            } else {
-                failure
-            }
-        })?;
+    claims.require(
+        &migration.org_id,
+        Role::Owner,
+        &format!("migration `{migration_id}`"),
+    )?;
     Ok(migration)
 }
 

@@ -130,19 +130,11 @@ async fn get_deletion(
         .get_deletion(&deletion_id)
         .await?
         .ok_or_else(not_found)?;
-    claims
-        .require(
-            &deletion.org_id,
-            Role::Admin,
-            &format!("deletion `{deletion_id}`"),
-        )
-        .map_err(|failure| {
-            if failure.status == StatusCode::NOT_FOUND {
-                not_found()
-            } else {
-                failure
-            }
-        })?;
+    claims.require(
+        &deletion.org_id,
+        Role::Admin,
+        &format!("deletion `{deletion_id}`"),
+    )?;
     Ok(axum::Json(deletion_json(
         &deletion,
         clickhouse_configured(&state, &deletion.region),
