@@ -365,23 +365,39 @@ async fn requests_beyond_the_concurrency_limit_get_503_with_retry_after() {
     .await;
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
-    // Hold the only slot: a request whose body never finishes arriving.
+    // Hold the only slot: a request whose body never finishes arriving. With `Expect:
+    // 100-continue` the server answers "100 Continue" once the handler reads the body, which is
+    // after the request took its slot, so the next request must find none free.
     let mut holder = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     let head = format!(
-        "POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Length: 100\r\n\r\n{{",
+        "POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
         basic_auth(&key)
     );
     holder.write_all(head.as_bytes()).unwrap();
-    let refused = wait_until(Duration::from_secs(5), || async {
-        track_status(&server, &key).await.0 == 503
-    })
-    .await;
+    holder
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut interim = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !interim.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = holder
+            .read(&mut buffer)
+            .expect("an interim answer to the holder");
+        assert!(read > 0, "the server closed the holder's connection");
+        interim.extend_from_slice(&buffer[..read]);
+    }
+    let interim = String::from_utf8_lossy(&interim);
     assert!(
-        refused,
+        interim.starts_with("HTTP/1.1 100"),
+        "the holder's request is being served, not answered: {interim}"
+    );
+    holder.write_all(b"{").unwrap();
+
+    let (status, retry_after, _) = track_status(&server, &key).await;
+    assert_eq!(
+        status, 503,
         "a second request is refused while the slot is held"
     );
-    let (status, retry_after, _) = track_status(&server, &key).await;
-    assert_eq!(status, 503);
     assert_eq!(retry_after.as_deref(), Some("1"));
     assert_eq!(
         server
