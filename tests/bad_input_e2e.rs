@@ -319,13 +319,7 @@ async fn random_and_hostile_bodies_get_clean_4xx_answers_and_never_crash_the_ser
         .await;
     }
 
-    let health = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200, "the server survived");
+    assert_eq!(server.health_status().await, 200, "the server survived");
     assert_eq!(server.terminate(), Some(0), "and shuts down cleanly");
     assert!(!server.log().contains("panicked"), "no panic in the log");
 }

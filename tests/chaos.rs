@@ -416,16 +416,7 @@ async fn chaos_a_thousand_connections_slow_clients_and_resets() {
         "a body cut off mid-way is never stored"
     );
     let (stored, duplicates, lost) = tally(&accepted, &stored_counts);
-    assert_eq!(
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.health_status().await, 200);
     report(Row {
         scenario: "1,000 connections, slow clients, resets",
         accepted: accepted.len(),

@@ -79,12 +79,6 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         "^/(admin|healthz|readyz|metrics)",
     );
     run_schemathesis(&schemathesis, &server, &basic_auth(&write_key), "^/v1/");
-    let health = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(server.health_status().await, 200);
     assert!(!server.log().contains("panicked"), "no panic while fuzzed");
 }

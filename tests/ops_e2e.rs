@@ -186,28 +186,14 @@ async fn tls_serves_http1_and_http2_refuses_plaintext_and_reloads_its_certificat
         libc::kill(server.pid() as i32, libc::SIGHUP);
     }
     let both = [first.clone(), second.clone()];
-    let mut reloaded = false;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
+    let reloaded = wait_until(Duration::from_secs(10), || async {
         let (_, presented) = tls_connect(tls_port, &both, b"http/1.1").await;
-        if presented == second.as_ref() {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        presented == second.as_ref()
+    })
+    .await;
     assert!(reloaded, "the new certificate is served after SIGHUP");
     // The plain listener keeps working beside the TLS one.
-    assert_eq!(
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.health_status().await, 200);
 }
 
 async fn track_status(server: &TestServer, key: &str) -> (u16, Option<String>, Option<String>) {
@@ -337,13 +323,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
     });
     for _ in 0..5 {
         assert_eq!(
-            server
-                .client
-                .get(server.url("/healthz"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            server.health_status().await,
             200,
             "others are served meanwhile"
         );
@@ -399,17 +379,7 @@ async fn requests_beyond_the_concurrency_limit_get_503_with_retry_after() {
         "a second request is refused while the slot is held"
     );
     assert_eq!(retry_after.as_deref(), Some("1"));
-    assert_eq!(
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200,
-        "health stays visible"
-    );
+    assert_eq!(server.health_status().await, 200, "health stays visible");
     drop(holder);
     let served = wait_until(Duration::from_secs(5), || async {
         track_status(&server, &key).await.0 == 200
@@ -538,14 +508,5 @@ async fn oversized_request_heads_are_refused_and_the_node_serves_on() {
         "a 100 KB head was served: {}",
         &answer[..answer.len().min(80)]
     );
-    assert_eq!(
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.health_status().await, 200);
 }

@@ -231,6 +231,17 @@ impl TestServer {
         format!("{}{path}", self.base_url)
     }
 
+    /// The status `/healthz` answers now (the node is up and serving).
+    pub async fn health_status(&self) -> u16 {
+        self.client
+            .get(self.url("/healthz"))
+            .send()
+            .await
+            .expect("GET /healthz")
+            .status()
+            .as_u16()
+    }
+
     pub async fn admin(
         &self,
         method: reqwest::Method,
