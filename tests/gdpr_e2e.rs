@@ -77,6 +77,26 @@ async fn count(url: &str, sql: &str) -> u64 {
     clickhouse_count(url, sql).await
 }
 
+/// Every object of `bucket` with its ETag: equal maps before and after mean nothing was written.
+async fn etags_by_key(client: &aws_sdk_s3::Client, bucket: &str) -> BTreeMap<String, String> {
+    let listing = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("list the bucket");
+    listing
+        .contents()
+        .iter()
+        .map(|object| {
+            (
+                object.key().unwrap_or_default().to_string(),
+                object.e_tag().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_messages() {
     let (Some(clickhouse), Some(s3)) = (
@@ -414,22 +434,7 @@ async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
     let eu_mutations_sql =
         format!("SELECT count() FROM system.mutations WHERE database = '{database}'");
     let eu_mutations_before = count(&eu_clickhouse, &eu_mutations_sql).await;
-    let eu_objects_before = s3_client
-        .list_objects_v2()
-        .bucket(&eu_bucket)
-        .send()
-        .await
-        .unwrap();
-    let eu_etags_before: BTreeMap<String, String> = eu_objects_before
-        .contents()
-        .iter()
-        .map(|object| {
-            (
-                object.key().unwrap().to_string(),
-                object.e_tag().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let eu_etags_before = etags_by_key(&s3_client, &eu_bucket).await;
 
     let admin = server.issue_token("admin", Some("acme"));
     let (status, requested) = server
@@ -473,22 +478,7 @@ async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
         eu_mutations_before,
         "no mutation was sent to eu-west-1's ClickHouse"
     );
-    let eu_objects_after = s3_client
-        .list_objects_v2()
-        .bucket(&eu_bucket)
-        .send()
-        .await
-        .unwrap();
-    let eu_etags_after: BTreeMap<String, String> = eu_objects_after
-        .contents()
-        .iter()
-        .map(|object| {
-            (
-                object.key().unwrap().to_string(),
-                object.e_tag().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let eu_etags_after = etags_by_key(&s3_client, &eu_bucket).await;
     assert_eq!(
         eu_etags_after, eu_etags_before,
         "eu-west-1's bucket untouched"
