@@ -200,7 +200,13 @@ async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()
             settings.data_dir.display()
         );
         println!("  catalog: {}", settings.catalog_url);
+        for warning in &settings.warnings {
+            println!("warning: {warning}");
+        }
         return Ok(());
+    }
+    for warning in &settings.warnings {
+        tracing::warn!(%warning, "configuration");
     }
     let node = RunningNode::start(settings.clone()).await?;
     match (node.local_addr(), node.tls_local_addr()) {

@@ -426,3 +426,42 @@ async fn chaos_a_thousand_connections_slow_clients_and_resets() {
         note: format!("{} resets mid-body, none stored", reset_ids.len()),
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_two_nodes_one_bucket_with_kill_9() {
+    let Some(mut cluster) = common::cluster::Cluster::start(2, "eu-west-1", "").await else {
+        return;
+    };
+    let (project_id, key) = cluster.create_project("chaos").await;
+    cluster.wait_for_key_everywhere(&key).await;
+    let load = cluster.load(&key, 8, "two", Spread::Random, Duration::from_millis(2));
+    let deadline = Instant::now() + disturbance();
+    let mut kills = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(700..2500))).await;
+        let victim = rand::rng().random_range(0..cluster.nodes.len());
+        cluster.nodes[victim].kill_hard();
+        kills += 1;
+        cluster.nodes[victim].spawn().await;
+    }
+    let (mut accepted, _) = load.finish().await;
+    let accepted = accepted.remove("eu-west-1").unwrap_or_default();
+    assert!(accepted.len() > 100, "load was applied");
+    cluster.terminate_all();
+    // The exact check of both stores panics naming what is lost or duplicated.
+    cluster
+        .assert_exactly_once(&project_id, &accepted, "two")
+        .await;
+    let (bucket, _) = cluster.bucket_counts(&project_id).await;
+    let (stored, duplicates, lost) = tally(&accepted, &bucket);
+    let warehouse = cluster.clickhouse_counts(&project_id).await;
+    let (warehouse_stored, warehouse_duplicates, warehouse_lost) = tally(&accepted, &warehouse);
+    report(Row {
+        scenario: "two nodes, one bucket + ClickHouse, kill -9",
+        accepted: accepted.len(),
+        stored: stored.min(warehouse_stored),
+        duplicates: duplicates + warehouse_duplicates,
+        lost: lost + warehouse_lost,
+        note: format!("{kills} kills; bucket and ClickHouse (FINAL) counted per messageId"),
+    });
+}

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn make_certificate(dir: &Path, common_name: &str) -> CertificateDer<'static> {
     let status = std::process::Command::new("openssl")
@@ -509,4 +509,101 @@ async fn oversized_request_heads_are_refused_and_the_node_serves_on() {
         &answer[..answer.len().min(80)]
     );
     assert_eq!(server.health_status().await, 200);
+}
+
+/// The `/readyz` status and body now.
+async fn readiness(server: &TestServer) -> (u16, Value) {
+    let response = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .expect("GET /readyz");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_503_meanwhile() {
+    let mut server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("supervised").await;
+    let (_, key) = server.create_project("supervised", "eu-west-1").await;
+    assert_eq!(server.terminate(), Some(0));
+    // A directory where the archive sink's cursor file should be: opening it fails.
+    let cursor = server
+        .data_dir
+        .join("queue/eu-west-1/cursors/archive.cursor");
+    let _ = std::fs::remove_file(&cursor);
+    std::fs::create_dir_all(cursor.join("obstacle")).expect("obstacle created");
+    server.spawn().await;
+
+    let failing_seen = wait_until(Duration::from_secs(10), || async {
+        let (status, body) = readiness(&server).await;
+        let sinks = &body["regions"]["eu-west-1"]["sinks"];
+        let archive_down = sinks.as_array().is_some_and(|sinks| {
+            sinks.iter().any(|sink| {
+                sink["sink"] == "archive"
+                    && sink["running"] == false
+                    && sink["problem"].as_str().is_some_and(|problem| {
+                        problem.contains("archive") && problem.contains("eu-west-1")
+                    })
+            })
+        });
+        status == 503 && archive_down
+    })
+    .await;
+    assert!(
+        failing_seen,
+        "/readyz names the failed runner: {:?}",
+        readiness(&server).await
+    );
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"meridian_sink_runner_up{region="eu-west-1",sink="archive"} 0"#),
+        "the runner is down in the metrics"
+    );
+    // Ingest goes on: the data waits in the queue.
+    let (status, _, _) = track_status(&server, &key).await;
+    assert_eq!(status, 200);
+
+    std::fs::remove_dir_all(&cursor).expect("obstacle removed");
+    let recovered = wait_until(Duration::from_secs(60), || async {
+        readiness(&server).await.0 == 200
+    })
+    .await;
+    assert!(recovered, "ready again: {:?}", readiness(&server).await);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await,
+        "the restarted runner delivered what waited"
+    );
+    assert_eq!(server.archived_messages("eu-west-1").len(), 1);
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let restarts: f64 = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(
+                r#"meridian_sink_runner_restarts_total{region="eu-west-1",sink="archive"}"#,
+            )
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .expect("the restart counter");
+    assert!(restarts >= 1.0, "restarts counted: {restarts}");
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::{Value, json};
 
+pub mod cluster;
 pub mod services;
 
 pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
@@ -382,6 +383,15 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.finish().expect("gzip")
 }
 
+/// How a load spreads its requests over the nodes of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spread {
+    /// Each client takes the nodes in turn (clients start at different nodes).
+    RoundRobin,
+    /// Each request goes to a node picked at random.
+    Random,
+}
+
 /// Clients sending batches of 1 to 5 uniquely identified track messages (ids `<tag>-<n>`) until
 /// stopped; each remembers the ids answered 200, and every other answer or failed request counts
 /// as refused.
@@ -392,29 +402,72 @@ pub struct Load {
 }
 
 impl Load {
+    /// A load on one server, as fast as its clients go.
     pub fn start(server: &TestServer, keys: &[(&str, String)], clients: usize, tag: &str) -> Load {
+        Load::spread_over(
+            &server.client,
+            std::slice::from_ref(&server.base_url),
+            keys,
+            clients,
+            tag,
+            Spread::RoundRobin,
+            1..=5,
+            Duration::from_millis(2),
+        )
+    }
+
+    /// A load spread over the nodes at `base_urls`: requests of `messages_per_request` messages,
+    /// each client pausing `pause` between requests (a long pause gives few messages per archive
+    /// flush; a short one, many).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spread_over(
+        client: &reqwest::Client,
+        base_urls: &[String],
+        keys: &[(&str, String)],
+        clients: usize,
+        tag: &str,
+        spread: Spread,
+        messages_per_request: std::ops::RangeInclusive<usize>,
+        pause: Duration,
+    ) -> Load {
+        assert!(!base_urls.is_empty(), "a load needs a node to send to");
         let stop = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicU64::new(0));
         let counter = Arc::new(AtomicU64::new(0));
+        let urls: Arc<Vec<String>> = Arc::new(
+            base_urls
+                .iter()
+                .map(|base_url| format!("{base_url}/v1/batch"))
+                .collect(),
+        );
         let mut tasks = Vec::new();
         for client_index in 0..clients {
             let (region, key) = keys[client_index % keys.len()].clone();
-            let (client, url) = (server.client.clone(), server.url("/v1/batch"));
+            let (client, urls) = (client.clone(), Arc::clone(&urls));
             let (stop, refused, counter) = (
                 Arc::clone(&stop),
                 Arc::clone(&refused),
                 Arc::clone(&counter),
             );
             let tag = tag.to_string();
+            let messages_per_request = messages_per_request.clone();
             tasks.push((
                 region.to_string(),
                 tokio::spawn(async move {
                     let mut accepted = Vec::new();
+                    let mut next_node = client_index;
                     while !stop.load(Ordering::Relaxed) {
-                        let size = rand::rng().random_range(1..=5);
+                        let node = match spread {
+                            Spread::RoundRobin => {
+                                next_node += 1;
+                                (next_node - 1) % urls.len()
+                            }
+                            Spread::Random => rand::rng().random_range(0..urls.len()),
+                        };
+                        let size = rand::rng().random_range(messages_per_request.clone());
                         let ids: Vec<String> = (0..size).map(|_| format!("{tag}-{}", counter.fetch_add(1, Ordering::Relaxed))).collect();
                         let batch: Vec<Value> = ids.iter().map(|id| json!({"type": "track", "userId": "load", "event": "Load", "messageId": id})).collect();
-                        match client.post(&url).header("Authorization", basic_auth(&key)).json(&json!({"batch": batch})).send().await {
+                        match client.post(&urls[node]).header("Authorization", basic_auth(&key)).json(&json!({"batch": batch})).send().await {
                             Ok(response) if response.status() == 200 => accepted.extend(ids),
                             Ok(_) => {
                                 refused.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +477,7 @@ impl Load {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                         }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        tokio::time::sleep(pause).await;
                     }
                     accepted
                 }),

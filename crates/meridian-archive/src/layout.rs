@@ -11,19 +11,20 @@ use serde::Deserialize;
 
 use crate::error::ArchiveError;
 
-/// The key of the object holding a project's messages of one received-day from queue offsets
-/// `[start, end)`.
+/// The key of the object holding a project's messages of one received-day from one delivery
+/// batch: `[<prefix>/]segment-logs/<project>/<received-day-ms>/<batch name>.gz`, where the batch
+/// name (`<queue incarnation>-<start:020>-<end:020>`, see `DeliveryBatch::name`) is unique across
+/// every node of the region and every life of its queues, and the same when a batch is retried.
 pub fn object_key(
     prefix: Option<&str>,
     project_id: &str,
     day_start_ms: i64,
-    start: u64,
-    end: u64,
+    batch_name: &str,
 ) -> String {
     let prefix = prefix
         .map(|prefix| prefix.trim_matches('/'))
         .filter(|prefix| !prefix.is_empty());
-    let tail = format!("segment-logs/{project_id}/{day_start_ms}/{start:020}-{end:020}.gz");
+    let tail = format!("segment-logs/{project_id}/{day_start_ms}/{batch_name}.gz");
     match prefix {
         Some(prefix) => format!("{prefix}/{tail}"),
         None => tail,
@@ -82,17 +83,18 @@ mod tests {
 
     #[test]
     fn keys_follow_the_segment_layout() {
+        let batch = "q0123456789abcdef0123456789abcdef-00000000000000000000-00000000000000000025";
         assert_eq!(
-            object_key(None, "prj_1", 1_795_478_400_000, 0, 25),
-            "segment-logs/prj_1/1795478400000/00000000000000000000-00000000000000000025.gz"
+            object_key(None, "prj_1", 1_795_478_400_000, batch),
+            format!("segment-logs/prj_1/1795478400000/{batch}.gz")
         );
         assert_eq!(
-            object_key(Some("/tenant/a/"), "prj_1", 0, 1, 2),
-            "tenant/a/segment-logs/prj_1/0/00000000000000000001-00000000000000000002.gz"
+            object_key(Some("/tenant/a/"), "prj_1", 0, batch),
+            format!("tenant/a/segment-logs/prj_1/0/{batch}.gz")
         );
         assert_eq!(
-            object_key(Some(""), "p", 0, 1, 2),
-            "segment-logs/p/0/00000000000000000001-00000000000000000002.gz"
+            object_key(Some(""), "p", 0, batch),
+            format!("segment-logs/p/0/{batch}.gz")
         );
     }
 

@@ -164,10 +164,10 @@ mod tests {
     async fn rewrites_only_affected_objects_and_deletes_emptied_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalDirStore::new(dir.path());
-        let mixed = object_key(None, "p", 86_400_000, 0, 3);
-        let only_a = object_key(None, "p", 2 * 86_400_000, 3, 4);
-        let only_b = object_key(None, "p", 3 * 86_400_000, 4, 5);
-        let other_project = object_key(None, "q", 86_400_000, 0, 1);
+        let mixed = object_key(None, "p", 86_400_000, "q1-0-3");
+        let only_a = object_key(None, "p", 2 * 86_400_000, "q1-3-4");
+        let only_b = object_key(None, "p", 3 * 86_400_000, "q1-4-5");
+        let other_project = object_key(None, "q", 86_400_000, "q1-0-1");
         let put = |key: &str, lines: Vec<Vec<u8>>| {
             let body = encode_object(lines.iter().map(Vec::as_slice), 1).unwrap();
             let key = key.to_string();

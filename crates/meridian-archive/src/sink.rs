@@ -358,22 +358,17 @@ impl Sink for ArchiveSink {
         .map_err(|error| SinkError::Transient(format!("archive encoder panicked: {error}")))?
         .map_err(|error| SinkError::Transient(format!("gzip encoding failed: {error}")))?;
 
-        let range = batch.range;
+        let batch_name = batch.name();
         let mut puts = Vec::with_capacity(encoded.len());
         let mut to_spool: Vec<(String, String, Bytes)> = Vec::new();
         for (project_id, day_ms, body) in encoded {
             let body = Bytes::from(body);
             // Unprefixed: the prefix of the store it finally lands in is applied then.
-            let bare_key = object_key(None, &project_id, day_ms, range.start, range.end);
+            let bare_key = object_key(None, &project_id, day_ms, &batch_name);
             match self.resolver.customer_store(&project_id).await {
                 Ok(Some(target)) => {
-                    let key = object_key(
-                        target.prefix.as_deref(),
-                        &project_id,
-                        day_ms,
-                        range.start,
-                        range.end,
-                    );
+                    let key =
+                        object_key(target.prefix.as_deref(), &project_id, day_ms, &batch_name);
                     puts.push(Put {
                         store: target.store,
                         key,
@@ -386,8 +381,7 @@ impl Sink for ArchiveSink {
                         self.config.prefix.as_deref(),
                         &project_id,
                         day_ms,
-                        range.start,
-                        range.end,
+                        &batch_name,
                     );
                     puts.push(Put {
                         store: Arc::clone(&self.regional_store),
@@ -479,6 +473,8 @@ mod tests {
         }
     }
 
+    const SOURCE: &str = "q0123456789abcdef0123456789abcdef";
+
     #[tokio::test]
     async fn writes_one_object_per_project_and_day_and_rewrites_on_redelivery() {
         let dir = tempfile::tempdir().unwrap();
@@ -491,6 +487,7 @@ mod tests {
             Arc::new(meridian_core::NoErasures),
         );
         let batch = DeliveryBatch {
+            source: Arc::from(SOURCE),
             range: OffsetRange { start: 10, end: 14 },
             records: Arc::new(vec![
                 record(10, "p1", "2026-11-24T23:59:59.999Z"),
@@ -505,10 +502,27 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                "segment-logs/p1/1795478400000/00000000000000000010-00000000000000000014.gz",
-                "segment-logs/p1/1795564800000/00000000000000000010-00000000000000000014.gz",
-                "segment-logs/p2/1795478400000/00000000000000000010-00000000000000000014.gz",
+                format!(
+                    "segment-logs/p1/1795478400000/{SOURCE}-00000000000000000010-00000000000000000014.gz"
+                ),
+                format!(
+                    "segment-logs/p1/1795564800000/{SOURCE}-00000000000000000010-00000000000000000014.gz"
+                ),
+                format!(
+                    "segment-logs/p2/1795478400000/{SOURCE}-00000000000000000010-00000000000000000014.gz"
+                ),
             ]
+        );
+        let other_node = DeliveryBatch {
+            source: Arc::from("q11111111111111111111111111111111"),
+            range: batch.range,
+            records: Arc::clone(&batch.records),
+        };
+        sink.deliver(&other_node).await.unwrap();
+        assert_eq!(
+            store.list("segment-logs/").await.unwrap().len(),
+            6,
+            "the same offsets from another queue never overwrite an object"
         );
         let body = store.get(&keys[0]).await.unwrap().unwrap();
         let lines = decode_object(&keys[0], &body).unwrap();
@@ -545,6 +559,7 @@ mod tests {
             .into_bytes(),
         };
         let batch = DeliveryBatch {
+            source: Arc::from(SOURCE),
             range: OffsetRange { start: 0, end: 3 },
             records: Arc::new(vec![
                 message(0, "gone", "2026-11-24T10:00:00.000Z"),

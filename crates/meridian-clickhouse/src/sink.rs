@@ -368,9 +368,11 @@ impl ClickHouseSink {
     }
 
     /// Inserts all rows; a range ClickHouse rejects for its data is split in halves until the
-    /// rejected rows are isolated, which go to `dead`.
+    /// rejected rows are isolated, which go to `dead`. `source` names the queue the rows' offsets
+    /// belong to (its incarnation).
     async fn store(
         &self,
+        source: &str,
         rows: &Rows,
         flavor: SchemaFlavor,
         dead: &mut Vec<(u64, String)>,
@@ -385,7 +387,7 @@ impl ClickHouseSink {
                 continue;
             }
             let (first_offset, end_offset) = Self::offsets_of(rows, (start, end));
-            let token = format!("meridian:{}:{first_offset}-{end_offset}", self.region);
+            let token = dedup_token(&self.region, source, first_offset, end_offset);
             let dedup_token = (flavor == SchemaFlavor::Modern).then_some(token.as_str());
             match self
                 .insert_with_failover(rows, (start, end), dedup_token)
@@ -627,6 +629,13 @@ fn build_rows(
     (rows, erased)
 }
 
+/// The insert dedup token of the rows at offsets `[first_offset, end_offset)` of queue `source`:
+/// unique across every node of the region and every life of its queues (offsets alone repeat),
+/// and the same when the same rows are retried, so a current ClickHouse drops only true retries.
+pub fn dedup_token(region: &str, source: &str, first_offset: u64, end_offset: u64) -> String {
+    format!("meridian:{region}:{source}:{first_offset}-{end_offset}")
+}
+
 #[async_trait]
 impl Sink for ClickHouseSink {
     fn name(&self) -> &str {
@@ -664,7 +673,7 @@ impl Sink for ClickHouseSink {
                 .write_dead_letters(dead, Arc::clone(&batch.records))
                 .await;
         }
-        self.store(&rows, flavor, &mut dead).await?;
+        self.store(&batch.source, &rows, flavor, &mut dead).await?;
         dead.sort_by_key(|(offset, _)| *offset);
         self.write_dead_letters(dead, Arc::clone(&batch.records))
             .await
@@ -703,6 +712,21 @@ impl Sink for ClickHouseSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dedup_tokens_name_the_queue_as_well_as_the_offsets() {
+        let node_a = dedup_token("eu-west-1", "q0000000000000000000000000000000a", 0, 25);
+        let node_b = dedup_token("eu-west-1", "q0000000000000000000000000000000b", 0, 25);
+        assert_ne!(
+            node_a, node_b,
+            "two nodes' first batches are different rows"
+        );
+        assert_eq!(
+            node_a,
+            dedup_token("eu-west-1", "q0000000000000000000000000000000a", 0, 25),
+            "a retry of the same range carries the same token"
+        );
+    }
 
     #[test]
     fn user_id_chunks_stay_small_and_cover_everyone() {

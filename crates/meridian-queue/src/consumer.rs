@@ -25,13 +25,38 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// What a consumer persists.
+/// A consumer's position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CursorState {
     /// Every record below this offset has been delivered.
     pub next_offset: u64,
     /// A range whose delivery began and may not have finished.
     pub in_flight: Option<OffsetRange>,
+}
+
+/// What a cursor file holds: the position, and the incarnation whose offsets it counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CursorFile {
+    pub next_offset: u64,
+    pub in_flight: Option<OffsetRange>,
+    /// Absent in cursor files written before incarnations existed.
+    #[serde(default)]
+    pub incarnation: Option<String>,
+}
+
+impl CursorFile {
+    pub fn state(&self) -> CursorState {
+        CursorState {
+            next_offset: self.next_offset,
+            in_flight: self.in_flight,
+        }
+    }
+
+    /// The highest offset this cursor has begun to deliver up to.
+    pub fn highest_position(&self) -> u64 {
+        self.next_offset
+            .max(self.in_flight.map(|range| range.end).unwrap_or(0))
+    }
 }
 
 struct SegmentReader {
@@ -48,7 +73,7 @@ pub struct Consumer {
     reader: Option<SegmentReader>,
 }
 
-pub(crate) fn read_cursor_file(path: &Path) -> Result<Option<CursorState>, QueueError> {
+pub(crate) fn read_cursor_file(path: &Path) -> Result<Option<CursorFile>, QueueError> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
@@ -77,10 +102,27 @@ impl Consumer {
         let cursor_path = shared.cursors_dir.join(format!("{name}.cursor"));
         let first_offset = shared.first_offset();
         let durable_end = shared.durable_end();
-        let mut state = read_cursor_file(&cursor_path)?.unwrap_or(CursorState {
+        let oldest = CursorState {
             next_offset: first_offset,
             in_flight: None,
-        });
+        };
+        let (mut state, mut must_persist) = match read_cursor_file(&cursor_path)? {
+            None => (oldest, true),
+            Some(cursor) if shared.owns_cursor(cursor.incarnation.as_deref()) => {
+                (cursor.state(), cursor.incarnation.is_none())
+            }
+            Some(cursor) => {
+                warn!(
+                    consumer = name,
+                    cursor_incarnation = cursor.incarnation.as_deref().unwrap_or("none"),
+                    queue_incarnation = %shared.incarnation,
+                    cursor = cursor.next_offset,
+                    first_offset,
+                    "consumer cursor was written for another incarnation of this queue: its offsets name other records; redelivering from the oldest record (duplicates collapse, nothing is skipped)"
+                );
+                (oldest, true)
+            }
+        };
         if state.next_offset < first_offset {
             warn!(
                 consumer = name,
@@ -88,10 +130,8 @@ impl Consumer {
                 first_offset,
                 "consumer cursor points before the oldest queue segment (it was not registered when those were deleted); resuming at the oldest record"
             );
-            state = CursorState {
-                next_offset: first_offset,
-                in_flight: None,
-            };
+            state = oldest;
+            must_persist = true;
         }
         if state.next_offset > durable_end
             || state
@@ -109,17 +149,25 @@ impl Consumer {
                 next_offset: state.next_offset.min(durable_end),
                 in_flight: None,
             };
+            must_persist = true;
         }
-        shared
-            .lock_positions()
-            .insert(name.to_string(), state.next_offset);
-        Ok(Consumer {
+        let mut consumer = Consumer {
             shared,
             name: name.to_string(),
             cursor_path,
             state,
             reader: None,
-        })
+        };
+        if must_persist {
+            // On disk at once, so that the queue's on-disk cursor floor protects this consumer's
+            // records even while it is not registered in a process.
+            consumer.persist(state)?;
+        }
+        consumer
+            .shared
+            .lock_positions()
+            .insert(consumer.name.clone(), state.next_offset);
+        Ok(consumer)
     }
 
     pub fn name(&self) -> &str {
@@ -335,7 +383,12 @@ impl Consumer {
 
     fn persist(&mut self, state: CursorState) -> Result<(), QueueError> {
         let temporary_path = self.cursor_path.with_extension("cursor.tmp");
-        let text = serde_json::to_vec(&state).map_err(|error| QueueError::BadCursor {
+        let file_contents = CursorFile {
+            next_offset: state.next_offset,
+            in_flight: state.in_flight,
+            incarnation: Some(self.shared.incarnation.clone()),
+        };
+        let text = serde_json::to_vec(&file_contents).map_err(|error| QueueError::BadCursor {
             path: self.cursor_path.clone(),
             message: error.to_string(),
         })?;

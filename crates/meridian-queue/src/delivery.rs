@@ -5,6 +5,13 @@
 //! sink until the sink accepts it (retrying with capped exponential backoff and jitter), then
 //! commits the cursor. A batch is always one contiguous range of offsets, and after a crash the
 //! in-flight range is redelivered exactly, so sinks can make writes idempotent by the range.
+//!
+//! A range is named by the batch's `source` (the queue's incarnation) and its offsets: offsets
+//! alone repeat across the nodes of a region and across lives of one queue.
+//!
+//! The runner is supervised: whatever stops a delivery attempt (a cursor that cannot be opened or
+//! persisted, a read failure, a panicking sink) is logged, counted, shown as `failed` in its
+//! status, and the attempt restarts after a capped backoff. Only shutdown ends a runner.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -32,12 +39,23 @@ pub struct BatchLimits {
 /// One contiguous range of the queue, handed to a sink.
 #[derive(Debug)]
 pub struct DeliveryBatch {
+    /// The identity of the log the range belongs to (the queue's incarnation): together with the
+    /// range it names the batch uniquely across every node and every life of a region's queues.
+    pub source: Arc<str>,
     pub range: OffsetRange,
     /// Shared so that a sink can move the records into `spawn_blocking` for CPU-heavy encoding.
     pub records: Arc<Vec<Record>>,
 }
 
 impl DeliveryBatch {
+    /// `<source>-<start:020>-<end:020>`: unique per batch in the region, the same on a retry.
+    pub fn name(&self) -> String {
+        format!(
+            "{}-{:020}-{:020}",
+            self.source, self.range.start, self.range.end
+        )
+    }
+
     pub fn payload_bytes(&self) -> usize {
         self.records.iter().map(|record| record.payload.len()).sum()
     }
@@ -89,6 +107,10 @@ pub struct DeliveryStatus {
     pub oldest_pending_since_ms: AtomicI64,
     pub consecutive_failures: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Times the runner was restarted by its supervisor after a failure.
+    pub restarts: AtomicU64,
+    /// Set while the runner is down after a failure, waiting to restart: the reason.
+    pub runner_failure: Mutex<Option<String>>,
 }
 
 impl DeliveryStatus {
@@ -104,6 +126,21 @@ impl DeliveryStatus {
             .last_error
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = message;
+    }
+
+    /// Why the runner is down, while it waits to restart; `None` while it runs.
+    pub fn runner_failure(&self) -> Option<String> {
+        self.runner_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_runner_failure(&self, reason: Option<String>) {
+        *self
+            .runner_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
     }
 }
 
@@ -154,6 +191,19 @@ enum Gathered {
     Finished,
 }
 
+/// Why one attempt of the runner ended before shutdown.
+#[derive(Debug, thiserror::Error)]
+enum AttemptFailure {
+    #[error("cannot open the sink's queue cursor: {0}")]
+    OpenCursor(QueueError),
+    #[error("cannot redeliver the in-flight batch: {0}")]
+    RedeliverInFlight(QueueError),
+    #[error("reading the queue failed: {0}")]
+    Read(QueueError),
+    #[error("persisting the sink's cursor failed: {0}")]
+    PersistCursor(QueueError),
+}
+
 impl DeliveryRunner {
     pub fn new(region: &str, queue: RegionQueue, sink: Arc<dyn Sink>) -> DeliveryRunner {
         DeliveryRunner {
@@ -175,44 +225,77 @@ impl DeliveryRunner {
     }
 
     /// Runs until `drain` becomes true and everything durable at that point is delivered (or the
-    /// caller gives up waiting, leaving the rest queued for the next start).
+    /// caller gives up waiting, leaving the rest queued for the next start). Supervises itself: an
+    /// attempt that fails (or panics) is restarted after a backoff, for as long as the node runs.
     pub async fn run(self, mut drain: watch::Receiver<bool>) {
-        let sink_name = self.sink.name().to_string();
-        let queue = self.queue.clone();
-        let consumer = match tokio::task::spawn_blocking(move || queue.consumer(&sink_name)).await {
-            Ok(Ok(consumer)) => consumer,
-            Ok(Err(failure)) => {
-                error!(region = %self.region, sink = self.sink.name(), error = %failure, "cannot open the sink's queue cursor; this sink will not deliver");
-                self.status.set_last_error(Some(failure.to_string()));
-                return;
-            }
-            Err(join_error) => {
-                error!(region = %self.region, sink = self.sink.name(), error = %join_error, "opening the sink's cursor panicked");
-                return;
-            }
-        };
-        let mut consumer = Some(consumer);
-        if let Err(failure) = self.deliver_in_flight(&mut consumer, &mut drain).await {
-            error!(region = %self.region, sink = self.sink.name(), error = %failure, "cannot redeliver the in-flight batch; this sink stops");
-            self.status.set_last_error(Some(failure.to_string()));
-            return;
-        }
-        let mut end_changes = self.queue.subscribe_durable_end();
+        let runner = Arc::new(self);
+        let mut consecutive_restarts = 0u32;
         loop {
-            let gathered = match self
-                .gather(&mut consumer, &mut end_changes, &mut drain)
-                .await
-            {
-                Ok(gathered) => gathered,
-                Err(failure) => {
-                    error!(region = %self.region, sink = self.sink.name(), error = %failure, "reading the queue failed; this sink stops");
-                    self.status.set_last_error(Some(failure.to_string()));
+            let delivered_before = runner.status.delivered_batches.load(Ordering::Relaxed);
+            let attempt = tokio::spawn(Arc::clone(&runner).run_attempt(drain.clone()));
+            let failure = match attempt.await {
+                Ok(Ok(())) => return,
+                Ok(Err(failure)) => failure.to_string(),
+                Err(join_error) if join_error.is_panic() => {
+                    format!("the delivery task panicked: {join_error}")
+                }
+                Err(join_error) => format!("the delivery task was cancelled: {join_error}"),
+            };
+            let status = &runner.status;
+            if status.delivered_batches.load(Ordering::Relaxed) > delivered_before {
+                // This attempt had delivered: the backoff starts over.
+                consecutive_restarts = 0;
+            }
+            consecutive_restarts = consecutive_restarts.saturating_add(1);
+            status.restarts.fetch_add(1, Ordering::Relaxed);
+            status.set_last_error(Some(failure.clone()));
+            status.set_runner_failure(Some(failure.clone()));
+            let wait = runner.retry.backoff(consecutive_restarts, false);
+            error!(region = %runner.region, sink = runner.sink.name(), error = %failure, restarts = status.restarts.load(Ordering::Relaxed), restart_in_ms = wait.as_millis() as u64, "sink runner failed; restarting it after a backoff (its data stays queued)");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = drain.wait_for(|stop| *stop) => {
+                    warn!(region = %runner.region, sink = runner.sink.name(), "shutting down while the sink runner is failed; its backlog stays queued for the next start");
                     return;
                 }
-            };
+            }
+        }
+    }
+
+    /// One life of the runner: open the cursor, redeliver what was in flight, then deliver batch
+    /// after batch until drained.
+    async fn run_attempt(
+        self: Arc<Self>,
+        mut drain: watch::Receiver<bool>,
+    ) -> Result<(), AttemptFailure> {
+        let sink_name = self.sink.name().to_string();
+        let queue = self.queue.clone();
+        let consumer = tokio::task::spawn_blocking(move || queue.consumer(&sink_name))
+            .await
+            .map_err(|join_error| {
+                AttemptFailure::OpenCursor(QueueError::Broken(format!(
+                    "opening the cursor panicked: {join_error}"
+                )))
+            })?
+            .map_err(AttemptFailure::OpenCursor)?;
+        let mut consumer = Some(consumer);
+        self.deliver_in_flight(&mut consumer, &mut drain)
+            .await
+            .map_err(AttemptFailure::RedeliverInFlight)?;
+        if self.status.runner_failure().is_some() {
+            info!(region = %self.region, sink = self.sink.name(), "sink runner restarted and delivering again");
+            self.status.set_runner_failure(None);
+        }
+        let source: Arc<str> = Arc::from(self.queue.incarnation());
+        let mut end_changes = self.queue.subscribe_durable_end();
+        loop {
+            let gathered = self
+                .gather(&mut consumer, &mut end_changes, &mut drain)
+                .await
+                .map_err(AttemptFailure::Read)?;
             let records = match gathered {
                 Gathered::Batch(records) => records,
-                Gathered::Finished => return,
+                Gathered::Finished => return Ok(()),
             };
             let (Some(first), Some(last)) = (records.first(), records.last()) else {
                 continue;
@@ -227,17 +310,13 @@ impl DeliveryRunner {
                 "a batch is one contiguous range"
             );
             let batch = DeliveryBatch {
+                source: Arc::clone(&source),
                 range,
                 records: Arc::new(records),
             };
-            if let Err(failure) = self
-                .deliver_and_commit(&mut consumer, batch, &mut drain)
+            self.deliver_and_commit(&mut consumer, batch, &mut drain)
                 .await
-            {
-                error!(region = %self.region, sink = self.sink.name(), error = %failure, "persisting the sink's cursor failed; this sink stops");
-                self.status.set_last_error(Some(failure.to_string()));
-                return;
-            }
+                .map_err(AttemptFailure::PersistCursor)?;
         }
     }
 
@@ -272,6 +351,7 @@ impl DeliveryRunner {
         let records =
             Self::with_consumer(consumer, move |consumer| consumer.read_range(range)).await??;
         let batch = DeliveryBatch {
+            source: Arc::from(self.queue.incarnation()),
             range,
             records: Arc::new(records),
         };
@@ -523,6 +603,109 @@ mod tests {
             self.stored.lock().unwrap().push((batch.range, payloads));
             Ok(())
         }
+    }
+
+    fn fast_retries() -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(50),
+        }
+    }
+
+    async fn wait_for(mut condition: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the condition did not hold within 10 s");
+    }
+
+    #[tokio::test]
+    async fn a_runner_whose_cursor_cannot_be_opened_restarts_once_the_obstacle_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let obstacle = dir.path().join("cursors/flaky.cursor");
+        std::fs::create_dir(&obstacle).unwrap();
+        let sink = Arc::new(FlakySink {
+            failures: AtomicUsize::new(0),
+            stored: Mutex::new(Vec::new()),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
+            .with_retry_policy(fast_retries());
+        let status = runner.status();
+        let (drain_sender, drain) = watch::channel(false);
+        let task = tokio::spawn(runner.run(drain));
+        wait_for(|| status.restarts.load(Ordering::Relaxed) >= 2).await;
+        let failure = status.runner_failure().expect("shown as failed while down");
+        assert!(failure.contains("cursor"), "{failure}");
+        let mut batch = RecordBatch::default();
+        batch.push(b"kept while the runner was down").unwrap();
+        queue.append(batch).await.unwrap();
+
+        std::fs::remove_dir(&obstacle).unwrap();
+        wait_for(|| status.delivered_records.load(Ordering::Relaxed) == 1).await;
+        assert_eq!(status.runner_failure(), None, "running again");
+        drain_sender.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(sink.stored.lock().unwrap().len(), 1);
+        queue.close();
+    }
+
+    /// Panics on its first `panics` deliveries.
+    struct PanickingSink {
+        panics: AtomicUsize,
+        delivered: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Sink for PanickingSink {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+        fn batch_limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: 100,
+                max_bytes: 1 << 20,
+                max_age: Duration::from_millis(5),
+            }
+        }
+        async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+            if self.panics.load(Ordering::SeqCst) > 0 {
+                self.panics.fetch_sub(1, Ordering::SeqCst);
+                panic!("injected sink panic");
+            }
+            self.delivered
+                .fetch_add(batch.records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_sink_is_restarted_and_its_batch_redelivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let sink = Arc::new(PanickingSink {
+            panics: AtomicUsize::new(2),
+            delivered: AtomicUsize::new(0),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
+            .with_retry_policy(fast_retries());
+        let status = runner.status();
+        let (drain_sender, drain) = watch::channel(false);
+        let task = tokio::spawn(runner.run(drain));
+        let mut batch = RecordBatch::default();
+        for index in 0..5 {
+            batch.push(format!("r{index}").as_bytes()).unwrap();
+        }
+        queue.append(batch).await.unwrap();
+        wait_for(|| sink.delivered.load(Ordering::SeqCst) == 5).await;
+        assert_eq!(status.restarts.load(Ordering::Relaxed), 2);
+        assert_eq!(status.position.load(Ordering::Relaxed), 5);
+        drain_sender.send(true).unwrap();
+        task.await.unwrap();
+        queue.close();
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ pub enum QueueError {
     Encryption(String),
     #[error("queue cursor file {path} is unreadable: {message}")]
     BadCursor { path: PathBuf, message: String },
+    #[error("queue incarnation file {path} is unreadable: {message}")]
+    BadIncarnation { path: PathBuf, message: String },
 }
 
 impl QueueError {

@@ -3,18 +3,23 @@
 //! cursor per sink.
 //!
 //! ```text
+//! <dir>/incarnation                      {"incarnation": "q<32 hex>", "created_at_ms", "reason"}
 //! <dir>/segments/<base-offset:020>.seg   header (magic + base offset), then records
-//! <dir>/cursors/<sink>.cursor            {"next_offset": N, "in_flight": [start, end] | null}
+//! <dir>/cursors/<sink>.cursor            {"next_offset": N, "in_flight": {start, end} | null,
+//!                                         "incarnation": "q..."}
 //! ```
 //!
 //! Offsets count records: the first record ever appended has offset 0 and each record's offset is
 //! one more than its predecessor's. A segment is named after the offset of its first record. Only
-//! records below the durable end are ever handed to readers.
+//! records below the durable end (synced, in every durability mode) are ever handed to readers.
+//! Offsets are only unique within one incarnation of the queue: data is named by
+//! `(incarnation, offset)` (see [`incarnation`]).
 
 mod consumer;
 mod delivery;
 pub mod encryption;
 mod error;
+pub mod incarnation;
 mod queue;
 /// Segment files and record framing (public for the fuzz targets and tools).
 pub mod segment;

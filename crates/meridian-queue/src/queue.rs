@@ -10,11 +10,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::consumer::{Consumer, read_cursor_file};
+use crate::consumer::{Consumer, CursorFile, read_cursor_file};
 use crate::encryption::QueueEncryption;
 use crate::error::QueueError;
+use crate::incarnation::{IncarnationRecord, mint_incarnation, read_incarnation};
 use crate::segment::{
     MAX_RECORD_BYTES, create_segment, encode_record, list_segments, scan_segment,
 };
@@ -134,6 +135,13 @@ pub(crate) struct SegmentMeta {
 /// State shared by the queue handle, its writer thread and its consumers.
 pub(crate) struct Shared {
     pub config: QueueConfig,
+    /// The identity of this queue's offsets (see [`crate::incarnation`]).
+    pub incarnation: String,
+    /// True when this queue predates incarnations and its cursor files (which name none) were
+    /// written for the offsets it still holds.
+    pub trusts_unlabelled_cursors: bool,
+    /// Set while the on-disk cursor floor cannot be read (logged once until it can again).
+    pub cursor_floor_unreadable: AtomicBool,
     pub segments_dir: PathBuf,
     pub cursors_dir: PathBuf,
     /// Ascending by base offset; the last one is the active segment the writer appends to.
@@ -195,11 +203,67 @@ impl Shared {
             .unwrap_or_else(|| self.durable_end())
     }
 
-    /// Deletes every closed segment whose records all lie below every consumer's position.
+    /// True when a cursor file written with `incarnation` counts for this queue's offsets.
+    pub fn owns_cursor(&self, incarnation: Option<&str>) -> bool {
+        match incarnation {
+            Some(incarnation) => incarnation == self.incarnation,
+            None => self.trusts_unlabelled_cursors,
+        }
+    }
+
+    /// The lowest position any cursor file on disk protects: consumers that are not registered
+    /// in this process (a sink that failed to open, or whose config section is briefly removed)
+    /// keep their data too. A cursor of another incarnation will redeliver from the oldest record,
+    /// so it protects everything. `Err` when a cursor file cannot be read: nothing may be deleted.
+    fn on_disk_cursor_floor(&self) -> Result<Option<u64>, String> {
+        let entries = fs::read_dir(&self.cursors_dir).map_err(|error| {
+            format!("listing cursors in {}: {error}", self.cursors_dir.display())
+        })?;
+        let mut floor: Option<u64> = None;
+        for entry in entries {
+            let entry = entry.map_err(|error| {
+                format!("listing cursors in {}: {error}", self.cursors_dir.display())
+            })?;
+            let path = entry.path();
+            if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
+                continue;
+            }
+            let cursor = read_cursor_file(&path)
+                .map_err(|error| error.to_string())?
+                .ok_or_else(|| format!("cursor {} vanished while listed", path.display()))?;
+            let protected = if self.owns_cursor(cursor.incarnation.as_deref()) {
+                cursor.next_offset
+            } else {
+                0
+            };
+            floor = Some(floor.map_or(protected, |floor| floor.min(protected)));
+        }
+        Ok(floor)
+    }
+
+    /// Deletes every closed segment whose records all lie below every consumer's position, the
+    /// positions of consumers registered here and of every cursor file on disk alike.
     pub fn collect_garbage(&self) {
-        let Some(min_position) = self.lock_positions().values().copied().min() else {
+        let Some(min_registered) = self.lock_positions().values().copied().min() else {
             return;
         };
+        let has_candidate = {
+            let segments = self.lock_segments();
+            segments.len() > 1 && segments[1].base_offset <= min_registered
+        };
+        if !has_candidate {
+            return;
+        }
+        let min_position = match self.on_disk_cursor_floor() {
+            Ok(floor) => floor.map_or(min_registered, |floor| floor.min(min_registered)),
+            Err(reason) => {
+                if !self.cursor_floor_unreadable.swap(true, Ordering::AcqRel) {
+                    warn!(queue = %self.config.dir.display(), %reason, "a queue cursor file is unreadable: no consumed segment is deleted until it can be read");
+                }
+                return;
+            }
+        };
+        self.cursor_floor_unreadable.store(false, Ordering::Release);
         let mut segments = self.lock_segments();
         while segments.len() > 1 && segments[1].base_offset <= min_position {
             let removed = segments.remove(0);
@@ -221,6 +285,7 @@ impl Shared {
 /// Figures for metrics and readiness.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueStats {
+    pub incarnation: String,
     pub first_offset: u64,
     pub end_offset: u64,
     pub disk_bytes: u64,
@@ -263,7 +328,24 @@ impl RegionQueue {
             fs::create_dir_all(directory)
                 .map_err(|error| QueueError::io("creating directory", directory, error))?;
         }
+        let previous_incarnation = match read_incarnation(&config.dir) {
+            Ok(record) => PreviousIncarnation::Found(record),
+            Err(QueueError::BadIncarnation { path, message }) => {
+                error!(path = %path.display(), %message, "the queue's incarnation file is damaged: minting a new incarnation (every sink redelivers from the oldest record; duplicates collapse, nothing is skipped)");
+                PreviousIncarnation::Damaged
+            }
+            Err(other) => return Err(other),
+        };
+        let held_data_before = !list_segments(&segments_dir)?.is_empty()
+            || !list_cursor_files(&cursors_dir)?.is_empty();
         let (segments, next_offset) = recover_segments(&segments_dir, &cursors_dir)?;
+        let (incarnation, trusts_unlabelled_cursors) = settle_incarnation(
+            &config.dir,
+            &cursors_dir,
+            previous_incarnation,
+            held_data_before,
+            next_offset,
+        )?;
         let active = segments
             .last()
             .ok_or_else(|| QueueError::Broken("no active segment after recovery".into()))?;
@@ -280,6 +362,9 @@ impl RegionQueue {
         let disk_bytes: u64 = segments.iter().map(|segment| segment.bytes).sum();
         let (end_watch, _) = watch::channel(next_offset);
         let shared = Arc::new(Shared {
+            incarnation: incarnation.clone(),
+            trusts_unlabelled_cursors,
+            cursor_floor_unreadable: AtomicBool::new(false),
             segments_dir,
             cursors_dir,
             segments: Mutex::new(segments),
@@ -312,7 +397,7 @@ impl RegionQueue {
             .name(thread_name)
             .spawn(move || writer.run(receiver))
             .map_err(|error| QueueError::io("starting writer thread for", &config.dir, error))?;
-        info!(dir = %config.dir.display(), next_offset, disk_bytes, "queue opened");
+        info!(dir = %config.dir.display(), %incarnation, next_offset, disk_bytes, "queue opened");
         Ok(RegionQueue {
             shared,
             sender,
@@ -371,6 +456,11 @@ impl RegionQueue {
         }
     }
 
+    /// The identity of this queue's offsets: a record is named by `(incarnation, offset)`.
+    pub fn incarnation(&self) -> &str {
+        &self.shared.incarnation
+    }
+
     /// The offset one past the last durable record.
     pub fn durable_end(&self) -> u64 {
         self.shared.durable_end()
@@ -390,6 +480,7 @@ impl RegionQueue {
     pub fn stats(&self) -> QueueStats {
         let segments = self.shared.lock_segments();
         QueueStats {
+            incarnation: self.shared.incarnation.clone(),
             first_offset: segments
                 .first()
                 .map(|segment| segment.base_offset)
@@ -492,19 +583,89 @@ fn recover_segments(
     Ok((segments, base_offset))
 }
 
-fn highest_cursor_position(cursors_dir: &Path) -> Result<u64, QueueError> {
+fn list_cursor_files(cursors_dir: &Path) -> Result<Vec<PathBuf>, QueueError> {
     let entries = fs::read_dir(cursors_dir)
         .map_err(|error| QueueError::io("listing cursors in", cursors_dir, error))?;
-    let mut highest = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
-            continue;
-        }
-        if let Some(state) = read_cursor_file(&path)? {
-            let in_flight_end = state.in_flight.map(|range| range.end).unwrap_or(0);
-            highest = highest.max(state.next_offset).max(in_flight_end);
+    Ok(entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().and_then(|extension| extension.to_str()) == Some("cursor"))
+        .collect())
+}
+
+/// The readable cursor files, by path. Unreadable ones are left to `Consumer::open` to report.
+fn readable_cursor_files(cursors_dir: &Path) -> Result<Vec<(PathBuf, CursorFile)>, QueueError> {
+    let mut cursors = Vec::new();
+    for path in list_cursor_files(cursors_dir)? {
+        match read_cursor_file(&path) {
+            Ok(Some(cursor)) => cursors.push((path, cursor)),
+            Ok(None) => {}
+            Err(error) => {
+                warn!(cursor = %path.display(), %error, "cannot read a queue cursor file");
+            }
         }
     }
+    Ok(cursors)
+}
+
+fn highest_cursor_position(cursors_dir: &Path) -> Result<u64, QueueError> {
+    let mut highest = 0;
+    for (_, cursor) in readable_cursor_files(cursors_dir)? {
+        highest = highest.max(cursor.highest_position());
+    }
     Ok(highest)
+}
+
+enum PreviousIncarnation {
+    Found(Option<IncarnationRecord>),
+    Damaged,
+}
+
+/// Keeps the queue's incarnation, or mints a new one when its offsets could restart: a fresh or
+/// replaced directory, a damaged incarnation file, or a recovered end below a position one of its
+/// own cursors had passed (the disk lost records a sink had already delivered, so new records would
+/// reuse their offsets). Returns the incarnation and whether cursor files that name no incarnation
+/// (written before incarnations existed) belong to it.
+fn settle_incarnation(
+    queue_dir: &Path,
+    cursors_dir: &Path,
+    previous: PreviousIncarnation,
+    held_data_before: bool,
+    recovered_end: u64,
+) -> Result<(String, bool), QueueError> {
+    let record = match previous {
+        PreviousIncarnation::Damaged => {
+            return Ok((
+                mint_incarnation(queue_dir, "the incarnation file was damaged")?.incarnation,
+                false,
+            ));
+        }
+        PreviousIncarnation::Found(None) if held_data_before => {
+            let record = mint_incarnation(queue_dir, "queue created before incarnations")?;
+            info!(queue = %queue_dir.display(), incarnation = %record.incarnation, "the queue predates incarnations: minted one and adopted its cursors");
+            return Ok((record.incarnation, true));
+        }
+        PreviousIncarnation::Found(None) => {
+            return Ok((
+                mint_incarnation(queue_dir, "fresh queue directory")?.incarnation,
+                false,
+            ));
+        }
+        PreviousIncarnation::Found(Some(record)) => record,
+    };
+    let passed_by_own_cursors = readable_cursor_files(cursors_dir)?
+        .into_iter()
+        .filter(|(_, cursor)| cursor.incarnation.as_deref() == Some(record.incarnation.as_str()))
+        .map(|(_, cursor)| cursor.highest_position())
+        .max()
+        .unwrap_or(0);
+    if passed_by_own_cursors <= recovered_end {
+        return Ok((record.incarnation, false));
+    }
+    let reason = format!(
+        "end moved backwards: recovered end {recovered_end} is below position {passed_by_own_cursors} that a sink had passed"
+    );
+    let minted = mint_incarnation(queue_dir, &reason)?;
+    error!(queue = %queue_dir.display(), previous = %record.incarnation, incarnation = %minted.incarnation, %reason, "queue offsets could restart: minted a new incarnation (sinks redeliver from the oldest record; duplicates collapse, nothing is skipped or overwritten)");
+    Ok((minted.incarnation, false))
 }

@@ -381,3 +381,263 @@ async fn an_encrypted_queue_keeps_no_plaintext_on_disk_and_reads_back_through_ro
     );
     without_key.close();
 }
+
+fn incarnation_of(dir: &std::path::Path) -> String {
+    crate::incarnation::read_incarnation(&dir.join("queue"))
+        .unwrap()
+        .expect("the queue has an incarnation")
+        .incarnation
+}
+
+#[tokio::test]
+async fn a_queue_keeps_its_incarnation_across_restarts_and_a_replaced_directory_gets_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let first = queue.incarnation().to_string();
+    assert!(crate::incarnation::is_valid_incarnation_id(&first));
+    assert_eq!(incarnation_of(dir.path()), first, "persisted at creation");
+    queue.append(batch_of(&["a".into()])).await.unwrap();
+    queue.close();
+
+    let reopened = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(reopened.incarnation(), first, "stable across restarts");
+    reopened.close();
+
+    std::fs::remove_dir_all(dir.path().join("queue")).unwrap();
+    let replaced = RegionQueue::open(config(dir.path())).unwrap();
+    assert_ne!(
+        replaced.incarnation(),
+        first,
+        "offsets restart at 0 in a replaced directory: a new identity names them"
+    );
+    assert_eq!(replaced.durable_end(), 0);
+    replaced.close();
+}
+
+#[tokio::test]
+async fn a_cursor_of_another_incarnation_redelivers_from_the_oldest_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["a".into(), "b".into(), "c".into()]))
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    consumer.begin(OffsetRange { start: 0, end: 2 }).unwrap();
+    consumer.commit(2).unwrap();
+    drop(consumer);
+    queue.close();
+    // The cursor file is copied in from another queue's life.
+    let cursor_path = dir.path().join("queue/cursors/archive.cursor");
+    let foreign = std::fs::read_to_string(&cursor_path).unwrap().replace(
+        &incarnation_of(dir.path()),
+        &crate::incarnation::new_incarnation_id(),
+    );
+    std::fs::write(&cursor_path, foreign).unwrap();
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(
+        consumer.state(),
+        CursorState {
+            next_offset: 0,
+            in_flight: None
+        },
+        "never trusted silently: everything is delivered again"
+    );
+    assert_eq!(
+        payload_strings(&read_all(&mut consumer)),
+        vec!["a", "b", "c"]
+    );
+    let rewritten = std::fs::read_to_string(&cursor_path).unwrap();
+    assert!(
+        rewritten.contains(queue.incarnation()),
+        "the cursor now names this incarnation: {rewritten}"
+    );
+    queue.close();
+}
+
+#[tokio::test]
+async fn an_end_that_moved_below_a_sinks_position_mints_a_new_incarnation() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["a".into(), "b".into(), "c".into(), "d".into()]))
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    consumer.begin(OffsetRange { start: 0, end: 4 }).unwrap();
+    consumer.commit(4).unwrap();
+    let before = queue.incarnation().to_string();
+    drop(consumer);
+    queue.close();
+    // The disk lost the last two records after the sink had delivered them.
+    let segment = last_segment_path(dir.path());
+    let bytes = std::fs::read(&segment).unwrap();
+    std::fs::write(
+        &segment,
+        &bytes[..bytes.len() - 2 * (RECORD_HEADER_BYTES + 1)],
+    )
+    .unwrap();
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(queue.durable_end(), 2);
+    assert_ne!(
+        queue.incarnation(),
+        before,
+        "offsets 2 and 3 will name new records: they need a new identity"
+    );
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(
+        consumer.state().next_offset,
+        0,
+        "redelivers from the oldest"
+    );
+    assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["a", "b"]);
+    queue.close();
+}
+
+#[tokio::test]
+async fn a_queue_from_before_incarnations_adopts_its_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["a".into(), "b".into()]))
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    consumer.begin(OffsetRange { start: 0, end: 1 }).unwrap();
+    consumer.commit(1).unwrap();
+    drop(consumer);
+    queue.close();
+    std::fs::remove_file(dir.path().join("queue/incarnation")).unwrap();
+    std::fs::write(
+        dir.path().join("queue/cursors/archive.cursor"),
+        r#"{"next_offset":1,"in_flight":null}"#,
+    )
+    .unwrap();
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(consumer.state().next_offset, 1, "the legacy cursor is kept");
+    assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["b"]);
+    queue.close();
+}
+
+#[tokio::test]
+async fn segments_are_kept_for_a_cursor_on_disk_whose_consumer_is_not_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.segment_max_bytes = 512;
+    let queue = RegionQueue::open(queue_config.clone()).unwrap();
+    // A previous run had a ClickHouse sink; this run's config briefly lacks it.
+    drop(queue.consumer("clickhouse").unwrap());
+    queue.close();
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let mut archive = queue.consumer("archive").unwrap();
+    for index in 0..40 {
+        queue
+            .append(batch_of(&[format!("{index:0>60}")]))
+            .await
+            .unwrap();
+    }
+    assert!(queue.stats().segment_count > 4);
+    assert_eq!(read_all(&mut archive).len(), 40);
+    archive.begin(OffsetRange { start: 0, end: 40 }).unwrap();
+    archive.commit(40).unwrap();
+    assert_eq!(
+        queue.stats().first_offset,
+        0,
+        "the clickhouse cursor on disk still needs every record"
+    );
+
+    // An unreadable cursor file protects everything too.
+    let clickhouse_cursor = dir.path().join("queue/cursors/clickhouse.cursor");
+    std::fs::remove_file(&clickhouse_cursor).unwrap();
+    std::fs::create_dir(&clickhouse_cursor).unwrap();
+    archive.begin(OffsetRange { start: 40, end: 40 }).unwrap();
+    archive.commit(40).unwrap();
+    assert_eq!(queue.stats().first_offset, 0);
+
+    std::fs::remove_dir(&clickhouse_cursor).unwrap();
+    archive.begin(OffsetRange { start: 40, end: 40 }).unwrap();
+    archive.commit(40).unwrap();
+    assert!(
+        queue.stats().first_offset > 0,
+        "with the cursor gone for good, consumed segments are collected"
+    );
+    queue.close();
+}
+
+#[tokio::test]
+async fn buffered_mode_shows_readers_only_synced_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.durability = Durability::Buffered {
+        sync_interval: Duration::from_secs(3600),
+    };
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let range = queue.append(batch_of(&["a".into()])).await.unwrap();
+    assert_eq!(range, OffsetRange { start: 0, end: 1 });
+    assert_eq!(
+        queue.durable_end(),
+        0,
+        "written but not synced: no reader may deliver it yet"
+    );
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert!(consumer.read(0, 10, 1 << 20).unwrap().is_empty());
+    queue.close();
+    assert_eq!(queue.durable_end(), 1, "closing syncs and publishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_mode_syncs_on_its_interval_under_continuous_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    let interval = Duration::from_millis(50);
+    queue_config.durability = Durability::Buffered {
+        sync_interval: interval,
+    };
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let load_queue = queue.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load_stop = std::sync::Arc::clone(&stop);
+    // Appends back to back: the writer's channel never goes quiet for a whole interval.
+    let load = tokio::spawn(async move {
+        let mut appended = 0u64;
+        while !load_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            load_queue
+                .append(batch_of(&[format!("record {appended}")]))
+                .await
+                .unwrap();
+            appended += 1;
+        }
+        appended
+    });
+    let mut end = queue.subscribe_durable_end();
+    let load_duration = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let mut published_ends = Vec::new();
+    while started.elapsed() < load_duration {
+        if tokio::time::timeout(load_duration, end.changed())
+            .await
+            .is_ok()
+        {
+            published_ends.push(*end.borrow_and_update());
+        }
+    }
+    let syncs_during_load = queue.stats().sync_count;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let appended = load.await.unwrap();
+    assert!(appended > 100, "the load kept appending: {appended}");
+    // 1 s at a 50 ms interval is 20 syncs; a busy machine may stretch some of them.
+    assert!(
+        syncs_during_load >= 5,
+        "only {syncs_during_load} syncs in 1 s of continuous appends at a 50 ms interval"
+    );
+    assert!(
+        published_ends.len() >= 5 && published_ends.windows(2).all(|pair| pair[0] < pair[1]),
+        "readers saw the synced end advance while the load ran: {published_ends:?}"
+    );
+    queue.close();
+}

@@ -1,6 +1,11 @@
 //! The writer thread: one per queue. It drains every append waiting in its channel, writes them
 //! with one `write`, makes them durable with one `fdatasync` (group commit), then answers them all.
 //! While it syncs, new appends pile up in the channel and form the next group.
+//!
+//! In `buffered` mode appends are answered once written, and the writer syncs on a clock: at most
+//! `sync_interval` after the oldest unsynced write, however busy the channel is. Readers only ever
+//! see the synced end, in both modes, so no sink can deliver (and commit a cursor past) a record
+//! that a power cut could still take away.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -8,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::{error, warn};
@@ -30,13 +36,57 @@ pub(crate) enum WriterCommand {
     Shutdown,
 }
 
+/// When a buffered writer must sync: `interval` after the oldest write not yet synced. Later
+/// writes never push the deadline back.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncSchedule {
+    interval: Option<Duration>,
+    unsynced_since: Option<Instant>,
+}
+
+impl SyncSchedule {
+    pub fn new(durability: Durability) -> SyncSchedule {
+        SyncSchedule {
+            interval: match durability {
+                Durability::Fsync => None,
+                Durability::Buffered { sync_interval } => Some(sync_interval),
+            },
+            unsynced_since: None,
+        }
+    }
+
+    pub fn note_unsynced_write(&mut self, now: Instant) {
+        if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(now);
+        }
+    }
+
+    pub fn note_synced(&mut self) {
+        self.unsynced_since = None;
+    }
+
+    pub fn has_unsynced_writes(&self) -> bool {
+        self.unsynced_since.is_some()
+    }
+
+    /// When the next sync is due; `None` while nothing waits for one.
+    pub fn due(&self) -> Option<Instant> {
+        Some(self.unsynced_since? + self.interval?)
+    }
+
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.due().is_some_and(|due| now >= due)
+    }
+}
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     file: File,
     path: PathBuf,
     segment_bytes: u64,
+    /// The offset the next written record gets (the written end; readers see the synced end).
     next_offset: u64,
-    has_unsynced_writes: bool,
+    sync_schedule: SyncSchedule,
     group_buffer: Vec<u8>,
 }
 
@@ -48,26 +98,32 @@ impl Writer {
         segment_bytes: u64,
         next_offset: u64,
     ) -> Writer {
+        let sync_schedule = SyncSchedule::new(shared.config.durability);
         Writer {
             shared,
             file,
             path,
             segment_bytes,
             next_offset,
-            has_unsynced_writes: false,
+            sync_schedule,
             group_buffer: Vec::new(),
         }
     }
 
     pub fn run(mut self, receiver: Receiver<WriterCommand>) {
         loop {
-            let first_command = match self.shared.config.durability {
-                Durability::Fsync => match receiver.recv() {
+            let first_command = match self.sync_schedule.due() {
+                None => match receiver.recv() {
                     Ok(command) => command,
                     Err(_) => break,
                 },
-                Durability::Buffered { sync_interval } => {
-                    match receiver.recv_timeout(sync_interval) {
+                Some(due) => {
+                    let now = Instant::now();
+                    if now >= due {
+                        self.sync_buffered_writes();
+                        continue;
+                    }
+                    match receiver.recv_timeout(due - now) {
                         Ok(command) => command,
                         Err(RecvTimeoutError::Timeout) => {
                             self.sync_buffered_writes();
@@ -95,6 +151,9 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+            if self.sync_schedule.is_due(Instant::now()) {
+                self.sync_buffered_writes();
+            }
             if shutdown_requested {
                 break;
             }
@@ -153,7 +212,10 @@ impl Writer {
         self.shared
             .refusing_for_budget
             .store(false, Ordering::Release);
-        self.shared.publish_end(next_offset);
+        if !self.sync_schedule.has_unsynced_writes() {
+            // Synced (fsync mode): readers may see it. Buffered writes are published by the sync.
+            self.shared.publish_end(next_offset);
+        }
         for (reply, range) in accepted {
             let _ = reply.send(Ok(range));
         }
@@ -195,18 +257,22 @@ impl Writer {
                     return Err(QueueError::Broken(reason));
                 }
             }
-            Durability::Buffered { .. } => self.has_unsynced_writes = true,
+            Durability::Buffered { .. } => self.sync_schedule.note_unsynced_write(Instant::now()),
         }
         Ok(())
     }
 
+    /// Syncs what buffered mode wrote and publishes it to readers.
     fn sync_buffered_writes(&mut self) {
-        if !self.has_unsynced_writes {
+        if !self.sync_schedule.has_unsynced_writes() {
             return;
         }
         self.shared.sync_count.fetch_add(1, Ordering::Relaxed);
         match self.file.sync_data() {
-            Ok(()) => self.has_unsynced_writes = false,
+            Ok(()) => {
+                self.sync_schedule.note_synced();
+                self.shared.publish_end(self.next_offset);
+            }
             Err(sync_error) => {
                 let reason = format!("fdatasync of {} failed: {sync_error}", self.path.display());
                 error!(segment = %self.path.display(), %reason, "queue is broken");
@@ -238,5 +304,39 @@ impl Writer {
                 warn!(error = %roll_error, "could not start a new queue segment; continuing in the current one");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffered_sync_is_due_an_interval_after_the_oldest_unsynced_write_however_busy() {
+        let interval = Duration::from_millis(100);
+        let mut schedule = SyncSchedule::new(Durability::Buffered {
+            sync_interval: interval,
+        });
+        let start = Instant::now();
+        assert_eq!(schedule.due(), None, "nothing written, nothing due");
+        schedule.note_unsynced_write(start);
+        // A write every millisecond: the deadline stays where the first write put it.
+        for millis in 1..=99 {
+            let now = start + Duration::from_millis(millis);
+            schedule.note_unsynced_write(now);
+            assert!(!schedule.is_due(now));
+        }
+        assert_eq!(schedule.due(), Some(start + interval));
+        assert!(schedule.is_due(start + interval));
+        schedule.note_synced();
+        assert_eq!(schedule.due(), None);
+        assert!(!schedule.has_unsynced_writes());
+    }
+
+    #[test]
+    fn fsync_mode_never_schedules_syncs() {
+        let mut schedule = SyncSchedule::new(Durability::Fsync);
+        schedule.note_unsynced_write(Instant::now());
+        assert_eq!(schedule.due(), None);
     }
 }

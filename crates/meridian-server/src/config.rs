@@ -71,6 +71,10 @@ pub struct NodeConfig {
     pub region: String,
     pub serve_regions: Vec<String>,
     pub data_dir: PathBuf,
+    /// True when `node.region` came from the config file or `MERIDIAN_NODE_REGION` rather than
+    /// the embedded defaults: the node is then a member of that region's cluster.
+    #[serde(skip)]
+    pub region_set_explicitly: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -284,6 +288,9 @@ pub struct CustomerStorageConfig {
 /// Validated, resolved settings: what the rest of the program reads.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// Not problems, but choices an operator should know about (`--check-config` prints them,
+    /// `serve` logs them).
+    pub warnings: Vec<String>,
     pub home_region: RegionId,
     pub default_region: RegionId,
     pub served_regions: Vec<RegionId>,
@@ -506,15 +513,26 @@ impl Config {
                 toml::from_str(text).map_err(|error| ConfigError::Parse(error.to_string()))?;
             merge_toml(&mut merged, overlay);
         }
+        let file_sets_node_region = match file_text {
+            Some(text) => toml::from_str::<toml::Value>(text)
+                .ok()
+                .and_then(|overlay| overlay.get("node")?.get("region").cloned())
+                .is_some(),
+            None => false,
+        };
         let mut config: Config = merged
             .try_into()
             .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+        config.node.region_set_explicitly = file_sets_node_region;
         for (name, value) in environment {
             match name.as_str() {
                 "MERIDIAN_LISTEN" => config.server.listen = value.clone(),
                 "MERIDIAN_DATA_DIR" => config.node.data_dir = PathBuf::from(value),
                 "MERIDIAN_JWT_SECRET" => config.auth.jwt_secret = Some(value.clone()),
-                "MERIDIAN_NODE_REGION" => config.node.region = value.clone(),
+                "MERIDIAN_NODE_REGION" => {
+                    config.node.region = value.clone();
+                    config.node.region_set_explicitly = true;
+                }
                 "MERIDIAN_SERVE_REGIONS" => {
                     config.node.serve_regions = value
                         .split(',')
@@ -660,15 +678,41 @@ impl Config {
         };
         let home_region = known(&self.node.region, "node.region", &mut problems);
         let default_region = known(&self.default_region, "default_region", &mut problems);
-        let served_regions: Vec<RegionId> = if self.node.serve_regions.is_empty() {
-            regions.keys().cloned().collect()
-        } else {
+        let catalog_url = self.catalog.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("catalog.db").display()
+            )
+        });
+        let catalog_is_shared =
+            catalog_url.starts_with("postgres://") || catalog_url.starts_with("postgresql://");
+        // A node of a cluster (shared catalog, or a home region set on purpose) serves its own
+        // region unless told otherwise; only the embedded playground serves every region.
+        let is_cluster_node = catalog_is_shared || self.node.region_set_explicitly;
+        let served_regions: Vec<RegionId> = if !self.node.serve_regions.is_empty() {
             self.node
                 .serve_regions
                 .iter()
                 .filter_map(|id| known(id, "node.serve_regions entry", &mut problems))
                 .collect()
+        } else if is_cluster_node {
+            home_region.iter().cloned().collect()
+        } else {
+            regions.keys().cloned().collect()
         };
+        let mut warnings = Vec::new();
+        if catalog_is_shared && served_regions.len() > 1 {
+            warnings.push(format!(
+                "this node serves {} regions ({}) on a shared catalog: in a cluster each node serves only its own region (set node.serve_regions = [\"{}\"]), so that a node's failure or misconfiguration stays inside one region",
+                served_regions.len(),
+                served_regions
+                    .iter()
+                    .map(RegionId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.node.region
+            ));
+        }
         let listen = match self.server.listen.parse::<SocketAddr>() {
             Ok(address) => Some(address),
             Err(error) => {
@@ -709,12 +753,6 @@ impl Config {
         if self.catalog.refresh_interval_ms == 0 || self.catalog.refresh_interval_ms > 1000 {
             problems.push("catalog.refresh_interval_ms must be 1 to 1000 (keys must take effect within a second)".to_string());
         }
-        let catalog_url = self.catalog.url.clone().unwrap_or_else(|| {
-            format!(
-                "sqlite://{}?mode=rwc",
-                data_dir.join("catalog.db").display()
-            )
-        });
         if !(catalog_url.starts_with("sqlite:")
             || catalog_url.starts_with("postgres://")
             || catalog_url.starts_with("postgresql://"))
@@ -765,6 +803,7 @@ impl Config {
             return Err(ConfigError::Invalid(problems));
         };
         Ok(Settings {
+            warnings,
             home_region,
             default_region,
             served_regions,
@@ -900,6 +939,62 @@ mod tests {
             &settings.regions[&RegionId::parse("us-east-1").unwrap()].archive.target,
             ArchiveTarget::Dir(dir) if dir == &PathBuf::from("data/archive/us-east-1")
         ));
+    }
+
+    #[test]
+    fn a_cluster_node_serves_only_its_own_region_unless_told_otherwise() {
+        let served = |file: Option<&str>, pairs: &[(&str, &str)]| {
+            let settings = Config::from_sources(file, &env(pairs))
+                .unwrap()
+                .validate()
+                .unwrap();
+            let served: Vec<String> = settings
+                .served_regions
+                .iter()
+                .map(|region| region.to_string())
+                .collect();
+            (served, settings.warnings)
+        };
+        let postgres = (
+            "MERIDIAN_CATALOG_URL",
+            "postgres://meridian@127.0.0.1/meridian",
+        );
+        assert_eq!(served(None, &[postgres]).0, vec!["eu-west-1"]);
+        assert_eq!(
+            served(None, &[postgres, ("MERIDIAN_NODE_REGION", "us-east-1")]).0,
+            vec!["us-east-1"]
+        );
+        assert_eq!(
+            served(None, &[("MERIDIAN_NODE_REGION", "af-south-1")]).0,
+            vec!["af-south-1"],
+            "a home region set on purpose makes the node a member of that region"
+        );
+        assert_eq!(
+            served(Some("[node]\nregion = \"eu-west-1\"\n"), &[]).0,
+            vec!["eu-west-1"]
+        );
+        let (playground, playground_warnings) = served(None, &[]);
+        assert_eq!(
+            playground.len(),
+            4,
+            "the embedded playground serves all four"
+        );
+        assert!(playground_warnings.is_empty());
+
+        let (several, warnings) = served(
+            None,
+            &[postgres, ("MERIDIAN_SERVE_REGIONS", "eu-west-1,us-east-1")],
+        );
+        assert_eq!(
+            several,
+            vec!["eu-west-1", "us-east-1"],
+            "serve_regions wins"
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("shared catalog") && warnings[0].contains("eu-west-1, us-east-1"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

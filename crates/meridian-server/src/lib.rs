@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
+pub mod region;
 pub mod routes;
 pub mod server;
 pub mod state;

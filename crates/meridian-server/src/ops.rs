@@ -19,11 +19,38 @@ pub fn routes() -> ApiRoutes {
         .add(Method::GET, "/metrics", metrics)
 }
 
-async fn healthz() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+/// Alive, with this node's identity and the queue incarnation of each served region (so an
+/// operator can tell the nodes of a region, and the lives of their queues, apart).
+async fn healthz(State(state): State<AppState>) -> Response {
+    let queues: serde_json::Map<String, serde_json::Value> = state
+        .queues
+        .iter()
+        .map(|(region, queue)| {
+            (
+                region.to_string(),
+                json!({"incarnation": queue.incarnation()}),
+            )
+        })
+        .collect();
+    axum::Json(json!({"status": "ok", "node_id": state.node_id, "queues": queues})).into_response()
 }
 
-/// Ready when the catalog snapshot is loaded and every served region's queue is writable.
+/// Why a sink of a served region keeps the node from being ready: its runner is down after a
+/// failure (it restarts with backoff), or the sink needs an operator (e.g. a residency mismatch).
+fn sink_problem(sink: &SinkHandle) -> Option<String> {
+    if let Some(failure) = sink.status.runner_failure() {
+        return Some(format!(
+            "the {} sink runner of region {} failed and is restarting ({} restarts so far): {failure}",
+            sink.sink,
+            sink.region,
+            sink.status.restarts.load(Ordering::Relaxed)
+        ));
+    }
+    sink.implementation.health()
+}
+
+/// Ready when the catalog snapshot is loaded, every served region's queue is writable and every
+/// sink's runner is running and healthy.
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut ready = state.keys.version() >= 0;
     let mut regions = serde_json::Map::new();
@@ -31,30 +58,30 @@ async fn readyz(State(state): State<AppState>) -> Response {
         let stats = queue.stats();
         let writable = queue.is_writable();
         ready &= writable;
+        let mut sinks_healthy = true;
         let sinks: Vec<_> = state
             .sinks
             .iter()
             .filter(|sink| &sink.region == region)
             .map(|sink| {
-                let problem = sink.implementation.health();
+                let problem = sink_problem(sink);
+                sinks_healthy &= problem.is_none();
                 json!({
                     "sink": sink.sink,
+                    "running": sink.status.runner_failure().is_none(),
+                    "restarts": sink.status.restarts.load(Ordering::Relaxed),
                     "position": sink.status.position.load(Ordering::Relaxed),
                     "last_error": sink.status.last_error(),
                     "problem": problem,
                 })
             })
             .collect();
-        let sinks_healthy = state
-            .sinks
-            .iter()
-            .filter(|sink| &sink.region == region)
-            .all(|sink| sink.implementation.health().is_none());
         ready &= sinks_healthy;
         regions.insert(
             region.to_string(),
             json!({
                 "queue_writable": writable,
+                "queue_incarnation": stats.incarnation,
                 "queue_bytes": stats.disk_bytes,
                 "disk_budget_bytes": stats.disk_budget_bytes,
                 "pending_records": stats.pending_records(),
@@ -68,7 +95,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({"ready": ready, "catalog_version": state.keys.version(), "regions": regions});
+    let body = json!({
+        "ready": ready,
+        "node_id": state.node_id,
+        "catalog_version": state.keys.version(),
+        "regions": regions,
+    });
     let mut response = (status, axum::Json(body)).into_response();
     if !ready {
         response
@@ -158,7 +190,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
     let now_ms = now_unix_ms();
     type ReadFigure = fn(&meridian_queue::DeliveryStatus) -> f64;
-    let sink_counters: [(&str, &str, ReadFigure); 5] = [
+    let sink_counters: [(&str, &str, ReadFigure); 6] = [
         (
             "sink_delivered_records_total",
             "Records delivered to the sink",
@@ -178,6 +210,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "sink_failed_attempts_total",
             "Failed delivery attempts (each retried)",
             |s| s.failed_attempts.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_runner_restarts_total",
+            "Times the sink's runner was restarted by its supervisor after a failure",
+            |s| s.restarts.load(Ordering::Relaxed) as f64,
         ),
         (
             "sink_skipped_corrupt_records_total",
@@ -223,6 +260,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "sink_healthy",
             &[("region", sink.region.as_str()), ("sink", &sink.sink)],
             healthy,
+        );
+    }
+    writer.declare(
+        "sink_runner_up",
+        "gauge",
+        "1 while the sink's runner runs; 0 while it is down after a failure, waiting to restart",
+    );
+    for sink in state.sinks.iter() {
+        let up = if sink.status.runner_failure().is_none() {
+            1.0
+        } else {
+            0.0
+        };
+        writer.sample(
+            "sink_runner_up",
+            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            up,
         );
     }
     writer.declare(

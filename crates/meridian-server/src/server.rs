@@ -1,34 +1,28 @@
 //! Assembles a node: catalog, key cache, one queue and its sinks per served region, the HTTP
 //! router; and takes it down gracefully.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use meridian_archive::ArchiveSink;
 use meridian_archive::customer::CustomerStores;
-use meridian_archive::s3::{GuardedS3Store, S3Store};
-use meridian_archive::{
-    ArchiveError, ArchiveSink, ArchiveSinkConfig, CustomerTarget, LocalDirStore, ObjectStore,
-    Spool, StoreResolver,
-};
+use meridian_archive::s3::GuardedS3Store;
 use meridian_catalog::{Catalog, KeyCache};
-use meridian_clickhouse::ClickHouseSink;
-use meridian_core::{ErasureFilter, RegionId};
-use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
+use meridian_core::RegionId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::auth::{JwtAuthority, load_or_create_secret};
-use crate::config::{ArchiveTarget, Settings};
+use crate::config::Settings;
 use crate::headers::{
     label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
 };
 use crate::metrics::Metrics;
-use crate::state::{AppState, AppStateInner, RegionServices, SinkHandle};
+use crate::state::{AppState, AppStateInner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -106,104 +100,6 @@ async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), S
     Ok((catalog, keys))
 }
 
-/// Finds a project's customer bucket through the key cache's snapshot of the catalog.
-struct CatalogStoreResolver {
-    region: RegionId,
-    keys: Arc<KeyCache>,
-    stores: Arc<CustomerStores>,
-}
-
-#[async_trait::async_trait]
-impl StoreResolver for CatalogStoreResolver {
-    async fn customer_store(
-        &self,
-        project_id: &str,
-    ) -> Result<Option<CustomerTarget>, ArchiveError> {
-        let Some(storage) = self.keys.customer_storage(project_id) else {
-            return Ok(None);
-        };
-        // The store is built for this sink's region only; a bucket elsewhere is refused.
-        let (store, prefix) = self
-            .stores
-            .store_for(self.region.as_str(), &storage)
-            .await?;
-        Ok(Some(CustomerTarget {
-            store,
-            prefix: Some(prefix).filter(|prefix| !prefix.is_empty()),
-        }))
-    }
-}
-
-/// Builds a region's sinks from that region's settings only.
-async fn build_sinks(
-    settings: &Settings,
-    region: &RegionId,
-    keys: &Arc<KeyCache>,
-    customer_stores: &Arc<CustomerStores>,
-    guards: &mut Vec<Arc<GuardedS3Store>>,
-    spool_drainers: &mut Vec<Arc<ArchiveSink>>,
-) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
-    let region_settings = settings.regions.get(region)?;
-    let archive = &region_settings.archive;
-    let store: Arc<dyn ObjectStore> = match &archive.target {
-        ArchiveTarget::Dir(dir) => Arc::new(LocalDirStore::new(dir.clone())),
-        ArchiveTarget::S3 {
-            settings: s3,
-            verify_location,
-        } => {
-            let guarded = Arc::new(GuardedS3Store::new(
-                S3Store::connect(s3.clone()).await,
-                &s3.region,
-                *verify_location,
-            ));
-            guards.push(Arc::clone(&guarded));
-            guarded
-        }
-    };
-    let resolver = CatalogStoreResolver {
-        region: region.clone(),
-        keys: Arc::clone(keys),
-        stores: Arc::clone(customer_stores),
-    };
-    let archive_sink = ArchiveSink::new(
-        region.as_str(),
-        Arc::clone(&store),
-        Arc::new(resolver),
-        ArchiveSinkConfig {
-            flush_max_bytes: archive.flush_max_bytes,
-            flush_max_records: 1_000_000,
-            flush_interval: archive.flush_interval,
-            gzip_level: archive.gzip_level,
-            prefix: archive.prefix.clone(),
-        },
-        Arc::clone(keys) as Arc<dyn ErasureFilter>,
-    )
-    .with_spool(Spool::new(
-        settings.data_dir.join("spool").join(region.as_str()),
-    ));
-    let archive_sink = Arc::new(archive_sink);
-    spool_drainers.push(Arc::clone(&archive_sink));
-    let mut sinks: Vec<Arc<dyn Sink>> = vec![archive_sink];
-    let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
-        // Built from this region's settings only: its replicas, its database.
-        Arc::new(ClickHouseSink::new(
-            region.as_str(),
-            clickhouse.clone(),
-            Arc::clone(keys) as Arc<dyn ErasureFilter>,
-        ))
-    });
-    if let Some(clickhouse) = &clickhouse {
-        sinks.push(Arc::clone(clickhouse) as Arc<dyn Sink>);
-    }
-    let services = RegionServices {
-        archive_store: store,
-        archive_prefix: archive.prefix.clone(),
-        gzip_level: archive.gzip_level,
-        clickhouse,
-    };
-    Some((sinks, services))
-}
-
 /// Retries uploading a region's spooled customer objects every `interval`.
 async fn run_spool_drainer(
     sink: Arc<ArchiveSink>,
@@ -260,69 +156,29 @@ impl RunningNode {
                 message: format!("node id: {error}"),
             })?;
 
+        info!(node_id = %node_id, home_region = %settings.home_region, served_regions = ?settings.served_regions.iter().map(RegionId::as_str).collect::<Vec<_>>(), "node starting");
         let queue_encryption = match &settings.queue_key_file {
             Some(path) => Some(Arc::new(load_queue_keys(path)?)),
             None => None,
         };
-        let mut queues = BTreeMap::new();
-        for region in &settings.served_regions {
-            let Some(region_settings) = settings.regions.get(region) else {
-                continue;
-            };
-            let queue_config = QueueConfig {
-                dir: region_settings.queue_dir.clone(),
-                segment_max_bytes: settings.segment_max_bytes,
-                disk_budget_bytes: region_settings.disk_budget_bytes,
-                durability: settings.durability,
-                max_in_flight_bytes: settings.max_in_flight_bytes,
-                encryption: queue_encryption.clone(),
-            };
-            let queue = tokio::task::spawn_blocking(move || RegionQueue::open(queue_config))
-                .await
-                .map_err(|error| ServerError::Queue {
-                    region: region.to_string(),
-                    message: error.to_string(),
-                })?
-                .map_err(|error| ServerError::Queue {
-                    region: region.to_string(),
-                    message: error.to_string(),
-                })?;
-            queues.insert(region.clone(), queue);
-        }
-
         let (drain, drain_receiver) = watch::channel(false);
-        let mut runners = Vec::new();
-        let mut sink_handles = Vec::new();
         let customer_stores = Arc::new(CustomerStores::new(settings.customer_access.clone()));
-        let mut guards = Vec::new();
-        let mut spool_drainers = Vec::new();
-        let mut region_services = BTreeMap::new();
-        for (region, queue) in &queues {
-            let Some((sinks, services)) = build_sinks(
-                &settings,
-                region,
-                &keys,
-                &customer_stores,
-                &mut guards,
-                &mut spool_drainers,
-            )
-            .await
-            else {
-                continue;
-            };
-            region_services.insert(region.clone(), services);
-            for sink in sinks {
-                let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
-                    .with_retry_policy(settings.retry);
-                sink_handles.push(SinkHandle {
-                    region: region.clone(),
-                    sink: sink.name().to_string(),
-                    status: runner.status(),
-                    implementation: Arc::clone(&sink),
-                });
-                runners.push(tokio::spawn(runner.run(drain_receiver.clone())));
-            }
-        }
+        let regions = crate::region::assemble_served_regions(
+            &settings,
+            &keys,
+            &customer_stores,
+            queue_encryption.as_ref(),
+            &drain_receiver,
+        )
+        .await?;
+        let crate::region::ServedRegions {
+            queues,
+            sink_handles,
+            runners,
+            guards,
+            spool_drainers,
+            region_services,
+        } = regions;
 
         let (stop_background, stop_receiver) = watch::channel(false);
         if let (Some(path), Some(encryption)) = (&settings.queue_key_file, &queue_encryption) {

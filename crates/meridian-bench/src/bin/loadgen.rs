@@ -39,9 +39,10 @@ enum Mode {
 #[derive(Parser, Debug)]
 #[command(about = "Load generator for Meridian's ingest API")]
 struct Arguments {
-    /// Base URL of the server (http only).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
+    /// Base URL of the server (http only). Repeat for the nodes of a cluster: connection i
+    /// talks to target i mod (number of targets).
+    #[arg(long = "target", default_value = "http://127.0.0.1:8080")]
+    targets: Vec<String>,
     /// REGION=WRITEKEY of a project to send to; repeat for several projects.
     #[arg(long = "key", required = true)]
     keys: Vec<String>,
@@ -394,11 +395,16 @@ fn compare(accepted: &[String], stored: &HashMap<String, u64>) -> Value {
 #[tokio::main]
 async fn main() {
     let arguments = Arc::new(Arguments::parse());
-    let authority = arguments
-        .target
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let authorities: Vec<String> = arguments
+        .targets
+        .iter()
+        .map(|target| {
+            target
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .collect();
     let projects: Vec<Project> = arguments
         .keys
         .iter()
@@ -422,7 +428,7 @@ async fn main() {
             worker,
             Arc::clone(&arguments),
             Arc::clone(&projects),
-            authority.clone(),
+            authorities[worker % authorities.len()].clone(),
             Arc::clone(&run_id),
             Arc::clone(&counter),
             started,

@@ -1,0 +1,236 @@
+//! The assembly of the regions a node serves: for each, its queue, its sinks (built from that
+//! region's settings only) and one supervised delivery runner per sink. `RunningNode::start`
+//! asks for the whole set and wires the result into the HTTP state; nothing here knows HTTP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use meridian_archive::customer::CustomerStores;
+use meridian_archive::s3::{GuardedS3Store, S3Store};
+use meridian_archive::{
+    ArchiveError, ArchiveSink, ArchiveSinkConfig, CustomerTarget, LocalDirStore, ObjectStore,
+    Spool, StoreResolver,
+};
+use meridian_catalog::KeyCache;
+use meridian_clickhouse::ClickHouseSink;
+use meridian_core::{ErasureFilter, RegionId};
+use meridian_queue::encryption::QueueEncryption;
+use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{ArchiveTarget, Settings};
+use crate::server::ServerError;
+use crate::state::{RegionServices, SinkHandle};
+
+/// Everything the served regions run, by region.
+pub struct ServedRegions {
+    /// One queue per served region; no other region's queue exists on this node.
+    pub queues: BTreeMap<RegionId, RegionQueue>,
+    pub sink_handles: Vec<SinkHandle>,
+    /// The supervised delivery runners; each ends only after `drain` (see `DeliveryRunner::run`).
+    pub runners: Vec<JoinHandle<()>>,
+    /// S3 stores whose bucket location is checked periodically (residency guard).
+    pub guards: Vec<Arc<GuardedS3Store>>,
+    /// Archive sinks whose spooled customer objects are retried periodically.
+    pub spool_drainers: Vec<Arc<ArchiveSink>>,
+    pub region_services: BTreeMap<RegionId, RegionServices>,
+}
+
+/// Opens the queue of every served region, builds its sinks and starts their runners.
+pub async fn assemble_served_regions(
+    settings: &Settings,
+    keys: &Arc<KeyCache>,
+    customer_stores: &Arc<CustomerStores>,
+    queue_encryption: Option<&Arc<QueueEncryption>>,
+    drain: &watch::Receiver<bool>,
+) -> Result<ServedRegions, ServerError> {
+    let mut served = ServedRegions {
+        queues: BTreeMap::new(),
+        sink_handles: Vec::new(),
+        runners: Vec::new(),
+        guards: Vec::new(),
+        spool_drainers: Vec::new(),
+        region_services: BTreeMap::new(),
+    };
+    for region in &settings.served_regions {
+        let Some(region_settings) = settings.regions.get(region) else {
+            continue;
+        };
+        let queue_config = QueueConfig {
+            dir: region_settings.queue_dir.clone(),
+            segment_max_bytes: settings.segment_max_bytes,
+            disk_budget_bytes: region_settings.disk_budget_bytes,
+            durability: settings.durability,
+            max_in_flight_bytes: settings.max_in_flight_bytes,
+            encryption: queue_encryption.cloned(),
+        };
+        let queue = open_queue(region, queue_config).await?;
+        let Some((sinks, services)) = build_sinks(
+            settings,
+            region,
+            keys,
+            customer_stores,
+            &mut served.guards,
+            &mut served.spool_drainers,
+        )
+        .await
+        else {
+            served.queues.insert(region.clone(), queue);
+            continue;
+        };
+        warn_about_cursors_without_a_sink(region, &queue, &sinks);
+        info!(region = %region, incarnation = queue.incarnation(), sinks = ?sinks.iter().map(|sink| sink.name().to_string()).collect::<Vec<_>>(), "region assembled");
+        served.region_services.insert(region.clone(), services);
+        for sink in sinks {
+            let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
+                .with_retry_policy(settings.retry);
+            served.sink_handles.push(SinkHandle {
+                region: region.clone(),
+                sink: sink.name().to_string(),
+                status: runner.status(),
+                implementation: Arc::clone(&sink),
+            });
+            served.runners.push(tokio::spawn(runner.run(drain.clone())));
+        }
+        served.queues.insert(region.clone(), queue);
+    }
+    Ok(served)
+}
+
+async fn open_queue(region: &RegionId, config: QueueConfig) -> Result<RegionQueue, ServerError> {
+    let failure = |message: String| ServerError::Queue {
+        region: region.to_string(),
+        message,
+    };
+    tokio::task::spawn_blocking(move || RegionQueue::open(config))
+        .await
+        .map_err(|error| failure(error.to_string()))?
+        .map_err(|error| failure(error.to_string()))
+}
+
+/// A cursor file on disk keeps every record it has not passed (so a sink whose config section is
+/// briefly missing loses nothing); one whose sink is gone for good holds the queue's disk until an
+/// operator deletes it. Say so at start.
+fn warn_about_cursors_without_a_sink(
+    region: &RegionId,
+    queue: &RegionQueue,
+    sinks: &[Arc<dyn Sink>],
+) {
+    let configured: BTreeSet<&str> = sinks.iter().map(|sink| sink.name()).collect();
+    let cursors_dir = queue.dir().join("cursors");
+    let Ok(entries) = std::fs::read_dir(&cursors_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
+            continue;
+        }
+        let Some(name) = path.file_stem().and_then(|stem| stem.to_str()) else {
+            continue;
+        };
+        if !configured.contains(name) {
+            warn!(region = %region, sink = name, cursor = %path.display(), "a queue cursor has no configured sink: the records it has not passed are kept (delete the cursor file if the sink was removed for good)");
+        }
+    }
+}
+
+/// Finds a project's customer bucket through the key cache's snapshot of the catalog.
+struct CatalogStoreResolver {
+    region: RegionId,
+    keys: Arc<KeyCache>,
+    stores: Arc<CustomerStores>,
+}
+
+#[async_trait::async_trait]
+impl StoreResolver for CatalogStoreResolver {
+    async fn customer_store(
+        &self,
+        project_id: &str,
+    ) -> Result<Option<CustomerTarget>, ArchiveError> {
+        let Some(storage) = self.keys.customer_storage(project_id) else {
+            return Ok(None);
+        };
+        // The store is built for this sink's region only; a bucket elsewhere is refused.
+        let (store, prefix) = self
+            .stores
+            .store_for(self.region.as_str(), &storage)
+            .await?;
+        Ok(Some(CustomerTarget {
+            store,
+            prefix: Some(prefix).filter(|prefix| !prefix.is_empty()),
+        }))
+    }
+}
+
+/// Builds a region's sinks from that region's settings only.
+async fn build_sinks(
+    settings: &Settings,
+    region: &RegionId,
+    keys: &Arc<KeyCache>,
+    customer_stores: &Arc<CustomerStores>,
+    guards: &mut Vec<Arc<GuardedS3Store>>,
+    spool_drainers: &mut Vec<Arc<ArchiveSink>>,
+) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
+    let region_settings = settings.regions.get(region)?;
+    let archive = &region_settings.archive;
+    let store: Arc<dyn ObjectStore> = match &archive.target {
+        ArchiveTarget::Dir(dir) => Arc::new(LocalDirStore::new(dir.clone())),
+        ArchiveTarget::S3 {
+            settings: s3,
+            verify_location,
+        } => {
+            let guarded = Arc::new(GuardedS3Store::new(
+                S3Store::connect(s3.clone()).await,
+                &s3.region,
+                *verify_location,
+            ));
+            guards.push(Arc::clone(&guarded));
+            guarded
+        }
+    };
+    let resolver = CatalogStoreResolver {
+        region: region.clone(),
+        keys: Arc::clone(keys),
+        stores: Arc::clone(customer_stores),
+    };
+    let archive_sink = ArchiveSink::new(
+        region.as_str(),
+        Arc::clone(&store),
+        Arc::new(resolver),
+        ArchiveSinkConfig {
+            flush_max_bytes: archive.flush_max_bytes,
+            flush_max_records: 1_000_000,
+            flush_interval: archive.flush_interval,
+            gzip_level: archive.gzip_level,
+            prefix: archive.prefix.clone(),
+        },
+        Arc::clone(keys) as Arc<dyn ErasureFilter>,
+    )
+    .with_spool(Spool::new(
+        settings.data_dir.join("spool").join(region.as_str()),
+    ));
+    let archive_sink = Arc::new(archive_sink);
+    spool_drainers.push(Arc::clone(&archive_sink));
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![archive_sink];
+    let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
+        // Built from this region's settings only: its replicas, its database.
+        Arc::new(ClickHouseSink::new(
+            region.as_str(),
+            clickhouse.clone(),
+            Arc::clone(keys) as Arc<dyn ErasureFilter>,
+        ))
+    });
+    if let Some(clickhouse) = &clickhouse {
+        sinks.push(Arc::clone(clickhouse) as Arc<dyn Sink>);
+    }
+    let services = RegionServices {
+        archive_store: store,
+        archive_prefix: archive.prefix.clone(),
+        gzip_level: archive.gzip_level,
+        clickhouse,
+    };
+    Some((sinks, services))
+}
