@@ -400,10 +400,13 @@ async fn chaos_a_thousand_connections_slow_clients_and_resets() {
             _ => {}
         }
     }
-    assert!(
-        accepted.len() >= 850,
-        "most of the 900 complete requests were answered 200: {} ({other_outcomes:?})",
-        accepted.len()
+    // Every complete request is answered. (They once were not: the standard listen backlog
+    // overflowed under CPU load and the kernel reset connections whose requests were already sent;
+    // the listener now binds with `server.listen_backlog`.)
+    assert_eq!(
+        accepted.len(),
+        900,
+        "every one of the 900 complete requests is answered 200 ({other_outcomes:?})"
     );
     assert!(
         server

@@ -80,18 +80,35 @@ async fn two_nodes_at_a_high_rate_store_every_message_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_store_every_message_exactly_once() {
+async fn three_nodes_at_a_low_rate_store_every_message_exactly_once() {
     let Some(cluster) = Cluster::start(3, REGION, "").await else {
         return;
     };
     load_then_terminate(
         cluster,
-        6,
+        3,
         Spread::RoundRobin,
-        1..=3,
-        Duration::from_millis(20),
+        1..=1,
+        Duration::from_millis(150),
         Duration::from_secs(4),
-        300,
+        40,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_at_a_high_rate_store_every_message_exactly_once() {
+    let Some(cluster) = Cluster::start(3, REGION, "").await else {
+        return;
+    };
+    load_then_terminate(
+        cluster,
+        8,
+        Spread::Random,
+        1..=5,
+        Duration::from_millis(1),
+        Duration::from_secs(4),
+        1000,
     )
     .await;
 }

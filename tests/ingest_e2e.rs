@@ -495,3 +495,60 @@ async fn requests_recorded_from_real_sdks_are_accepted_and_stored() {
     assert_eq!(archived_ids, expected_ids, "every SDK message stored");
     assert!(archived.values().all(|count| *count == 1));
 }
+
+#[tokio::test]
+async fn browser_settings_that_reflect_the_request_are_never_cached_by_shared_caches() {
+    let server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("settings").await;
+    let (_, key) = server.create_project("settings", "eu-west-1").await;
+    let forged = server
+        .client
+        .get(server.url(&format!("/v1/projects/{key}/settings")))
+        .header("X-Forwarded-Proto", "javascript")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    let cache_control = forged.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cache_control.starts_with("private"),
+        "an answer built from Host/X-Forwarded-Proto is private: {cache_control}"
+    );
+    let vary = forged.headers()["vary"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        vary.contains("host") && vary.contains("x-forwarded-proto"),
+        "{vary}"
+    );
+    let body: Value = forged.json().await.unwrap();
+    assert_eq!(
+        body["integrations"]["Segment.io"]["protocol"], "http",
+        "an unknown scheme is not reflected"
+    );
+
+    let configured = TestServer::start(
+        &test_config("[server]\npublic_url = \"https://events.example.com\"\n"),
+        &[],
+    )
+    .await;
+    configured.create_org("settings").await;
+    let (_, key) = configured.create_project("settings", "eu-west-1").await;
+    let shared = configured
+        .client
+        .get(configured.url(&format!("/v1/projects/{key}/settings")))
+        .header("Host", "attacker.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shared.headers()["cache-control"], "public, max-age=60");
+    let body: Value = shared.json().await.unwrap();
+    assert_eq!(
+        body["integrations"]["Segment.io"]["apiHost"], "events.example.com/v1",
+        "the configured host, whatever the request said"
+    );
+}

@@ -91,6 +91,7 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_concurrent_requests: usize,
     pub max_connection_age_secs: u64,
+    pub listen_backlog: u32,
     pub tls: Option<TlsConfig>,
 }
 
@@ -820,6 +821,7 @@ impl Config {
                 tls_handshake_timeout: Duration::from_secs(10),
                 max_connection_age: Duration::from_secs(self.server.max_connection_age_secs.max(1)),
                 max_concurrent_http2_streams: 256,
+                listen_backlog: self.server.listen_backlog.max(1),
             },
             max_concurrent_requests: self.server.max_concurrent_requests,
             public_url: self

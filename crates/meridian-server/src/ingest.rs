@@ -554,11 +554,15 @@ async fn browser_settings(
             (scheme.to_string(), host.to_string())
         }
         None => {
-            let scheme = headers
+            // Only the two schemes SDKs can use; anything else a client sends is not reflected.
+            let scheme = match headers
                 .get("x-forwarded-proto")
                 .and_then(|value| value.to_str().ok())
-                .unwrap_or("http")
-                .to_string();
+            {
+                Some("https") => "https",
+                _ => "http",
+            }
+            .to_string();
             let host = headers
                 .get(header::HOST)
                 .and_then(|value| value.to_str().ok())
@@ -578,9 +582,21 @@ async fn browser_settings(
     if let Ok(value) = HeaderValue::from_str(resolved.region.as_str()) {
         response.headers_mut().insert(X_REGION, value);
     }
+    // With a configured public URL every client gets the same answer: shared caches may keep it.
+    // Without one the answer reflects the request's Host and X-Forwarded-Proto, so a shared cache
+    // must not serve one client's answer to another (cache poisoning).
+    let cache_control = if state.settings.public_url.is_some() {
+        "public, max-age=60"
+    } else {
+        response.headers_mut().insert(
+            header::VARY,
+            HeaderValue::from_static("Host, X-Forwarded-Proto"),
+        );
+        "private, max-age=60"
+    };
     response.headers_mut().insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=60"),
+        HeaderValue::from_static(cache_control),
     );
     Ok(response)
 }

@@ -206,13 +206,12 @@ impl RunningNode {
             Arc::clone(&keys).run_refresher(settings.catalog_refresh_interval, stop_receiver),
         );
 
+        let backlog = settings.connection_limits.listen_backlog;
         let bind = |address: SocketAddr| async move {
-            TcpListener::bind(address)
-                .await
-                .map_err(|error| ServerError::Listen {
-                    address: address.to_string(),
-                    message: error.to_string(),
-                })
+            crate::listener::bind(address, backlog).map_err(|error| ServerError::Listen {
+                address: address.to_string(),
+                message: error.to_string(),
+            })
         };
         let listener = match settings.listen {
             Some(address) => Some(bind(address).await?),
