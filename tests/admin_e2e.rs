@@ -7,25 +7,13 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::services::shared_service;
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
 /// A fresh PostgreSQL database on the shared server, as a catalog URL.
 async fn fresh_postgres_catalog() -> Option<String> {
-    let base = shared_service("MERIDIAN_TEST_POSTGRES_URL")?;
-    let database = format!("admin_{}", uuid::Uuid::new_v4().simple());
-    let admin = meridian_catalog::Catalog::connect(&base)
-        .await
-        .expect("postgres reachable");
-    admin
-        .execute_raw(&format!("CREATE DATABASE {database}"))
-        .await
-        .expect("create database");
-    admin.close().await;
-    let (server, _) = base.rsplit_once('/').expect("a database path in the URL");
-    Some(format!("{server}/{database}"))
+    common::cluster::fresh_postgres_database("admin").await
 }
 
 async fn ingest_status(server: &TestServer, key: &str) -> u16 {

@@ -5,8 +5,8 @@
 //! persisted in-flight range is delivered again, exactly as it was, so writes keyed by the range
 //! (archive object names, ClickHouse dedup tokens) overwrite instead of duplicating.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, ErrorKind, Write};
+use std::fs::{self, File};
+use std::io::{BufReader, ErrorKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use tracing::warn;
 
 use crate::error::QueueError;
 use crate::queue::{OffsetRange, Shared};
-use crate::segment::{NextRecord, check_segment_header, read_record, sync_directory};
+use crate::segment::{NextRecord, check_segment_header, read_record, replace_file_durably};
 
 /// One record read back from the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,7 +382,6 @@ impl Consumer {
     }
 
     fn persist(&mut self, state: CursorState) -> Result<(), QueueError> {
-        let temporary_path = self.cursor_path.with_extension("cursor.tmp");
         let file_contents = CursorFile {
             next_offset: state.next_offset,
             in_flight: state.in_flight,
@@ -392,18 +391,12 @@ impl Consumer {
             path: self.cursor_path.clone(),
             message: error.to_string(),
         })?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&temporary_path)
-            .map_err(|error| QueueError::io("writing cursor", &temporary_path, error))?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(|error| QueueError::io("writing cursor", &temporary_path, error))?;
-        fs::rename(&temporary_path, &self.cursor_path)
-            .map_err(|error| QueueError::io("renaming cursor", &self.cursor_path, error))?;
-        sync_directory(&self.shared.cursors_dir)?;
+        replace_file_durably(
+            &self.shared.cursors_dir,
+            &self.cursor_path,
+            &text,
+            "writing cursor",
+        )?;
         self.state = state;
         Ok(())
     }

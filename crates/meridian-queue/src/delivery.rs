@@ -700,9 +700,11 @@ mod tests {
             batch.push(format!("r{index}").as_bytes()).unwrap();
         }
         queue.append(batch).await.unwrap();
-        wait_for(|| sink.delivered.load(Ordering::SeqCst) == 5).await;
+        // The position moves after the sink returned (the cursor is committed then): wait for it,
+        // not for the sink's own count, which the commit follows.
+        wait_for(|| status.position.load(Ordering::Relaxed) == 5).await;
+        assert_eq!(sink.delivered.load(Ordering::SeqCst), 5);
         assert_eq!(status.restarts.load(Ordering::Relaxed), 2);
-        assert_eq!(status.position.load(Ordering::Relaxed), 5);
         drain_sender.send(true).unwrap();
         task.await.unwrap();
         queue.close();

@@ -8,14 +8,14 @@
 //! is named by `(incarnation, offset)`; sinks derive archive object names and insert dedup tokens
 //! from it, so no two nodes and no two lives of one queue can ever produce the same name.
 
-use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::QueueError;
-use crate::segment::sync_directory;
+use crate::segment::replace_file_durably;
 
 pub const INCARNATION_FILE: &str = "incarnation";
 
@@ -76,23 +76,11 @@ pub fn mint_incarnation(queue_dir: &Path, reason: &str) -> Result<IncarnationRec
         reason: reason.to_string(),
     };
     let path = queue_dir.join(INCARNATION_FILE);
-    let temporary_path = queue_dir.join(format!("{INCARNATION_FILE}.tmp"));
     let text = serde_json::to_vec(&record).map_err(|error| QueueError::BadIncarnation {
         path: path.clone(),
         message: error.to_string(),
     })?;
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&temporary_path)
-        .map_err(|error| QueueError::io("writing incarnation", &temporary_path, error))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .map_err(|error| QueueError::io("writing incarnation", &temporary_path, error))?;
-    fs::rename(&temporary_path, &path)
-        .map_err(|error| QueueError::io("renaming incarnation", &path, error))?;
-    sync_directory(queue_dir)?;
+    replace_file_durably(queue_dir, &path, &text, "writing incarnation")?;
     Ok(record)
 }
 

@@ -104,6 +104,29 @@ pub fn sync_directory(directory: &Path) -> Result<(), QueueError> {
         .map_err(|error| QueueError::io("syncing directory", directory, error))
 }
 
+/// Replaces `path` (in `directory`) with `contents` durably: written to a temporary file beside it,
+/// synced, renamed into place, and the directory synced, so a crash leaves the old or the new
+/// contents, never a torn file. `what` names the file in errors ("cursor", "incarnation").
+pub fn replace_file_durably(
+    directory: &Path,
+    path: &Path,
+    contents: &[u8],
+    what: &'static str,
+) -> Result<(), QueueError> {
+    let temporary_path = path.with_extension("tmp");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&temporary_path)
+        .map_err(|error| QueueError::io(what, &temporary_path, error))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|error| QueueError::io(what, &temporary_path, error))?;
+    fs::rename(&temporary_path, path).map_err(|error| QueueError::io(what, path, error))?;
+    sync_directory(directory)
+}
+
 /// Creates a new, empty segment with its header, durably (file and directory synced).
 pub fn create_segment(
     segments_dir: &Path,
