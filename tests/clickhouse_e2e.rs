@@ -226,22 +226,12 @@ async fn a_region_with_its_first_replica_down_inserts_into_the_second() {
     )
     .await;
     assert_eq!(stored, 25);
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failovers: f64 = metrics
-        .lines()
-        .find(|line| {
-            line.starts_with("meridian_sink_clickhouse_failovers_total{region=\"eu-west-1\"")
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .expect("failover metric");
+    let metrics = server.metrics_text().await;
+    let failovers = metric_value(
+        &metrics,
+        "meridian_sink_clickhouse_failovers_total{region=\"eu-west-1\"",
+    )
+    .expect("failover metric");
     assert!(failovers >= 1.0, "the failover was counted");
 }
 

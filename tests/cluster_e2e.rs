@@ -42,75 +42,61 @@ async fn load_then_terminate(
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_at_a_low_rate_store_every_message_exactly_once() {
-    let Some(cluster) = Cluster::start(2, REGION, "").await else {
+/// Single-message requests (as browsers send them) a few times a second per client: most archive
+/// flushes hold one or two records, so every node writes many small objects over the same offset
+/// ranges as its peers — the case where offsets alone collided (SERVICES.md: 47% lost).
+async fn at_a_low_rate(nodes: usize) {
+    let Some(cluster) = Cluster::start(nodes, REGION, "").await else {
         return;
     };
-    // Single-message requests (as browsers send them) a few times a second per client: most
-    // archive flushes hold one or two records, so both nodes write many small objects over the
-    // same offset ranges — the case where offsets alone collided (SERVICES.md: 47% lost).
+    let clients = nodes.max(2);
     load_then_terminate(
         cluster,
-        2,
+        clients,
         Spread::RoundRobin,
         1..=1,
         Duration::from_millis(150),
         Duration::from_secs(4),
-        30,
+        15 * clients,
     )
     .await;
+}
+
+/// Eight clients sending batches of 1 to 5 messages back to back, each to a random node.
+async fn at_a_high_rate(nodes: usize) {
+    let Some(cluster) = Cluster::start(nodes, REGION, "").await else {
+        return;
+    };
+    load_then_terminate(
+        cluster,
+        8,
+        Spread::Random,
+        1..=5,
+        Duration::from_millis(1),
+        Duration::from_secs(4),
+        1000,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_at_a_low_rate_store_every_message_exactly_once() {
+    at_a_low_rate(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_at_a_high_rate_store_every_message_exactly_once() {
-    let Some(cluster) = Cluster::start(2, REGION, "").await else {
-        return;
-    };
-    load_then_terminate(
-        cluster,
-        8,
-        Spread::Random,
-        1..=5,
-        Duration::from_millis(1),
-        Duration::from_secs(4),
-        1000,
-    )
-    .await;
+    at_a_high_rate(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_at_a_low_rate_store_every_message_exactly_once() {
-    let Some(cluster) = Cluster::start(3, REGION, "").await else {
-        return;
-    };
-    load_then_terminate(
-        cluster,
-        3,
-        Spread::RoundRobin,
-        1..=1,
-        Duration::from_millis(150),
-        Duration::from_secs(4),
-        40,
-    )
-    .await;
+    at_a_low_rate(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_at_a_high_rate_store_every_message_exactly_once() {
-    let Some(cluster) = Cluster::start(3, REGION, "").await else {
-        return;
-    };
-    load_then_terminate(
-        cluster,
-        8,
-        Spread::Random,
-        1..=5,
-        Duration::from_millis(1),
-        Duration::from_secs(4),
-        1000,
-    )
-    .await;
+    at_a_high_rate(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,15 +227,7 @@ async fn dashboards_and_alerts_only_use_metrics_the_service_exports() {
         .await
         .unwrap();
     assert_eq!(rejected.status(), 400);
-    let exported = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exported = server.metrics_text().await;
     let mut available = BTreeSet::new();
     for line in exported.lines().filter(|line| line.starts_with("# TYPE ")) {
         let mut parts = line.split_whitespace().skip(2);

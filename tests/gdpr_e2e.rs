@@ -201,15 +201,7 @@ async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_mess
     assert_eq!(bob.len(), 15, "every message of bob archived");
     assert!(bob.iter().all(|(_, n)| **n == 1));
 
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     for sink in ["archive", "clickhouse"] {
         let line = format!(
             "meridian_sink_erased_messages_total{{region=\"eu-west-1\",sink=\"{sink}\"}} 5"

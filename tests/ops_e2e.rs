@@ -557,15 +557,7 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
         "/readyz names the failed runner: {:?}",
         readiness(&server).await
     );
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"meridian_sink_runner_up{region="eu-west-1",sink="archive"} 0"#),
         "the runner is down in the metrics"
@@ -587,23 +579,11 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
         "the restarted runner delivered what waited"
     );
     assert_eq!(server.archived_messages("eu-west-1").len(), 1);
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let restarts: f64 = metrics
-        .lines()
-        .find(|line| {
-            line.starts_with(
-                r#"meridian_sink_runner_restarts_total{region="eu-west-1",sink="archive"}"#,
-            )
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .expect("the restart counter");
+    let metrics = server.metrics_text().await;
+    let restarts = metric_value(
+        &metrics,
+        r#"meridian_sink_runner_restarts_total{region="eu-west-1",sink="archive"}"#,
+    )
+    .expect("the restart counter");
     assert!(restarts >= 1.0, "restarts counted: {restarts}");
 }

@@ -163,24 +163,12 @@ async fn an_s3_outage_under_load_delays_but_loses_and_duplicates_nothing() {
         "every accepted message arrived"
     );
     assert!(counts.values().all(|count| *count == 1), "and exactly once");
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failures: f64 = metrics
-        .lines()
-        .find(|line| {
-            line.starts_with(
-                "meridian_sink_failed_attempts_total{region=\"eu-west-1\",sink=\"archive\"}",
-            )
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .unwrap();
+    let metrics = server.metrics_text().await;
+    let failures = metric_value(
+        &metrics,
+        "meridian_sink_failed_attempts_total{region=\"eu-west-1\",sink=\"archive\"}",
+    )
+    .unwrap();
     assert!(failures >= 1.0, "the outage is visible in metrics");
 }
 
@@ -270,15 +258,7 @@ async fn a_bucket_in_another_region_is_refused_and_its_data_stays_queued() {
     })
     .await;
     assert!(refused, "/readyz reports the residency mismatch");
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("meridian_sink_healthy{region=\"us-east-1\",sink=\"archive\"} 0"),
         "metric shows it:\n{}",
@@ -581,15 +561,7 @@ async fn a_failing_customer_bucket_never_holds_back_the_rest_of_the_region() {
         customer_ids.iter().cloned().collect::<BTreeSet<_>>()
     );
     assert!(counts.values().all(|count| *count == 1));
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(metrics.contains(
         "meridian_sink_customer_objects_unspooled_total{region=\"eu-west-1\",sink=\"archive\"}"
     ));

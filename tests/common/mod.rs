@@ -300,6 +300,23 @@ impl TestServer {
         archived_messages_in(&self.data_dir.join("archive").join(region))
     }
 
+    /// The `/metrics` text now.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of the series `name{labels}` (as written in `/metrics`) now; `None` if absent.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics_text().await, series)
+    }
+
     /// Queue cursors and ends are in /metrics; waits until every sink of every region caught up.
     pub async fn wait_for_sinks_to_drain(&self, timeout: Duration) -> bool {
         let client = self.client.clone();
@@ -330,6 +347,14 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill_hard();
     }
+}
+
+/// The value of the series `name{labels}` in a `/metrics` text; `None` if absent.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 pub fn archived_messages_in(root: &Path) -> Vec<Value> {

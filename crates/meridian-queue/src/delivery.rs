@@ -179,6 +179,8 @@ impl RetryPolicy {
 pub struct DeliveryRunner {
     region: String,
     queue: RegionQueue,
+    /// The queue's incarnation, which names every batch this runner hands out.
+    source: Arc<str>,
     sink: Arc<dyn Sink>,
     status: Arc<DeliveryStatus>,
     retry: RetryPolicy,
@@ -208,6 +210,7 @@ impl DeliveryRunner {
     pub fn new(region: &str, queue: RegionQueue, sink: Arc<dyn Sink>) -> DeliveryRunner {
         DeliveryRunner {
             region: region.to_string(),
+            source: Arc::from(queue.incarnation()),
             queue,
             sink,
             status: Arc::new(DeliveryStatus::default()),
@@ -286,7 +289,6 @@ impl DeliveryRunner {
             info!(region = %self.region, sink = self.sink.name(), "sink runner restarted and delivering again");
             self.status.set_runner_failure(None);
         }
-        let source: Arc<str> = Arc::from(self.queue.incarnation());
         let mut end_changes = self.queue.subscribe_durable_end();
         loop {
             let gathered = self
@@ -310,7 +312,7 @@ impl DeliveryRunner {
                 "a batch is one contiguous range"
             );
             let batch = DeliveryBatch {
-                source: Arc::clone(&source),
+                source: Arc::clone(&self.source),
                 range,
                 records: Arc::new(records),
             };
@@ -351,7 +353,7 @@ impl DeliveryRunner {
         let records =
             Self::with_consumer(consumer, move |consumer| consumer.read_range(range)).await??;
         let batch = DeliveryBatch {
-            source: Arc::from(self.queue.incarnation()),
+            source: Arc::clone(&self.source),
             range,
             records: Arc::new(records),
         };

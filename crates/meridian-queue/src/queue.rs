@@ -216,18 +216,8 @@ impl Shared {
     /// keep their data too. A cursor of another incarnation will redeliver from the oldest record,
     /// so it protects everything. `Err` when a cursor file cannot be read: nothing may be deleted.
     fn on_disk_cursor_floor(&self) -> Result<Option<u64>, String> {
-        let entries = fs::read_dir(&self.cursors_dir).map_err(|error| {
-            format!("listing cursors in {}: {error}", self.cursors_dir.display())
-        })?;
         let mut floor: Option<u64> = None;
-        for entry in entries {
-            let entry = entry.map_err(|error| {
-                format!("listing cursors in {}: {error}", self.cursors_dir.display())
-            })?;
-            let path = entry.path();
-            if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
-                continue;
-            }
+        for path in list_cursor_files(&self.cursors_dir).map_err(|error| error.to_string())? {
             let cursor = read_cursor_file(&path)
                 .map_err(|error| error.to_string())?
                 .ok_or_else(|| format!("cursor {} vanished while listed", path.display()))?;
@@ -461,6 +451,14 @@ impl RegionQueue {
         &self.shared.incarnation
     }
 
+    /// The names of the consumers that have a cursor file in this queue (running here or not).
+    pub fn cursor_names(&self) -> Result<Vec<String>, QueueError> {
+        Ok(list_cursor_files(&self.shared.cursors_dir)?
+            .iter()
+            .filter_map(|path| Some(path.file_stem()?.to_str()?.to_string()))
+            .collect())
+    }
+
     /// The offset one past the last durable record.
     pub fn durable_end(&self) -> u64 {
         self.shared.durable_end()
@@ -583,6 +581,7 @@ fn recover_segments(
     Ok((segments, base_offset))
 }
 
+/// Every `*.cursor` file of the queue (temporary files and anything else are skipped).
 fn list_cursor_files(cursors_dir: &Path) -> Result<Vec<PathBuf>, QueueError> {
     let entries = fs::read_dir(cursors_dir)
         .map_err(|error| QueueError::io("listing cursors in", cursors_dir, error))?;

@@ -212,8 +212,8 @@ impl Writer {
         self.shared
             .refusing_for_budget
             .store(false, Ordering::Release);
-        if !self.sync_schedule.has_unsynced_writes() {
-            // Synced (fsync mode): readers may see it. Buffered writes are published by the sync.
+        if self.shared.config.durability == Durability::Fsync {
+            // Synced by write_group: readers may see it. Buffered writes are published by the sync.
             self.shared.publish_end(next_offset);
         }
         for (reply, range) in accepted {

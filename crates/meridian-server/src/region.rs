@@ -119,21 +119,18 @@ fn warn_about_cursors_without_a_sink(
     sinks: &[Arc<dyn Sink>],
 ) {
     let configured: BTreeSet<&str> = sinks.iter().map(|sink| sink.name()).collect();
-    let cursors_dir = queue.dir().join("cursors");
-    let Ok(entries) = std::fs::read_dir(&cursors_dir) else {
-        return;
+    let names = match queue.cursor_names() {
+        Ok(names) => names,
+        Err(error) => {
+            warn!(region = %region, %error, "cannot list the queue's cursors");
+            return;
+        }
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|extension| extension.to_str()) != Some("cursor") {
-            continue;
-        }
-        let Some(name) = path.file_stem().and_then(|stem| stem.to_str()) else {
-            continue;
-        };
-        if !configured.contains(name) {
-            warn!(region = %region, sink = name, cursor = %path.display(), "a queue cursor has no configured sink: the records it has not passed are kept (delete the cursor file if the sink was removed for good)");
-        }
+    for name in names
+        .iter()
+        .filter(|name| !configured.contains(name.as_str()))
+    {
+        warn!(region = %region, sink = %name, queue = %queue.dir().display(), "a queue cursor has no configured sink: the records it has not passed are kept (delete its cursor file under cursors/ if the sink was removed for good)");
     }
 }
 
