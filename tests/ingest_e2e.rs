@@ -552,3 +552,59 @@ async fn browser_settings_that_reflect_the_request_are_never_cached_by_shared_ca
         "the configured host, whatever the request said"
     );
 }
+
+#[tokio::test]
+async fn bad_envelope_fields_never_cost_the_messages_of_a_batch() {
+    let server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("envelope").await;
+    let (_, key) = server.create_project("envelope", "eu-west-1").await;
+    let response = server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(&key))
+        .json(&json!({
+            "batch": [
+                {"type": "track", "userId": "u", "event": "Kept", "messageId": "env-0",
+                 "timestamp": "2020-01-01T00:00:00.000Z"},
+                {"type": "identify", "userId": "u", "messageId": "env-1"},
+            ],
+            "sentAt": "soon",
+            "context": 3,
+            "integrations": ["not", "an", "object"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "SDKs drop a batch answered 400");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"], 2);
+    let fields: BTreeSet<&str> = body["envelope_problems"]
+        .as_array()
+        .expect("the problems are reported")
+        .iter()
+        .map(|problem| problem["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from(["context", "integrations", "sentAt"])
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    let archived = server.archived_messages("eu-west-1");
+    let kept = archived
+        .iter()
+        .find(|message| message["messageId"] == "env-0")
+        .expect("stored");
+    assert_eq!(
+        kept["timestamp"], "2020-01-01T00:00:00.000Z",
+        "without a usable sentAt the client timestamp is kept as it is"
+    );
+    assert!(
+        archived
+            .iter()
+            .any(|message| message["messageId"] == "env-1")
+    );
+}

@@ -37,7 +37,7 @@ fuzz_target!(|body: &[u8]| {
             _ => None,
         };
         let context = EnrichmentContext { batch_context, batch_sent_at, ..context };
-        for raw in &envelope.batch {
+        for raw in &envelope.batch.kept {
             if let Ok(message) = parse_raw_message(raw, &limits)
                 && let Ok(enriched) = enrich_message(message, None, &context)
             {

@@ -580,21 +580,30 @@ impl Catalog {
         regions: &[String],
         lease_until_ms: i64,
     ) -> Result<Option<Deletion>, CatalogError> {
+        if regions.is_empty() {
+            return Ok(None);
+        }
         let now_ms = now_unix_ms();
-        let candidates = sqlx::query(&format!(
+        // Only this node's regions, in SQL: pending deletions of other regions must never fill the
+        // page and starve the ones this node can run.
+        let region_placeholders: Vec<String> = (0..regions.len())
+            .map(|index| format!("${}", index + 3))
+            .collect();
+        let query_text = format!(
             "SELECT {DELETION_COLUMNS} FROM deletions WHERE status IN ('pending', 'running')
              AND (lease_owner IS NULL OR lease_until_ms < $1 OR lease_owner = $2)
-             ORDER BY created_at_ms LIMIT 50"
-        ))
-        .bind(now_ms)
-        .bind(node_id)
-        .fetch_all(&self.pool)
-        .await?;
+             AND region IN ({})
+             ORDER BY created_at_ms LIMIT 50",
+            region_placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&query_text).bind(now_ms).bind(node_id);
+        for region in regions {
+            query = query.bind(region);
+        }
+        let candidates = query.fetch_all(&self.pool).await?;
         for row in &candidates {
             let candidate = deletion_from_row(row)?;
-            if !regions.contains(&candidate.region) {
-                continue;
-            }
+            debug_assert!(regions.contains(&candidate.region));
             let claimed = sqlx::query(
                 "UPDATE deletions SET lease_owner = $1, lease_until_ms = $2, status = 'running',
                     started_at_ms = COALESCE(started_at_ms, $3), updated_at_ms = $3

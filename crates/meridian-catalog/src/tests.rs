@@ -444,3 +444,52 @@ async fn an_in_flight_region_migration_blocks_assigning_the_org_region() {
         }
     }
 }
+
+#[tokio::test]
+async fn deletions_of_unserved_regions_never_starve_a_nodes_own() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("starve", "Starve", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let project_in = |region_id: &'static str| NewProject {
+            name: format!("in {region_id}"),
+            region: region(region_id),
+        };
+        let (elsewhere, _) = catalog
+            .create_project("starve", project_in("af-south-1"), &actor())
+            .await
+            .unwrap();
+        let (home, _) = catalog
+            .create_project("starve", project_in("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        // More pending deletions of a region this node does not serve than one page holds, all
+        // older than the one it can run.
+        for index in 0..60 {
+            catalog
+                .create_deletion(&elsewhere.project_id, &[format!("user-{index}")], &actor())
+                .await
+                .unwrap();
+        }
+        let own = catalog
+            .create_deletion(&home.project_id, &["mine".to_string()], &actor())
+            .await
+            .unwrap();
+        let claimed = catalog
+            .claim_deletion("node-eu", &["eu-west-1".to_string()], i64::MAX)
+            .await
+            .unwrap()
+            .expect("the node's own deletion is claimed");
+        assert_eq!(claimed.deletion_id, own.deletion_id);
+        assert_eq!(claimed.region, "eu-west-1");
+        assert!(
+            catalog
+                .claim_deletion("node-none", &[], i64::MAX)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}

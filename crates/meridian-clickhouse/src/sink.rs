@@ -61,9 +61,12 @@ enum InsertFailure {
 }
 
 /// ClickHouse exception codes whose cause is the inserted data.
-const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 33, 38, 41, 53, 69, 70, 72, 117, 131, 395];
-/// Codes that mean the schema is not what we insert into.
-const SCHEMA_ERROR_CODES: &[u32] = &[16, 47, 60, 81];
+const DATA_ERROR_CODES: &[u32] = &[6, 26, 38, 41, 53, 69, 70, 72, 117, 131, 395];
+/// Codes that mean the schema is not what we insert into. 27 (CANNOT_PARSE_INPUT_ASSERTION_FAILED)
+/// and 33 (CANNOT_READ_ALL_DATA) are here, not with the data errors: we write RowBinary from typed
+/// rows, so they mean the table's columns differ from ours, or the body arrived cut short (a
+/// transport failure). Both are retried after a re-migration; neither may dead-letter good rows.
+const SCHEMA_ERROR_CODES: &[u32] = &[16, 27, 33, 47, 60, 81];
 
 fn exception_code(message: &str) -> Option<u32> {
     let start = message.find("Code: ")? + "Code: ".len();
@@ -712,6 +715,38 @@ impl Sink for ClickHouseSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_bodies_and_column_mismatches_are_retried_not_dead_lettered() {
+        let answer = |code: u32, text: &str| {
+            classify(clickhouse::error::Error::BadResponse(format!(
+                "Code: {code}. DB::Exception: {text}"
+            )))
+        };
+        assert!(matches!(
+            answer(
+                33,
+                "Cannot read all data. Bytes read: 12. Bytes expected: 40."
+            ),
+            InsertFailure::Schema(_)
+        ));
+        assert!(matches!(
+            answer(27, "Cannot parse input: expected '\\t' before: ..."),
+            InsertFailure::Schema(_)
+        ));
+        assert!(matches!(
+            answer(6, "Cannot parse string 'x' as UInt64"),
+            InsertFailure::Data(_)
+        ));
+        assert!(matches!(
+            answer(60, "Table meridian.events doesn't exist."),
+            InsertFailure::Schema(_)
+        ));
+        assert!(matches!(
+            answer(202, "Too many simultaneous queries."),
+            InsertFailure::Transient(_)
+        ));
+    }
 
     #[test]
     fn dedup_tokens_name_the_queue_as_well_as_the_offsets() {

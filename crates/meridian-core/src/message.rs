@@ -130,7 +130,7 @@ impl MessageRejection {
 #[derive(Debug, Deserialize)]
 pub struct BatchEnvelope<'a> {
     #[serde(borrow)]
-    pub batch: Vec<&'a RawValue>,
+    pub batch: BatchElements<'a>,
     #[serde(default)]
     pub context: Option<Value>,
     #[serde(default)]
@@ -139,6 +139,57 @@ pub struct BatchEnvelope<'a> {
     pub sent_at: Option<Value>,
     #[serde(default, rename = "writeKey")]
     pub write_key: Option<Value>,
+}
+
+/// At most this many elements of a batch are kept while parsing; the rest are only counted, so a
+/// body of a million tiny elements costs no more memory than this many pointers. The configurable
+/// `max_batch_messages` must stay at or below a quarter of it (see [`MAX_BATCH_MESSAGES_LIMIT`]).
+pub const KEPT_BATCH_ELEMENTS: usize = 65_536;
+/// The highest `max_batch_messages` a config may set: a batch of up to four times the limit is
+/// still answered element by element, and all of those must have been kept.
+pub const MAX_BATCH_MESSAGES_LIMIT: usize = KEPT_BATCH_ELEMENTS / 4;
+
+/// The `batch` array: its first [`KEPT_BATCH_ELEMENTS`] elements, raw, and how many it had.
+#[derive(Debug, Default)]
+pub struct BatchElements<'a> {
+    pub kept: Vec<&'a RawValue>,
+    /// Every element of the array, kept or not.
+    pub total: usize,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for BatchElements<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ElementsVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for ElementsVisitor<'a> {
+            type Value = BatchElements<'a>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an array of messages")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut sequence: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut elements = BatchElements::default();
+                loop {
+                    if elements.kept.len() < KEPT_BATCH_ELEMENTS {
+                        let Some(element) = sequence.next_element::<&'de RawValue>()? else {
+                            break;
+                        };
+                        elements.kept.push(element);
+                    } else if sequence.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                        break;
+                    }
+                    elements.total += 1;
+                }
+                Ok(elements)
+            }
+        }
+
+        deserializer.deserialize_seq(ElementsVisitor(std::marker::PhantomData))
+    }
 }
 
 /// What the ingress knows about a request when it enriches its messages.
@@ -473,6 +524,20 @@ fn truncate_for_display(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_batch_keeps_a_bounded_number_of_elements_and_counts_them_all() {
+        let count = KEPT_BATCH_ELEMENTS + 5_000;
+        let body = format!(r#"{{"batch":[{}]}}"#, vec!["{}"; count].join(","));
+        let envelope: BatchEnvelope<'_> = serde_json::from_str(&body).unwrap();
+        assert_eq!(envelope.batch.total, count);
+        assert_eq!(envelope.batch.kept.len(), KEPT_BATCH_ELEMENTS);
+        let small: BatchEnvelope<'_> = serde_json::from_str(r#"{"batch":[1,{"a":2}]}"#).unwrap();
+        assert_eq!(small.batch.total, 2);
+        assert_eq!(small.batch.kept[1].get(), r#"{"a":2}"#);
+        assert!(serde_json::from_str::<BatchEnvelope<'_>>(r#"{"batch":{}}"#).is_err());
+        assert!(serde_json::from_str::<BatchEnvelope<'_>>(r#"{"batch":[1,]}"#).is_err());
+    }
     use serde_json::json;
 
     const RECEIVED_AT_MS: i64 = 1_795_497_146_678; // 2026-11-24T05:12:26.678Z
@@ -680,15 +745,15 @@ mod tests {
             "x".repeat(64)
         );
         let envelope: BatchEnvelope<'_> = serde_json::from_str(&body).unwrap();
-        assert!(parse_raw_message(envelope.batch[0], &limits).is_ok());
+        assert!(parse_raw_message(envelope.batch.kept[0], &limits).is_ok());
         assert_eq!(
-            parse_raw_message(envelope.batch[1], &limits)
+            parse_raw_message(envelope.batch.kept[1], &limits)
                 .unwrap_err()
                 .code,
             RejectCode::MessageTooLarge
         );
         assert_eq!(
-            parse_raw_message(envelope.batch[2], &limits)
+            parse_raw_message(envelope.batch.kept[2], &limits)
                 .unwrap_err()
                 .code,
             RejectCode::InvalidMessage

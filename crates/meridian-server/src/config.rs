@@ -743,6 +743,12 @@ impl Config {
         {
             problems.push("limits: max_message_bytes and max_batch_messages must be positive, max_request_bytes at least max_message_bytes".to_string());
         }
+        if limits.max_batch_messages > meridian_core::message::MAX_BATCH_MESSAGES_LIMIT {
+            problems.push(format!(
+                "limits.max_batch_messages is at most {} (larger batches are not SDK batches; they are refused)",
+                meridian_core::message::MAX_BATCH_MESSAGES_LIMIT
+            ));
+        }
         if self.queue.segment_max_bytes < 4096 {
             problems.push("queue.segment_max_bytes must be at least 4096".to_string());
         }

@@ -236,20 +236,86 @@ fn enforce_rate_limit(
     }
 }
 
+/// At most this many rejected messages are listed in an answer; the rest are only counted
+/// (`rejected_omitted`), so a batch of many bad elements gets a small answer.
+const MAX_LISTED_REJECTIONS: usize = 100;
+/// A batch of more than this many times `max_batch_messages` elements is refused whole (413)
+/// before any element is looked at: no SDK sends one, and each element would cost work.
+const FAR_PAST_BATCH_LIMIT_FACTOR: usize = 4;
+
 struct Outcome {
     accepted: u64,
     suppressed: u64,
-    rejected: Vec<(usize, MessageRejection)>,
+    rejections: Rejections,
+    /// Batch-level fields that were unusable and left out (the messages were stored anyway).
+    envelope_problems: Vec<EnvelopeProblem>,
     records: RecordBatch,
 }
 
-fn rejected_json(rejected: &[(usize, MessageRejection)]) -> Value {
-    Value::Array(
-        rejected
+struct EnvelopeProblem {
+    field: &'static str,
+    message: &'static str,
+}
+
+/// The rejected messages of a request: the first few listed, all counted by code, and the
+/// elements past `max_batch_messages` as one range.
+#[derive(Default)]
+struct Rejections {
+    listed: Vec<(usize, MessageRejection)>,
+    omitted: u64,
+    by_code: std::collections::BTreeMap<&'static str, u64>,
+    /// `(first index, last index, rejection)` of the elements past the batch limit.
+    past_limit: Option<(usize, usize, MessageRejection)>,
+}
+
+impl Rejections {
+    fn push(&mut self, index: usize, rejection: MessageRejection) {
+        *self.by_code.entry(rejection.code.as_str()).or_default() += 1;
+        if self.listed.len() < MAX_LISTED_REJECTIONS {
+            self.listed.push((index, rejection));
+        } else {
+            self.omitted += 1;
+        }
+    }
+
+    fn reject_past_limit(&mut self, first: usize, last: usize, limit: usize) {
+        debug_assert!(first <= last);
+        let count = (last - first + 1) as u64;
+        *self
+            .by_code
+            .entry(RejectCode::BatchTooLarge.as_str())
+            .or_default() += count;
+        let rejection = MessageRejection::new(
+            RejectCode::BatchTooLarge,
+            format!(
+                "a batch holds at most {limit} messages: messages {first} to {last} ({count}) were not read; send them in another request"
+            ),
+        );
+        self.past_limit = Some((first, last, rejection));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_code.is_empty()
+    }
+
+    fn first(&self) -> Option<&MessageRejection> {
+        self.listed
+            .first()
+            .map(|(_, rejection)| rejection)
+            .or(self.past_limit.as_ref().map(|(_, _, rejection)| rejection))
+    }
+
+    fn to_json(&self) -> Value {
+        let mut entries: Vec<Value> = self
+            .listed
             .iter()
             .map(|(index, rejection)| json!({"index": index, "code": rejection.code.as_str(), "message": rejection.message}))
-            .collect(),
-    )
+            .collect();
+        if let Some((first, last, rejection)) = &self.past_limit {
+            entries.push(json!({"index": first, "last_index": last, "code": rejection.code.as_str(), "message": rejection.message}));
+        }
+        Value::Array(entries)
+    }
 }
 
 async fn ingest(
@@ -292,9 +358,21 @@ async fn ingest(
         None => {
             let envelope: BatchEnvelope<'_> = serde_json::from_slice(&body)
                 .map_err(|error| json_error_to_api_error(&error, true))?;
+            let far_past_limit = limits
+                .max_batch_messages
+                .saturating_mul(FAR_PAST_BATCH_LIMIT_FACTOR);
+            if envelope.batch.total > far_past_limit {
+                return Err(ApiError::payload_too_large(
+                    "batch_too_large",
+                    format!(
+                        "the batch has {} elements; a batch holds at most {} messages: split it into requests of at most that many",
+                        envelope.batch.total, limits.max_batch_messages
+                    ),
+                ));
+            }
             let body_key = write_key_from_value(envelope.write_key.as_ref());
             let resolved = authorize(&state, header_key.or(body_key))?;
-            enforce_rate_limit(&state, &resolved, envelope.batch.len() as u64)?;
+            enforce_rate_limit(&state, &resolved, envelope.batch.total as u64)?;
             let outcome = process_messages(
                 &state,
                 &resolved,
@@ -307,23 +385,28 @@ async fn ingest(
     };
     let region = resolved.region.clone();
     let outcome = outcome.map_err(|failure| failure.in_region(region.clone()))?;
-    for (_, rejection) in &outcome.rejected {
+    for (code, count) in &outcome.rejections.by_code {
         state
             .metrics
-            .message_rejected(region.as_str(), rejection.code.as_str());
+            .messages_rejected(region.as_str(), code, *count);
     }
     if kind.is_some()
-        && let Some((_, rejection)) = outcome.rejected.first()
+        && let Some(rejection) = outcome.rejections.first()
     {
         return Err(ApiError::from_rejection(rejection.clone()).in_region(region));
     }
-    if outcome.accepted == 0 && outcome.suppressed == 0 && !outcome.rejected.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_batch",
-            "no message of the batch could be accepted; see `rejected`",
-        )
-        .with_extra("rejected", rejected_json(&outcome.rejected))
-        .in_region(region));
+    if outcome.accepted == 0 && outcome.suppressed == 0 && !outcome.rejections.is_empty() {
+        let message = if outcome.rejections.omitted > 0 {
+            format!(
+                "no message of the batch could be accepted; `rejected` lists the first {MAX_LISTED_REJECTIONS} of them and {} more were rejected",
+                outcome.rejections.omitted
+            )
+        } else {
+            "no message of the batch could be accepted; see `rejected`".to_string()
+        };
+        return Err(ApiError::bad_request("invalid_batch", message)
+            .with_extra("rejected", outcome.rejections.to_json())
+            .in_region(region));
     }
     if !outcome.records.is_empty() {
         append_durably(&state, &resolved, outcome.records).await?;
@@ -336,14 +419,24 @@ async fn ingest(
             .metrics
             .messages_suppressed(region.as_str(), outcome.suppressed);
     }
-    let mut response = if outcome.rejected.is_empty() {
+    let mut response = if outcome.rejections.is_empty() && outcome.envelope_problems.is_empty() {
         ok_response()
     } else {
-        let body = json!({
+        let mut body = json!({
             "success": true,
             "accepted": outcome.accepted + outcome.suppressed,
-            "rejected": rejected_json(&outcome.rejected),
+            "rejected": outcome.rejections.to_json(),
         });
+        if outcome.rejections.omitted > 0 {
+            body["rejected_omitted"] = json!(outcome.rejections.omitted);
+        }
+        if !outcome.envelope_problems.is_empty() {
+            body["envelope_problems"] = outcome
+                .envelope_problems
+                .iter()
+                .map(|problem| json!({"field": problem.field, "message": problem.message}))
+                .collect();
+        }
         (StatusCode::OK, axum::Json(body)).into_response()
     };
     if let Ok(value) = HeaderValue::from_str(region.as_str()) {
@@ -372,24 +465,29 @@ fn process_messages(
         )
     })?;
     let limits = state.settings.limits;
+    // A bad envelope field never costs the messages (SDKs drop a batch answered 400): they are
+    // stored without it and the answer names the problem.
+    let mut envelope_problems: Vec<EnvelopeProblem> = Vec::new();
     let batch_context = match envelope.and_then(|envelope| envelope.context.as_ref()) {
         None | Some(Value::Null) => None,
         Some(Value::Object(object)) => Some(object),
         Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_batch",
-                "the batch's `context` must be an object",
-            ));
+            envelope_problems.push(EnvelopeProblem {
+                field: "context",
+                message: "the batch's `context` is not an object: it was not merged into the messages",
+            });
+            None
         }
     };
     let batch_integrations = match envelope.and_then(|envelope| envelope.integrations.as_ref()) {
         None | Some(Value::Null) => None,
         Some(Value::Object(object)) => Some(object),
         Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_batch",
-                "the batch's `integrations` must be an object",
-            ));
+            envelope_problems.push(EnvelopeProblem {
+                field: "integrations",
+                message: "the batch's `integrations` is not an object: it was not merged into the messages",
+            });
+            None
         }
     };
     let batch_sent_at = match envelope.and_then(|envelope| envelope.sent_at.as_ref()) {
@@ -400,10 +498,11 @@ fn process_messages(
             Some(text.as_str())
         }
         Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_timestamp",
-                "the batch's `sentAt` is not an ISO 8601 timestamp",
-            ));
+            envelope_problems.push(EnvelopeProblem {
+                field: "sentAt",
+                message: "the batch's `sentAt` is not an ISO 8601 timestamp: the messages' timestamps were not corrected for clock skew",
+            });
+            None
         }
     };
     let context = EnrichmentContext {
@@ -418,7 +517,8 @@ fn process_messages(
     let mut outcome = Outcome {
         accepted: 0,
         suppressed: 0,
-        rejected: Vec::new(),
+        rejections: Rejections::default(),
+        envelope_problems,
         records: queue.new_batch(),
     };
     let mut handle = |index: usize,
@@ -434,36 +534,35 @@ fn process_messages(
                 if is_suppressed {
                     outcome.suppressed += 1;
                 } else if let Err(failure) = outcome.records.push(&enriched.json) {
-                    outcome.rejected.push((
+                    outcome.rejections.push(
                         index,
                         MessageRejection::new(RejectCode::MessageTooLarge, failure.to_string()),
-                    ));
+                    );
                 } else {
                     outcome.accepted += 1;
                 }
             }
-            Err(rejection) => outcome.rejected.push((index, rejection)),
+            Err(rejection) => outcome.rejections.push(index, rejection),
         }
     };
     match messages {
         MessagesToProcess::Single(kind, message) => handle(0, Ok(message), Some(kind)),
         MessagesToProcess::Batch => {
-            let raw_messages = envelope
-                .map(|envelope| envelope.batch.as_slice())
+            let (raw_messages, total) = envelope
+                .map(|envelope| (envelope.batch.kept.as_slice(), envelope.batch.total))
                 .unwrap_or_default();
-            for (index, raw_message) in raw_messages.iter().enumerate() {
-                if index >= limits.max_batch_messages {
-                    let rejection = MessageRejection::new(
-                        RejectCode::BatchTooLarge,
-                        format!(
-                            "a batch holds at most {} messages; send the rest in another request",
-                            limits.max_batch_messages
-                        ),
-                    );
-                    handle(index, Err(rejection), None);
-                    continue;
-                }
+            let within_limit = total.min(limits.max_batch_messages);
+            // The config keeps max_batch_messages far below what parsing keeps.
+            debug_assert!(within_limit <= raw_messages.len());
+            for (index, raw_message) in raw_messages.iter().take(within_limit).enumerate() {
                 handle(index, parse_raw_message(raw_message, &limits), None);
+            }
+            if total > within_limit {
+                outcome.rejections.reject_past_limit(
+                    within_limit,
+                    total - 1,
+                    limits.max_batch_messages,
+                );
             }
         }
     }

@@ -147,13 +147,13 @@ impl Metrics {
             .inc_by(count);
     }
 
-    pub fn message_rejected(&self, region: &str, code: &str) {
+    pub fn messages_rejected(&self, region: &str, code: &str, count: u64) {
         self.rejected
             .get_or_create(&RegionCodeLabels {
                 region: region.to_string(),
                 code: code.to_string(),
             })
-            .inc();
+            .inc_by(count);
     }
 
     pub fn messages_suppressed(&self, region: &str, count: u64) {
