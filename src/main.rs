@@ -199,7 +199,7 @@ async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()
                 .unwrap_or_else(|| "off".to_string()),
             settings.data_dir.display()
         );
-        println!("  catalog: {}", settings.catalog_url);
+        println!("  catalog: {}", settings.catalog_url_for_display());
         for warning in &settings.warnings {
             println!("warning: {warning}");
         }
@@ -232,8 +232,14 @@ async fn issue_token(
         bail!("--org is required for --role owner/admin/member");
     }
     let ttl_secs = parse_ttl(&ttl)?;
-    let (secret, _) = load_or_create_secret(settings.jwt_secret.as_deref(), &settings.data_dir)
-        .with_context(|| format!("reading the JWT secret in {}", settings.data_dir.display()))?;
+    let (secret, _) = load_or_create_secret(
+        settings
+            .jwt_secret
+            .as_ref()
+            .map(meridian_core::Secret::expose),
+        &settings.data_dir,
+    )
+    .with_context(|| format!("reading the JWT secret in {}", settings.data_dir.display()))?;
     let authority = JwtAuthority::new(&secret, settings.jwt_leeway_secs);
     let token = authority
         .issue(&sub, org.as_deref(), role, ttl_secs)
@@ -244,9 +250,9 @@ async fn issue_token(
 
 async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
         .await
-        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
     let versions = catalog.applied_migrations().await?;
     println!(
         "catalog schema is at version {}",
@@ -257,11 +263,11 @@ async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Result<()> {
     let settings = load_settings(config.as_deref())?;
-    if settings.catalog_url.starts_with("postgres") {
+    if settings.catalog_url.expose().starts_with("postgres") {
         let status = std::process::Command::new("pg_dump")
             .args(["--format=custom", "--file"])
             .arg(&output)
-            .arg(&settings.catalog_url)
+            .arg(settings.catalog_url.expose())
             .status()
             .context("running pg_dump (install the PostgreSQL client tools)")?;
         if !status.success() {
@@ -273,9 +279,9 @@ async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Res
         );
         return Ok(());
     }
-    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
         .await
-        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
     catalog.backup_sqlite(&output).await?;
     println!(
         "catalog backed up to {}; to restore, stop the node and put it in place as {}",
@@ -287,9 +293,9 @@ async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Res
 
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_catalog::Catalog::connect(&settings.catalog_url)
+    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
         .await
-        .with_context(|| format!("catalog {}", settings.catalog_url))?;
+        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
     let report = catalog.verify_audit_chain().await?;
     match report.first_broken {
         None => {

@@ -587,3 +587,108 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
     .expect("the restart counter");
     assert!(restarts >= 1.0, "restarts counted: {restarts}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_secrets_never_appear_in_logs_errors_or_check_config() {
+    let Some(catalog_url) = common::cluster::fresh_postgres_database("secrets").await else {
+        return;
+    };
+    let catalog_password = "pg-password-41d0e9";
+    let catalog_url =
+        catalog_url.replacen("postgres@", &format!("postgres:{catalog_password}@"), 1);
+    assert!(catalog_url.contains(catalog_password), "{catalog_url}");
+    let clickhouse_password = "clickhouse-password-7f3a11";
+    let s3_secret = "s3-secret-key-9c2e55";
+    let customer_secret = "customer-secret-key-0b7d22";
+    let config = test_config(&format!(
+        "[customer_storage]\naccess_key_id = \"AKIACUSTOMER\"\nsecret_access_key = \"{customer_secret}\"\n\
+         [regions.eu-west-1.clickhouse]\nurls = [\"http://127.0.0.1:1\"]\nuser = \"meridian\"\npassword = \"{clickhouse_password}\"\n\
+         [regions.us-east-1.archive]\nflush_interval_ms = 100\ns3 = {{ bucket = \"secrets\", endpoint = \"http://127.0.0.1:1\", force_path_style = true, verify_location = false, access_key_id = \"AKIATEST\", secret_access_key = \"{s3_secret}\" }}\n"
+    ));
+    let secrets = [
+        JWT_SECRET,
+        catalog_password,
+        clickhouse_password,
+        s3_secret,
+        customer_secret,
+    ];
+    let assert_no_secret = |what: &str, text: &str| {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows a secret:\n{text}");
+        }
+    };
+    let env = [
+        ("MERIDIAN_CATALOG_URL", catalog_url.as_str()),
+        ("MERIDIAN_SERVE_REGIONS", "eu-west-1,us-east-1"),
+    ];
+    let mut server = TestServer::start(&config, &env).await;
+
+    let check = server
+        .command()
+        .args(["serve", "--check-config", "--config"])
+        .arg(&server.config_path)
+        .output()
+        .expect("check-config runs");
+    assert!(check.status.success());
+    let check_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check_output.contains("postgres:***@"), "{check_output}");
+    assert_no_secret("--check-config", &check_output);
+
+    // Make every sink with a secret fail and log: ClickHouse and S3 are unreachable.
+    server.create_org("secrets").await;
+    let (_, eu_key) = server.create_project("secrets", "eu-west-1").await;
+    let (_, us_key) = server.create_project("secrets", "us-east-1").await;
+    for key in [&eu_key, &us_key] {
+        let (status, _, _) = track_status(&server, key).await;
+        assert_eq!(status, 200);
+    }
+    let failures_logged = wait_until(Duration::from_secs(30), || async {
+        let metrics = server.metrics_text().await;
+        [
+            r#"meridian_sink_failed_attempts_total{region="eu-west-1",sink="clickhouse"}"#,
+            r#"meridian_sink_failed_attempts_total{region="us-east-1",sink="archive"}"#,
+        ]
+        .iter()
+        .all(|series| metric_value(&metrics, series).is_some_and(|failed| failed >= 1.0))
+    })
+    .await;
+    assert!(
+        failures_logged,
+        "both sinks failed and logged why: {}",
+        server
+            .metrics_text()
+            .await
+            .lines()
+            .filter(|line| line.contains("failed_attempts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // /readyz shows each sink's last error.
+    let (_, readiness) = readiness(&server).await;
+    assert!(readiness.to_string().contains("last_error"));
+    assert_no_secret("/readyz", &readiness.to_string());
+    server.kill_hard();
+    assert_no_secret("the node's log", &server.log());
+
+    // A catalog that cannot be reached: the error names the URL without its password.
+    let unreachable = format!("postgres://postgres:{catalog_password}@127.0.0.1:1/nothing");
+    let failed = server
+        .command()
+        .env("MERIDIAN_CATALOG_URL", &unreachable)
+        .args(["serve", "--config"])
+        .arg(&server.config_path)
+        .output()
+        .expect("serve runs");
+    assert!(!failed.status.success());
+    let failed_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&failed.stdout),
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert!(failed_output.contains("127.0.0.1:1"), "{failed_output}");
+    assert_no_secret("a failed start", &failed_output);
+}

@@ -113,7 +113,7 @@ impl TestServer {
         }
     }
 
-    fn command(&self) -> Command {
+    pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_meridian"));
         command
             .env("MERIDIAN_LISTEN", format!("127.0.0.1:{}", self.port))

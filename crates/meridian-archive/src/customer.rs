@@ -28,7 +28,7 @@ pub struct CustomerAccessSettings {
     pub force_path_style: bool,
     /// Meridian's own identity, which customers' trust policies allow; `None`: the AWS chain.
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<meridian_core::Secret>,
     pub request_timeout: Duration,
 }
 
@@ -75,7 +75,7 @@ impl CustomerStores {
             &self.settings.access_key_id,
             &self.settings.secret_access_key,
         ) {
-            (Some(id), Some(secret)) => Some((id.as_str(), secret.as_str())),
+            (Some(id), Some(secret)) => Some((id.as_str(), secret.expose())),
             _ => None,
         };
         aws_sdk_config(

@@ -35,7 +35,7 @@ pub struct S3Settings {
     pub encryption: Encryption,
     /// Static credentials; `None`: the standard AWS credential chain.
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<meridian_core::Secret>,
     pub request_timeout: Duration,
     /// Objects larger than this are uploaded in parts of `part_size` bytes.
     pub multipart_threshold: usize,
@@ -141,7 +141,7 @@ pub struct S3Store {
 impl S3Store {
     pub async fn connect(settings: S3Settings) -> S3Store {
         let credentials = match (&settings.access_key_id, &settings.secret_access_key) {
-            (Some(id), Some(secret)) => Some((id.as_str(), secret.as_str())),
+            (Some(id), Some(secret)) => Some((id.as_str(), secret.expose())),
             _ => None,
         };
         let shared = aws_sdk_config(

@@ -28,7 +28,7 @@ pub struct ClickHouseConfig {
     pub urls: Vec<String>,
     pub database: String,
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<meridian_core::Secret>,
     pub batch_max_rows: usize,
     pub batch_max_bytes: usize,
     pub flush_interval: Duration,
@@ -155,7 +155,7 @@ impl ClickHouseSink {
                     admin = admin.with_user(user.clone());
                 }
                 if let Some(password) = &config.password {
-                    admin = admin.with_password(password.clone());
+                    admin = admin.with_password(password.expose().to_string());
                 }
                 let writer = admin.clone().with_database(config.database.clone());
                 Replica {

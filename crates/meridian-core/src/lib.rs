@@ -3,6 +3,7 @@
 
 pub mod message;
 pub mod region;
+pub mod secret;
 pub mod storage;
 pub mod timestamp;
 
@@ -11,6 +12,7 @@ pub use message::{
     RejectCode, enrich_message,
 };
 pub use region::RegionId;
+pub use secret::{Secret, redact_url};
 pub use storage::CustomerStorage;
 
 /// Tells sinks which stored messages a GDPR deletion has erased: a message of `user_id` in

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meridian_core::{IngestLimits, RegionId};
+use meridian_core::{IngestLimits, RegionId, Secret, redact_url};
 use meridian_queue::Durability;
 use serde::Deserialize;
 
@@ -113,14 +113,14 @@ fn default_tls_reload_check_secs() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     pub jwt_leeway_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogConfig {
-    pub url: Option<String>,
+    pub url: Option<Secret>,
     pub refresh_interval_ms: u64,
 }
 
@@ -181,7 +181,7 @@ pub struct ClickHouseRegionConfig {
     #[serde(default = "default_clickhouse_database")]
     pub database: String,
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     #[serde(default = "default_clickhouse_batch_rows")]
     pub batch_max_rows: usize,
     #[serde(default = "default_clickhouse_batch_bytes")]
@@ -250,7 +250,7 @@ pub struct S3ArchiveConfig {
     pub verify_location: bool,
     /// Static credentials; unset: the standard AWS credential chain.
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     #[serde(default = "default_multipart_threshold")]
     pub multipart_threshold_bytes: usize,
     #[serde(default = "default_s3_timeout_secs")]
@@ -280,7 +280,7 @@ pub struct CustomerStorageConfig {
     pub endpoint: Option<String>,
     pub force_path_style: bool,
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     pub request_timeout_secs: u64,
     pub location_check_interval_secs: u64,
     pub spool_retry_secs: u64,
@@ -308,9 +308,10 @@ pub struct Settings {
     pub body_read_timeout: Duration,
     pub append_timeout: Duration,
     /// `None`: use (or create) `<data_dir>/jwt_secret`.
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     pub jwt_leeway_secs: u64,
-    pub catalog_url: String,
+    /// May carry a password: print it with [`Settings::catalog_url_for_display`].
+    pub catalog_url: Secret,
     pub catalog_refresh_interval: Duration,
     pub limits: IngestLimits,
     pub durability: Durability,
@@ -529,7 +530,7 @@ impl Config {
             match name.as_str() {
                 "MERIDIAN_LISTEN" => config.server.listen = value.clone(),
                 "MERIDIAN_DATA_DIR" => config.node.data_dir = PathBuf::from(value),
-                "MERIDIAN_JWT_SECRET" => config.auth.jwt_secret = Some(value.clone()),
+                "MERIDIAN_JWT_SECRET" => config.auth.jwt_secret = Some(Secret::new(value.clone())),
                 "MERIDIAN_NODE_REGION" => {
                     config.node.region = value.clone();
                     config.node.region_set_explicitly = true;
@@ -542,7 +543,7 @@ impl Config {
                         .map(str::to_string)
                         .collect();
                 }
-                "MERIDIAN_CATALOG_URL" => config.catalog.url = Some(value.clone()),
+                "MERIDIAN_CATALOG_URL" => config.catalog.url = Some(Secret::new(value.clone())),
                 _ => {}
             }
         }
@@ -679,12 +680,17 @@ impl Config {
         };
         let home_region = known(&self.node.region, "node.region", &mut problems);
         let default_region = known(&self.default_region, "default_region", &mut problems);
-        let catalog_url = self.catalog.url.clone().unwrap_or_else(|| {
-            format!(
-                "sqlite://{}?mode=rwc",
-                data_dir.join("catalog.db").display()
-            )
-        });
+        let catalog_url = self
+            .catalog
+            .url
+            .as_ref()
+            .map(|url| url.expose().to_string())
+            .unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    data_dir.join("catalog.db").display()
+                )
+            });
         let catalog_is_shared =
             catalog_url.starts_with("postgres://") || catalog_url.starts_with("postgresql://");
         // A node of a cluster (shared catalog, or a home region set on purpose) serves its own
@@ -732,7 +738,7 @@ impl Config {
             ));
         }
         if let Some(secret) = &self.auth.jwt_secret
-            && secret.len() < 32
+            && secret.expose().len() < 32
         {
             problems.push("auth.jwt_secret must be at least 32 bytes long".to_string());
         }
@@ -765,7 +771,8 @@ impl Config {
             || catalog_url.starts_with("postgresql://"))
         {
             problems.push(format!(
-                "catalog.url `{catalog_url}` must start with sqlite:// or postgres://"
+                "catalog.url `{}` must start with sqlite:// or postgres://",
+                redact_url(&catalog_url)
             ));
         }
         let tls = self
@@ -840,7 +847,7 @@ impl Config {
             append_timeout: Duration::from_secs(self.server.append_timeout_secs.max(1)),
             jwt_secret: self.auth.jwt_secret.clone(),
             jwt_leeway_secs: self.auth.jwt_leeway_secs,
-            catalog_url,
+            catalog_url: Secret::new(catalog_url),
             catalog_refresh_interval: Duration::from_millis(self.catalog.refresh_interval_ms),
             limits,
             durability: match self.queue.durability {
@@ -911,6 +918,11 @@ impl Config {
 }
 
 impl Settings {
+    /// The catalog URL with its password replaced by `***`.
+    pub fn catalog_url_for_display(&self) -> String {
+        redact_url(self.catalog_url.expose())
+    }
+
     pub fn serves(&self, region: &RegionId) -> bool {
         self.served_regions.contains(region)
     }
@@ -947,6 +959,39 @@ mod tests {
             &settings.regions[&RegionId::parse("us-east-1").unwrap()].archive.target,
             ArchiveTarget::Dir(dir) if dir == &PathBuf::from("data/archive/us-east-1")
         ));
+    }
+
+    #[test]
+    fn settings_never_show_their_secrets_in_debug() {
+        let file = r#"
+            [auth]
+            jwt_secret = "jwt-secret-that-is-long-enough-0123456789"
+            [regions.eu-west-1.clickhouse]
+            urls = ["http://127.0.0.1:8123"]
+            password = "clickhouse-password-in-debug"
+            [regions.us-east-1.archive]
+            s3 = { bucket = "b", access_key_id = "AKIA", secret_access_key = "s3-secret-in-debug" }
+        "#;
+        let config = Config::from_sources(
+            Some(file),
+            &env(&[(
+                "MERIDIAN_CATALOG_URL",
+                "postgres://u:catalog-password-in-debug@db/m",
+            )]),
+        )
+        .unwrap();
+        let settings = config.validate().unwrap();
+        for shown in [format!("{config:?}"), format!("{settings:?}")] {
+            for secret in [
+                "jwt-secret-that-is-long-enough-0123456789",
+                "clickhouse-password-in-debug",
+                "s3-secret-in-debug",
+                "catalog-password-in-debug",
+            ] {
+                assert!(!shown.contains(secret), "{secret} shown");
+            }
+        }
+        assert_eq!(settings.catalog_url_for_display(), "postgres://u:***@db/m");
     }
 
     #[test]
@@ -1050,6 +1095,7 @@ mod tests {
         assert!(
             settings
                 .catalog_url
+                .expose()
                 .contains("/var/lib/meridian/catalog.db")
         );
     }

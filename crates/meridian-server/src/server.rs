@@ -10,7 +10,7 @@ use meridian_archive::ArchiveSink;
 use meridian_archive::customer::CustomerStores;
 use meridian_archive::s3::GuardedS3Store;
 use meridian_catalog::{Catalog, KeyCache};
-use meridian_core::RegionId;
+use meridian_core::{RegionId, Secret};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,12 +84,12 @@ pub struct RunningNode {
 
 async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), ServerError> {
     let failure = |message: String| ServerError::Catalog {
-        url: settings.catalog_url.clone(),
+        url: settings.catalog_url_for_display(),
         message,
     };
     let catalog = tokio::time::timeout(
         Duration::from_secs(30),
-        Catalog::connect(&settings.catalog_url),
+        Catalog::connect(settings.catalog_url.expose()),
     )
     .await
     .map_err(|_| failure("timed out after 30 s".into()))?
@@ -139,13 +139,14 @@ impl RunningNode {
             path: settings.data_dir.display().to_string(),
             message: error.to_string(),
         })?;
-        let (jwt_secret, generated) =
-            load_or_create_secret(settings.jwt_secret.as_deref(), &settings.data_dir).map_err(
-                |error| ServerError::DataDir {
-                    path: settings.data_dir.display().to_string(),
-                    message: format!("jwt secret: {error}"),
-                },
-            )?;
+        let (jwt_secret, generated) = load_or_create_secret(
+            settings.jwt_secret.as_ref().map(Secret::expose),
+            &settings.data_dir,
+        )
+        .map_err(|error| ServerError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            message: format!("jwt secret: {error}"),
+        })?;
         if generated {
             warn!(path = %settings.data_dir.join("jwt_secret").display(), "no auth.jwt_secret configured: using the secret generated in the data dir (set MERIDIAN_JWT_SECRET for clusters)");
         }
