@@ -21,6 +21,9 @@ use crate::segment::{
 };
 use crate::writer::{AppendRequest, Writer, WriterCommand};
 
+/// The fewest in-flight bytes one append is charged (see [`RegionQueue::append`]).
+const MIN_IN_FLIGHT_CHARGE: usize = 4096;
+
 /// When an append counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -154,6 +157,11 @@ pub(crate) struct Shared {
     /// Number of `fdatasync` calls the writer made (group commit makes it far below the number
     /// of appends under concurrency).
     pub sync_count: AtomicU64,
+    /// Appends the writer dropped unwritten because nobody waited for their answer any more.
+    pub abandoned_appends: AtomicU64,
+    /// Held by tests to stall the writer (a slow disk) before it takes its next group.
+    #[cfg(test)]
+    pub writer_stall: Mutex<()>,
     /// Set when an append was refused for the budget; cleared by the next successful append or
     /// when consumers free space. Drives `is_writable`.
     pub refusing_for_budget: AtomicBool,
@@ -284,6 +292,8 @@ pub struct QueueStats {
     pub consumer_positions: BTreeMap<String, u64>,
     pub broken: Option<String>,
     pub sync_count: u64,
+    /// Appends dropped unwritten because their caller stopped waiting (see the writer).
+    pub abandoned_appends: u64,
 }
 
 impl QueueStats {
@@ -364,6 +374,9 @@ impl RegionQueue {
             consumer_positions: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(None),
             sync_count: AtomicU64::new(0),
+            abandoned_appends: AtomicU64::new(0),
+            #[cfg(test)]
+            writer_stall: Mutex::new(()),
             refusing_for_budget: AtomicBool::new(false),
             config: config.clone(),
         });
@@ -416,14 +429,16 @@ impl RegionQueue {
                 budget_bytes,
             });
         }
+        // Each request counts at least MIN_IN_FLIGHT_CHARGE bytes, so the number of requests
+        // waiting for the writer is bounded too (the channel holds at most budget / charge).
         let permits = batch
             .encoded
             .len()
-            .clamp(1, self.shared.config.max_in_flight_bytes.max(1))
+            .max(MIN_IN_FLIGHT_CHARGE)
+            .min(self.shared.config.max_in_flight_bytes.max(1))
             .min(u32::MAX as usize) as u32;
-        let _in_flight_permit = self
-            .in_flight_bytes
-            .acquire_many(permits)
+        let in_flight = Arc::clone(&self.in_flight_bytes)
+            .acquire_many_owned(permits)
             .await
             .map_err(|_| QueueError::Closed)?;
         let (reply, answer) = oneshot::channel();
@@ -431,11 +446,25 @@ impl RegionQueue {
             encoded: batch.encoded,
             record_count: batch.record_count,
             reply,
+            in_flight,
         };
         self.sender
             .send(WriterCommand::Append(request))
             .map_err(|_| QueueError::Closed)?;
         answer.await.map_err(|_| QueueError::Closed)?
+    }
+
+    #[cfg(test)]
+    pub(crate) fn in_flight_bytes_available(&self) -> usize {
+        self.in_flight_bytes.available_permits()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn stall_writer(&self) -> MutexGuard<'_, ()> {
+        self.shared
+            .writer_stall
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// An empty batch for this queue (sealed with its encryption key when it has one).
@@ -490,6 +519,7 @@ impl RegionQueue {
             consumer_positions: self.shared.lock_positions().clone(),
             broken: self.shared.broken_reason(),
             sync_count: self.shared.sync_count.load(Ordering::Relaxed),
+            abandoned_appends: self.shared.abandoned_appends.load(Ordering::Relaxed),
         }
     }
 

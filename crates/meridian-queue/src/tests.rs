@@ -641,3 +641,60 @@ async fn buffered_mode_syncs_on_its_interval_under_continuous_load() {
     );
     queue.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The stall guard is held across awaits on purpose: it stands for a disk that does not answer,
+// and only the writer thread (never this task) waits for it.
+#[allow(clippy::await_holding_lock)]
+async fn an_abandoned_append_keeps_its_bytes_until_the_writer_drops_it_unwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.max_in_flight_bytes = 64 * 1024;
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let payload = "x".repeat(20 * 1024);
+    let stall = queue.stall_writer(); // the disk stalls
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        queue.append(batch_of(std::slice::from_ref(&payload))),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the caller gave up waiting");
+    let charged = 64 * 1024 - queue.in_flight_bytes_available();
+    assert!(
+        charged >= 20 * 1024,
+        "the request still waits for the writer, so its bytes still count: {charged}"
+    );
+    // More requests cannot pile up past the in-flight budget while the disk stalls.
+    let mut given_up = 0;
+    for _ in 0..4 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(50),
+            queue.append(batch_of(std::slice::from_ref(&payload))),
+        )
+        .await;
+        given_up += usize::from(attempt.is_err());
+    }
+    assert_eq!(given_up, 4);
+    assert!(
+        queue.in_flight_bytes_available() < 20 * 1024,
+        "budget held by waiting requests"
+    );
+
+    drop(stall); // the disk recovers
+    let written = queue.append(batch_of(&["kept".to_string()])).await.unwrap();
+    assert_eq!(
+        written,
+        OffsetRange { start: 0, end: 1 },
+        "nothing nobody waited for was written"
+    );
+    // The first and two more fit the 64 KiB budget (20 KiB each); the last two never got in.
+    assert_eq!(queue.stats().abandoned_appends, 3, "{:?}", queue.stats());
+    assert_eq!(
+        queue.in_flight_bytes_available(),
+        64 * 1024,
+        "every byte is back"
+    );
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["kept"]);
+    queue.close();
+}

@@ -29,6 +29,11 @@ pub(crate) struct AppendRequest {
     pub encoded: Vec<u8>,
     pub record_count: u64,
     pub reply: oneshot::Sender<Result<OffsetRange, QueueError>>,
+    /// The request's share of the queue's in-flight bytes: held until the writer takes the
+    /// request out of the channel (its bytes then live in the bounded group buffer), so a request
+    /// whose caller gave up (timeout, client gone) still counts while it waits, and memory stays
+    /// bounded however slow the disk is.
+    pub in_flight: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub(crate) enum WriterCommand {
@@ -133,6 +138,14 @@ impl Writer {
                     }
                 }
             };
+            // Tests stall the writer here (a slow disk), with the group's first request in hand.
+            #[cfg(test)]
+            drop(
+                self.shared
+                    .writer_stall
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
             let mut group = Vec::new();
             let mut shutdown_requested = false;
             match first_command {
@@ -169,6 +182,17 @@ impl Writer {
         self.group_buffer.clear();
         let broken_reason = self.shared.broken_reason();
         for request in group {
+            // Out of the channel: its bytes are copied into the group buffer or dropped below.
+            drop(request.in_flight);
+            if request.reply.is_closed() {
+                // Nobody waits for this answer (the append timed out or the client went away):
+                // no 200 can be sent for it, so it is not written, and a client's retry does not
+                // leave a second copy behind.
+                self.shared
+                    .abandoned_appends
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if let Some(reason) = &broken_reason {
                 let _ = request.reply.send(Err(QueueError::Broken(reason.clone())));
                 continue;

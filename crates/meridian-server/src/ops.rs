@@ -176,6 +176,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         );
     }
     writer.declare(
+        "queue_abandoned_appends_total",
+        "counter",
+        "Appends the queue dropped unwritten because their request had given up (timeout, client gone)",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_abandoned_appends_total",
+            &[("region", region.as_str())],
+            queue.stats().abandoned_appends as f64,
+        );
+    }
+    writer.declare(
         "queue_writable",
         "gauge",
         "1 when the region's queue accepts appends",
