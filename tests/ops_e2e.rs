@@ -692,3 +692,84 @@ async fn configured_secrets_never_appear_in_logs_errors_or_check_config() {
     assert!(failed_output.contains("127.0.0.1:1"), "{failed_output}");
     assert_no_secret("a failed start", &failed_output);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_beyond_the_nodes_body_budget_get_503_until_memory_is_free() {
+    use tokio::io::AsyncWriteExt;
+    // Room for two full 4 MiB requests at once.
+    let config = test_config("[server]\nrequest_body_budget_bytes = 8388608\n");
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("budget").await;
+    let (_, key) = server.create_project("budget", "eu-west-1").await;
+    // Two clients announce 4 MiB bodies and send them slowly: their bytes are reserved.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /v1/batch HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 4194304\r\n\r\n{{\"batch\":[",
+            basic_auth(&key)
+        );
+        stream.write_all(head.as_bytes()).await.expect("head sent");
+        holders.push(stream);
+    }
+    let probe = || async {
+        let response = server
+            .client
+            .post(server.url("/v1/track"))
+            .header("Authorization", basic_auth(&key))
+            .json(&json!({"userId": "u", "event": "Probe"}))
+            .send()
+            .await
+            .expect("probe answered");
+        let retry_after = response.headers().get("retry-after").cloned();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        (status, retry_after, body)
+    };
+    let available = || async {
+        metric_value(
+            &server.metrics_text().await,
+            "meridian_body_budget_available_bytes",
+        )
+    };
+    let both_held = wait_until(Duration::from_secs(10), || async {
+        available().await == Some(0.0)
+    })
+    .await;
+    assert!(
+        both_held,
+        "both slow bodies hold their share: {:?}",
+        available().await
+    );
+    // A third body, however small, does not fit.
+    let (status, retry_after, body) = probe().await;
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some(), "503 carries Retry-After");
+    assert_eq!(body["code"], "overloaded");
+    assert!(
+        metric_value(
+            &server.metrics_text().await,
+            "meridian_body_budget_refusals_total"
+        )
+        .is_some_and(|refusals| refusals >= 1.0)
+    );
+    assert_eq!(
+        server.health_status().await,
+        200,
+        "operations routes stay up"
+    );
+
+    drop(holders); // the slow clients go away: their bytes are free again
+    let freed = wait_until(Duration::from_secs(10), || async {
+        available().await == Some(8_388_608.0)
+    })
+    .await;
+    assert!(freed, "every byte is back: {:?}", available().await);
+    assert_eq!(
+        probe().await.0,
+        200,
+        "ingest resumes once the budget is free"
+    );
+}

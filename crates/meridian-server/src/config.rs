@@ -90,6 +90,7 @@ pub struct ServerConfig {
     pub header_read_timeout_secs: u64,
     pub max_header_bytes: usize,
     pub max_concurrent_requests: usize,
+    pub request_body_budget_bytes: usize,
     pub max_connection_age_secs: u64,
     pub listen_backlog: u32,
     pub tls: Option<TlsConfig>,
@@ -304,6 +305,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub connection_limits: crate::listener::ConnectionLimits,
     pub max_concurrent_requests: usize,
+    /// Bytes of request bodies in memory at once, over all requests.
+    pub request_body_budget_bytes: usize,
     pub shutdown_timeout: Duration,
     pub body_read_timeout: Duration,
     pub append_timeout: Duration,
@@ -808,6 +811,12 @@ impl Config {
         if !self.server.plain_http && self.server.tls.is_none() {
             problems.push("server.plain_http = false needs a [server.tls] listener".to_string());
         }
+        if self.server.request_body_budget_bytes < self.limits.max_request_bytes {
+            problems.push(format!(
+                "server.request_body_budget_bytes ({}) must hold at least one request of limits.max_request_bytes ({})",
+                self.server.request_body_budget_bytes, self.limits.max_request_bytes
+            ));
+        }
         if self.server.max_concurrent_requests == 0 {
             problems.push("server.max_concurrent_requests must be positive".to_string());
         }
@@ -837,6 +846,7 @@ impl Config {
                 listen_backlog: self.server.listen_backlog.max(1),
             },
             max_concurrent_requests: self.server.max_concurrent_requests,
+            request_body_budget_bytes: self.server.request_body_budget_bytes,
             public_url: self
                 .server
                 .public_url

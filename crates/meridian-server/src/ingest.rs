@@ -64,7 +64,52 @@ pub fn routes() -> ApiRoutes {
 
 /// Reads the body within the size limit and time limit, inflating gzip without ever inflating
 /// past the limit.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+/// A request body, with its share of the node's body budget (released when dropped).
+struct ReadBody {
+    bytes: Bytes,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for ReadBody {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Takes the body's share of the node-wide body budget before a byte is read: its declared
+/// length, or the request limit when the length is unknown or the body is gzip (it may inflate to
+/// the limit). Over budget: 503 + Retry-After at once, so that many large requests together can
+/// never exceed the memory the budget was sized for.
+fn take_body_budget(
+    state: &AppState,
+    declared_length: Option<usize>,
+    is_gzip: bool,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let limit = state.settings.limits.max_request_bytes;
+    let charge = match declared_length {
+        Some(length) if !is_gzip => length,
+        _ => limit,
+    }
+    .clamp(1, u32::MAX as usize) as u32;
+    std::sync::Arc::clone(&state.body_budget)
+        .try_acquire_many_owned(charge)
+        .map_err(|_| {
+            state.metrics.body_budget_refused();
+            ApiError::unavailable(
+                "overloaded",
+                "the node holds as many request bodies as its memory budget allows; retry shortly",
+                1,
+            )
+        })
+}
+
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ReadBody, ApiError> {
     let limit = state.settings.limits.max_request_bytes;
     let too_large = || {
         ApiError::payload_too_large(
@@ -93,6 +138,7 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             ));
         }
     };
+    let budget = take_body_budget(state, declared_length, is_gzip)?;
     let collected = tokio::time::timeout(
         state.settings.body_read_timeout,
         Limited::new(body, limit).collect(),
@@ -118,7 +164,10 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         }
     };
     if !is_gzip {
-        return Ok(raw);
+        return Ok(ReadBody {
+            bytes: raw,
+            _budget: budget,
+        });
     }
     let mut inflated = Vec::with_capacity((raw.len() * 4).min(limit));
     MultiGzDecoder::new(&raw[..])
@@ -133,7 +182,10 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     if inflated.len() > limit {
         return Err(too_large());
     }
-    Ok(Bytes::from(inflated))
+    Ok(ReadBody {
+        bytes: Bytes::from(inflated),
+        _budget: budget,
+    })
 }
 
 /// The write key from `Authorization: Basic base64(key:)` or `Authorization: Bearer key`.

@@ -46,6 +46,7 @@ pub struct Metrics {
     suppressed: Family<RegionLabels, Counter>,
     queue_full: Family<RegionLabels, Counter>,
     client_metrics: Counter,
+    body_budget_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -102,7 +103,14 @@ impl Metrics {
             "analytics.js client metric reports received on /v1/m",
             client_metrics.clone(),
         );
+        let body_budget_refusals = Counter::default();
+        registry.register(
+            "body_budget_refusals",
+            "Requests answered 503 because the node's request body budget was in use",
+            body_budget_refusals.clone(),
+        );
         Metrics {
+            body_budget_refusals,
             registry,
             requests,
             request_duration,
@@ -154,6 +162,10 @@ impl Metrics {
                 code: code.to_string(),
             })
             .inc_by(count);
+    }
+
+    pub fn body_budget_refused(&self) {
+        self.body_budget_refusals.inc();
     }
 
     pub fn messages_suppressed(&self, region: &str, count: u64) {

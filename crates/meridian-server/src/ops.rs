@@ -176,6 +176,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         );
     }
     writer.declare(
+        "body_budget_available_bytes",
+        "gauge",
+        "Bytes of the node's request body budget not held by requests in flight",
+    );
+    writer.sample(
+        "body_budget_available_bytes",
+        &[],
+        state.body_budget.available_permits() as f64,
+    );
+    writer.declare(
         "queue_abandoned_appends_total",
         "counter",
         "Appends the queue dropped unwritten because their request had given up (timeout, client gone)",

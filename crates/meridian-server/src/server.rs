@@ -263,6 +263,11 @@ impl RunningNode {
             request_slots: Arc::new(tokio::sync::Semaphore::new(
                 settings.max_concurrent_requests,
             )),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                settings
+                    .request_body_budget_bytes
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         });
         for region in state.queues.keys() {
             state.metrics.initialize_region(region.as_str());

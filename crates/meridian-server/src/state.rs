@@ -62,6 +62,8 @@ pub struct AppStateInner {
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies in memory at once (one permit a byte); beyond, 503.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a served region's data lives in, built from that region's settings only.
