@@ -47,7 +47,10 @@ fn write_atomically(path: &Path, body: &[u8]) -> Result<(), ArchiveError> {
     let parent = path.parent().ok_or_else(|| {
         ArchiveError::Refused(format!("no parent directory for {}", path.display()))
     })?;
-    fs::create_dir_all(parent).map_err(|error| ArchiveError::io(parent, error))?;
+    // Day directories are made at run time: each is synced into its parent, or a power cut could
+    // lose a directory holding objects whose queue range was already committed.
+    meridian_queue::create_dir_all_durably(parent)
+        .map_err(|error| ArchiveError::io(parent, error))?;
     let file_name = path
         .file_name()
         .and_then(|name| name.to_str())

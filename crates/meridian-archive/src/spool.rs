@@ -51,7 +51,8 @@ impl Spool {
             )));
         }
         let directory = self.dir.join(project_id);
-        std::fs::create_dir_all(&directory).map_err(|error| ArchiveError::io(&directory, error))?;
+        meridian_queue::create_dir_all_durably(&directory)
+            .map_err(|error| ArchiveError::io(&directory, error))?;
         let path = directory.join(encode_key(key));
         let temporary = directory.join(format!(".{}.tmp", encode_key(key)));
         let mut file = std::fs::File::create(&temporary)

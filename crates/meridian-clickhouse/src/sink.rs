@@ -448,7 +448,7 @@ impl ClickHouseSink {
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+                meridian_queue::create_dir_all_durably(parent)?;
             }
             let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
             let first_offset = records.first().map(|record| record.offset).unwrap_or(0);

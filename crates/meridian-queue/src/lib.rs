@@ -31,7 +31,7 @@ pub use delivery::{
 };
 pub use error::QueueError;
 pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
-pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES};
+pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES, create_dir_all_durably};
 
 #[cfg(test)]
 mod tests;

@@ -325,7 +325,7 @@ impl RegionQueue {
         let segments_dir = config.dir.join("segments");
         let cursors_dir = config.dir.join("cursors");
         for directory in [&config.dir, &segments_dir, &cursors_dir] {
-            fs::create_dir_all(directory)
+            crate::segment::create_dir_all_durably(directory)
                 .map_err(|error| QueueError::io("creating directory", directory, error))?;
         }
         let previous_incarnation = match read_incarnation(&config.dir) {
@@ -570,7 +570,20 @@ fn recover_segments(
         });
     }
     if let Some(last) = segments.last_mut() {
-        let scan = scan_segment(&last.path, last.base_offset)?;
+        let mut scan = scan_segment(&last.path, last.base_offset)?;
+        if scan.valid_bytes == 0 && scan.file_bytes > crate::segment::SEGMENT_HEADER_BYTES {
+            // Only the header is damaged (its content is known from the file name): repair it in
+            // place and look at the records behind it, which may all be intact.
+            let reason = scan.invalid_reason.clone().unwrap_or_default();
+            crate::segment::write_segment_header(&last.path, last.base_offset)?;
+            scan = scan_segment(&last.path, last.base_offset)?;
+            warn!(
+                segment = %last.path.display(),
+                %reason,
+                kept_records = scan.valid_records,
+                "queue segment header was damaged: rewrote it and kept the records behind it"
+            );
+        }
         let next_offset = last.base_offset + scan.valid_records;
         if let Some(reason) = scan.invalid_reason {
             let cut_bytes = scan.file_bytes - scan.valid_bytes;

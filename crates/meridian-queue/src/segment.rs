@@ -150,6 +150,50 @@ pub fn create_segment(
     Ok((path, file))
 }
 
+/// Rewrites a segment's header in place (magic + base offset) and syncs the file; the records
+/// behind it are left as they are.
+pub fn write_segment_header(path: &Path, base_offset: u64) -> Result<(), QueueError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|error| QueueError::io("opening segment", path, error))?;
+    let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
+    header.extend_from_slice(SEGMENT_MAGIC);
+    header.extend_from_slice(&base_offset.to_le_bytes());
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.write_all(&header))
+        .and_then(|()| file.sync_all())
+        .map_err(|error| QueueError::io("repairing segment header", path, error))
+}
+
+/// Creates `directory` and every missing parent, syncing each parent after a child was made in
+/// it, so that a power cut cannot lose a directory (and what was written into it) that the
+/// program already relied on.
+pub fn create_dir_all_durably(directory: &Path) -> io::Result<()> {
+    if directory.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = directory.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_dir_all_durably(parent)?;
+    }
+    match fs::create_dir(directory) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && directory.is_dir() => {
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    }
+    match directory
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        Some(parent) => File::open(parent).and_then(|handle| handle.sync_all()),
+        None => Ok(()),
+    }
+}
+
 /// Checks a segment's header. Returns a reason when it is missing or does not match the name.
 pub fn check_segment_header(file: &mut File, base_offset: u64) -> io::Result<Option<String>> {
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
@@ -293,6 +337,20 @@ mod tests {
             read_record(&mut reader).unwrap(),
             NextRecord::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn directories_are_created_with_every_missing_parent() {
+        let root = tempfile::tempdir().unwrap();
+        let nested = root
+            .path()
+            .join("archive/eu-west-1/segment-logs/p1/1795478400000");
+        create_dir_all_durably(&nested).unwrap();
+        assert!(nested.is_dir());
+        create_dir_all_durably(&nested).unwrap();
+        let file = root.path().join("a-file");
+        fs::write(&file, b"x").unwrap();
+        assert!(create_dir_all_durably(&file.join("below")).is_err());
     }
 
     #[test]

@@ -209,6 +209,36 @@ async fn a_damaged_segment_header_is_rebuilt() {
 }
 
 #[tokio::test]
+async fn a_damaged_header_of_the_last_segment_keeps_the_intact_records_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["one".into(), "two".into(), "three".into()]))
+        .await
+        .unwrap();
+    queue.close();
+    let path = last_segment_path(dir.path());
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(2)).unwrap();
+    file.write_all(b"XX").unwrap(); // the magic is scribbled over
+    drop(file);
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(
+        queue.durable_end(),
+        3,
+        "the three acknowledged records are kept"
+    );
+    queue.append(batch_of(&["four".to_string()])).await.unwrap();
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(
+        payload_strings(&read_all(&mut consumer)),
+        vec!["one", "two", "three", "four"]
+    );
+    queue.close();
+}
+
+#[tokio::test]
 async fn segments_roll_and_are_deleted_once_every_consumer_passed_them() {
     let dir = tempfile::tempdir().unwrap();
     let mut queue_config = config(dir.path());
