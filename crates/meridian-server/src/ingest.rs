@@ -62,8 +62,6 @@ pub fn routes() -> ApiRoutes {
         )
 }
 
-/// Reads the body within the size limit and time limit, inflating gzip without ever inflating
-/// past the limit.
 /// A request body, with its share of the node's body budget (released when dropped).
 struct ReadBody {
     bytes: Bytes,
@@ -105,6 +103,8 @@ fn take_body_budget(
         })
 }
 
+/// Reads the body within the size limit and time limit, inflating gzip without ever inflating
+/// past the limit, holding its share of the body budget from before the first byte is read.
 async fn read_body(
     state: &AppState,
     headers: &HeaderMap,

@@ -415,10 +415,16 @@ fn schemas() -> Value {
             "success": {"const": false}, "code": string, "message": string,
             "rejected": {"type": "array", "items": reference("Rejection")}}},
         "Rejection": {"type": "object", "required": ["index", "code", "message"], "properties": {
-            "index": {"type": "integer", "minimum": 0}, "code": string, "message": string}},
+            "index": {"type": "integer", "minimum": 0},
+            "last_index": {"type": "integer", "minimum": 0, "description": "Set on the one entry for the messages past the batch limit: they are index..=last_index."},
+            "code": string, "message": string}},
         "IngestAccepted": {"type": "object", "required": ["success"], "properties": {
             "success": {"const": true}, "accepted": {"type": "integer", "minimum": 0},
-            "rejected": {"type": "array", "items": reference("Rejection")}}},
+            "rejected": {"type": "array", "items": reference("Rejection"), "maxItems": 101},
+            "rejected_omitted": {"type": "integer", "minimum": 1, "description": "Rejections not listed (at most 100 are)."},
+            "envelope_problems": {"type": "array", "description": "Batch-level fields that were unusable: the messages were stored without them.", "items": {
+                "type": "object", "required": ["field", "message"], "properties": {
+                    "field": {"enum": ["sentAt", "context", "integrations"]}, "message": string}}}}},
         "Message": {"type": "object", "description": "A Segment message (track, identify, page, screen, group, alias).", "properties": {
             "type": {"enum": ["track", "identify", "page", "screen", "group", "alias"]},
             "userId": {"type": ["string", "number", "null"]}, "anonymousId": {"type": ["string", "number", "null"]},
