@@ -483,3 +483,84 @@ async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
     );
     assert_eq!(us_archived.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_also_removes_the_users_dead_lettered_messages() {
+    let Some(clickhouse) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique("gdpr_dead_");
+    let config = test_config(&format!(
+        "[gdpr]\nsettle_ms = 300\n[regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\nflush_interval_ms = 100\n"
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    send(&server, &key, &messages("before", "carol", 1)).await;
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    // ClickHouse now refuses every row of one event name: those rows are dead-lettered whole.
+    clickhouse_query(
+        &clickhouse,
+        &format!("ALTER TABLE {database}.events ADD COLUMN poison_check UInt8 DEFAULT throwIf(event = '__poison__')"),
+    )
+    .await;
+    let poisoned: Vec<Value> = [("alice", "dead-alice-0"), ("alice", "dead-alice-1"), ("bob", "dead-bob-0")]
+        .iter()
+        .map(|(user, id)| json!({"type": "track", "userId": user, "event": "__poison__", "messageId": id}))
+        .collect();
+    let response = server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(&key))
+        .json(&json!({"batch": poisoned}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let dead_letter_path = server
+        .data_dir
+        .join("dead-letter/eu-west-1/clickhouse.ndjson");
+    let dead_lines = || {
+        std::fs::read_to_string(&dead_letter_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            dead_lines().len() == 3
+        })
+        .await,
+        "three dead letters: {:?}",
+        dead_lines()
+    );
+
+    let owner = server.issue_token("owner", Some("acme"));
+    let (status, requested) = server
+        .admin(
+            Method::POST,
+            &format!("/admin/projects/{project_id}/deletions"),
+            &owner,
+            Some(json!({"user_ids": ["alice"]})),
+        )
+        .await;
+    assert_eq!(status, 202, "{requested}");
+    let deletion_id = requested["deletion_id"].as_str().unwrap().to_string();
+    let finished = wait_for_deletion(&server, &owner, &deletion_id, Duration::from_secs(60)).await;
+    assert_eq!(finished["status"], "done", "{finished}");
+    let remaining = dead_lines();
+    assert_eq!(remaining.len(), 1, "{remaining:?}");
+    assert!(
+        remaining[0].contains("dead-bob-0"),
+        "bob's dead letter stays: {remaining:?}"
+    );
+    assert!(
+        remaining.iter().all(|line| !line.contains("alice")),
+        "nothing of alice is left in the dead-letter file"
+    );
+}

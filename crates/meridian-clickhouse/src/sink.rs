@@ -432,6 +432,62 @@ impl ClickHouseSink {
         self.config.dead_letter_dir.join("clickhouse.ndjson")
     }
 
+    /// Removes the dead-lettered messages of `user_ids` of `project_id` from the region's
+    /// dead-letter file (a GDPR deletion: the file holds whole messages). The file is rewritten
+    /// beside itself and renamed into place, durably; running it twice removes nothing more.
+    /// Returns how many messages were removed.
+    pub async fn erase_dead_letters(
+        &self,
+        project_id: &str,
+        user_ids: &[String],
+    ) -> Result<u64, String> {
+        let path = self.dead_letter_path();
+        let lock = Arc::clone(&self.dead_letter_lock);
+        let project_id = project_id.to_string();
+        let users: std::collections::HashSet<String> = user_ids.iter().cloned().collect();
+        tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let text = match std::fs::read(&path) {
+                Ok(text) => text,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(error) => return Err(error),
+            };
+            let mut kept = Vec::with_capacity(text.len());
+            let mut removed = 0u64;
+            for line in text
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !line.is_empty())
+            {
+                if dead_letter_names_user(line, &project_id, &users) {
+                    removed += 1;
+                    continue;
+                }
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+            if removed == 0 {
+                return Ok(0);
+            }
+            let temporary = path.with_extension("ndjson.tmp");
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&kept)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            if let Some(parent) = path.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|error| format!("dead-letter eraser panicked: {error}"))?
+        .map_err(|error| {
+            format!(
+                "cannot rewrite the dead-letter file {}: {error}",
+                self.dead_letter_path().display()
+            )
+        })
+    }
+
     /// Appends rejected messages, with their reasons, to the region's dead-letter file (fsynced).
     async fn write_dead_letters(
         &self,
@@ -632,6 +688,34 @@ fn build_rows(
     (rows, erased)
 }
 
+/// True when a dead-letter line holds a message of one of `users` in `project_id`. A line that
+/// cannot be read is kept (it names nobody we can tell).
+fn dead_letter_names_user(
+    line: &[u8],
+    project_id: &str,
+    users: &std::collections::HashSet<String>,
+) -> bool {
+    let Ok(entry) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return false;
+    };
+    let Some(message) = entry.get("message").and_then(|message| message.as_str()) else {
+        return false;
+    };
+    let Ok(message) = serde_json::from_str::<serde_json::Value>(message) else {
+        return false;
+    };
+    let user = match message.get("userId") {
+        Some(serde_json::Value::String(user)) => user.clone(),
+        Some(serde_json::Value::Number(user)) => user.to_string(),
+        _ => return false,
+    };
+    message
+        .get("projectId")
+        .and_then(|project| project.as_str())
+        == Some(project_id)
+        && users.contains(&user)
+}
+
 /// The insert dedup token of the rows at offsets `[first_offset, end_offset)` of queue `source`:
 /// unique across every node of the region and every life of its queues (offsets alone repeat),
 /// and the same when the same rows are retried, so a current ClickHouse drops only true retries.
@@ -715,6 +799,40 @@ impl Sink for ClickHouseSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_lines_are_matched_by_project_and_user_only() {
+        let users: std::collections::HashSet<String> =
+            ["alice".to_string(), "42".to_string()].into();
+        let line = |project: &str, user: serde_json::Value| {
+            serde_json::json!({"reason": "x", "message": serde_json::json!({"projectId": project, "userId": user}).to_string()})
+                .to_string()
+        };
+        assert!(dead_letter_names_user(
+            line("p1", "alice".into()).as_bytes(),
+            "p1",
+            &users
+        ));
+        assert!(dead_letter_names_user(
+            line("p1", 42.into()).as_bytes(),
+            "p1",
+            &users
+        ));
+        assert!(!dead_letter_names_user(
+            line("p2", "alice".into()).as_bytes(),
+            "p1",
+            &users
+        ));
+        assert!(!dead_letter_names_user(
+            line("p1", "bob".into()).as_bytes(),
+            "p1",
+            &users
+        ));
+        assert!(
+            !dead_letter_names_user(b"not json", "p1", &users),
+            "unreadable lines are kept"
+        );
+    }
 
     #[test]
     fn truncated_bodies_and_column_mismatches_are_retried_not_dead_lettered() {

@@ -237,6 +237,13 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
                 .delete_users(&deletion.project_id, &deletion.user_ids)
                 .await?;
             progress.clickhouse_rows_deleted += deleted as i64;
+            // The dead-letter file keeps whole messages: they go too.
+            let erased = clickhouse
+                .erase_dead_letters(&deletion.project_id, &deletion.user_ids)
+                .await?;
+            if erased > 0 {
+                info!(deletion_id = %deletion.deletion_id, dead_letters_removed = erased, "GDPR deletion removed dead-lettered messages");
+            }
         }
         record(DeletionStage::Archive, progress).await?;
         deletion.stage = DeletionStage::Archive;
