@@ -208,13 +208,15 @@ async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()
     for warning in &settings.warnings {
         tracing::warn!(%warning, "configuration");
     }
+    // Handlers first: a SIGTERM from here on is a graceful shutdown, however early it comes.
+    let shutdown = termination_signal();
     let node = RunningNode::start(settings.clone()).await?;
     match (node.local_addr(), node.tls_local_addr()) {
         (Some(address), _) => print_quick_start(&settings, &format!("http://{address}")),
         (None, Some(address)) => print_quick_start(&settings, &format!("https://{address}")),
         (None, None) => bail!("no listener is configured"),
     }
-    node.serve(termination_signal()).await?;
+    node.serve(shutdown).await?;
     Ok(())
 }
 
