@@ -20,11 +20,28 @@ pub mod services;
 
 pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up on Linux), handed out
+/// once per test process. A port from the ephemeral range can be taken as the source port of any
+/// client connection while the test's server on it is stopped, and then the server cannot start
+/// again on it (seen: "seaweedfs did not start" in the S3 outage scenario under load).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::AtomicU32;
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        rand::rng().random_range(0..SPAN),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
