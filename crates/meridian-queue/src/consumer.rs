@@ -6,7 +6,7 @@
 //! (archive object names, ClickHouse dedup tokens) overwrite instead of duplicating.
 
 use std::fs::{self, File};
-use std::io::{BufReader, ErrorKind};
+use std::io::{self, BufReader, ErrorKind, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +16,10 @@ use tracing::warn;
 
 use crate::error::QueueError;
 use crate::queue::{OffsetRange, Shared};
-use crate::segment::{NextRecord, check_segment_header, read_record, replace_file_durably};
+use crate::segment::{
+    DamagedSpan, NextRecord, ResyncPoint, SegmentBytes, SegmentFormat, check_segment_header,
+    find_next_record, read_record, replace_file_durably,
+};
 
 /// One record read back from the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,8 +64,32 @@ impl CursorFile {
 
 struct SegmentReader {
     path: PathBuf,
+    base_offset: u64,
+    format: SegmentFormat,
     reader: BufReader<File>,
+    /// Byte position of the next record in the file.
+    position: u64,
+    /// The offset the next record has when it is intact.
     next_offset: u64,
+}
+
+impl SegmentReader {
+    fn next_record(&mut self) -> io::Result<NextRecord> {
+        let next = read_record(&mut self.reader, self.format, self.next_offset)?;
+        if let NextRecord::Record { offset, payload } = &next {
+            self.position += (self.format.record_header_bytes() + payload.len()) as u64;
+            self.next_offset = offset + 1;
+        }
+        Ok(next)
+    }
+
+    /// Goes back or forward to an intact record.
+    fn seek_to(&mut self, point: ResyncPoint) -> io::Result<()> {
+        self.reader.seek(SeekFrom::Start(point.byte_position))?;
+        self.position = point.byte_position;
+        self.next_offset = point.offset;
+        Ok(())
+    }
 }
 
 pub struct Consumer {
@@ -217,25 +244,34 @@ impl Consumer {
         Ok(records)
     }
 
-    /// Reads exactly the records of `range` (for redelivering an in-flight range).
+    /// Reads the records of `range` (for redelivering an in-flight range): every one of them,
+    /// except records lost to damage since the range was first read (counted and quarantined).
     pub fn read_range(&mut self, range: OffsetRange) -> Result<Vec<Record>, QueueError> {
         let mut records = Vec::with_capacity(range.len() as usize);
-        while records.len() < range.len() as usize {
-            let from = range.start + records.len() as u64;
+        let mut from = range.start;
+        while from < range.end {
             let remaining = (range.end - from) as usize;
-            let chunk = self.read(from, remaining, usize::MAX)?;
-            if chunk.is_empty() {
-                return Err(QueueError::Corrupt {
-                    path: self.shared.segments_dir.clone(),
-                    position: from,
-                    reason: format!("in-flight range {range:?} is no longer readable"),
-                });
+            match self.read(from, remaining, usize::MAX) {
+                Ok(chunk) => {
+                    let Some(last) = chunk.last() else {
+                        return Err(QueueError::Corrupt {
+                            path: self.shared.segments_dir.clone(),
+                            position: from,
+                            reason: format!("in-flight range {range:?} is no longer readable"),
+                        });
+                    };
+                    from = last.offset + 1;
+                    records.extend(chunk);
+                }
+                Err(QueueError::Damaged { missing, .. }) => from = missing.end.min(range.end),
+                Err(other) => return Err(other),
             }
-            records.extend(chunk);
         }
         Ok(records)
     }
 
+    /// Reads the record at `offset`. `Damaged` when it was lost to damage: the error names every
+    /// lost offset, and the reader is left at the next intact record.
     fn read_one(&mut self, offset: u64) -> Result<Vec<u8>, QueueError> {
         let positioned = self
             .reader
@@ -246,26 +282,36 @@ impl Consumer {
         }
         loop {
             let reader = self.reader.as_mut().ok_or(QueueError::Closed)?;
-            let next = read_record(&mut reader.reader)
+            let record_start = reader.position;
+            let next = reader
+                .next_record()
                 .map_err(|error| QueueError::io("reading segment", &reader.path, error))?;
             match next {
-                NextRecord::Record(payload) => {
-                    reader.next_offset += 1;
-                    if payload.first() != Some(&crate::encryption::SEALED_MAGIC) {
-                        return Ok(payload);
-                    }
-                    let Some(encryption) = &self.shared.config.encryption else {
-                        reader.next_offset -= 1;
-                        self.reader = None;
-                        return Err(QueueError::Encryption(
-                            "the queue holds encrypted records but no key file is configured"
-                                .into(),
-                        ));
-                    };
-                    return encryption.open(&payload).inspect_err(|_| {
-                        // Reposition on the next read: this record is retried, never skipped.
-                        self.reader = None;
+                NextRecord::Record {
+                    offset: found,
+                    payload,
+                } if found == offset => return self.open_payload(offset, payload),
+                NextRecord::Record { offset: found, .. } if found > offset => {
+                    // Records are absent without damaged bytes: the next one is intact.
+                    let path = reader.path.clone();
+                    reader
+                        .seek_to(ResyncPoint {
+                            byte_position: record_start,
+                            offset: found,
+                        })
+                        .map_err(|error| QueueError::io("reading segment", &path, error))?;
+                    return Err(QueueError::Damaged {
+                        path,
+                        missing: OffsetRange {
+                            start: offset,
+                            end: found,
+                        },
+                        reason: "records missing between intact records".into(),
                     });
+                }
+                NextRecord::Record { offset: found, .. } => {
+                    let reason = format!("record numbered {found} where {offset} was expected");
+                    return Err(self.skip_damage(offset, record_start, reason));
                 }
                 NextRecord::End => {
                     // The segment ended at a record boundary: the record lives in the next one.
@@ -282,16 +328,119 @@ impl Consumer {
                     self.reader = next_segment;
                 }
                 NextRecord::Invalid(reason) => {
-                    let path = reader.path.clone();
-                    self.reader = None;
-                    return Err(QueueError::Corrupt {
-                        path,
-                        position: offset,
-                        reason,
-                    });
+                    return Err(self.skip_damage(offset, record_start, reason));
                 }
             }
         }
+    }
+
+    fn open_payload(&mut self, offset: u64, payload: Vec<u8>) -> Result<Vec<u8>, QueueError> {
+        if payload.first() != Some(&crate::encryption::SEALED_MAGIC) {
+            return Ok(payload);
+        }
+        let Some(encryption) = &self.shared.config.encryption else {
+            self.reader = None;
+            return Err(QueueError::Encryption(
+                "the queue holds encrypted records but no key file is configured".into(),
+            ));
+        };
+        encryption.open(&payload).inspect_err(|_| {
+            // Reposition on the next read: this record is retried, never skipped.
+            debug_assert!(offset < self.shared.durable_end());
+            self.reader = None;
+        })
+    }
+
+    /// The record at `offset` starts with damaged bytes at `damaged_at`. Finds the next intact
+    /// record (in this segment, or the next segment's first), quarantines the bytes in between,
+    /// positions the reader there and returns the `Damaged` error naming the lost offsets. When
+    /// nothing intact follows in the active segment, returns `Corrupt` (the caller retries).
+    fn skip_damage(&mut self, offset: u64, damaged_at: u64, reason: String) -> QueueError {
+        let Some(mut reader) = self.reader.take() else {
+            return QueueError::Closed;
+        };
+        match self.find_resync_point(&mut reader, offset, damaged_at, reason) {
+            Ok((resync, error)) => {
+                if resync {
+                    self.reader = Some(reader);
+                }
+                error
+            }
+            Err(error) => error,
+        }
+    }
+
+    /// Returns whether the reader was positioned past the damage, and the error to report.
+    fn find_resync_point(
+        &self,
+        reader: &mut SegmentReader,
+        offset: u64,
+        damaged_at: u64,
+        reason: String,
+    ) -> Result<(bool, QueueError), QueueError> {
+        let path = reader.path.clone();
+        let file = reader.reader.get_ref();
+        let io_error = |error| QueueError::io("resynchronising in segment", &path, error);
+        let in_segment = match reader.format {
+            SegmentFormat::Numbered => {
+                find_next_record(file, damaged_at, offset, self.shared.durable_end())
+                    .map_err(io_error)?
+            }
+            SegmentFormat::Counted => None,
+        };
+        let (byte_end, end_missing_offset) = match in_segment {
+            Some(point) => (point.byte_position, point.offset),
+            None => {
+                let Some(next_base) = self.offset_after_corruption(offset) else {
+                    return Ok((
+                        false,
+                        QueueError::Corrupt {
+                            path,
+                            position: offset,
+                            reason,
+                        },
+                    ));
+                };
+                (file.byte_length().map_err(io_error)?, next_base)
+            }
+        };
+        let span = DamagedSpan {
+            byte_start: damaged_at,
+            byte_end,
+            first_missing_offset: offset,
+            end_missing_offset,
+            reason: reason.clone(),
+        };
+        self.shared.damage.quarantine(
+            &self.shared.config.dir,
+            &path,
+            reader.base_offset,
+            file,
+            &span,
+        )?;
+        let missing = OffsetRange {
+            start: offset,
+            end: end_missing_offset,
+        };
+        let Some(point) = in_segment else {
+            return Ok((
+                false,
+                QueueError::Damaged {
+                    path,
+                    missing,
+                    reason,
+                },
+            ));
+        };
+        reader.seek_to(point).map_err(io_error)?;
+        Ok((
+            true,
+            QueueError::Damaged {
+                path,
+                missing,
+                reason,
+            },
+        ))
     }
 
     fn open_segment_starting_at(&self, offset: u64) -> Result<Option<SegmentReader>, QueueError> {
@@ -322,27 +471,51 @@ impl Consumer {
                 })?;
             (containing.path.clone(), containing.base_offset)
         };
-        let mut reader = open_segment(path, base_offset)?;
+        let mut reader = open_segment(path.clone(), base_offset)?;
+        let io_error = |error| QueueError::io("reading segment", &path, error);
         while reader.next_offset < offset {
-            match read_record(&mut reader.reader)
-                .map_err(|error| QueueError::io("reading segment", &reader.path, error))?
-            {
-                NextRecord::Record(_) => reader.next_offset += 1,
-                NextRecord::End | NextRecord::Invalid(_) => {
-                    return Err(QueueError::Corrupt {
-                        path: reader.path.clone(),
-                        position: reader.next_offset,
-                        reason: format!("cannot reach offset {offset}"),
-                    });
+            let record_start = reader.position;
+            match reader.next_record().map_err(io_error)? {
+                NextRecord::Record { offset: found, .. } if found >= offset => {
+                    // Past the wanted offset already (it was lost): read_one reports the gap.
+                    let point = ResyncPoint {
+                        byte_position: record_start,
+                        offset: found,
+                    };
+                    reader.seek_to(point).map_err(io_error)?;
+                }
+                NextRecord::Record { .. } => {}
+                NextRecord::End => break,
+                NextRecord::Invalid(reason) => {
+                    // Damage before the wanted offset (met and reported by an earlier read):
+                    // step over it to the next intact record.
+                    let resync = match reader.format {
+                        SegmentFormat::Numbered => find_next_record(
+                            reader.reader.get_ref(),
+                            record_start,
+                            reader.next_offset,
+                            self.shared.durable_end(),
+                        )
+                        .map_err(io_error)?,
+                        SegmentFormat::Counted => None,
+                    };
+                    let Some(point) = resync else {
+                        return Err(QueueError::Corrupt {
+                            path: path.clone(),
+                            position: reader.next_offset,
+                            reason: format!("cannot reach offset {offset}: {reason}"),
+                        });
+                    };
+                    reader.seek_to(point).map_err(io_error)?;
                 }
             }
         }
         Ok(reader)
     }
 
-    /// After a `Corrupt` error at `offset`: the first offset of the next segment, past the
-    /// damage, or `None` when the damage is in the active segment.
-    pub fn offset_after_corruption(&self, offset: u64) -> Option<u64> {
+    /// The first offset of the segment after the one holding `offset`, or `None` when `offset`
+    /// lies in the active segment.
+    fn offset_after_corruption(&self, offset: u64) -> Option<u64> {
         let segments = self.shared.lock_segments();
         segments
             .iter()
@@ -405,18 +578,23 @@ impl Consumer {
 fn open_segment(path: PathBuf, base_offset: u64) -> Result<SegmentReader, QueueError> {
     let mut file =
         File::open(&path).map_err(|error| QueueError::io("opening segment", &path, error))?;
-    if let Some(reason) = check_segment_header(&mut file, base_offset)
+    let format = match check_segment_header(&mut file, base_offset)
         .map_err(|error| QueueError::io("reading segment header", &path, error))?
     {
-        return Err(QueueError::Corrupt {
-            path,
-            position: 0,
-            reason,
-        });
-    }
+        Ok(format) => format,
+        Err(reason) => {
+            // Records name their own offsets: read them as numbered ones; if they are not, the
+            // reader meets damage and skips exactly what it cannot read.
+            warn!(segment = %path.display(), %reason, "queue segment header is damaged: reading its records as numbered ones");
+            SegmentFormat::Numbered
+        }
+    };
     Ok(SegmentReader {
         path,
+        base_offset,
+        format,
         reader: BufReader::with_capacity(1 << 20, file),
+        position: crate::segment::SEGMENT_HEADER_BYTES,
         next_offset: base_offset,
     })
 }

@@ -402,18 +402,34 @@ impl DeliveryRunner {
                         records.extend(chunk);
                         continue;
                     }
-                    Err(QueueError::Corrupt {
+                    Err(QueueError::Damaged {
                         path,
-                        position: damaged,
+                        missing,
                         reason,
                     }) => {
                         if !records.is_empty() {
                             return Ok(Gathered::Batch(records));
                         }
-                        self.skip_corruption(consumer, from, &path, damaged, &reason)
+                        self.skip_damaged_records(consumer, &path, missing, &reason)
                             .await?;
                         continue;
                     }
+                    Err(QueueError::Corrupt {
+                        path,
+                        position,
+                        reason,
+                    }) if records.is_empty() => {
+                        // Damage with nothing intact after it yet, in the active segment.
+                        warn!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = position, %reason, "unreadable record in the active queue segment; retrying");
+                        self.status
+                            .set_last_error(Some(format!("queue segment: {reason}")));
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = drain.wait_for(|stop| *stop) => return Ok(Gathered::Finished),
+                        }
+                        continue;
+                    }
+                    Err(QueueError::Corrupt { .. }) => return Ok(Gathered::Batch(records)),
                     Err(QueueError::Encryption(reason)) if records.is_empty() => {
                         // A key is missing from the key file: wait for it (SIGHUP reloads the file).
                         error!(region = %self.region, sink = self.sink.name(), offset = from, %reason, "cannot open a queued record; delivery waits for the key");
@@ -470,38 +486,24 @@ impl DeliveryRunner {
         }
     }
 
-    async fn skip_corruption(
+    /// Moves the cursor past records lost to damage (the queue has quarantined their bytes).
+    async fn skip_damaged_records(
         &self,
         consumer: &mut Option<Consumer>,
-        from: u64,
         path: &std::path::Path,
-        damaged_offset: u64,
+        missing: OffsetRange,
         reason: &str,
     ) -> Result<(), QueueError> {
-        let next_segment = consumer
-            .as_ref()
-            .ok_or(QueueError::Closed)?
-            .offset_after_corruption(damaged_offset);
-        let Some(resume_at) = next_segment else {
-            warn!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = damaged_offset, reason, "corrupt record in the active segment; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return Ok(());
-        };
-        let skipped = resume_at - from;
-        error!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = damaged_offset, reason, skipped, "corrupt queue segment: skipping the rest of it");
+        error!(region = %self.region, sink = self.sink.name(), segment = %path.display(), first_missing_offset = missing.start, end_missing_offset = missing.end, reason, skipped = missing.len(), "damaged queue records: skipping exactly the lost ones");
         self.status
             .skipped_corrupt_records
-            .fetch_add(skipped, Ordering::Relaxed);
-        let range = OffsetRange {
-            start: from,
-            end: resume_at,
-        };
+            .fetch_add(missing.len(), Ordering::Relaxed);
         Self::with_consumer(consumer, move |consumer| {
-            consumer.begin(range)?;
-            consumer.commit(resume_at)
+            consumer.begin(missing)?;
+            consumer.commit(missing.end)
         })
         .await??;
-        self.status.position.store(resume_at, Ordering::Relaxed);
+        self.status.position.store(missing.end, Ordering::Relaxed);
         Ok(())
     }
 
@@ -752,6 +754,54 @@ mod tests {
         assert_eq!(all, expected);
         assert_eq!(status.failed_attempts.load(Ordering::Relaxed), 3);
         assert_eq!(status.position.load(Ordering::Relaxed), 30);
+        queue.close();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_is_skipped_alone_and_everything_around_it_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = QueueConfig::new(dir.path());
+        config.segment_max_bytes = 1024;
+        let queue = RegionQueue::open(config).unwrap();
+        for index in 0..100 {
+            let mut batch = RecordBatch::default();
+            batch.push(format!("record {index:03}").as_bytes()).unwrap();
+            queue.append(batch).await.unwrap();
+        }
+        let segments = crate::segment::list_segments(&dir.path().join("segments")).unwrap();
+        let (_, closed_segment) = &segments[1];
+        let mut bytes = std::fs::read(closed_segment).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x04;
+        std::fs::write(closed_segment, bytes).unwrap();
+
+        let sink = Arc::new(FlakySink {
+            failures: AtomicUsize::new(0),
+            stored: Mutex::new(Vec::new()),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
+            .with_retry_policy(fast_retries());
+        let status = runner.status();
+        let (drain_sender, drain) = watch::channel(true);
+        drop(drain_sender);
+        runner.run(drain).await;
+        let stored = sink.stored.lock().unwrap();
+        let delivered: Vec<String> = stored
+            .iter()
+            .flat_map(|(_, payloads)| payloads.iter())
+            .map(|payload| String::from_utf8(payload.clone()).unwrap())
+            .collect();
+        assert_eq!(delivered.len(), 99, "all but the damaged record");
+        assert_eq!(status.skipped_corrupt_records.load(Ordering::Relaxed), 1);
+        assert_eq!(status.position.load(Ordering::Relaxed), 100);
+        for (range, payloads) in stored.iter() {
+            assert_eq!(
+                range.len() as usize,
+                payloads.len(),
+                "batches stay contiguous"
+            );
+        }
+        assert_eq!(queue.stats().damaged_records, 1);
         queue.close();
     }
 

@@ -25,6 +25,18 @@ pub enum QueueError {
         position: u64,
         reason: String,
     },
+    /// The records of `missing` were lost to damage in the segment (their bytes are
+    /// quarantined); reading resumes at `missing.end`.
+    #[error(
+        "queue segment {path} is damaged: records {first}..{end} are lost ({reason})",
+        first = missing.start,
+        end = missing.end
+    )]
+    Damaged {
+        path: PathBuf,
+        missing: crate::queue::OffsetRange,
+        reason: String,
+    },
     #[error("queue encryption: {0}")]
     Encryption(String),
     #[error("queue cursor file {path} is unreadable: {message}")]

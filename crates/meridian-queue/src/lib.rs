@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! <dir>/incarnation                      {"incarnation": "q<32 hex>", "created_at_ms", "reason"}
-//! <dir>/segments/<base-offset:020>.seg   header (magic + base offset), then records
+//! <dir>/segments/<base-offset:020>.seg   header (magic + base offset), then records that each
+//!                                        carry their offset (see [`segment`])
+//! <dir>/quarantine/<base>-<byte>.damaged damaged bytes a reader skipped, with a `.json` description
 //! <dir>/cursors/<sink>.cursor            {"next_offset": N, "in_flight": {start, end} | null,
 //!                                         "incarnation": "q..."}
 //! ```
@@ -12,6 +14,9 @@
 //! Offsets count records: the first record ever appended has offset 0 and each record's offset is
 //! one more than its predecessor's. A segment is named after the offset of its first record. Only
 //! records below the durable end (synced, in every durability mode) are ever handed to readers.
+//! Damage on disk never shifts offsets: a damaged record is skipped by resynchronising on the next
+//! intact record, which names its own offset, so the records lost are exactly the damaged ones
+//! (counted, logged, and their bytes quarantined: see [`quarantine`]).
 //! Offsets are only unique within one incarnation of the queue: data is named by
 //! `(incarnation, offset)` (see [`incarnation`]).
 
@@ -20,6 +25,7 @@ mod delivery;
 pub mod encryption;
 mod error;
 pub mod incarnation;
+pub mod quarantine;
 mod queue;
 /// Segment files and record framing (public for the fuzz targets and tools).
 pub mod segment;

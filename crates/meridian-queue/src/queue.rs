@@ -16,8 +16,10 @@ use crate::consumer::{Consumer, CursorFile, read_cursor_file};
 use crate::encryption::QueueEncryption;
 use crate::error::QueueError;
 use crate::incarnation::{IncarnationRecord, mint_incarnation, read_incarnation};
+use crate::quarantine::DamageLedger;
 use crate::segment::{
-    MAX_RECORD_BYTES, create_segment, encode_record, list_segments, scan_segment,
+    MAX_RECORD_BYTES, SegmentFormat, SegmentScan, create_segment, encode_record, list_segments,
+    scan_segment, write_segment_header,
 };
 use crate::writer::{AppendRequest, Writer, WriterCommand};
 
@@ -159,6 +161,8 @@ pub(crate) struct Shared {
     pub sync_count: AtomicU64,
     /// Appends the writer dropped unwritten because nobody waited for their answer any more.
     pub abandoned_appends: AtomicU64,
+    /// Damage met in the segments (records lost, bytes quarantined).
+    pub damage: DamageLedger,
     /// Held by tests to stall the writer (a slow disk) before it takes its next group.
     #[cfg(test)]
     pub writer_stall: Mutex<()>,
@@ -294,6 +298,10 @@ pub struct QueueStats {
     pub sync_count: u64,
     /// Appends dropped unwritten because their caller stopped waiting (see the writer).
     pub abandoned_appends: u64,
+    /// Records lost to damaged segment bytes met by this process (see [`crate::quarantine`]).
+    pub damaged_records: u64,
+    /// Damaged bytes copied to the quarantine directory by this process.
+    pub quarantined_bytes: u64,
 }
 
 impl QueueStats {
@@ -338,7 +346,9 @@ impl RegionQueue {
         };
         let held_data_before = !list_segments(&segments_dir)?.is_empty()
             || !list_cursor_files(&cursors_dir)?.is_empty();
-        let (segments, next_offset) = recover_segments(&segments_dir, &cursors_dir)?;
+        let damage = DamageLedger::default();
+        let (segments, next_offset) =
+            recover_segments(&config.dir, &segments_dir, &cursors_dir, &damage)?;
         let (incarnation, trusts_unlabelled_cursors) = settle_incarnation(
             &config.dir,
             &cursors_dir,
@@ -375,6 +385,7 @@ impl RegionQueue {
             broken: Mutex::new(None),
             sync_count: AtomicU64::new(0),
             abandoned_appends: AtomicU64::new(0),
+            damage,
             #[cfg(test)]
             writer_stall: Mutex::new(()),
             refusing_for_budget: AtomicBool::new(false),
@@ -520,6 +531,8 @@ impl RegionQueue {
             broken: self.shared.broken_reason(),
             sync_count: self.shared.sync_count.load(Ordering::Relaxed),
             abandoned_appends: self.shared.abandoned_appends.load(Ordering::Relaxed),
+            damaged_records: self.shared.damage.damaged_records.load(Ordering::Relaxed),
+            quarantined_bytes: self.shared.damage.quarantined_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -550,12 +563,16 @@ impl RegionQueue {
     }
 }
 
-/// Lists the segments, truncating a torn or corrupt tail of the last one (and logging what was
-/// cut), and creates the first segment of an empty queue. Returns the segments and the offset the
-/// next appended record gets.
+/// Lists the segments and recovers the last one: damage between intact records is quarantined
+/// and kept in place (readers skip exactly the damaged records), a torn tail is cut, a damaged
+/// header is rebuilt, and a last segment of the old counted format is followed by a new numbered
+/// one. Creates the first segment of an empty queue. Returns the segments and the offset the next
+/// appended record gets.
 fn recover_segments(
+    queue_dir: &Path,
     segments_dir: &Path,
     cursors_dir: &Path,
+    damage: &DamageLedger,
 ) -> Result<(Vec<SegmentMeta>, u64), QueueError> {
     let listed = list_segments(segments_dir)?;
     let mut segments = Vec::with_capacity(listed.len() + 1);
@@ -569,59 +586,101 @@ fn recover_segments(
             bytes,
         });
     }
-    if let Some(last) = segments.last_mut() {
-        let mut scan = scan_segment(&last.path, last.base_offset)?;
-        if scan.valid_bytes == 0 && scan.file_bytes > crate::segment::SEGMENT_HEADER_BYTES {
-            // Only the header is damaged (its content is known from the file name): repair it in
-            // place and look at the records behind it, which may all be intact.
-            let reason = scan.invalid_reason.clone().unwrap_or_default();
-            crate::segment::write_segment_header(&last.path, last.base_offset)?;
-            scan = scan_segment(&last.path, last.base_offset)?;
-            warn!(
-                segment = %last.path.display(),
-                %reason,
-                kept_records = scan.valid_records,
-                "queue segment header was damaged: rewrote it and kept the records behind it"
-            );
-        }
-        let next_offset = last.base_offset + scan.valid_records;
-        if let Some(reason) = scan.invalid_reason {
-            let cut_bytes = scan.file_bytes - scan.valid_bytes;
-            warn!(
-                segment = %last.path.display(),
-                %reason,
-                kept_records = scan.valid_records,
-                kept_bytes = scan.valid_bytes,
-                cut_bytes,
-                "queue segment has a torn or corrupt tail: truncating it"
-            );
-            if scan.valid_bytes == 0 {
-                // The header itself is damaged: start the segment afresh.
-                let (path, _) = create_segment(segments_dir, last.base_offset)?;
-                last.path = path;
-                last.bytes = crate::segment::SEGMENT_HEADER_BYTES;
-            } else {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&last.path)
-                    .map_err(|error| QueueError::io("opening segment", &last.path, error))?;
-                file.set_len(scan.valid_bytes)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|error| QueueError::io("truncating segment", &last.path, error))?;
-                last.bytes = scan.valid_bytes;
-            }
-        }
-        return Ok((segments, next_offset));
+    let Some(last) = segments.last_mut() else {
+        // An empty queue starts past every cursor, so that no consumer skips new records.
+        let base_offset = highest_cursor_position(cursors_dir)?;
+        let (path, _) = create_segment(segments_dir, base_offset)?;
+        segments.push(SegmentMeta {
+            base_offset,
+            path,
+            bytes: crate::segment::SEGMENT_HEADER_BYTES,
+        });
+        return Ok((segments, base_offset));
+    };
+    let mut scan = scan_segment(&last.path, last.base_offset)?;
+    if scan.format.is_none() && scan.file_bytes > crate::segment::SEGMENT_HEADER_BYTES {
+        scan = repair_segment_header(&last.path, last.base_offset, scan)?;
     }
-    // An empty queue starts past every cursor, so that no consumer skips new records.
-    let base_offset = highest_cursor_position(cursors_dir)?;
-    let (path, _) = create_segment(segments_dir, base_offset)?;
-    segments.push(SegmentMeta {
-        base_offset,
-        path,
-        bytes: crate::segment::SEGMENT_HEADER_BYTES,
-    });
-    Ok((segments, base_offset))
+    if !scan.damaged_spans.is_empty() {
+        let file = fs::File::open(&last.path)
+            .map_err(|error| QueueError::io("opening segment", &last.path, error))?;
+        for span in &scan.damaged_spans {
+            damage.quarantine(queue_dir, &last.path, last.base_offset, &file, span)?;
+        }
+    }
+    let next_offset = scan.next_offset;
+    if let Some(reason) = &scan.invalid_reason {
+        let cut_bytes = scan.file_bytes - scan.valid_bytes;
+        warn!(
+            segment = %last.path.display(),
+            %reason,
+            kept_records = scan.valid_records,
+            kept_bytes = scan.valid_bytes,
+            cut_bytes,
+            "queue segment has a torn tail (no intact record after it): truncating it"
+        );
+        if scan.valid_bytes == 0 {
+            // The header itself is damaged and nothing behind it is readable: start afresh.
+            let (path, _) = create_segment(segments_dir, last.base_offset)?;
+            last.path = path;
+            last.bytes = crate::segment::SEGMENT_HEADER_BYTES;
+            scan.format = Some(SegmentFormat::Numbered);
+        } else {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&last.path)
+                .map_err(|error| QueueError::io("opening segment", &last.path, error))?;
+            file.set_len(scan.valid_bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|error| QueueError::io("truncating segment", &last.path, error))?;
+            last.bytes = scan.valid_bytes;
+        }
+    }
+    if scan.format == Some(SegmentFormat::Counted) {
+        // The writer only writes numbered records: they go to a segment of their own.
+        if scan.valid_records == 0 {
+            let (path, _) = create_segment(segments_dir, last.base_offset)?;
+            last.path = path;
+            last.bytes = crate::segment::SEGMENT_HEADER_BYTES;
+        } else {
+            let (path, _) = create_segment(segments_dir, next_offset)?;
+            segments.push(SegmentMeta {
+                base_offset: next_offset,
+                path,
+                bytes: crate::segment::SEGMENT_HEADER_BYTES,
+            });
+        }
+        info!(segments = %segments_dir.display(), next_offset, "the last queue segment has the counted record format: new records go to a numbered segment");
+    }
+    Ok((segments, next_offset))
+}
+
+/// Only the header is damaged (its content is known from the file name): rebuild it in place
+/// with the format whose records are readable behind it, and rescan.
+fn repair_segment_header(
+    path: &Path,
+    base_offset: u64,
+    damaged_scan: SegmentScan,
+) -> Result<SegmentScan, QueueError> {
+    let reason = damaged_scan.invalid_reason.unwrap_or_default();
+    write_segment_header(path, base_offset, SegmentFormat::Numbered)?;
+    let mut scan = scan_segment(path, base_offset)?;
+    if scan.valid_records == 0 {
+        write_segment_header(path, base_offset, SegmentFormat::Counted)?;
+        let counted_scan = scan_segment(path, base_offset)?;
+        if counted_scan.valid_records > 0 {
+            scan = counted_scan;
+        } else {
+            write_segment_header(path, base_offset, SegmentFormat::Numbered)?;
+        }
+    }
+    warn!(
+        segment = %path.display(),
+        %reason,
+        kept_records = scan.valid_records,
+        "queue segment header was damaged: rebuilt it and kept the records behind it"
+    );
+    Ok(scan)
 }
 
 /// Every `*.cursor` file of the queue (temporary files and anything else are skipped).

@@ -19,15 +19,40 @@ fn batch_of(payloads: &[String]) -> RecordBatch {
 }
 
 fn read_all(consumer: &mut Consumer) -> Vec<Record> {
-    let mut records = Vec::new();
+    let (records, lost) = read_all_with_losses(consumer);
+    assert_eq!(lost, Vec::new(), "no record was lost to damage");
+    records
+}
+
+/// Every readable record from the consumer's position on, and the ranges lost to damage.
+fn read_all_with_losses(consumer: &mut Consumer) -> (Vec<Record>, Vec<OffsetRange>) {
+    let mut records: Vec<Record> = Vec::new();
+    let mut lost = Vec::new();
+    let mut from = consumer.state().next_offset;
     loop {
-        let from = consumer.state().next_offset + records.len() as u64;
-        let chunk = consumer.read(from, 1000, 1 << 20).unwrap();
-        if chunk.is_empty() {
-            return records;
+        match consumer.read(from, 1000, 1 << 20) {
+            Ok(chunk) => {
+                let Some(last) = chunk.last() else {
+                    return (records, lost);
+                };
+                from = last.offset + 1;
+                records.extend(chunk);
+            }
+            Err(QueueError::Damaged { missing, .. }) => {
+                assert_eq!(missing.start, from, "the loss starts where reading stood");
+                from = missing.end;
+                lost.push(missing);
+            }
+            Err(other) => panic!("reading failed: {other}"),
         }
-        records.extend(chunk);
     }
+}
+
+/// Flips one bit of `path` at `position`.
+fn flip_bit(path: &std::path::Path, position: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[position as usize] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
 }
 
 fn payload_strings(records: &[Record]) -> Vec<String> {
@@ -187,6 +212,110 @@ async fn a_torn_or_scribbled_tail_is_cut_and_the_queue_serves_on() {
         );
         queue.close();
     }
+}
+
+#[tokio::test]
+async fn a_flipped_bit_in_the_last_segment_loses_only_its_record_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    let payloads: Vec<String> = (0..1000)
+        .map(|index| format!("message {index:04}"))
+        .collect();
+    for chunk in payloads.chunks(50) {
+        queue.append(batch_of(chunk)).await.unwrap();
+    }
+    queue.close();
+    let path = last_segment_path(dir.path());
+    let length = std::fs::metadata(&path).unwrap().len();
+    flip_bit(&path, length / 4);
+
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    assert_eq!(
+        queue.durable_end(),
+        1000,
+        "the intact records after the flip are kept"
+    );
+    let stats = queue.stats();
+    assert_eq!(stats.damaged_records, 1, "{stats:?}");
+    assert!(stats.quarantined_bytes > 0, "{stats:?}");
+    assert_eq!(
+        crate::quarantine::list_quarantined(&dir.path().join("queue")).len(),
+        1
+    );
+    let appended = queue
+        .append(batch_of(&["after recovery".to_string()]))
+        .await
+        .unwrap();
+    assert_eq!(appended.start, 1000, "no offset shifted");
+
+    let mut consumer = queue.consumer("archive").unwrap();
+    let (records, lost) = read_all_with_losses(&mut consumer);
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].len(), 1, "exactly the damaged record: {lost:?}");
+    let lost_offset = lost[0].start;
+    assert!(
+        (200..300).contains(&lost_offset),
+        "near a quarter: {lost_offset}"
+    );
+    let mut expected: Vec<Record> = payloads
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index as u64 != lost_offset)
+        .map(|(index, payload)| Record {
+            offset: index as u64,
+            payload: payload.clone().into_bytes(),
+        })
+        .collect();
+    expected.push(Record {
+        offset: 1000,
+        payload: b"after recovery".to_vec(),
+    });
+    assert_eq!(records, expected, "every intact record, at its own offset");
+    queue.close();
+}
+
+#[tokio::test]
+async fn a_flipped_bit_in_a_closed_segment_loses_only_its_record_for_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut queue_config = config(dir.path());
+    queue_config.segment_max_bytes = 1024;
+    let queue = RegionQueue::open(queue_config).unwrap();
+    let payloads: Vec<String> = (0..200)
+        .map(|index| format!("message {index:04}"))
+        .collect();
+    for chunk in payloads.chunks(10) {
+        queue.append(batch_of(chunk)).await.unwrap();
+    }
+    let segments = list_segments(&dir.path().join("queue/segments")).unwrap();
+    assert!(segments.len() > 3, "segments rolled");
+    let (base_offset, closed_segment) = &segments[1];
+    let length = std::fs::metadata(closed_segment).unwrap().len();
+    flip_bit(closed_segment, length / 2);
+
+    for reader_name in ["archive", "clickhouse"] {
+        let mut consumer = queue.consumer(reader_name).unwrap();
+        let (records, lost) = read_all_with_losses(&mut consumer);
+        assert_eq!(lost.len(), 1, "{reader_name}: {lost:?}");
+        assert_eq!(lost[0].len(), 1, "{reader_name}: {lost:?}");
+        assert!(lost[0].start > *base_offset && lost[0].start < segments[2].0);
+        assert_eq!(records.len(), 199, "{reader_name}");
+        assert!(
+            records
+                .iter()
+                .all(|record| record.payload == payloads[record.offset as usize].as_bytes()),
+            "{reader_name}: every record at its own offset"
+        );
+    }
+    let stats = queue.stats();
+    assert_eq!(
+        stats.damaged_records, 1,
+        "counted once for both readers: {stats:?}"
+    );
+    assert_eq!(
+        crate::quarantine::list_quarantined(&dir.path().join("queue")).len(),
+        1
+    );
+    queue.close();
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use tracing::{error, warn};
 
 use crate::error::QueueError;
 use crate::queue::{Durability, OffsetRange, SegmentMeta, Shared};
-use crate::segment::create_segment;
+use crate::segment::{create_segment, stamp_offsets};
 
 /// A group is closed once it holds this many bytes, so one sync never waits on unbounded work.
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
@@ -214,7 +214,10 @@ impl Writer {
                 end: next_offset + request.record_count,
             };
             next_offset = range.end;
+            let request_start = self.group_buffer.len();
             self.group_buffer.extend_from_slice(&request.encoded);
+            let stamped = stamp_offsets(&mut self.group_buffer[request_start..], range.start);
+            debug_assert_eq!(stamped, request.record_count);
             accepted.push((request.reply, range));
         }
         if accepted.is_empty() {

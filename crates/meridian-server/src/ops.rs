@@ -198,6 +198,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
         );
     }
     writer.declare(
+        "queue_damaged_records_total",
+        "counter",
+        "Queued records lost to damaged segment bytes (their bytes are quarantined; every intact record around them is kept)",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_damaged_records_total",
+            &[("region", region.as_str())],
+            queue.stats().damaged_records as f64,
+        );
+    }
+    writer.declare(
+        "queue_quarantined_bytes_total",
+        "counter",
+        "Damaged queue segment bytes copied to the queue's quarantine directory",
+    );
+    for (region, queue) in state.queues.iter() {
+        writer.sample(
+            "queue_quarantined_bytes_total",
+            &[("region", region.as_str())],
+            queue.stats().quarantined_bytes as f64,
+        );
+    }
+    writer.declare(
         "queue_writable",
         "gauge",
         "1 when the region's queue accepts appends",
