@@ -105,6 +105,20 @@ impl TestServer {
         server
     }
 
+    /// Starts a server whose data directory is `data_dir` (e.g. on a small filesystem of its own);
+    /// its config and log live in `root`. Both stay the caller's to remove.
+    #[allow(dead_code)]
+    pub async fn start_with_data_dir(
+        root: &Path,
+        data_dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let mut server = TestServer::prepare(root, data_dir, config, env);
+        server.spawn().await;
+        server
+    }
+
     fn prepare(root: &Path, data_dir: &Path, config: &str, env: &[(&str, &str)]) -> TestServer {
         let config_path = root.join("meridian.toml");
         std::fs::write(&config_path, config).expect("config written");

@@ -7,6 +7,10 @@ pub enum QueueError {
         "the region's queue is full: {used_bytes} of its {budget_bytes}-byte disk budget are in use until its sinks catch up"
     )]
     Full { used_bytes: u64, budget_bytes: u64 },
+    #[error(
+        "the disk of the region's queue is full: {free_bytes} bytes free, {reserve_bytes} kept in reserve for its sinks"
+    )]
+    DiskFull { free_bytes: u64, reserve_bytes: u64 },
     #[error("a record of {size} bytes exceeds the queue's record limit of {limit} bytes")]
     RecordTooLarge { size: usize, limit: usize },
     #[error("the queue is closed")]

@@ -22,6 +22,7 @@
 
 mod consumer;
 mod delivery;
+pub mod disk_space;
 pub mod encryption;
 mod error;
 pub mod incarnation;

@@ -46,6 +46,11 @@ pub struct QueueConfig {
     pub durability: Durability,
     /// Bytes of appends waiting for the writer at once; appends beyond this wait (backpressure).
     pub max_in_flight_bytes: usize,
+    /// Free space the queue leaves on its filesystem: appends are refused with
+    /// [`QueueError::DiskFull`] while less would remain, so sinks, spool, dead letters and cursors
+    /// on the same volume can still write (and the queue drain). At most a quarter of the
+    /// filesystem is kept (see [`crate::disk_space::effective_reserve`]).
+    pub min_free_disk_bytes: u64,
     /// Seal records at rest (AES-256-GCM); `None`: records are stored as given.
     pub encryption: Option<Arc<QueueEncryption>>,
 }
@@ -58,6 +63,7 @@ impl QueueConfig {
             disk_budget_bytes: 10 * 1024 * 1024 * 1024,
             durability: Durability::Fsync,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            min_free_disk_bytes: 0,
             encryption: None,
         }
     }
@@ -169,6 +175,11 @@ pub(crate) struct Shared {
     /// Set when an append was refused for the budget; cleared by the next successful append or
     /// when consumers free space. Drives `is_writable`.
     pub refusing_for_budget: AtomicBool,
+    /// Set when an append was refused for the filesystem's free space (below the reserve, or
+    /// ENOSPC); cleared by the next successful append.
+    pub refusing_for_disk_space: AtomicBool,
+    /// The free space kept on the queue's filesystem (the configured reserve, capped).
+    pub free_space_reserve_bytes: u64,
 }
 
 impl Shared {
@@ -269,8 +280,15 @@ impl Shared {
         let mut segments = self.lock_segments();
         while segments.len() > 1 && segments[1].base_offset <= min_position {
             let removed = segments.remove(0);
+            // Readers that passed the segment may still hold it open, which would keep its blocks
+            // allocated after the unlink: truncating through a handle of our own frees them now
+            // (a reader positioned at its old end just meets the end of the file and moves on).
+            let handle = OpenOptions::new().write(true).open(&removed.path);
             match fs::remove_file(&removed.path) {
                 Ok(()) => {
+                    if let Ok(handle) = handle {
+                        let _ = handle.set_len(0);
+                    }
                     self.disk_bytes.fetch_sub(removed.bytes, Ordering::AcqRel);
                     self.refusing_for_budget.store(false, Ordering::Release);
                 }
@@ -370,6 +388,11 @@ impl RegionQueue {
             .seek(SeekFrom::Start(active_bytes))
             .map_err(|error| QueueError::io("seeking in segment", &active_path, error))?;
         let disk_bytes: u64 = segments.iter().map(|segment| segment.bytes).sum();
+        let free_space_reserve_bytes = crate::disk_space::total_bytes(&segments_dir)
+            .map(|total_bytes| {
+                crate::disk_space::effective_reserve(config.min_free_disk_bytes, total_bytes)
+            })
+            .unwrap_or(config.min_free_disk_bytes);
         let (end_watch, _) = watch::channel(next_offset);
         let shared = Arc::new(Shared {
             incarnation: incarnation.clone(),
@@ -389,6 +412,8 @@ impl RegionQueue {
             #[cfg(test)]
             writer_stall: Mutex::new(()),
             refusing_for_budget: AtomicBool::new(false),
+            refusing_for_disk_space: AtomicBool::new(false),
+            free_space_reserve_bytes,
             config: config.clone(),
         });
         let (sender, receiver) = mpsc::channel();
@@ -411,7 +436,7 @@ impl RegionQueue {
             .name(thread_name)
             .spawn(move || writer.run(receiver))
             .map_err(|error| QueueError::io("starting writer thread for", &config.dir, error))?;
-        info!(dir = %config.dir.display(), %incarnation, next_offset, disk_bytes, "queue opened");
+        info!(dir = %config.dir.display(), %incarnation, next_offset, disk_bytes, free_space_reserve_bytes, "queue opened");
         Ok(RegionQueue {
             shared,
             sender,
@@ -536,11 +561,26 @@ impl RegionQueue {
         }
     }
 
-    /// True while appends can succeed: not broken, and not refusing appends for its budget.
+    /// True while appends can succeed: not broken, not refusing appends for its budget, and its
+    /// filesystem has room above the free-space reserve (looked at now).
     pub fn is_writable(&self) -> bool {
         self.shared.broken_reason().is_none()
             && !self.shared.refusing_for_budget.load(Ordering::Acquire)
             && self.shared.disk_bytes.load(Ordering::Acquire) < self.shared.config.disk_budget_bytes
+            && self.has_disk_room()
+    }
+
+    /// Free bytes on the queue's filesystem now (`None` if they cannot be read).
+    pub fn disk_free_bytes(&self) -> Option<u64> {
+        crate::disk_space::free_bytes(&self.shared.segments_dir).ok()
+    }
+
+    fn has_disk_room(&self) -> bool {
+        /// Room an append needs above the reserve to be worth trying.
+        const MIN_APPEND_ROOM_BYTES: u64 = 64 * 1024;
+        self.disk_free_bytes().is_none_or(|free_bytes| {
+            free_bytes >= self.shared.free_space_reserve_bytes + MIN_APPEND_ROOM_BYTES
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::error::QueueError;
 use crate::queue::{Durability, OffsetRange, SegmentMeta, Shared};
@@ -223,6 +223,12 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
+        if let Err(refusal) = self.check_free_space() {
+            for (reply, _) in accepted {
+                let _ = reply.send(Err(refusal.clone()));
+            }
+            return;
+        }
         if let Err(failure) = self.write_group() {
             for (reply, _) in accepted {
                 let _ = reply.send(Err(failure.clone()));
@@ -239,6 +245,13 @@ impl Writer {
         self.shared
             .refusing_for_budget
             .store(false, Ordering::Release);
+        if self
+            .shared
+            .refusing_for_disk_space
+            .swap(false, Ordering::AcqRel)
+        {
+            info!(segment = %self.path.display(), "the queue's disk has room again: appends are accepted");
+        }
         if self.shared.config.durability == Durability::Fsync {
             // Synced by write_group: readers may see it. Buffered writes are published by the sync.
             self.shared.publish_end(next_offset);
@@ -257,36 +270,142 @@ impl Writer {
     /// to be on disk, nor known not to be).
     fn write_group(&mut self) -> Result<(), QueueError> {
         if let Err(write_error) = self.file.write_all(&self.group_buffer) {
+            let out_of_space = crate::disk_space::is_out_of_space(&write_error);
             let failure = QueueError::io("appending to", &self.path, write_error);
-            let rollback = self.file.set_len(self.segment_bytes).and_then(|()| {
-                self.file
-                    .seek(SeekFrom::Start(self.segment_bytes))
-                    .map(|_| ())
-            });
-            if let Err(rollback_error) = rollback {
+            if let Err(rollback_error) = self.undo_partial_write(false) {
                 let reason =
                     format!("{failure}; undoing the partial write failed: {rollback_error}");
                 error!(segment = %self.path.display(), %reason, "queue is broken");
                 self.shared.mark_broken(reason);
-            } else {
-                warn!(segment = %self.path.display(), error = %failure, "queue append failed");
+                return Err(failure);
             }
+            if out_of_space {
+                return Err(self.note_out_of_space());
+            }
+            warn!(segment = %self.path.display(), error = %failure, "queue append failed");
             return Err(failure);
         }
         match self.shared.config.durability {
             Durability::Fsync => {
                 self.shared.sync_count.fetch_add(1, Ordering::Relaxed);
                 if let Err(sync_error) = self.file.sync_data() {
+                    // Nothing of this group was acknowledged, and everything before it was synced:
+                    // cutting the group off and syncing again leaves a file whose every byte is
+                    // known to be on disk. Only if that fails too is the queue broken.
+                    let out_of_space = crate::disk_space::is_out_of_space(&sync_error);
                     let reason =
                         format!("fdatasync of {} failed: {sync_error}", self.path.display());
-                    error!(segment = %self.path.display(), %reason, "queue is broken");
-                    self.shared.mark_broken(reason.clone());
-                    return Err(QueueError::Broken(reason));
+                    if let Err(rollback_error) = self.undo_partial_write(true) {
+                        let reason = format!(
+                            "{reason}; cutting the unsynced group off failed: {rollback_error}"
+                        );
+                        error!(segment = %self.path.display(), %reason, "queue is broken");
+                        self.shared.mark_broken(reason.clone());
+                        return Err(QueueError::Broken(reason));
+                    }
+                    if out_of_space {
+                        return Err(self.note_out_of_space());
+                    }
+                    warn!(segment = %self.path.display(), %reason, "queue sync failed; the group was cut off and refused");
+                    return Err(QueueError::Io {
+                        action: "syncing",
+                        path: self.path.clone(),
+                        message: sync_error.to_string(),
+                    });
                 }
             }
             Durability::Buffered { .. } => self.sync_schedule.note_unsynced_write(Instant::now()),
         }
         Ok(())
+    }
+
+    /// Cuts the segment back to what was written before this group (and syncs it, when asked),
+    /// so that later appends never follow garbage.
+    fn undo_partial_write(&mut self, sync: bool) -> std::io::Result<()> {
+        self.file.set_len(self.segment_bytes)?;
+        self.file.seek(SeekFrom::Start(self.segment_bytes))?;
+        if sync {
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses the group when the filesystem would keep less than the reserve after writing it.
+    fn check_free_space(&mut self) -> Result<(), QueueError> {
+        let reserve_bytes = self.shared.free_space_reserve_bytes;
+        let free_bytes = match crate::disk_space::free_bytes(&self.shared.segments_dir) {
+            Ok(free_bytes) => free_bytes,
+            Err(statvfs_error) => {
+                // Cannot tell: the write itself finds out (ENOSPC is handled there too).
+                tracing::debug!(error = %statvfs_error, "statvfs of the queue directory failed");
+                return Ok(());
+            }
+        };
+        let needed_bytes = reserve_bytes.saturating_add(self.group_buffer.len() as u64);
+        if free_bytes >= needed_bytes {
+            return Ok(());
+        }
+        let free_bytes = match self.release_consumed_active_segment() {
+            Some(free_after_release) if free_after_release >= needed_bytes => return Ok(()),
+            Some(free_after_release) => free_after_release,
+            None => free_bytes,
+        };
+        if !self
+            .shared
+            .refusing_for_disk_space
+            .swap(true, Ordering::AcqRel)
+        {
+            warn!(
+                segment = %self.path.display(),
+                free_bytes,
+                reserve_bytes,
+                "the queue's disk is below its free-space reserve: appends are refused (503) until space returns; sinks keep draining into the reserve"
+            );
+        }
+        Err(QueueError::DiskFull {
+            free_bytes,
+            reserve_bytes,
+        })
+    }
+
+    /// When every consumer has delivered all of the active segment, a small disk may be full of
+    /// nothing but delivered records that garbage collection cannot delete (it never deletes the
+    /// active segment): starts a new segment so the old one can go. Returns the free bytes after
+    /// that, or `None` when there was nothing to release.
+    fn release_consumed_active_segment(&mut self) -> Option<u64> {
+        let header_bytes = crate::segment::SEGMENT_HEADER_BYTES;
+        if self.segment_bytes <= header_bytes {
+            return None;
+        }
+        let everything_delivered = self
+            .shared
+            .lock_positions()
+            .values()
+            .min()
+            .is_some_and(|slowest| *slowest >= self.next_offset);
+        if !everything_delivered {
+            return None;
+        }
+        self.roll_segment();
+        self.shared.collect_garbage();
+        let free_bytes = crate::disk_space::free_bytes(&self.shared.segments_dir).ok()?;
+        info!(segment = %self.path.display(), free_bytes, "the disk was below its reserve with every queued record delivered: started a new segment so the delivered one could be deleted");
+        Some(free_bytes)
+    }
+
+    fn note_out_of_space(&self) -> QueueError {
+        let free_bytes = crate::disk_space::free_bytes(&self.shared.segments_dir).unwrap_or(0);
+        if !self
+            .shared
+            .refusing_for_disk_space
+            .swap(true, Ordering::AcqRel)
+        {
+            warn!(segment = %self.path.display(), free_bytes, "the queue's disk is full (ENOSPC): the group was cut off and refused; appends are refused (503) until space returns");
+        }
+        QueueError::DiskFull {
+            free_bytes,
+            reserve_bytes: self.shared.free_space_reserve_bytes,
+        }
     }
 
     /// Syncs what buffered mode wrote and publishes it to readers.

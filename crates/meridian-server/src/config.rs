@@ -139,6 +139,8 @@ pub struct QueueSettings {
     pub buffered_sync_interval_ms: u64,
     pub segment_max_bytes: u64,
     pub disk_budget_bytes: u64,
+    /// Appends are refused (503) while the queue's filesystem has less free space than this.
+    pub min_free_disk_bytes: u64,
     pub max_in_flight_bytes: usize,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -320,6 +322,8 @@ pub struct Settings {
     pub durability: Durability,
     pub segment_max_bytes: u64,
     pub max_in_flight_bytes: usize,
+    /// Free space every queue's filesystem keeps for sinks, spool, dead letters and cursors.
+    pub min_free_disk_bytes: u64,
     pub retry: meridian_queue::RetryPolicy,
     pub customer_access: meridian_archive::customer::CustomerAccessSettings,
     pub location_check_interval: Duration,
@@ -868,6 +872,7 @@ impl Config {
             },
             segment_max_bytes: self.queue.segment_max_bytes,
             max_in_flight_bytes: self.queue.max_in_flight_bytes,
+            min_free_disk_bytes: self.queue.min_free_disk_bytes,
             customer_access: meridian_archive::customer::CustomerAccessSettings {
                 endpoint: self.customer_storage.endpoint.clone(),
                 force_path_style: self.customer_storage.force_path_style,

@@ -650,6 +650,18 @@ async fn append_durably(
             )
             .in_region(region.clone()))
         }
+        Ok(Err(QueueError::DiskFull {
+            free_bytes,
+            reserve_bytes,
+        })) => {
+            state.metrics.queue_full(region.as_str());
+            Err(ApiError::unavailable(
+                "disk_full",
+                format!("region {region} is out of disk space on this node ({free_bytes} bytes free, {reserve_bytes} kept for its sinks); retry later"),
+                5,
+            )
+            .in_region(region.clone()))
+        }
         Ok(Err(failure)) => {
             warn!(region = %region, error = %failure, "queue append failed");
             Err(ApiError::unavailable(

@@ -94,7 +94,7 @@ impl Metrics {
         let queue_full = Family::<RegionLabels, Counter>::default();
         registry.register(
             "queue_full_rejections",
-            "Requests answered 503 because the region's disk budget was full",
+            "Requests answered 503 because the region's disk budget was full or its disk below the free-space reserve",
             queue_full.clone(),
         );
         let client_metrics = Counter::default();

@@ -84,6 +84,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 "queue_incarnation": stats.incarnation,
                 "queue_bytes": stats.disk_bytes,
                 "disk_budget_bytes": stats.disk_budget_bytes,
+                "disk_free_bytes": queue.disk_free_bytes(),
                 "pending_records": stats.pending_records(),
                 "broken": stats.broken,
                 "sinks": sinks,
@@ -220,6 +221,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
             &[("region", region.as_str())],
             queue.stats().quarantined_bytes as f64,
         );
+    }
+    writer.declare(
+        "queue_disk_free_bytes",
+        "gauge",
+        "Free bytes on the filesystem of the region's queue (appends are refused below queue.min_free_disk_bytes)",
+    );
+    for (region, queue) in state.queues.iter() {
+        if let Some(free_bytes) = queue.disk_free_bytes() {
+            writer.sample(
+                "queue_disk_free_bytes",
+                &[("region", region.as_str())],
+                free_bytes as f64,
+            );
+        }
     }
     writer.declare(
         "queue_writable",

@@ -64,6 +64,7 @@ pub async fn assemble_served_regions(
             disk_budget_bytes: region_settings.disk_budget_bytes,
             durability: settings.durability,
             max_in_flight_bytes: settings.max_in_flight_bytes,
+            min_free_disk_bytes: settings.min_free_disk_bytes,
             encryption: queue_encryption.cloned(),
         };
         let queue = open_queue(region, queue_config).await?;
