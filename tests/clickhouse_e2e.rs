@@ -500,3 +500,160 @@ async fn stored_columns_round_trip() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_timestamp_crosses_midnight_or_a_month_counts_once() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    // Each copy is its own request, as an SDK's retry is; their timestamps differ as skew
+    // correction of two deliveries can make them, on either side of a boundary.
+    let copies = [
+        ("across-midnight", "2026-03-10T23:59:59.900Z"),
+        ("across-midnight", "2026-03-11T00:00:00.100Z"),
+        ("across-a-month", "2026-01-31T23:59:59.950Z"),
+        ("across-a-month", "2026-02-01T00:00:00.050Z"),
+        ("across-a-year", "2025-12-31T23:59:59.999Z"),
+        ("across-a-year", "2026-01-01T00:00:00.001Z"),
+        ("sent-once", "2026-03-10T12:00:00.000Z"),
+    ];
+    for (message_id, timestamp) in copies {
+        let message = json!({"type": "track", "userId": "u", "event": "Retried",
+                             "messageId": message_id, "timestamp": timestamp});
+        assert_eq!(post_batch(&server, &key, vec![message]).await, 200);
+    }
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let stored_rows = clickhouse_count(
+        &eu_url,
+        &format!("SELECT count() FROM {database}.events WHERE project_id = '{project_id}'"),
+    )
+    .await;
+    assert_eq!(
+        stored_rows, 7,
+        "every copy was inserted (they are separate batches)"
+    );
+    for message_id in [
+        "across-midnight",
+        "across-a-month",
+        "across-a-year",
+        "sent-once",
+    ] {
+        assert_eq!(
+            clickhouse_count(
+                &eu_url,
+                &format!("SELECT count() FROM {database}.events FINAL WHERE project_id = '{project_id}' AND message_id = '{message_id}'"),
+            )
+            .await,
+            1,
+            "{message_id} counts once"
+        );
+    }
+    assert_eq!(
+        clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let version = clickhouse_query(&eu_url, "SELECT version()").await;
+    let flavor = meridian_clickhouse::ServerVersion::parse(&version)
+        .map(meridian_clickhouse::ServerVersion::flavor)
+        .unwrap_or(meridian_clickhouse::SchemaFlavor::Legacy);
+    let current = meridian_clickhouse::schema::create_events_table(
+        &database,
+        flavor,
+        &meridian_clickhouse::SchemaOptions {
+            retention_days: None,
+            dedup_window: 100,
+        },
+    );
+    let day_keyed = current.replace(
+        "ORDER BY (project_id, message_id)",
+        "PARTITION BY toYYYYMM(timestamp)\nORDER BY (project_id, toDate(timestamp), message_id)",
+    );
+    assert_ne!(day_keyed, current);
+    clickhouse_query(&eu_url, &format!("CREATE DATABASE {database}")).await;
+    clickhouse_query(&eu_url, &day_keyed).await;
+    clickhouse_query(
+        &eu_url,
+        &format!(
+            "INSERT INTO {database}.events (project_id, message_id, type, timestamp, received_at, region) VALUES \
+             ('prj_old', 'a', 'track', '2026-01-31 23:59:59', '2026-01-31 23:59:59', 'eu-west-1'), \
+             ('prj_old', 'a', 'track', '2026-02-01 00:00:01', '2026-02-01 00:00:01', 'eu-west-1'), \
+             ('prj_old', 'b', 'track', '2026-02-03 10:00:00', '2026-02-03 10:00:00', 'eu-west-1'), \
+             ('prj_old', 'c', 'track', '2026-02-04 10:00:00', '2026-02-04 10:00:00', 'eu-west-1')"
+        ),
+    )
+    .await;
+    let old_count =
+        format!("SELECT count() FROM {database}.events FINAL WHERE project_id = 'prj_old'");
+    assert_eq!(
+        clickhouse_count(&eu_url, &old_count).await,
+        4,
+        "the day key does not collapse 'a'"
+    );
+
+    // The sink prepares its schema (and re-keys the table) before its first insert.
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    assert_eq!(
+        post_batch(&server, &key, vec![track("after-rekey")]).await,
+        200
+    );
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &project_id),
+            1,
+            Duration::from_secs(60)
+        )
+        .await,
+        1,
+        "the re-keyed table takes new messages"
+    );
+    assert_eq!(
+        clickhouse_count(&eu_url, &old_count).await,
+        3,
+        "every old message once, the retried one collapsed"
+    );
+    let tables = clickhouse_query(
+        &eu_url,
+        &format!("SELECT name, sorting_key FROM system.tables WHERE database = '{database}' AND name LIKE 'events%' FORMAT TSV"),
+    )
+    .await;
+    assert_eq!(
+        tables.trim(),
+        "events\tproject_id, message_id",
+        "only the re-keyed table is left"
+    );
+    let kept = clickhouse_query(
+        &eu_url,
+        &format!("SELECT DISTINCT message_id FROM {database}.events WHERE project_id = 'prj_old' ORDER BY message_id FORMAT TSV"),
+    )
+    .await;
+    assert_eq!(kept.trim(), "a\nb\nc");
+}

@@ -2,6 +2,7 @@
 //! replicas), in RowBinary batches that are one contiguous queue range each, with the schema
 //! chosen by server version and rows ClickHouse rejects isolated into a dead-letter file.
 
+mod rekey;
 mod row;
 pub mod schema;
 mod sink;

@@ -4,8 +4,11 @@
 //! window for `insert_deduplication_token`, and a TTL when a retention is set. Older servers (the
 //! Debian package is 18.16) get the fallback: DateTime (seconds; `timestamp_ms` keeps the
 //! milliseconds), plain String, no codecs, no TTL, no dedup tokens. Both keep ReplacingMergeTree
-//! ordered by `(project_id, toDate(timestamp), message_id)`, so a message stored twice collapses
-//! and `SELECT count() FROM events FINAL WHERE project_id = ...` counts each message once.
+//! ordered by `(project_id, message_id)` in one partition, so a message stored twice collapses
+//! whatever its timestamps (a retry's skew-corrected timestamp may land on the other side of
+//! midnight or of a month) and `SELECT count() FROM events FINAL WHERE project_id = ...` counts
+//! each message once. Tables of earlier versions, keyed by day, are re-keyed by
+//! [`crate::sink`] (see [`EVENTS_SORTING_KEY`]).
 
 use std::fmt::Write;
 
@@ -60,13 +63,32 @@ pub fn quote_identifier(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
 
+/// The sorting (and collapsing) key of the events table: a message's identity, nothing that a
+/// retry may change. As `system.tables.sorting_key` spells it.
+pub const EVENTS_SORTING_KEY: &str = "project_id, message_id";
+/// The table a re-key builds before it takes the place of `events`.
+pub const REKEY_TARGET_TABLE: &str = "events_rekeyed";
+/// Where the day-keyed table waits while its rows are copied into the re-keyed one.
+pub const REKEY_SOURCE_TABLE: &str = "events_before_rekey";
+
 /// The SQL that creates the events table.
 pub fn create_events_table(
     database: &str,
     flavor: SchemaFlavor,
     options: &SchemaOptions,
 ) -> String {
+    create_events_table_named(database, "events", flavor, options)
+}
+
+/// The SQL that creates an events table named `table`.
+pub fn create_events_table_named(
+    database: &str,
+    table: &str,
+    flavor: SchemaFlavor,
+    options: &SchemaOptions,
+) -> String {
     let db = quote_identifier(database);
+    let table = quote_identifier(table);
     let (time, nullable_time, low_cardinality, json_codec, text_codec) = match flavor {
         SchemaFlavor::Modern => (
             "DateTime64(3, 'UTC')",
@@ -86,7 +108,7 @@ pub fn create_events_table(
     let mut sql = String::new();
     let _ = write!(
         sql,
-        "CREATE TABLE IF NOT EXISTS {db}.events (\n\
+        "CREATE TABLE IF NOT EXISTS {db}.{table} (\n\
          \x20   project_id {low_cardinality},\n\
          \x20   message_id String,\n\
          \x20   type {low_cardinality},\n\
@@ -110,8 +132,7 @@ pub fn create_events_table(
          \x20   raw String{json_codec},\n\
          \x20   queue_offset UInt64\n\
          ) ENGINE = ReplacingMergeTree\n\
-         PARTITION BY toYYYYMM(timestamp)\n\
-         ORDER BY (project_id, toDate(timestamp), message_id)"
+         ORDER BY ({EVENTS_SORTING_KEY})"
     );
     if flavor == SchemaFlavor::Modern {
         if let Some(days) = options.retention_days {
@@ -198,8 +219,11 @@ mod tests {
         assert!(sql.contains("TTL toDateTime(timestamp) + INTERVAL 400 DAY"));
         assert!(sql.contains("SETTINGS non_replicated_deduplication_window = 1000"));
         assert!(sql.contains("ENGINE = ReplacingMergeTree"));
-        assert!(sql.contains("PARTITION BY toYYYYMM(timestamp)"));
-        assert!(sql.contains("ORDER BY (project_id, toDate(timestamp), message_id)"));
+        assert!(
+            !sql.contains("PARTITION BY"),
+            "copies of a message must share a partition whatever their timestamps"
+        );
+        assert!(sql.contains("ORDER BY (project_id, message_id)"));
         let without_retention = create_events_table(
             "meridian",
             SchemaFlavor::Modern,

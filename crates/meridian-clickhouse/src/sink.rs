@@ -251,6 +251,20 @@ impl ClickHouseSink {
             info!(region = %self.region, url = %replica.url, version = migration.version, description = migration.description, "clickhouse migration applied");
             applied.push(migration.version);
         }
+        // Tables of earlier versions are keyed by day: bring them to the current key.
+        let copy_timeout = self.config.request_timeout.max(Duration::from_secs(3600));
+        let rekeyed = crate::rekey::rekey_events(
+            &replica.admin,
+            database,
+            flavor,
+            &self.schema_options(),
+            self.config.request_timeout,
+            copy_timeout,
+        )
+        .await?;
+        if rekeyed {
+            info!(region = %self.region, url = %replica.url, "clickhouse events table re-keyed by (project_id, message_id)");
+        }
         Ok(MigrationReport {
             url: replica.url.clone(),
             server_version: version_text,
@@ -571,6 +585,7 @@ impl ClickHouseSink {
         let database = schema::quote_identifier(&self.config.database);
         let mut deleted = 0u64;
         for replica in &self.replicas {
+            self.refuse_while_rekeying(replica).await?;
             for chunk in chunk_user_ids(user_ids) {
                 let placeholders = vec!["?"; chunk.len()].join(", ");
                 let condition = format!("project_id = ? AND user_id IN ({placeholders})");
@@ -618,8 +633,29 @@ impl ClickHouseSink {
                 }
                 deleted += before;
             }
+            // A re-key that began meanwhile may copy rows this deletion already removed from
+            // the old table: the stage is retried once the copy is done.
+            self.refuse_while_rekeying(replica).await?;
         }
         Ok(deleted)
+    }
+
+    /// `Err` while the replica's events table is being re-keyed (its old rows are being copied).
+    async fn refuse_while_rekeying(&self, replica: &Replica) -> Result<(), String> {
+        let in_progress = crate::rekey::rekey_in_progress(
+            &replica.admin,
+            &self.config.database,
+            self.config.request_timeout,
+        )
+        .await
+        .map_err(|error| format!("{}: checking for a re-key failed: {error}", replica.url))?;
+        if in_progress {
+            return Err(format!(
+                "{}: the events table is being re-keyed; the deletion waits until every old row is copied",
+                replica.url
+            ));
+        }
+        Ok(())
     }
 
     async fn wait_for_mutations(&self, replica: &Replica) -> Result<(), String> {
