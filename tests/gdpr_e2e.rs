@@ -109,7 +109,7 @@ async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_mess
     let s3_client = s3_client(&s3, "us-east-1");
     create_bucket(&s3_client, &bucket, None).await;
     let config = test_config(&format!(
-        "[gdpr]\nsettle_ms = 300\n{}",
+        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 300\n{}",
         region_block("eu-west-1", &clickhouse, &database, &bucket, &s3, 1500)
     ));
     let server = TestServer::start(&config, &[]).await;
@@ -253,7 +253,8 @@ async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_a_deletion_then_it_completes_after_restart() {
-    let config = test_config_with_flush(50, "[gdpr]\nsettle_ms = 2500\n");
+    let config =
+        test_config_with_flush(50, "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 2500\n");
     let mut server = TestServer::start(&config, &[]).await;
     server.create_org("acme").await;
     let (project_id, key) = server.create_project("acme", "eu-west-1").await;
@@ -397,7 +398,7 @@ async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
     create_bucket(&s3_client, &eu_bucket, None).await;
     create_bucket(&s3_client, &us_bucket, None).await;
     let config = test_config(&format!(
-        "[gdpr]\nsettle_ms = 200\n{}{}",
+        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 200\n{}{}",
         region_block("eu-west-1", &eu_clickhouse, &database, &eu_bucket, &s3, 100),
         region_block("us-east-1", &us_clickhouse, &database, &us_bucket, &s3, 100)
     ));
@@ -491,7 +492,7 @@ async fn a_deletion_also_removes_the_users_dead_lettered_messages() {
     };
     let database = unique("gdpr_dead_");
     let config = test_config(&format!(
-        "[gdpr]\nsettle_ms = 300\n[regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\nflush_interval_ms = 100\n"
+        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 300\n[regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\nflush_interval_ms = 100\n"
     ));
     let server = TestServer::start(&config, &[]).await;
     server.create_org("acme").await;

@@ -144,11 +144,16 @@ impl DeliveryStatus {
     }
 }
 
-/// Backoff between delivery attempts: `base` doubling up to `cap`, with ±50% jitter.
+/// Backoff between delivery attempts: `base` doubling up to `cap`, with ±50% jitter; and the
+/// longest one attempt may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub base: Duration,
     pub cap: Duration,
+    /// An attempt still running after this is cancelled and counted as failed (then retried).
+    /// Nothing a sink writes can land later than this after the attempt began (plus what a
+    /// store finishes of a request it had fully received): GDPR deletions wait this out.
+    pub attempt_limit: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -156,6 +161,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(30),
+            attempt_limit: Duration::from_secs(600),
         }
     }
 }
@@ -526,7 +532,16 @@ impl DeliveryRunner {
         let mut consecutive_failures = 0u32;
         loop {
             let started = Instant::now();
-            match self.sink.deliver(&batch).await {
+            let attempt_limit = self.retry.attempt_limit;
+            let attempt = tokio::time::timeout(attempt_limit, self.sink.deliver(&batch))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SinkError::Transient(format!(
+                        "the attempt was cancelled after {} ms (queue.max_sink_attempt_secs)",
+                        attempt_limit.as_millis()
+                    )))
+                });
+            match attempt {
                 Ok(()) => {
                     let status = &self.status;
                     status
@@ -613,6 +628,7 @@ mod tests {
         RetryPolicy {
             base: Duration::from_millis(10),
             cap: Duration::from_millis(50),
+            attempt_limit: Duration::from_secs(60),
         }
     }
 
@@ -839,6 +855,62 @@ mod tests {
         queue.close();
     }
 
+    /// Hangs on its first `hangs` deliveries (a store that never answers), then stores.
+    struct HangingSink {
+        hangs: AtomicUsize,
+        delivered: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Sink for HangingSink {
+        fn name(&self) -> &str {
+            "hanging"
+        }
+        fn batch_limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: 100,
+                max_bytes: 1 << 20,
+                max_age: Duration::from_millis(5),
+            }
+        }
+        async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+            if self.hangs.load(Ordering::SeqCst) > 0 {
+                self.hangs.fetch_sub(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            self.delivered
+                .fetch_add(batch.records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_past_its_limit_is_cancelled_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let sink = Arc::new(HangingSink {
+            hangs: AtomicUsize::new(2),
+            delivered: AtomicUsize::new(0),
+        });
+        let mut policy = fast_retries();
+        policy.attempt_limit = Duration::from_millis(100);
+        let runner =
+            DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone()).with_retry_policy(policy);
+        let status = runner.status();
+        let (drain_sender, drain) = watch::channel(false);
+        let task = tokio::spawn(runner.run(drain));
+        let mut batch = RecordBatch::default();
+        batch.push(b"delivered in the end").unwrap();
+        queue.append(batch).await.unwrap();
+        wait_for(|| status.position.load(Ordering::Relaxed) == 1).await;
+        assert_eq!(status.failed_attempts.load(Ordering::Relaxed), 2);
+        assert_eq!(sink.delivered.load(Ordering::SeqCst), 1);
+        assert!(status.last_error().is_none());
+        drain_sender.send(true).unwrap();
+        task.await.unwrap();
+        queue.close();
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         let policy = RetryPolicy::default();
@@ -849,6 +921,7 @@ mod tests {
         let short = RetryPolicy {
             base: Duration::from_millis(10),
             cap: Duration::from_millis(200),
+            attempt_limit: Duration::from_secs(1),
         };
         assert!(short.backoff(30, false) <= Duration::from_millis(300));
     }

@@ -144,6 +144,8 @@ pub struct QueueSettings {
     pub max_in_flight_bytes: usize,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// A sink's delivery attempt is cancelled (and retried) after this many seconds.
+    pub max_sink_attempt_secs: u64,
     pub encryption: Option<QueueEncryptionConfig>,
 }
 
@@ -927,6 +929,7 @@ impl Config {
                 cap: Duration::from_millis(
                     self.queue.retry_max_ms.max(self.queue.retry_base_ms).max(1),
                 ),
+                attempt_limit: Duration::from_secs(self.queue.max_sink_attempt_secs.max(1)),
             },
         })
     }

@@ -220,11 +220,7 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
     };
 
     if deletion.stage == DeletionStage::Settle {
-        // Every node's key cache learns of the deletion within its refresh interval; from then
-        // on its sinks leave the users' queued messages out. Wait that out, plus deliveries that
-        // were already under way.
-        let settle_until_ms =
-            deletion.created_at_ms + state.settings.gdpr_settle.as_millis() as i64;
+        let settle_until_ms = settle_deadline_ms(deletion.created_at_ms, &state.settings);
         let wait_ms = (settle_until_ms - now_unix_ms()).max(0) as u64;
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         record(DeletionStage::Clickhouse, progress).await?;
@@ -302,4 +298,35 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
         "GDPR deletion done"
     );
     Ok(())
+}
+
+/// When a deletion requested at `created_at_ms` may rewrite the stores. Every node's key cache
+/// learns of it within the catalog refresh interval, after which its sinks leave the users' queued
+/// messages out; an attempt that began before that is cancelled by its runner (on every node) at
+/// the attempt limit; and `gdpr.settle_ms` covers what a store still finishes of a request it had
+/// fully received when the attempt was cancelled. So nothing with the users' data can land after.
+fn settle_deadline_ms(created_at_ms: i64, settings: &crate::config::Settings) -> i64 {
+    let wait =
+        settings.catalog_refresh_interval + settings.retry.attempt_limit + settings.gdpr_settle;
+    created_at_ms.saturating_add(wait.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deletion_waits_out_every_sink_attempt_that_may_still_carry_the_users() {
+        let mut settings = crate::config::Config::from_sources(None, &Vec::new())
+            .unwrap()
+            .validate()
+            .unwrap();
+        settings.catalog_refresh_interval = Duration::from_millis(250);
+        settings.retry.attempt_limit = Duration::from_secs(600);
+        settings.gdpr_settle = Duration::from_secs(30);
+        assert_eq!(
+            settle_deadline_ms(1_000_000, &settings),
+            1_000_000 + 250 + 600_000 + 30_000
+        );
+    }
 }
