@@ -295,18 +295,17 @@ async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
     let Some(moto) = MotoProcess::start().await else {
         return;
     };
-    let external_id = "ext-7f3a";
     let customer_bucket = unique_bucket("customer");
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers/moto_customer_account.py");
+    // The role first trusts an id no project has: the project's own is known once it exists.
     let setup = std::process::Command::new("python3")
-        .arg(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/helpers/moto_customer_account.py"),
-        )
+        .arg(&helper)
         .args([
             moto.url().as_str(),
             customer_bucket.as_str(),
             "eu-west-1",
-            external_id,
+            "not-yet-known",
         ])
         .output()
         .expect("python3 runs");
@@ -328,29 +327,102 @@ async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
     let (local_project, local_key) = server.create_project("acme", "eu-west-1").await;
     let (customer_project, customer_key) = server.create_project("acme", "eu-west-1").await;
     let owner = server.issue_token("owner", Some("acme"));
+    let (_, project) = server
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/projects/{customer_project}"),
+            &owner,
+            None,
+        )
+        .await;
+    let external_id = project["storage_external_id"].as_str().unwrap().to_string();
+    assert_eq!(external_id, format!("meridian-{customer_project}"));
     let storage_path = format!("/admin/projects/{customer_project}/storage");
-    let storage = |external_id: &str, bucket: &str| json!({"bucket": bucket, "prefix": "meridian", "role_arn": role_arn, "external_id": external_id, "label": "customer archive"});
+    let storage = |bucket: &str| json!({"bucket": bucket, "prefix": "meridian", "role_arn": role_arn, "label": "customer archive"});
 
+    let mut chosen_by_the_customer = storage(&customer_bucket);
+    chosen_by_the_customer["external_id"] = json!("not-yet-known");
     let (status, body) = server
         .admin(
             reqwest::Method::PUT,
             &storage_path,
             &owner,
-            Some(storage("wrong-id", &customer_bucket)),
+            Some(chosen_by_the_customer),
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert_eq!(body["code"], "storage_verification_failed");
+    assert_eq!(body["code"], "external_id_mismatch", "{body}");
     assert!(
-        body["message"].as_str().unwrap().contains("ExternalId"),
-        "an actionable sentence: {body}"
+        body["message"].as_str().unwrap().contains(&external_id),
+        "names the id to put in the trust policy: {body}"
     );
     let (status, body) = server
         .admin(
             reqwest::Method::PUT,
             &storage_path,
             &owner,
-            Some(storage(external_id, "no-such-bucket-here")),
+            Some(storage(&customer_bucket)),
+        )
+        .await;
+    assert_eq!(
+        status, 400,
+        "the trust policy does not name this project yet: {body}"
+    );
+    assert_eq!(body["code"], "storage_verification_failed");
+    assert!(
+        body["message"].as_str().unwrap().contains(&external_id),
+        "an actionable sentence: {body}"
+    );
+    let trust = std::process::Command::new("python3")
+        .arg(&helper)
+        .args([
+            "trust",
+            moto.url().as_str(),
+            account["customer_access_key_id"].as_str().unwrap(),
+            account["customer_secret_access_key"].as_str().unwrap(),
+            external_id.as_str(),
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        trust.status.success(),
+        "trust policy update failed: {}",
+        String::from_utf8_lossy(&trust.stderr)
+    );
+
+    // The confused deputy: another customer who knows the role ARN cannot make Meridian use it.
+    server.create_org("mallory").await;
+    let (mallory_project, _) = server.create_project("mallory", "eu-west-1").await;
+    let mallory = server.issue_token("owner", Some("mallory"));
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/projects/{mallory_project}/storage"),
+            &mallory,
+            Some(storage(&customer_bucket)),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "storage_verification_failed", "{body}");
+    let mut with_the_victims_id = storage(&customer_bucket);
+    with_the_victims_id["external_id"] = json!(external_id);
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/projects/{mallory_project}/storage"),
+            &mallory,
+            Some(with_the_victims_id),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "external_id_mismatch", "{body}");
+
+    let (status, body) = server
+        .admin(
+            reqwest::Method::PUT,
+            &storage_path,
+            &owner,
+            Some(storage("no-such-bucket-here")),
         )
         .await;
     assert_eq!(status, 400, "{body}");
@@ -377,7 +449,7 @@ async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
             reqwest::Method::PUT,
             &storage_path,
             &admin,
-            Some(storage(external_id, &customer_bucket)),
+            Some(storage(&customer_bucket)),
         )
         .await;
     assert_eq!(status, 403, "storage is owner-only");
@@ -387,7 +459,7 @@ async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
             reqwest::Method::PUT,
             &storage_path,
             &owner,
-            Some(storage(external_id, &customer_bucket)),
+            Some(storage(&customer_bucket)),
         )
         .await;
     assert_eq!(status, 200, "{body}");
@@ -493,7 +565,7 @@ async fn a_failing_customer_bucket_never_holds_back_the_rest_of_the_region() {
     let (customer_project, customer_key) = server.create_project("acme", "eu-west-1").await;
     let (regional_project, regional_key) = server.create_project("acme", "eu-west-1").await;
     let owner = server.issue_token("owner", Some("acme"));
-    let storage = json!({"bucket": bucket, "role_arn": "arn:aws:iam::123456789012:role/customer", "external_id": "x-1"});
+    let storage = json!({"bucket": bucket, "role_arn": "arn:aws:iam::123456789012:role/customer"});
     let (status, body) = server
         .admin(
             reqwest::Method::PUT,

@@ -100,10 +100,16 @@ impl CustomerStores {
         aws_sdk_s3::Client::from_conf(builder.build())
     }
 
-    async fn client_for(&self, region: &str, storage: &CustomerStorage) -> aws_sdk_s3::Client {
+    async fn client_for(
+        &self,
+        region: &str,
+        project_id: &str,
+        storage: &CustomerStorage,
+    ) -> aws_sdk_s3::Client {
+        let external_id = meridian_core::external_id_for(project_id);
         let cache_key = (
             storage.role_arn.clone(),
-            storage.external_id.clone(),
+            external_id.clone(),
             region.to_string(),
         );
         let mut clients = self.clients.lock().await;
@@ -112,7 +118,7 @@ impl CustomerStores {
         }
         let shared = self.base_config(region).await;
         let provider = AssumeRoleProvider::builder(storage.role_arn.clone())
-            .external_id(storage.external_id.clone())
+            .external_id(external_id)
             .session_name(format!("meridian-archive-{region}"))
             .session_length(Duration::from_secs(3600))
             .configure(&shared)
@@ -132,9 +138,10 @@ impl CustomerStores {
     pub async fn store_for(
         &self,
         region: &str,
+        project_id: &str,
         storage: &CustomerStorage,
     ) -> Result<(Arc<dyn ObjectStore>, String), ArchiveError> {
-        let client = self.client_for(region, storage).await;
+        let client = self.client_for(region, project_id, storage).await;
         let mut settings = S3Settings::new(&storage.bucket, region);
         settings.encryption = encryption_of(storage);
         settings.request_timeout = self.settings.request_timeout;
@@ -172,10 +179,11 @@ impl CustomerStores {
     ) -> Result<(), String> {
         let shared = self.base_config(region).await;
         let sts = aws_sdk_sts::Client::new(&shared);
+        let external_id = meridian_core::external_id_for(project_id);
         let assumed = sts
             .assume_role()
             .role_arn(&storage.role_arn)
-            .external_id(&storage.external_id)
+            .external_id(&external_id)
             .role_session_name(format!("meridian-{project_id}"))
             .duration_seconds(900)
             .send()
@@ -184,8 +192,8 @@ impl CustomerStores {
                 let detail = describe_sdk_error(&failure);
                 match error_code(&failure).as_deref() {
                     Some("AccessDenied") => format!(
-                        "AssumeRole was denied for {}: check that the role's trust policy allows Meridian's account and the ExternalId `{}` ({detail})",
-                        storage.role_arn, storage.external_id
+                        "AssumeRole was denied for {}: check that the role's trust policy allows Meridian's account with the condition sts:ExternalId = `{external_id}` (this project's external id) ({detail})",
+                        storage.role_arn
                     ),
                     Some("NoSuchEntity") | Some("ValidationError") | Some("InvalidParameterValue") => {
                         format!("the role {} is not a valid role ARN or does not exist ({detail})", storage.role_arn)

@@ -13,7 +13,7 @@ pub use message::{
 };
 pub use region::RegionId;
 pub use secret::{Secret, redact_url};
-pub use storage::CustomerStorage;
+pub use storage::{CustomerStorage, external_id_for};
 
 /// Tells sinks which stored messages a GDPR deletion has erased: a message of `user_id` in
 /// `project_id` received at or before a deletion of that user is never written to a sink.

@@ -192,8 +192,11 @@ pub fn project_json(project: &Project, keys: &[meridian_catalog::KeyInfo]) -> Va
         })).collect::<Vec<_>>(),
         "storage": project.storage.as_ref().map(|storage| json!({
             "bucket": storage.bucket, "prefix": storage.prefix, "role_arn": storage.role_arn,
+            "external_id": meridian_core::external_id_for(&project.project_id),
             "kms_key_arn": storage.kms_key_arn, "label": storage.label,
         })),
+        // What the customer's role trust policy must require (sts:ExternalId) for this project.
+        "storage_external_id": meridian_core::external_id_for(&project.project_id),
     })
 }
 
@@ -646,12 +649,16 @@ struct StorageRequest {
     bucket: String,
     prefix: Option<String>,
     role_arn: String,
-    external_id: String,
+    /// Chosen by Meridian ([`meridian_core::external_id_for`]); may be sent, must then match.
+    external_id: Option<String>,
     kms_key_arn: Option<String>,
     label: Option<String>,
 }
 
-fn validate_storage(request: StorageRequest) -> Result<meridian_core::CustomerStorage, ApiError> {
+fn validate_storage(
+    project_id: &str,
+    request: StorageRequest,
+) -> Result<meridian_core::CustomerStorage, ApiError> {
     let bucket_ok = (3..=63).contains(&request.bucket.len())
         && request
             .bucket
@@ -672,10 +679,15 @@ fn validate_storage(request: StorageRequest) -> Result<meridian_core::CustomerSt
             ),
         ));
     }
-    if request.external_id.trim().is_empty() || request.external_id.len() > 1224 {
+    let external_id = meridian_core::external_id_for(project_id);
+    if let Some(requested) = &request.external_id
+        && requested != &external_id
+    {
         return Err(ApiError::bad_request(
-            "invalid_request",
-            "external_id is required (1 to 1224 characters)",
+            "external_id_mismatch",
+            format!(
+                "the external id is chosen by Meridian, not by the request: this project's is `{external_id}`; require it in the role's trust policy (condition sts:ExternalId) and leave external_id out, or send exactly that value"
+            ),
         ));
     }
     Ok(meridian_core::CustomerStorage {
@@ -685,7 +697,7 @@ fn validate_storage(request: StorageRequest) -> Result<meridian_core::CustomerSt
             .map(|prefix| prefix.trim_matches('/').to_string())
             .filter(|prefix| !prefix.is_empty()),
         role_arn: request.role_arn,
-        external_id: request.external_id,
+        external_id,
         kms_key_arn: request.kms_key_arn,
         label: request.label,
     })
@@ -701,7 +713,7 @@ async fn set_storage(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
-    let storage = validate_storage(parse_body(&body)?)?;
+    let storage = validate_storage(&project_id, parse_body(&body)?)?;
     let verification = tokio::time::timeout(
         Duration::from_secs(60),
         state

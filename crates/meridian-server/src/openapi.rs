@@ -459,11 +459,12 @@ fn schemas() -> Value {
         "KeyInfo": {"type": "object", "required": ["prefix", "created_at", "expires_at"], "properties": {
             "prefix": string, "created_at": string, "expires_at": nullable(json!({"type": "string"}))}},
         "Storage": {"type": "object", "required": ["bucket", "role_arn"], "properties": {
-            "bucket": string, "prefix": {"type": ["string", "null"]}, "role_arn": string,
+            "bucket": string, "prefix": {"type": ["string", "null"]}, "role_arn": string, "external_id": string,
             "kms_key_arn": {"type": ["string", "null"]}, "label": {"type": ["string", "null"]}}},
-        "Project": {"type": "object", "required": ["project_id", "org_id", "name", "region", "created_at", "keys", "storage"], "properties": {
+        "Project": {"type": "object", "required": ["project_id", "org_id", "name", "region", "created_at", "keys", "storage", "storage_external_id"], "properties": {
             "project_id": string, "org_id": string, "name": string, "region": string, "created_at": string,
-            "keys": {"type": "array", "items": reference("KeyInfo")}, "storage": nullable(reference("Storage"))}},
+            "keys": {"type": "array", "items": reference("KeyInfo")}, "storage": nullable(reference("Storage")),
+            "storage_external_id": string}},
         "ProjectPage": page(reference("Project")),
         "UpdateProject": {"type": "object", "properties": {"name": string, "region": string}},
         "RotateKey": {"type": "object", "properties": {"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000}}},
@@ -476,7 +477,7 @@ fn schemas() -> Value {
             "suppressed": {"type": "integer"}, "newly_suppressed": {"type": "integer"}}},
         "SuppressedUser": {"type": "object", "required": ["project_id", "user_id", "suppressed"], "properties": {
             "project_id": string, "user_id": string, "suppressed": {"type": "boolean"}}},
-        "StorageRequest": {"type": "object", "required": ["bucket", "role_arn", "external_id"], "properties": {
+        "StorageRequest": {"type": "object", "required": ["bucket", "role_arn"], "properties": {
             "bucket": string, "prefix": string, "role_arn": string, "external_id": string, "kms_key_arn": string, "label": string}},
         "AuditEntry": {"type": "object", "required": ["seq", "at", "actor", "action", "target", "request_id", "hash", "prev_hash"], "properties": {
             "seq": {"type": "integer"}, "at": string, "actor": string, "action": string, "target": string,

@@ -154,7 +154,7 @@ impl StoreResolver for CatalogStoreResolver {
         // The store is built for this sink's region only; a bucket elsewhere is refused.
         let (store, prefix) = self
             .stores
-            .store_for(self.region.as_str(), &storage)
+            .store_for(self.region.as_str(), project_id, &storage)
             .await?;
         Ok(Some(CustomerTarget {
             store,
