@@ -1,4 +1,5 @@
-//! The `meridian` command: `serve`, `token issue`, `migrate`, `audit verify`.
+//! The `meridian` command: `serve`, `token issue`, `migrate`, `audit verify`, `audit anchor`,
+//! `catalog backup`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -97,8 +98,15 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of the whole audit log; exit 1 if it was tampered with.
+    /// Check the keyed hash chain of the whole audit log; exit 1 if it was tampered with.
     Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Anchor an audit log written before keyed hashes: check its plain chain, replace the user
+    /// ids it names by their keyed hashes and re-hash it with the catalog key. Run it once, after
+    /// upgrading, when you trust the log as it is.
+    Anchor {
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -252,8 +260,9 @@ async fn issue_token(
 
 async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
+    let catalog = meridian_server::catalog_key::connect_catalog(&settings)
         .await
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
     let versions = catalog.applied_migrations().await?;
     println!(
@@ -281,23 +290,58 @@ async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Res
         );
         return Ok(());
     }
-    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
-        .await
-        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
+    let catalog = connect_catalog(&settings).await?;
     catalog.backup_sqlite(&output).await?;
     println!(
         "catalog backed up to {}; to restore, stop the node and put it in place as {}",
         output.display(),
         settings.data_dir.join("catalog.db").display()
     );
+    if settings.catalog_hash_key.is_none() {
+        println!(
+            "keep a copy of {} apart from the backup: the catalog's suppressions and audit log need it",
+            meridian_server::catalog_key::key_file(&settings.data_dir).display()
+        );
+    }
     Ok(())
+}
+
+async fn anchor_audit(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    let catalog = connect_catalog(&settings).await?;
+    match catalog
+        .anchor_audit_chain(&meridian_catalog::Actor::system("meridian-audit-anchor"))
+        .await?
+    {
+        meridian_catalog::AnchorOutcome::AlreadyAnchored => {
+            println!("audit log already anchored (or empty): nothing to do")
+        }
+        meridian_catalog::AnchorOutcome::Anchored { entries } => println!(
+            "audit log anchored: {entries} entries re-hashed with the catalog key, user ids replaced by their keyed hashes"
+        ),
+    }
+    Ok(())
+}
+
+/// Opens the catalog for a command: the key must exist already (tools never create one).
+async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog::Catalog> {
+    let key_file = meridian_server::catalog_key::key_file(&settings.data_dir);
+    if settings.catalog_hash_key.is_none() && !key_file.exists() {
+        bail!(
+            "no catalog key: set catalog.hash_key (MERIDIAN_CATALOG_HASH_KEY) or run this where {} exists",
+            key_file.display()
+        );
+    }
+    let (key, _) =
+        meridian_server::catalog_key::load_catalog_key(settings).map_err(anyhow::Error::msg)?;
+    meridian_catalog::Catalog::connect(settings.catalog_url.expose(), key)
+        .await
+        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))
 }
 
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_catalog::Catalog::connect(settings.catalog_url.expose())
-        .await
-        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
+    let catalog = connect_catalog(&settings).await?;
     let report = catalog.verify_audit_chain().await?;
     match report.first_broken {
         None => {
@@ -352,6 +396,9 @@ fn main() -> ExitCode {
             Command::Audit {
                 command: AuditCommand::Verify { config },
             } => verify_audit(config).await,
+            Command::Audit {
+                command: AuditCommand::Anchor { config },
+            } => anchor_audit(config).await.map(|()| true),
             Command::Catalog {
                 command: CatalogCommand::Backup { config, output },
             } => backup_catalog(config, output).await.map(|()| true),

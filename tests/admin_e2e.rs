@@ -767,10 +767,14 @@ async fn meridian_audit_verify_detects_a_tampered_entry() {
     );
     assert!(String::from_utf8_lossy(&intact.stdout).contains("intact"));
 
-    let catalog = meridian_catalog::Catalog::connect(&format!(
+    let catalog_url = format!(
         "sqlite://{}?mode=rw",
         server.data_dir.join("catalog.db").display()
-    ))
+    );
+    let catalog = meridian_catalog::Catalog::connect(
+        &catalog_url,
+        catalog_key_of(&server.data_dir, &catalog_url),
+    )
     .await
     .unwrap();
     catalog

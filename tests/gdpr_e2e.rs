@@ -222,6 +222,54 @@ async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_mess
         .unwrap();
     assert_eq!(suppressed, 3.0);
 
+    // Done: alice's id is nowhere in the catalog in plaintext (database and write-ahead log) ...
+    let mut catalog_bytes = Vec::new();
+    for file in ["catalog.db", "catalog.db-wal"] {
+        if let Ok(bytes) = std::fs::read(server.data_dir.join(file)) {
+            catalog_bytes.extend(bytes);
+        }
+    }
+    assert!(!catalog_bytes.is_empty());
+    assert!(
+        !catalog_bytes.windows(5).any(|window| window == b"alice"),
+        "the finished deletion left alice's id in the catalog files"
+    );
+    // ... and the deletion is still provable by recomputing her keyed hash.
+    let (status, found) = server
+        .admin(
+            Method::GET,
+            &format!("/admin/projects/{project_id}/deletions?user_id=alice"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(
+        found["items"][0]["deletion_id"],
+        deletion_id.as_str(),
+        "{found}"
+    );
+    assert_eq!(found["items"][0]["status"], "done");
+    assert!(found["items"][0]["finished_at"].is_string(), "{found}");
+    let (_, not_deleted) = server
+        .admin(
+            Method::GET,
+            &format!("/admin/projects/{project_id}/deletions?user_id=bob"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(not_deleted["items"], json!([]), "{not_deleted}");
+    let (_, lookup) = server
+        .admin(
+            Method::GET,
+            &format!("/admin/projects/{project_id}/suppressions/alice"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(lookup["suppressed"], true, "{lookup}");
+
     let owner = server.issue_token("owner", Some("acme"));
     let (_, audit) = server
         .admin(

@@ -679,6 +679,7 @@ async fn configured_secrets_never_appear_in_logs_errors_or_check_config() {
     let failed = server
         .command()
         .env("MERIDIAN_CATALOG_URL", &unreachable)
+        .env("MERIDIAN_CATALOG_HASH_KEY", CATALOG_HASH_KEY)
         .args(["serve", "--config"])
         .arg(&server.config_path)
         .output()

@@ -16,7 +16,7 @@ use super::*;
 pub async fn fresh_postgres_database(tag: &str) -> Option<String> {
     let base = shared_service("MERIDIAN_TEST_POSTGRES_URL")?;
     let database = format!("{tag}_{}", uuid::Uuid::new_v4().simple());
-    let admin = meridian_catalog::Catalog::connect(&base)
+    let admin = meridian_catalog::Catalog::connect(&base, catalog_key_of(Path::new("."), &base))
         .await
         .expect("postgres reachable");
     admin

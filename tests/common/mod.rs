@@ -19,6 +19,20 @@ pub mod cluster;
 pub mod services;
 
 pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
+/// The catalog hash key of nodes on a PostgreSQL catalog (embedded catalogs make their own).
+pub const CATALOG_HASH_KEY: &str = "end-to-end-catalog-hash-key-shared-by-a-cluster";
+
+/// The catalog key a test node uses: the shared one for PostgreSQL catalogs, else the one it made
+/// in its data directory.
+#[allow(dead_code)]
+pub fn catalog_key_of(data_dir: &Path, catalog_url: &str) -> meridian_catalog::CatalogKey {
+    let bytes = if catalog_url.starts_with("postgres") {
+        CATALOG_HASH_KEY.to_string()
+    } else {
+        std::fs::read_to_string(data_dir.join("catalog_hash_key")).expect("the node made its key")
+    };
+    meridian_catalog::CatalogKey::from_bytes(bytes.trim().as_bytes()).expect("a valid key")
+}
 
 /// A free loopback port below the kernel's ephemeral range (32768 and up on Linux), handed out
 /// once per test process. A port from the ephemeral range can be taken as the source port of any
@@ -156,6 +170,15 @@ impl TestServer {
             .env_remove("MERIDIAN_CATALOG_URL");
         for (key, value) in &self.extra_env {
             command.env(key, value);
+        }
+        let on_postgres = self
+            .extra_env
+            .iter()
+            .any(|(key, value)| key == "MERIDIAN_CATALOG_URL" && value.starts_with("postgres"));
+        if on_postgres {
+            command.env("MERIDIAN_CATALOG_HASH_KEY", CATALOG_HASH_KEY);
+        } else {
+            command.env_remove("MERIDIAN_CATALOG_HASH_KEY");
         }
         command
     }

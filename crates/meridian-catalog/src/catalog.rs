@@ -14,6 +14,7 @@ use crate::audit::{Actor, AuditChainReport, AuditEntry, verify_chain};
 use crate::deletion::{Deletion, DeletionProgress, DeletionStage, DeletionStatus};
 use crate::error::CatalogError;
 use crate::ids::{generate_write_key, hash_write_key, hex, new_id, write_key_prefix};
+use crate::keyed_hash::CatalogKey;
 use crate::region_migration::{MigrationStatus, RegionMigration};
 use crate::schema;
 
@@ -82,15 +83,17 @@ pub(crate) struct SnapshotRows {
 
 /// The state row every change locks first: it serializes changes (so the audit chain has no
 /// forks) and tells the key caches of every node that something changed.
-struct Change {
+pub(crate) struct Change {
     audit_seq: i64,
     previous_hash: String,
 }
 
 #[derive(Clone)]
 pub struct Catalog {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     backend: CatalogBackend,
+    /// Keys the audit chain and user-id hashes; never stored in the database.
+    pub(crate) key: CatalogKey,
 }
 
 const MAX_NAME_CHARS: usize = 200;
@@ -199,7 +202,7 @@ fn migration_from_row(row: &AnyRow) -> Result<RegionMigration, CatalogError> {
     })
 }
 
-fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, CatalogError> {
+pub(crate) fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, CatalogError> {
     let parse = |text: Option<String>| -> Result<Option<Value>, CatalogError> {
         text.map(|text| {
             serde_json::from_str(&text)
@@ -223,8 +226,9 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, CatalogError> {
 }
 
 impl Catalog {
-    /// Connects to `sqlite://PATH` (created if missing) or `postgres://...`, and migrates.
-    pub async fn connect(url: &str) -> Result<Catalog, CatalogError> {
+    /// Connects to `sqlite://PATH` (created if missing) or `postgres://...`, and migrates. `key`
+    /// keys the audit chain and the user-id hashes (see [`crate::keyed_hash`]).
+    pub async fn connect(url: &str, key: CatalogKey) -> Result<Catalog, CatalogError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             CatalogBackend::Sqlite
@@ -264,6 +268,9 @@ impl Catalog {
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
                             "PRAGMA synchronous = FULL",
+                            // Freed content is overwritten, so a user id a finished deletion
+                            // replaced by its hash does not linger in free pages.
+                            "PRAGMA secure_delete = ON",
                             "PRAGMA busy_timeout = 5000",
                         ] {
                             sqlx::query(pragma).execute(&mut *connection).await?;
@@ -274,8 +281,8 @@ impl Catalog {
             })
             .connect(url)
             .await?;
-        schema::migrate(&pool, backend == CatalogBackend::Postgres).await?;
-        Ok(Catalog { pool, backend })
+        schema::migrate(&pool, backend == CatalogBackend::Postgres, &key).await?;
+        Ok(Catalog { pool, backend, key })
     }
 
     pub fn backend(&self) -> CatalogBackend {
@@ -300,7 +307,9 @@ impl Catalog {
         Ok(row.try_get("version")?)
     }
 
-    async fn begin_change(transaction: &mut Transaction<'_, Any>) -> Result<Change, CatalogError> {
+    pub(crate) async fn begin_change(
+        transaction: &mut Transaction<'_, Any>,
+    ) -> Result<Change, CatalogError> {
         sqlx::query(
             "UPDATE catalog_state SET version = version + 1, audit_seq = audit_seq + 1 WHERE id = 1",
         )
@@ -316,7 +325,8 @@ impl Catalog {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn record_audit(
+    pub(crate) async fn record_audit(
+        &self,
         transaction: &mut Transaction<'_, Any>,
         change: Change,
         org_id: &str,
@@ -339,7 +349,7 @@ impl Catalog {
             prev_hash: change.previous_hash,
             hash: String::new(),
         };
-        entry.hash = entry.compute_hash();
+        entry.hash = entry.compute_hash(&self.key);
         sqlx::query(
             "INSERT INTO audit_log (seq, org_id, at_ms, actor, action, target, before_json,
                 after_json, request_id, prev_hash, hash)
@@ -401,7 +411,7 @@ impl Catalog {
             ));
         }
         let after = serde_json::to_value(&org).ok();
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             org_id,
@@ -464,7 +474,7 @@ impl Catalog {
             primary_region: region.to_string(),
             ..before.clone()
         };
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             org_id,
@@ -535,18 +545,19 @@ impl Catalog {
         .bind(deletion.deadline_ms)
         .execute(&mut *transaction)
         .await?;
-        for user_id in &deletion.user_ids {
+        let user_hashes = self.user_hashes(project_id, &deletion.user_ids);
+        for user_hash in &user_hashes {
             sqlx::query(
                 "INSERT INTO suppressions (project_id, user_id, created_at_ms) VALUES ($1, $2, $3)
                  ON CONFLICT (project_id, user_id) DO NOTHING",
             )
             .bind(project_id)
-            .bind(user_id)
+            .bind(user_hash)
             .bind(now_ms)
             .execute(&mut *transaction)
             .await?;
         }
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &deletion.org_id,
@@ -554,7 +565,7 @@ impl Catalog {
             "deletion.request",
             &deletion.deletion_id,
             None,
-            Some(json!({"project_id": project_id, "region": deletion.region, "user_ids": deletion.user_ids,
+            Some(json!({"project_id": project_id, "region": deletion.region, "user_hashes": user_hashes,
                         "deadline_ms": deletion.deadline_ms, "suppressed": true})),
         )
         .await?;
@@ -675,7 +686,7 @@ impl Catalog {
             ));
         }
         if let Some(change) = change {
-            Self::record_audit(
+            self.record_audit(
                 &mut transaction,
                 change,
                 &before.org_id,
@@ -730,17 +741,27 @@ impl Catalog {
                 "deletion `{deletion_id}` does not exist"
             )));
         };
+        // Once done, the users' ids are needed nowhere: only their keyed hashes stay, which still
+        // answer "was this user deleted, and when?".
+        let kept_user_ids = if status == DeletionStatus::Done {
+            self.user_hashes(&before.project_id, &before.user_ids)
+        } else {
+            before.user_ids.clone()
+        };
+        let kept_user_ids_json = serde_json::to_string(&kept_user_ids)
+            .map_err(|error| CatalogError::Invalid(error.to_string()))?;
         sqlx::query(
             "UPDATE deletions SET status = $1, stage = 'finished', error = $2, finished_at_ms = $3, updated_at_ms = $3,
-                lease_owner = NULL, lease_until_ms = NULL WHERE deletion_id = $4",
+                lease_owner = NULL, lease_until_ms = NULL, user_ids_json = $4 WHERE deletion_id = $5",
         )
         .bind(status.as_str())
         .bind(error)
         .bind(now_ms)
+        .bind(&kept_user_ids_json)
         .bind(deletion_id)
         .execute(&mut *transaction)
         .await?;
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &before.org_id,
@@ -755,9 +776,20 @@ impl Catalog {
         )
         .await?;
         transaction.commit().await?;
+        if status == DeletionStatus::Done && self.backend == CatalogBackend::Sqlite {
+            // The write-ahead log still holds the page images with the ids: fold it into the
+            // database (where secure_delete zeroed them) and empty it.
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await
+            {
+                tracing::warn!(%error, "could not checkpoint the catalog after a deletion; the write-ahead log keeps the users' ids until the next checkpoint");
+            }
+        }
         Ok(Deletion {
             status,
             stage: DeletionStage::Finished,
+            user_ids: kept_user_ids,
             error: error.map(str::to_string),
             finished_at_ms: Some(now_ms),
             updated_at_ms: now_ms,
@@ -851,7 +883,7 @@ impl Catalog {
         .bind(migration.updated_at_ms)
         .execute(&mut *transaction)
         .await?;
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             org_id,
@@ -924,7 +956,7 @@ impl Catalog {
             updated_at_ms: now_ms,
             ..before.clone()
         };
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &before.org_id,
@@ -993,7 +1025,7 @@ impl Catalog {
             "region": project.region,
             "key_prefix": write_key_prefix(&write_key),
         });
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             org_id,
@@ -1083,7 +1115,7 @@ impl Catalog {
             .bind(project_id)
             .execute(&mut *transaction)
             .await?;
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &before.org_id,
@@ -1159,7 +1191,7 @@ impl Catalog {
         .execute(&mut *transaction)
         .await?;
         Self::insert_key(&mut transaction, project_id, &write_key, now_ms).await?;
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &project.org_id,
@@ -1210,7 +1242,7 @@ impl Catalog {
         } else {
             "project.storage.clear"
         };
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &before.org_id,
@@ -1242,19 +1274,20 @@ impl Catalog {
         let change = Self::begin_change(&mut transaction).await?;
         let project = Self::project_in(&mut transaction, project_id).await?;
         let mut newly_suppressed = 0;
-        for user_id in user_ids {
+        let user_hashes = self.user_hashes(project_id, user_ids);
+        for user_hash in &user_hashes {
             let inserted = sqlx::query(
                 "INSERT INTO suppressions (project_id, user_id, created_at_ms) VALUES ($1, $2, $3)
                  ON CONFLICT (project_id, user_id) DO NOTHING",
             )
             .bind(project_id)
-            .bind(user_id)
+            .bind(user_hash)
             .bind(now_ms)
             .execute(&mut *transaction)
             .await?;
             newly_suppressed += inserted.rows_affected();
         }
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &project.org_id,
@@ -1262,7 +1295,7 @@ impl Catalog {
             "suppression.add",
             project_id,
             None,
-            Some(json!({"user_ids": user_ids})),
+            Some(json!({"user_hashes": user_hashes})),
         )
         .await?;
         transaction.commit().await?;
@@ -1279,23 +1312,24 @@ impl Catalog {
         let mut transaction = self.pool.begin().await?;
         let change = Self::begin_change(&mut transaction).await?;
         let project = Self::project_in(&mut transaction, project_id).await?;
+        let user_hash = self.key.user_hash(project_id, user_id);
         let deleted =
             sqlx::query("DELETE FROM suppressions WHERE project_id = $1 AND user_id = $2")
                 .bind(project_id)
-                .bind(user_id)
+                .bind(&user_hash)
                 .execute(&mut *transaction)
                 .await?;
         if deleted.rows_affected() == 0 {
             return Ok(false);
         }
-        Self::record_audit(
+        self.record_audit(
             &mut transaction,
             change,
             &project.org_id,
             actor,
             "suppression.remove",
             project_id,
-            Some(json!({"user_id": user_id})),
+            Some(json!({"user_hash": user_hash})),
             None,
         )
         .await?;
@@ -1303,6 +1337,64 @@ impl Catalog {
         Ok(true)
     }
 
+    /// The keyed hashes of `user_ids` in the project (see [`crate::keyed_hash`]).
+    pub fn user_hashes(&self, project_id: &str, user_ids: &[String]) -> Vec<String> {
+        user_ids
+            .iter()
+            .map(|user_id| self.key.user_hash(project_id, user_id))
+            .collect()
+    }
+
+    /// The key of the catalog's hashes (the key cache computes user hashes with it).
+    pub fn key(&self) -> &CatalogKey {
+        &self.key
+    }
+
+    /// Whether the user is suppressed in the project.
+    pub async fn is_user_suppressed(
+        &self,
+        project_id: &str,
+        user_id: &str,
+    ) -> Result<bool, CatalogError> {
+        let row = sqlx::query(
+            "SELECT 1 AS found FROM suppressions WHERE project_id = $1 AND user_id = $2",
+        )
+        .bind(project_id)
+        .bind(self.key.user_hash(project_id, user_id))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// The project's deletions that covered `user_id` (found by recomputing its keyed hash for
+    /// finished ones), newest first: "was this user deleted, and when?".
+    pub async fn deletions_of_user(
+        &self,
+        project_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<Deletion>, CatalogError> {
+        let user_hash = self.key.user_hash(project_id, user_id);
+        let rows = sqlx::query(&format!(
+            "SELECT {DELETION_COLUMNS} FROM deletions WHERE project_id = $1 ORDER BY created_at_ms DESC"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found = Vec::new();
+        for row in &rows {
+            let deletion = deletion_from_row(row)?;
+            if deletion
+                .user_ids
+                .iter()
+                .any(|stored| stored == &user_hash || stored == user_id)
+            {
+                found.push(deletion);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Suppressed users as keyed hashes (the ids themselves are not kept).
     pub async fn list_suppressions(
         &self,
         project_id: &str,
@@ -1370,9 +1462,9 @@ impl Catalog {
             entries_checked: 0,
             first_broken: None,
         };
-        let mut previous: Option<(i64, String)> = None;
+        let mut position = crate::audit::ChainPosition::default();
         loop {
-            let after_seq = previous.as_ref().map(|(seq, _)| *seq).unwrap_or(0);
+            let after_seq = position.previous.as_ref().map(|(seq, _)| *seq).unwrap_or(0);
             let rows = sqlx::query(
                 "SELECT seq, org_id, at_ms, actor, action, target, before_json, after_json,
                     request_id, prev_hash, hash
@@ -1388,7 +1480,7 @@ impl Catalog {
                 .iter()
                 .map(audit_from_row)
                 .collect::<Result<Vec<_>, _>>()?;
-            verify_chain(&entries, &mut report, &mut previous);
+            verify_chain(&entries, &self.key, &mut report, &mut position);
             if report.first_broken.is_some() {
                 return Ok(report);
             }
@@ -1398,13 +1490,18 @@ impl Catalog {
             .await?;
         let head_seq: i64 = head.try_get("audit_seq")?;
         let head_hash: String = head.try_get("audit_head_hash")?;
-        let (last_seq, last_hash) = previous.unwrap_or((0, String::new()));
+        let (last_seq, last_hash) = position.previous.unwrap_or((0, String::new()));
         if head_seq != last_seq || head_hash != last_hash {
             report.first_broken = Some((
                 last_seq + 1,
                 format!(
                     "the chain ends at entry {last_seq} but the catalog recorded {head_seq} entries (entries were deleted)"
                 ),
+            ));
+        } else if last_seq > 0 && !position.keyed_seen {
+            report.first_broken = Some((
+                last_seq,
+                "the chain has no keyed entry: it was written before keyed hashes and no node has anchored it yet (start a node once), or it was rewritten".to_string(),
             ));
         }
         Ok(report)

@@ -37,8 +37,9 @@ struct KeyEntry {
 struct ProjectEntry {
     region: RegionId,
     storage: Option<Arc<CustomerStorage>>,
+    /// Keyed hashes of the suppressed users (see [`crate::keyed_hash`]).
     suppressed_users: HashSet<String>,
-    /// Users with a GDPR deletion, and the time of their latest deletion request.
+    /// Keyed hashes of users with a GDPR deletion, and the time of their latest deletion request.
     erased_users: HashMap<String, i64>,
 }
 
@@ -89,7 +90,11 @@ impl KeyCache {
             .load()
             .projects
             .get(project_id)
-            .is_some_and(|project| project.suppressed_users.contains(user_id))
+            .filter(|project| !project.suppressed_users.is_empty())
+            .is_some_and(|project| {
+                let user_hash = self.catalog.key().user_hash(project_id, user_id);
+                project.suppressed_users.contains(&user_hash)
+            })
     }
 
     /// Whether the project has any suppressed user (lets the hot path skip per-message lookups).
@@ -161,7 +166,16 @@ impl KeyCache {
         for (project_id, user_ids, created_at_ms) in rows.deletions {
             if let Some(project) = projects.get_mut(project_id.as_str()) {
                 for user_id in user_ids {
-                    let latest = project.erased_users.entry(user_id).or_insert(created_at_ms);
+                    // Deletions still under way hold the ids; finished ones their hashes.
+                    let user_hash = if crate::keyed_hash::is_user_hash(&user_id) {
+                        user_id
+                    } else {
+                        self.catalog.key().user_hash(&project_id, &user_id)
+                    };
+                    let latest = project
+                        .erased_users
+                        .entry(user_hash)
+                        .or_insert(created_at_ms);
                     *latest = (*latest).max(created_at_ms);
                 }
             }
@@ -248,7 +262,11 @@ impl meridian_core::ErasureFilter for KeyCache {
             .load()
             .projects
             .get(project_id)
-            .and_then(|project| project.erased_users.get(user_id))
-            .is_some_and(|deleted_at_ms| received_at_ms <= *deleted_at_ms)
+            .filter(|project| !project.erased_users.is_empty())
+            .and_then(|project| {
+                let user_hash = self.catalog.key().user_hash(project_id, user_id);
+                project.erased_users.get(&user_hash).copied()
+            })
+            .is_some_and(|deleted_at_ms| received_at_ms <= deleted_at_ms)
     }
 }

@@ -4,20 +4,24 @@
 //! in-memory snapshot kept fresh in the background.
 
 mod audit;
+mod audit_anchor;
 mod catalog;
 mod deletion;
 mod error;
 mod ids;
 mod key_cache;
+pub mod keyed_hash;
 mod region_migration;
 mod schema;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
+pub use audit_anchor::AnchorOutcome;
 pub use catalog::{Catalog, CatalogBackend, KeyInfo, NewProject, Org, Page, Project, RotatedKey};
 pub use deletion::{Deletion, DeletionProgress, DeletionStage, DeletionStatus};
 pub use error::CatalogError;
 pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
+pub use keyed_hash::CatalogKey;
 pub use region_migration::{MigrationStatus, RegionMigration};
 
 #[cfg(test)]

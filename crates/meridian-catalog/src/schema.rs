@@ -5,6 +5,7 @@ use sqlx::{AnyPool, Row};
 use tracing::info;
 
 use crate::error::CatalogError;
+use crate::keyed_hash::{CatalogKey, is_user_hash};
 
 pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
     (
@@ -113,16 +114,26 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
     ),
 ];
 
+/// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).
+const USER_HASHES_VERSION: i64 = 4;
+
 /// Applies every migration not yet applied. On PostgreSQL an advisory lock keeps several nodes
 /// starting at once from running the same migration concurrently.
-pub(crate) async fn migrate(pool: &AnyPool, is_postgres: bool) -> Result<(), CatalogError> {
+pub(crate) async fn migrate(
+    pool: &AnyPool,
+    is_postgres: bool,
+    key: &CatalogKey,
+) -> Result<(), CatalogError> {
     let mut connection = pool.acquire().await?;
     if is_postgres {
         sqlx::query("SELECT pg_advisory_lock(7262746)")
             .execute(&mut *connection)
             .await?;
     }
-    let outcome = apply_migrations(&mut connection).await;
+    let mut outcome = apply_migrations(&mut connection).await;
+    if outcome.is_ok() {
+        outcome = hash_stored_user_ids(&mut connection, key).await;
+    }
     if is_postgres {
         sqlx::query("SELECT pg_advisory_unlock(7262746)")
             .execute(&mut *connection)
@@ -168,6 +179,95 @@ async fn apply_migrations(connection: &mut sqlx::AnyConnection) -> Result<(), Ca
             info!(version, description, "catalog migration applied");
         }
     }
+    Ok(())
+}
+
+/// Migration 4: suppressions and finished deletions keep keyed hashes of user ids, not the ids
+/// (see [`crate::keyed_hash`]). Deletions still under way keep their ids until they finish.
+async fn hash_stored_user_ids(
+    connection: &mut sqlx::AnyConnection,
+    key: &CatalogKey,
+) -> Result<(), CatalogError> {
+    use sqlx::Connection;
+    let mut transaction = connection.begin().await?;
+    let applied = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+        .bind(USER_HASHES_VERSION)
+        .fetch_optional(&mut *transaction)
+        .await?;
+    if applied.is_some() {
+        return Ok(());
+    }
+    let suppressions = sqlx::query("SELECT project_id, user_id, created_at_ms FROM suppressions")
+        .fetch_all(&mut *transaction)
+        .await?;
+    let mut hashed_suppressions = 0u64;
+    for row in &suppressions {
+        let project_id: String = row.try_get("project_id")?;
+        let user_id: String = row.try_get("user_id")?;
+        let created_at_ms: i64 = row.try_get("created_at_ms")?;
+        if is_user_hash(&user_id) {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO suppressions (project_id, user_id, created_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (project_id, user_id) DO NOTHING",
+        )
+        .bind(&project_id)
+        .bind(key.user_hash(&project_id, &user_id))
+        .bind(created_at_ms)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("DELETE FROM suppressions WHERE project_id = $1 AND user_id = $2")
+            .bind(&project_id)
+            .bind(&user_id)
+            .execute(&mut *transaction)
+            .await?;
+        hashed_suppressions += 1;
+    }
+    let finished = sqlx::query(
+        "SELECT deletion_id, project_id, user_ids_json FROM deletions WHERE status = 'done'",
+    )
+    .fetch_all(&mut *transaction)
+    .await?;
+    for row in &finished {
+        let deletion_id: String = row.try_get("deletion_id")?;
+        let project_id: String = row.try_get("project_id")?;
+        let user_ids_json: String = row.try_get("user_ids_json")?;
+        let user_ids: Vec<String> = serde_json::from_str(&user_ids_json)
+            .map_err(|error| CatalogError::Corrupt(format!("deletion user ids: {error}")))?;
+        let hashes: Vec<String> = user_ids
+            .iter()
+            .map(|user_id| {
+                if is_user_hash(user_id) {
+                    user_id.clone()
+                } else {
+                    key.user_hash(&project_id, user_id)
+                }
+            })
+            .collect();
+        let hashes_json = serde_json::to_string(&hashes)
+            .map_err(|error| CatalogError::Invalid(error.to_string()))?;
+        sqlx::query("UPDATE deletions SET user_ids_json = $1 WHERE deletion_id = $2")
+            .bind(&hashes_json)
+            .bind(&deletion_id)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO schema_migrations (version, description, applied_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (version) DO NOTHING",
+    )
+    .bind(USER_HASHES_VERSION)
+    .bind("user ids kept as keyed hashes")
+    .bind(meridian_core::timestamp::now_unix_ms())
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    info!(
+        hashed_suppressions,
+        hashed_deletions = finished.len(),
+        "catalog migration applied: user ids kept as keyed hashes"
+    );
     Ok(())
 }
 

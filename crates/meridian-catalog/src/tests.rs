@@ -4,9 +4,13 @@ use meridian_core::RegionId;
 
 use crate::*;
 
+pub(crate) fn test_key() -> CatalogKey {
+    CatalogKey::from_bytes(b"catalog-test-key-catalog-test-key-0123").unwrap()
+}
+
 async fn sqlite_catalog(dir: &tempfile::TempDir) -> Catalog {
     let url = format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display());
-    Catalog::connect(&url).await.unwrap()
+    Catalog::connect(&url, test_key()).await.unwrap()
 }
 
 fn actor() -> Actor {
@@ -26,7 +30,7 @@ pub(crate) async fn catalogs_under_test(dir: &tempfile::TempDir) -> Vec<Catalog>
     match std::env::var("MERIDIAN_TEST_POSTGRES_URL") {
         Ok(base_url) => {
             let database = format!("cat_{}", uuid::Uuid::new_v4().simple());
-            let admin = Catalog::connect(&base_url).await.unwrap();
+            let admin = Catalog::connect(&base_url, test_key()).await.unwrap();
             admin
                 .execute_raw(&format!("CREATE DATABASE {database}"))
                 .await
@@ -36,7 +40,7 @@ pub(crate) async fn catalogs_under_test(dir: &tempfile::TempDir) -> Vec<Catalog>
                 Some((server, _)) => format!("{server}/{database}"),
                 None => panic!("MERIDIAN_TEST_POSTGRES_URL needs a database path"),
             };
-            catalogs.push(Catalog::connect(&url).await.unwrap());
+            catalogs.push(Catalog::connect(&url, test_key()).await.unwrap());
         }
         Err(_) if std::env::var("MERIDIAN_REQUIRE_SERVICES").is_ok_and(|value| value == "1") => {
             panic!("MERIDIAN_REQUIRE_SERVICES=1 but MERIDIAN_TEST_POSTGRES_URL is not set");
@@ -227,8 +231,175 @@ async fn suppressions_reach_the_cache() {
             .list_suppressions(&project.project_id, 10, None)
             .await
             .unwrap();
-        assert_eq!(listed.items, vec!["u2".to_string()]);
+        assert_eq!(
+            listed.items,
+            vec![test_key().user_hash(&project.project_id, "u2")],
+            "only keyed hashes are kept"
+        );
+        assert!(
+            catalog
+                .is_user_suppressed(&project.project_id, "u2")
+                .await
+                .unwrap()
+        );
+        let audit = catalog.list_audit("sup", 0, 100).await.unwrap();
+        let text = serde_json::to_string(&audit.items).unwrap();
+        assert!(
+            !text.contains("\"u1\"") && !text.contains("\"u2\""),
+            "no user id in the audit log: {text}"
+        );
     }
+}
+
+#[tokio::test]
+async fn the_audit_chain_cannot_be_rewritten_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("keyed", "Keyed", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        catalog
+            .set_primary_region("keyed", &region("us-east-1"), &actor())
+            .await
+            .unwrap();
+        let page = catalog.list_audit("keyed", 0, 10).await.unwrap();
+        assert!(page.items.iter().all(AuditEntry::is_keyed));
+        // A database writer rewrites the last entry and the head together, with plain SHA-256
+        // as entries were hashed before: the chain no longer verifies.
+        let last = page.items.last().unwrap().clone();
+        let mut forged = last.clone();
+        forged.after = Some(serde_json::json!({"primary_region": "af-south-1"}));
+        let forged_hash = forged.compute_unkeyed_hash();
+        catalog
+            .execute_raw(&format!(
+                "UPDATE audit_log SET after_json = '{}', hash = '{forged_hash}' WHERE seq = {}",
+                forged.after.as_ref().unwrap(),
+                forged.seq
+            ))
+            .await
+            .unwrap();
+        catalog
+            .execute_raw(&format!(
+                "UPDATE catalog_state SET audit_head_hash = '{forged_hash}' WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        let report = catalog.verify_audit_chain().await.unwrap();
+        assert_eq!(
+            report.first_broken.as_ref().map(|(seq, _)| *seq),
+            Some(last.seq),
+            "{report:?}"
+        );
+        // Nor with a keyed hash made with another key.
+        let other_key = CatalogKey::from_bytes(&[9u8; 32]).unwrap();
+        let other_hash = forged.compute_hash(&other_key);
+        catalog
+            .execute_raw(&format!(
+                "UPDATE audit_log SET hash = '{other_hash}' WHERE seq = {}",
+                forged.seq
+            ))
+            .await
+            .unwrap();
+        catalog
+            .execute_raw(&format!(
+                "UPDATE catalog_state SET audit_head_hash = '{other_hash}' WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        let report = catalog.verify_audit_chain().await.unwrap();
+        assert_eq!(
+            report.first_broken.as_ref().map(|(seq, _)| *seq),
+            Some(last.seq)
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_audit_log_from_before_keyed_hashes_is_anchored_without_its_user_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = sqlite_catalog(&dir).await;
+    catalog
+        .create_org("old", "Old", &region("eu-west-1"), &actor())
+        .await
+        .unwrap();
+    let (project, _) = catalog
+        .create_project(
+            "old",
+            NewProject {
+                name: "p".into(),
+                region: region("eu-west-1"),
+            },
+            &actor(),
+        )
+        .await
+        .unwrap();
+    // Rewrite the log as an earlier version wrote it: plain SHA-256, user ids in the open.
+    let mut entries = catalog.list_audit("old", 0, 10).await.unwrap().items;
+    entries.push(AuditEntry {
+        seq: entries.len() as i64 + 1,
+        org_id: "old".into(),
+        at_ms: 1,
+        actor: "tester".into(),
+        action: "suppression.add".into(),
+        target: project.project_id.clone(),
+        before: None,
+        after: Some(serde_json::json!({"user_ids": ["alice@example.com"]})),
+        request_id: "req-old".into(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    });
+    let mut previous = String::new();
+    for entry in &mut entries {
+        entry.prev_hash = previous.clone();
+        entry.hash = entry.compute_unkeyed_hash();
+        previous = entry.hash.clone();
+    }
+    catalog.execute_raw("DELETE FROM audit_log").await.unwrap();
+    for entry in &entries {
+        catalog
+            .execute_raw(&format!(
+                "INSERT INTO audit_log (seq, org_id, at_ms, actor, action, target, before_json, after_json, request_id, prev_hash, hash) \
+                 VALUES ({}, '{}', {}, '{}', '{}', '{}', {}, {}, '{}', '{}', '{}')",
+                entry.seq, entry.org_id, entry.at_ms, entry.actor, entry.action, entry.target,
+                entry.before.as_ref().map(|value| format!("'{value}'")).unwrap_or("NULL".into()),
+                entry.after.as_ref().map(|value| format!("'{value}'")).unwrap_or("NULL".into()),
+                entry.request_id, entry.prev_hash, entry.hash
+            ))
+            .await
+            .unwrap();
+    }
+    catalog
+        .execute_raw(&format!(
+            "UPDATE catalog_state SET audit_seq = {}, audit_head_hash = '{previous}' WHERE id = 1",
+            entries.len()
+        ))
+        .await
+        .unwrap();
+    let report = catalog.verify_audit_chain().await.unwrap();
+    assert!(
+        report.first_broken.is_some(),
+        "an unanchored chain does not pass: {report:?}"
+    );
+    assert!(!catalog.audit_chain_is_anchored().await.unwrap());
+
+    let outcome = catalog.anchor_audit_chain(&actor()).await.unwrap();
+    assert_eq!(
+        outcome,
+        AnchorOutcome::Anchored {
+            entries: entries.len() as u64
+        }
+    );
+    let report = catalog.verify_audit_chain().await.unwrap();
+    assert_eq!(report.first_broken, None, "{report:?}");
+    let anchored = catalog.list_audit("old", 0, 10).await.unwrap().items;
+    let text = serde_json::to_string(&anchored).unwrap();
+    assert!(!text.contains("alice@example.com"), "{text}");
+    assert!(text.contains(&test_key().user_hash(&project.project_id, "alice@example.com")));
+    assert_eq!(
+        catalog.anchor_audit_chain(&actor()).await.unwrap(),
+        AnchorOutcome::AlreadyAnchored
+    );
 }
 
 #[tokio::test]
@@ -296,10 +467,13 @@ async fn the_audit_chain_detects_tampering_and_deletion() {
 async fn migrations_are_recorded_and_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = sqlite_catalog(&dir).await;
-    assert_eq!(catalog.applied_migrations().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        catalog.applied_migrations().await.unwrap(),
+        vec![1, 2, 3, 4]
+    );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
-    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2, 3, 4]);
 }
 
 #[tokio::test]

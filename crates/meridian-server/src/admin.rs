@@ -83,6 +83,11 @@ pub fn routes() -> ApiRoutes {
             suppress_one,
         )
         .add(
+            Method::GET,
+            "/admin/projects/{project_id}/suppressions/{user_id}",
+            suppression_of_user,
+        )
+        .add(
             Method::DELETE,
             "/admin/projects/{project_id}/suppressions/{user_id}",
             unsuppress_one,
@@ -588,6 +593,23 @@ async fn suppress_one(
         axum::Json(json!({"project_id": project_id, "user_id": user_id, "suppressed": true}))
             .into_response(),
     )
+}
+
+/// Whether a user is suppressed: the catalog keeps keyed hashes only, so this recomputes the
+/// user's hash and looks it up.
+async fn suppression_of_user(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath((project_id, user_id)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let suppressed = state
+        .catalog
+        .is_user_suppressed(&project_id, &user_id)
+        .await?;
+    Ok(axum::Json(json!({"project_id": project_id, "user_id": user_id,
+        "user_hash": state.catalog.key().user_hash(&project_id, &user_id), "suppressed": suppressed}))
+    .into_response())
 }
 
 async fn unsuppress_one(

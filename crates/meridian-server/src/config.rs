@@ -123,6 +123,10 @@ pub struct AuthConfig {
 pub struct CatalogConfig {
     pub url: Option<Secret>,
     pub refresh_interval_ms: u64,
+    /// Keys the audit chain and the user-id hashes (at least 32 bytes); never stored in the
+    /// catalog. Unset with the embedded catalog: `<data_dir>/catalog_hash_key`, created once.
+    #[serde(default)]
+    pub hash_key: Option<Secret>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -319,6 +323,8 @@ pub struct Settings {
     pub jwt_leeway_secs: u64,
     /// May carry a password: print it with [`Settings::catalog_url_for_display`].
     pub catalog_url: Secret,
+    /// `None`: use (or create) `<data_dir>/catalog_hash_key`.
+    pub catalog_hash_key: Option<Secret>,
     pub catalog_refresh_interval: Duration,
     pub limits: IngestLimits,
     pub durability: Durability,
@@ -553,6 +559,9 @@ impl Config {
                         .collect();
                 }
                 "MERIDIAN_CATALOG_URL" => config.catalog.url = Some(Secret::new(value.clone())),
+                "MERIDIAN_CATALOG_HASH_KEY" => {
+                    config.catalog.hash_key = Some(Secret::new(value.clone()))
+                }
                 _ => {}
             }
         }
@@ -702,6 +711,18 @@ impl Config {
             });
         let catalog_is_shared =
             catalog_url.starts_with("postgres://") || catalog_url.starts_with("postgresql://");
+        match &self.catalog.hash_key {
+            Some(key) if key.expose().len() < meridian_catalog::keyed_hash::MIN_KEY_BYTES => {
+                problems.push(format!(
+                    "catalog.hash_key must be at least {} bytes long",
+                    meridian_catalog::keyed_hash::MIN_KEY_BYTES
+                ));
+            }
+            None if catalog_is_shared => problems.push(
+                "catalog.hash_key (or MERIDIAN_CATALOG_HASH_KEY) must be set with a PostgreSQL catalog: every node of the cluster must use the same key, which keys the audit chain and the user-id hashes and is never stored in the catalog (e.g. openssl rand -hex 32)".to_string(),
+            ),
+            _ => {}
+        }
         // A node of a cluster (shared catalog, or a home region set on purpose) serves its own
         // region unless told otherwise; only the embedded playground serves every region.
         let is_cluster_node = catalog_is_shared || self.node.region_set_explicitly;
@@ -864,6 +885,7 @@ impl Config {
             jwt_secret: self.auth.jwt_secret.clone(),
             jwt_leeway_secs: self.auth.jwt_leeway_secs,
             catalog_url: Secret::new(catalog_url),
+            catalog_hash_key: self.catalog.hash_key.clone(),
             catalog_refresh_interval: Duration::from_millis(self.catalog.refresh_interval_ms),
             limits,
             durability: match self.queue.durability {

@@ -43,6 +43,11 @@ pub fn routes() -> ApiRoutes {
             "/admin/projects/{project_id}/deletions",
             request_deletion,
         )
+        .add(
+            Method::GET,
+            "/admin/projects/{project_id}/deletions",
+            deletions_of_user,
+        )
         .add(Method::GET, "/admin/deletions/{deletion_id}", get_deletion)
 }
 
@@ -52,6 +57,40 @@ fn store_status(done: bool, started: bool) -> &'static str {
         (false, true) => "running",
         (false, false) => "pending",
     }
+}
+
+#[derive(serde::Deserialize)]
+struct UserQuery {
+    user_id: Option<String>,
+}
+
+/// "Was this user deleted, and when?": the project's deletions that covered `?user_id=`, found by
+/// recomputing the user's keyed hash (finished deletions keep no user id).
+async fn deletions_of_user(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(project_id): ApiPath<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let parsed = axum::extract::Query::<UserQuery>::try_from_uri(&uri)
+        .map_err(|error| ApiError::bad_request("invalid_request", error.body_text()))?;
+    let Some(user_id) = parsed.0.user_id.filter(|user_id| !user_id.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "give the user as ?user_id=...: deletions are looked up by user",
+        ));
+    };
+    let has_clickhouse = clickhouse_configured(&state, &project.region);
+    let deletions = state
+        .catalog
+        .deletions_of_user(&project_id, &user_id)
+        .await?;
+    let items: Vec<Value> = deletions
+        .iter()
+        .map(|deletion| deletion_json(deletion, has_clickhouse))
+        .collect();
+    Ok(axum::Json(json!({"user_id": user_id, "items": items})).into_response())
 }
 
 pub fn deletion_json(deletion: &Deletion, has_clickhouse: Option<bool>) -> Value {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod catalog_key;
 pub mod config;
 pub mod error;
 pub mod gdpr;

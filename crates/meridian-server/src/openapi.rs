@@ -310,6 +310,15 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             ),
         ),
         (
+            Method::GET,
+            "/admin/projects/{project_id}/suppressions/{user_id}",
+            admin(
+                "Whether a user is suppressed, looked up by the user's keyed hash (owner/admin)",
+                None,
+                (200, Some("SuppressionLookup")),
+            ),
+        ),
+        (
             Method::DELETE,
             "/admin/projects/{project_id}/suppressions/{user_id}",
             admin("Lift a suppression (owner/admin)", None, (204, None)),
@@ -339,6 +348,15 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
                 "Request a GDPR deletion of up to 5,000 users, carried out in the project's region; also suppresses them (owner/admin)",
                 Some("UserIds"),
                 (202, Some("Deletion")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/projects/{project_id}/deletions",
+            admin(
+                "Was this user deleted, and when? The project's deletions that covered ?user_id=, found by recomputing its keyed hash (owner/admin)",
+                None,
+                (200, Some("UserDeletions")),
             ),
         ),
         (
@@ -477,6 +495,10 @@ fn schemas() -> Value {
             "suppressed": {"type": "integer"}, "newly_suppressed": {"type": "integer"}}},
         "SuppressedUser": {"type": "object", "required": ["project_id", "user_id", "suppressed"], "properties": {
             "project_id": string, "user_id": string, "suppressed": {"type": "boolean"}}},
+        "SuppressionLookup": {"type": "object", "required": ["project_id", "user_id", "user_hash", "suppressed"], "properties": {
+            "project_id": string, "user_id": string, "user_hash": string, "suppressed": {"type": "boolean"}}},
+        "UserDeletions": {"type": "object", "required": ["user_id", "items"], "properties": {
+            "user_id": string, "items": {"type": "array", "items": reference("Deletion")}}},
         "StorageRequest": {"type": "object", "required": ["bucket", "role_arn"], "properties": {
             "bucket": string, "prefix": string, "role_arn": string, "external_id": string, "kms_key_arn": string, "label": string}},
         "AuditEntry": {"type": "object", "required": ["seq", "at", "actor", "action", "target", "request_id", "hash", "prev_hash"], "properties": {
@@ -511,6 +533,11 @@ fn path_parameters(path: &str) -> Vec<Value> {
 }
 
 fn query_parameters(method: &Method, path: &str) -> Vec<Value> {
+    if method == Method::GET && path.ends_with("/deletions") {
+        return vec![
+            json!({"name": "user_id", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}),
+        ];
+    }
     let is_list = method == Method::GET
         && (path.ends_with("/projects")
             || path.ends_with("/suppressions")

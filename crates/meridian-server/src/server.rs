@@ -89,11 +89,11 @@ async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), S
     };
     let catalog = tokio::time::timeout(
         Duration::from_secs(30),
-        Catalog::connect(settings.catalog_url.expose()),
+        crate::catalog_key::connect_catalog(settings),
     )
     .await
     .map_err(|_| failure("timed out after 30 s".into()))?
-    .map_err(|error| failure(error.to_string()))?;
+    .map_err(failure)?;
     let keys = KeyCache::load(catalog.clone())
         .await
         .map_err(|error| failure(error.to_string()))?;

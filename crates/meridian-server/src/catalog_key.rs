@@ -1,0 +1,83 @@
+//! The catalog's hash key (see [`meridian_catalog::keyed_hash`]): from the configuration, or for
+//! the embedded catalog from `<data_dir>/catalog_hash_key`, created on first start.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use meridian_catalog::{Actor, Catalog, CatalogKey};
+use tracing::{info, warn};
+
+use crate::config::Settings;
+
+/// The file that holds a generated key.
+pub fn key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("catalog_hash_key")
+}
+
+/// The key, and whether it was created just now (the catalog then cannot hold anything written
+/// with it yet). Errors are sentences.
+pub fn load_catalog_key(settings: &Settings) -> Result<(CatalogKey, bool), String> {
+    if let Some(configured) = &settings.catalog_hash_key {
+        let key = CatalogKey::from_bytes(configured.expose().as_bytes())
+            .ok_or_else(|| "catalog.hash_key is too short (at least 32 bytes)".to_string())?;
+        return Ok((key, false));
+    }
+    let path = key_file(&settings.data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return CatalogKey::from_bytes(text.trim().as_bytes())
+                .map(|key| (key, false))
+                .ok_or_else(|| {
+                    format!("{} holds no valid key (at least 32 bytes)", path.display())
+                });
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+    }
+    let generated: String = (0..2)
+        .map(|_| meridian_catalog::generate_write_key().replace("wk_", ""))
+        .collect();
+    let write = || -> std::io::Result<()> {
+        meridian_queue::create_dir_all_durably(&settings.data_dir)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(generated.as_bytes())?;
+        file.sync_all()?;
+        std::fs::File::open(&settings.data_dir)?.sync_all()
+    };
+    write().map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+    let key = CatalogKey::from_bytes(generated.as_bytes())
+        .ok_or_else(|| "the generated catalog key is too short".to_string())?;
+    Ok((key, true))
+}
+
+/// Loads (or creates) the key, connects and migrates the catalog. When the key was created just
+/// now, nothing in the catalog can have been written with it, so an audit log found there predates
+/// keyed hashes (a database writer cannot cause this): it is anchored. Otherwise an unanchored log
+/// is reported, for an operator to anchor (`meridian audit anchor`).
+pub async fn connect_catalog(settings: &Settings) -> Result<Catalog, String> {
+    let (key, key_created) = load_catalog_key(settings)?;
+    let catalog = Catalog::connect(settings.catalog_url.expose(), key)
+        .await
+        .map_err(|error| error.to_string())?;
+    let anchored = catalog
+        .audit_chain_is_anchored()
+        .await
+        .map_err(|error| error.to_string())?;
+    if !anchored && key_created {
+        let outcome = catalog
+            .anchor_audit_chain(&Actor::system("catalog-key-created"))
+            .await
+            .map_err(|error| error.to_string())?;
+        info!(?outcome, "audit log anchored with the new catalog key");
+    } else if !anchored {
+        warn!(
+            "the audit log predates keyed hashes and is not anchored: `meridian audit verify` fails until an operator who trusts it runs `meridian audit anchor`"
+        );
+    }
+    Ok(catalog)
+}
