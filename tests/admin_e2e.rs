@@ -380,7 +380,27 @@ async fn exercise_every_admin_route(server: &TestServer) {
         (200, Some(1))
     );
     let (_, listed) = call(Method::GET, suppressions.clone(), admin.clone(), None).await;
-    assert_eq!(listed["items"], json!(["user-1", "user-2"]));
+    let hashes = listed["items"].as_array().unwrap();
+    assert_eq!(hashes.len(), 2, "{listed}");
+    assert!(
+        hashes
+            .iter()
+            .all(|hash| hash.as_str().unwrap().starts_with("u1:")),
+        "the catalog lists keyed hashes, never user ids: {listed}"
+    );
+    let (status, lookup) = call(
+        Method::GET,
+        format!("{suppressions}/user-1"),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &lookup["suppressed"]),
+        (200, &json!(true)),
+        "{lookup}"
+    );
+    assert!(hashes.contains(&lookup["user_hash"]), "{lookup}");
     let too_many: Vec<String> = (0..5001).map(|index| format!("u{index}")).collect();
     assert_eq!(
         call(

@@ -1014,10 +1014,16 @@ mod tests {
         "#;
         let config = Config::from_sources(
             Some(file),
-            &env(&[(
-                "MERIDIAN_CATALOG_URL",
-                "postgres://u:catalog-password-in-debug@db/m",
-            )]),
+            &env(&[
+                (
+                    "MERIDIAN_CATALOG_URL",
+                    "postgres://u:catalog-password-in-debug@db/m",
+                ),
+                (
+                    "MERIDIAN_CATALOG_HASH_KEY",
+                    "catalog-hash-key-in-debug-long-enough-0123",
+                ),
+            ]),
         )
         .unwrap();
         let settings = config.validate().unwrap();
@@ -1027,6 +1033,7 @@ mod tests {
                 "clickhouse-password-in-debug",
                 "s3-secret-in-debug",
                 "catalog-password-in-debug",
+                "catalog-hash-key-in-debug-long-enough-0123",
             ] {
                 assert!(!shown.contains(secret), "{secret} shown");
             }
@@ -1035,9 +1042,36 @@ mod tests {
     }
 
     #[test]
+    fn a_postgresql_catalog_needs_an_explicit_hash_key() {
+        let problems = Config::from_sources(
+            None,
+            &env(&[(
+                "MERIDIAN_CATALOG_URL",
+                "postgres://meridian@127.0.0.1/meridian",
+            )]),
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(problems.contains("catalog.hash_key"), "{problems}");
+        let short = Config::from_sources(None, &env(&[("MERIDIAN_CATALOG_HASH_KEY", "short")]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("at least 32 bytes"), "{short}");
+    }
+
+    #[test]
     fn a_cluster_node_serves_only_its_own_region_unless_told_otherwise() {
         let served = |file: Option<&str>, pairs: &[(&str, &str)]| {
-            let settings = Config::from_sources(file, &env(pairs))
+            let mut pairs = pairs.to_vec();
+            pairs.push((
+                "MERIDIAN_CATALOG_HASH_KEY",
+                "a-cluster-wide-catalog-hash-key-0123456789",
+            ));
+            let settings = Config::from_sources(file, &env(&pairs))
                 .unwrap()
                 .validate()
                 .unwrap();
