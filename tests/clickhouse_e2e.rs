@@ -387,6 +387,90 @@ async fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_of_its_batch_sto
 }
 
 #[tokio::test]
+async fn a_full_dead_letter_file_keeps_the_batch_queued_until_there_is_room() {
+    let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = unique_database();
+    let block = clickhouse_block("eu-west-1", std::slice::from_ref(&eu_url), &database);
+    let tight = test_config(&format!("{block}dead_letter_budget_bytes = 100\n"));
+    let mut server = TestServer::start(&tight, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    assert_eq!(post_batch(&server, &key, vec![track("before")]).await, 200);
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &project_id),
+            1,
+            Duration::from_secs(60)
+        )
+        .await,
+        1
+    );
+    clickhouse_query(&eu_url, &format!("ALTER TABLE {database}.events ADD COLUMN poison_check UInt8 DEFAULT throwIf(event = '__poison__')")).await;
+    let mut batch: Vec<Value> = (0..4).map(|n| track(&format!("fine-{n}"))).collect();
+    batch.push(
+        json!({"type": "track", "userId": "u", "event": "__poison__", "messageId": "poison"}),
+    );
+    assert_eq!(post_batch(&server, &key, batch).await, 200);
+    let readyz_url = server.url("/readyz");
+    let refused = wait_until(Duration::from_secs(60), || {
+        let url = readyz_url.clone();
+        async move {
+            let Ok(response) = reqwest::get(&url).await else {
+                return false;
+            };
+            response
+                .text()
+                .await
+                .is_ok_and(|text| text.contains("dead-letter file is full"))
+        }
+    })
+    .await;
+    assert!(refused, "the sink reports the full dead-letter file");
+    let dead_letter_path = server
+        .data_dir
+        .join("dead-letter/eu-west-1/clickhouse.ndjson");
+    assert!(
+        !dead_letter_path.exists(),
+        "nothing written past the budget"
+    );
+    assert!(
+        server
+            .metric("meridian_sink_pending_records{region=\"eu-west-1\",sink=\"clickhouse\"}")
+            .await
+            .is_some_and(|pending| pending > 0.0),
+        "the batch stays queued"
+    );
+    assert_eq!(
+        server
+            .metric(
+                "meridian_sink_dead_letter_budget_bytes{region=\"eu-west-1\",sink=\"clickhouse\"}"
+            )
+            .await,
+        Some(100.0)
+    );
+
+    // With room again, the batch goes through: the rejected row is dead-lettered, nothing lost.
+    server.kill_hard();
+    std::fs::write(&server.config_path, test_config(&block)).unwrap();
+    server.spawn().await;
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    assert_eq!(
+        clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
+        5
+    );
+    let dead_letters = std::fs::read_to_string(&dead_letter_path).unwrap();
+    assert_eq!(dead_letters.lines().count(), 1);
+    assert!(dead_letters.contains("poison"));
+}
+
+#[tokio::test]
 async fn stored_columns_round_trip() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
         return;

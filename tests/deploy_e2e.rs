@@ -214,7 +214,18 @@ fn metric_names_in(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn dashboards_and_alerts_only_use_metrics_the_service_exports() {
-    let server = TestServer::start(&test_config(""), &[]).await;
+    // With a ClickHouse sink, so that its own series (dead letters) exist too.
+    let Some(clickhouse) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
+        return;
+    };
+    let database = format!("deploy_{}", uuid::Uuid::new_v4().simple());
+    let server = TestServer::start(
+        &test_config(&format!(
+            "[regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\n"
+        )),
+        &[],
+    )
+    .await;
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
     // One rejected message, so that the rejection counter has a series (its labels include the reason).

@@ -8,6 +8,10 @@ pub enum ArchiveError {
     BadObject { key: String, message: String },
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "the customer spool is full ({used_bytes} of its {budget_bytes} bytes): the batch stays in the region's queue until customer buckets take their objects again"
+    )]
+    SpoolFull { used_bytes: u64, budget_bytes: u64 },
 }
 
 impl ArchiveError {

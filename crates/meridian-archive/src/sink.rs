@@ -1,8 +1,10 @@
 //! The archive sink: turns a queue batch into one object per (project, received day).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -89,7 +91,14 @@ pub struct ArchiveSink {
     spool: Option<Arc<Spool>>,
     spooled: AtomicU64,
     unspooled: AtomicU64,
+    /// Projects whose customer-store lookup failed, and until when they are not asked again.
+    failed_lookups: Mutex<HashMap<String, Instant>>,
 }
+
+/// The longest one customer-store lookup may take (role assumption, bucket-region check).
+pub const CUSTOMER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed lookup is remembered (its project's objects are spooled without asking).
+pub const FAILED_LOOKUP_MEMORY: Duration = Duration::from_secs(30);
 
 /// The records of one (project, day) group, by index into the batch.
 type Groups = BTreeMap<(String, i64), Vec<usize>>;
@@ -176,7 +185,68 @@ impl ArchiveSink {
             spool: None,
             spooled: AtomicU64::new(0),
             unspooled: AtomicU64::new(0),
+            failed_lookups: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Looks up the customer store of every project of the batch at once, each bounded by
+    /// [`CUSTOMER_LOOKUP_TIMEOUT`]; a project whose lookup failed is not asked again for
+    /// [`FAILED_LOOKUP_MEMORY`] (its objects go straight to the spool), so one customer's silent
+    /// endpoint cannot add its timeout to every batch of the region.
+    async fn customer_targets(
+        &self,
+        encoded: &[(String, i64, Vec<u8>)],
+    ) -> HashMap<String, Result<Option<CustomerTarget>, String>> {
+        let projects: BTreeSet<&str> = encoded
+            .iter()
+            .map(|(project_id, _, _)| project_id.as_str())
+            .collect();
+        let lookups = projects.into_iter().map(|project_id| async move {
+            let now = Instant::now();
+            let failed_until = self
+                .failed_lookups
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get(project_id)
+                .copied();
+            if let Some(until) = failed_until
+                && now < until
+            {
+                return (
+                    project_id.to_string(),
+                    Err("its customer bucket failed moments ago".to_string()),
+                );
+            }
+            let outcome = tokio::time::timeout(
+                CUSTOMER_LOOKUP_TIMEOUT,
+                self.resolver.customer_store(project_id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ArchiveError::Refused(format!(
+                    "looking up the customer bucket timed out after {} s",
+                    CUSTOMER_LOOKUP_TIMEOUT.as_secs()
+                )))
+            })
+            .map_err(|error| error.to_string());
+            let mut failed = self
+                .failed_lookups
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match &outcome {
+                Err(_) => {
+                    failed.insert(
+                        project_id.to_string(),
+                        Instant::now() + FAILED_LOOKUP_MEMORY,
+                    );
+                }
+                Ok(_) => {
+                    failed.remove(project_id);
+                }
+            }
+            (project_id.to_string(), outcome)
+        });
+        join_all(lookups).await.into_iter().collect()
     }
 
     /// Lets objects for failing customer buckets wait in `spool` instead of blocking the region.
@@ -335,6 +405,16 @@ impl Sink for ArchiveSink {
         ]
     }
 
+    fn gauges(&self) -> Vec<(&'static str, u64)> {
+        match &self.spool {
+            Some(spool) => vec![
+                ("customer_spool_bytes", spool.used_bytes()),
+                ("customer_spool_budget_bytes", spool.budget_bytes()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
         let records = Arc::clone(&batch.records);
         let level = self.config.gzip_level;
@@ -359,13 +439,18 @@ impl Sink for ArchiveSink {
         .map_err(|error| SinkError::Transient(format!("gzip encoding failed: {error}")))?;
 
         let batch_name = batch.name();
+        let targets = self.customer_targets(&encoded).await;
         let mut puts = Vec::with_capacity(encoded.len());
         let mut to_spool: Vec<(String, String, Bytes)> = Vec::new();
         for (project_id, day_ms, body) in encoded {
             let body = Bytes::from(body);
             // Unprefixed: the prefix of the store it finally lands in is applied then.
             let bare_key = object_key(None, &project_id, day_ms, &batch_name);
-            match self.resolver.customer_store(&project_id).await {
+            let target = targets
+                .get(&project_id)
+                .cloned()
+                .unwrap_or_else(|| Err(format!("no lookup for project {project_id}")));
+            match target {
                 Ok(Some(target)) => {
                     let key =
                         object_key(target.prefix.as_deref(), &project_id, day_ms, &batch_name);
@@ -588,5 +673,129 @@ mod tests {
             "a message received after the deletion is kept"
         );
         assert_eq!(sink.counters()[0], ("erased_messages", 1));
+    }
+
+    /// Customer buckets for projects `silent-*` (lookups never answer) and `broken` (lookups
+    /// fail); every other project archives regionally. Counts the lookups per project.
+    struct TroubledCustomers {
+        lookups: Mutex<HashMap<String, usize>>,
+    }
+
+    #[async_trait]
+    impl StoreResolver for TroubledCustomers {
+        async fn customer_store(
+            &self,
+            project_id: &str,
+        ) -> Result<Option<CustomerTarget>, ArchiveError> {
+            *self
+                .lookups
+                .lock()
+                .unwrap()
+                .entry(project_id.to_string())
+                .or_default() += 1;
+            if project_id.starts_with("silent") {
+                std::future::pending::<()>().await;
+            }
+            if project_id == "broken" {
+                return Err(ArchiveError::Refused("the role was revoked".into()));
+            }
+            Ok(None)
+        }
+    }
+
+    fn troubled_sink(
+        dir: &std::path::Path,
+        spool_budget_bytes: u64,
+    ) -> (ArchiveSink, Arc<TroubledCustomers>, Arc<LocalDirStore>) {
+        let store = Arc::new(LocalDirStore::new(dir.join("regional")));
+        let resolver = Arc::new(TroubledCustomers {
+            lookups: Mutex::new(HashMap::new()),
+        });
+        let sink = ArchiveSink::new(
+            "eu-west-1",
+            store.clone(),
+            resolver.clone(),
+            ArchiveSinkConfig::default(),
+            Arc::new(meridian_core::NoErasures),
+        )
+        .with_spool(Spool::new(dir.join("spool"), spool_budget_bytes));
+        (sink, resolver, store)
+    }
+
+    fn batch_of(start: u64, projects: &[&str]) -> DeliveryBatch {
+        let records: Vec<Record> = projects
+            .iter()
+            .enumerate()
+            .map(|(index, project)| {
+                record(start + index as u64, project, "2026-11-24T10:00:00.000Z")
+            })
+            .collect();
+        DeliveryBatch {
+            source: Arc::from(SOURCE),
+            range: OffsetRange {
+                start,
+                end: start + projects.len() as u64,
+            },
+            records: Arc::new(records),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_customer_endpoints_are_looked_up_at_once_with_a_timeout_and_then_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, resolver, store) = troubled_sink(dir.path(), 1 << 20);
+        let started = Instant::now();
+        sink.deliver(&batch_of(0, &["silent-a", "silent-b", "broken", "local"]))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= CUSTOMER_LOOKUP_TIMEOUT && took < 2 * CUSTOMER_LOOKUP_TIMEOUT,
+            "the two silent lookups ran side by side, each cut at the timeout: {took:?}"
+        );
+        assert_eq!(
+            store.list("segment-logs/").await.unwrap().len(),
+            1,
+            "local archived"
+        );
+        assert_eq!(sink.counters()[1], ("customer_objects_spooled", 3));
+
+        // The next batch does not wait for them again: their objects go straight to the spool.
+        let started = Instant::now();
+        sink.deliver(&batch_of(4, &["silent-a", "broken", "local"]))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < CUSTOMER_LOOKUP_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        let lookups = resolver.lookups.lock().unwrap().clone();
+        assert_eq!(lookups["silent-a"], 1);
+        assert_eq!(lookups["broken"], 1);
+        assert_eq!(lookups["local"], 2);
+
+        // Once the failure is forgotten they are asked again.
+        tokio::time::advance(FAILED_LOOKUP_MEMORY).await;
+        sink.deliver(&batch_of(7, &["broken"])).await.unwrap();
+        assert_eq!(resolver.lookups.lock().unwrap()["broken"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_keeps_the_batch_queued_instead_of_filling_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, _, store) = troubled_sink(dir.path(), 64);
+        let failure = sink
+            .deliver(&batch_of(0, &["broken", "local"]))
+            .await
+            .expect_err("the broken project's object does not fit in the spool");
+        assert!(failure.to_string().contains("spool is full"), "{failure}");
+        let spooled_bytes = sink.gauges()[0];
+        assert_eq!(spooled_bytes, ("customer_spool_bytes", 0));
+        assert_eq!(
+            store.list("segment-logs/").await.unwrap().len(),
+            1,
+            "the regional object was written (a retry rewrites it in place)"
+        );
     }
 }

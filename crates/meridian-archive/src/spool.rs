@@ -5,12 +5,21 @@
 //! spooled objects once the bucket works again; keys are the same as they would have been, so a
 //! retried upload overwrites instead of duplicating.
 
+//!
+//! The spool has a byte budget: a full spool refuses new objects, so the batch they belong to stays
+//! in the region's queue (whose own disk budget then pushes back on ingest) instead of filling the
+//! volume.
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::ArchiveError;
 
 pub struct Spool {
     dir: PathBuf,
+    budget_bytes: u64,
+    /// Bytes of the spooled objects (counted at open, kept up to date by `put` and `remove`).
+    used_bytes: AtomicU64,
 }
 
 /// One spooled object.
@@ -30,8 +39,30 @@ fn decode_key(file_name: &str) -> String {
 }
 
 impl Spool {
-    pub fn new(dir: impl Into<PathBuf>) -> Spool {
-        Spool { dir: dir.into() }
+    /// A spool in `dir` that holds at most `budget_bytes` of objects; counts what is there.
+    pub fn new(dir: impl Into<PathBuf>, budget_bytes: u64) -> Spool {
+        let spool = Spool {
+            dir: dir.into(),
+            budget_bytes,
+            used_bytes: AtomicU64::new(0),
+        };
+        let used: u64 = spool
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|object| std::fs::metadata(&object.path).ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        spool.used_bytes.store(used, Ordering::Relaxed);
+        spool
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget_bytes
     }
 
     pub fn dir(&self) -> &Path {
@@ -50,6 +81,13 @@ impl Spool {
                 "unsafe project id `{project_id}` for the spool"
             )));
         }
+        let used_bytes = self.used_bytes();
+        if used_bytes.saturating_add(body.len() as u64) > self.budget_bytes {
+            return Err(ArchiveError::SpoolFull {
+                used_bytes,
+                budget_bytes: self.budget_bytes,
+            });
+        }
         let directory = self.dir.join(project_id);
         meridian_queue::create_dir_all_durably(&directory)
             .map_err(|error| ArchiveError::io(&directory, error))?;
@@ -60,10 +98,24 @@ impl Spool {
         file.write_all(body)
             .and_then(|()| file.sync_all())
             .map_err(|error| ArchiveError::io(&temporary, error))?;
+        let replaced_bytes = std::fs::metadata(&path)
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
         std::fs::rename(&temporary, &path).map_err(|error| ArchiveError::io(&path, error))?;
+        self.used_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.release(replaced_bytes);
         std::fs::File::open(&directory)
             .and_then(|handle| handle.sync_all())
             .map_err(|error| ArchiveError::io(&directory, error))
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
     }
 
     /// Every spooled object, oldest key first per project.
@@ -105,8 +157,14 @@ impl Spool {
     }
 
     pub fn remove(&self, object: &SpooledObject) -> Result<(), ArchiveError> {
+        let bytes = std::fs::metadata(&object.path)
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
         match std::fs::remove_file(&object.path) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.release(bytes);
+                Ok(())
+            }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(error) => Err(ArchiveError::io(&object.path, error)),
         }
@@ -120,7 +178,7 @@ mod tests {
     #[test]
     fn objects_round_trip_through_the_spool() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path().join("spool"));
+        let spool = Spool::new(dir.path().join("spool"), 1 << 20);
         assert!(spool.list().unwrap().is_empty());
         spool
             .put("prj_1", "pre/fix/segment-logs/prj_1/0/0001-0002.gz", b"one")
@@ -136,5 +194,31 @@ mod tests {
         spool.remove(&listed[0]).unwrap();
         assert_eq!(spool.list().unwrap().len(), 1);
         assert!(spool.put("../escape", "k", b"x").is_err());
+    }
+
+    #[test]
+    fn a_full_spool_refuses_objects_until_space_is_freed_and_counts_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("spool"), 10);
+        spool.put("prj_1", "a", b"123456").unwrap();
+        assert_eq!(spool.used_bytes(), 6);
+        assert!(matches!(
+            spool.put("prj_1", "b", b"12345"),
+            Err(ArchiveError::SpoolFull {
+                used_bytes: 6,
+                budget_bytes: 10
+            })
+        ));
+        assert_eq!(
+            spool.list().unwrap().len(),
+            1,
+            "nothing written past the budget"
+        );
+        let reopened = Spool::new(dir.path().join("spool"), 10);
+        assert_eq!(reopened.used_bytes(), 6, "counted at open");
+        let listed = reopened.list().unwrap();
+        reopened.remove(&listed[0]).unwrap();
+        assert_eq!(reopened.used_bytes(), 0);
+        reopened.put("prj_1", "b", b"12345").unwrap();
     }
 }

@@ -36,6 +36,10 @@ pub struct ClickHouseConfig {
     pub retention_days: Option<u32>,
     /// Where rows ClickHouse rejects are written, with the reason.
     pub dead_letter_dir: PathBuf,
+    /// Bytes the dead-letter file may hold. A batch whose rejected rows do not fit fails and
+    /// stays queued (its good rows were stored; the retry collapses them), so a flood of bad rows
+    /// cannot fill the volume; `meridian_sink_dead_letter_bytes` shows the level.
+    pub dead_letter_budget_bytes: u64,
 }
 
 /// What `meridian migrate` did.
@@ -515,12 +519,12 @@ impl ClickHouseSink {
         let lock = Arc::clone(&self.dead_letter_lock);
         let region = self.region.clone();
         let count = dead.len() as u64;
+        let budget_bytes = self.config.dead_letter_budget_bytes;
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(parent) = path.parent() {
                 meridian_queue::create_dir_all_durably(parent)?;
             }
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
             let first_offset = records.first().map(|record| record.offset).unwrap_or(0);
             let mut lines = Vec::new();
             for (offset, reason) in &dead {
@@ -535,6 +539,14 @@ impl ClickHouseSink {
                 lines.extend_from_slice(line.to_string().as_bytes());
                 lines.push(b'\n');
             }
+            let used_bytes = std::fs::metadata(&path).map(|metadata| metadata.len()).unwrap_or(0);
+            if used_bytes + lines.len() as u64 > budget_bytes {
+                return Err(std::io::Error::other(format!(
+                    "the dead-letter file is full ({used_bytes} of its {budget_bytes} bytes; {} more needed): the batch stays queued until it is emptied or the budget raised",
+                    lines.len()
+                )));
+            }
+            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
             file.write_all(&lines)?;
             file.sync_all()
         })
@@ -800,6 +812,19 @@ impl Sink for ClickHouseSink {
         dead.sort_by_key(|(offset, _)| *offset);
         self.write_dead_letters(dead, Arc::clone(&batch.records))
             .await
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, u64)> {
+        let used_bytes = std::fs::metadata(self.dead_letter_path())
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
+        vec![
+            ("dead_letter_bytes", used_bytes),
+            (
+                "dead_letter_budget_bytes",
+                self.config.dead_letter_budget_bytes,
+            ),
+        ]
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -85,6 +85,10 @@ pub trait Sink: Send + Sync + 'static {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Sink-specific levels for `/metrics` (exported as gauges `meridian_sink_<name>`).
+    fn gauges(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// A problem that needs an operator (e.g. a residency mismatch), for `/readyz`.
     fn health(&self) -> Option<String> {
         None

@@ -201,6 +201,13 @@ pub struct ClickHouseRegionConfig {
     pub request_timeout_secs: u64,
     /// Rows older than this many days are dropped by ClickHouse (TTL; current servers only).
     pub retention_days: Option<u32>,
+    /// Bytes the region's dead-letter file may hold; beyond, batches with rejected rows stay queued.
+    #[serde(default = "default_dead_letter_budget_bytes")]
+    pub dead_letter_budget_bytes: u64,
+}
+
+fn default_dead_letter_budget_bytes() -> u64 {
+    1024 * 1024 * 1024
 }
 
 fn default_clickhouse_database() -> String {
@@ -293,6 +300,8 @@ pub struct CustomerStorageConfig {
     pub request_timeout_secs: u64,
     pub location_check_interval_secs: u64,
     pub spool_retry_secs: u64,
+    /// Bytes the customer spool of each region may hold.
+    pub spool_budget_bytes: u64,
 }
 
 /// Validated, resolved settings: what the rest of the program reads.
@@ -337,6 +346,8 @@ pub struct Settings {
     pub location_check_interval: Duration,
     /// How often objects spooled for failing customer buckets are retried.
     pub spool_retry: Duration,
+    /// Bytes the customer spool of each region may hold.
+    pub spool_budget_bytes: u64,
     pub gdpr_settle: Duration,
     pub gdpr_poll_interval: Duration,
     /// The queue key file, when records are encrypted at rest.
@@ -488,6 +499,7 @@ fn validate_clickhouse(
         request_timeout: Duration::from_secs(config.request_timeout_secs.max(1)),
         retention_days: config.retention_days,
         dead_letter_dir: data_dir.join("dead-letter").join(region.as_str()),
+        dead_letter_budget_bytes: config.dead_letter_budget_bytes,
     }
 }
 
@@ -941,6 +953,7 @@ impl Config {
                 })
                 .collect(),
             spool_retry: Duration::from_secs(self.customer_storage.spool_retry_secs.max(1)),
+            spool_budget_bytes: self.customer_storage.spool_budget_bytes,
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             location_check_interval: Duration::from_secs(

@@ -413,6 +413,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
 
+    let mut sink_levels: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
+        Default::default();
+    for sink in state.sinks.iter() {
+        for (name, value) in sink.implementation.gauges() {
+            sink_levels.entry(name).or_default().push((sink, value));
+        }
+    }
+    for (name, samples) in sink_levels {
+        let metric = format!("sink_{name}");
+        writer.declare(
+            &metric,
+            "gauge",
+            &format!("Sink level: {}", name.replace('_', " ")),
+        );
+        for (sink, value) in samples {
+            writer.sample(
+                &metric,
+                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+                value as f64,
+            );
+        }
+    }
+
     let (resident_bytes, open_fds) = process_figures();
     if let Some(resident_bytes) = resident_bytes {
         writer.declare(

@@ -209,6 +209,7 @@ async fn build_sinks(
     )
     .with_spool(Spool::new(
         settings.data_dir.join("spool").join(region.as_str()),
+        settings.spool_budget_bytes,
     ));
     let archive_sink = Arc::new(archive_sink);
     spool_drainers.push(Arc::clone(&archive_sink));
