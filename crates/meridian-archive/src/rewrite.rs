@@ -95,29 +95,42 @@ pub async fn rewrite_without_users(
     let Some(body) = store.get(key).await? else {
         return Ok(RewriteOutcome::default());
     };
-    let lines = decode_object(key, &body)?;
-    let (removed, kept): (Vec<Vec<u8>>, Vec<Vec<u8>>) = lines
-        .into_iter()
-        .partition(|line| user_of(line).is_some_and(|user| users.contains(&user)));
-    let outcome = RewriteOutcome {
-        messages_removed: removed.len() as u64,
-        messages_kept: kept.len() as u64,
-        rewritten: !removed.is_empty(),
-    };
-    if removed.is_empty() {
+    // Objects reach 64 MiB: inflating, filtering and deflating them is CPU work for a blocking
+    // thread, never for the runtime's.
+    let owned_key = key.to_string();
+    let owned_users = users.clone();
+    let (outcome, encoded) = tokio::task::spawn_blocking(
+        move || -> Result<(RewriteOutcome, Option<Vec<u8>>), ArchiveError> {
+            let lines = decode_object(&owned_key, &body)?;
+            let (removed, kept): (Vec<Vec<u8>>, Vec<Vec<u8>>) = lines
+                .into_iter()
+                .partition(|line| user_of(line).is_some_and(|user| owned_users.contains(&user)));
+            let outcome = RewriteOutcome {
+                messages_removed: removed.len() as u64,
+                messages_kept: kept.len() as u64,
+                rewritten: !removed.is_empty(),
+            };
+            if removed.is_empty() || kept.is_empty() {
+                return Ok((outcome, None));
+            }
+            let encoded =
+                encode_object(kept.iter().map(Vec::as_slice), gzip_level).map_err(|error| {
+                    ArchiveError::BadObject {
+                        key: owned_key.clone(),
+                        message: error.to_string(),
+                    }
+                })?;
+            Ok((outcome, Some(encoded)))
+        },
+    )
+    .await
+    .map_err(|error| ArchiveError::Refused(format!("the rewrite of {key} panicked: {error}")))??;
+    if !outcome.rewritten {
         return Ok(outcome);
     }
-    if kept.is_empty() {
-        store.delete(key).await?;
-    } else {
-        let encoded =
-            encode_object(kept.iter().map(Vec::as_slice), gzip_level).map_err(|error| {
-                ArchiveError::BadObject {
-                    key: key.to_string(),
-                    message: error.to_string(),
-                }
-            })?;
-        store.put(key, Bytes::from(encoded)).await?;
+    match encoded {
+        Some(encoded) => store.put(key, Bytes::from(encoded)).await?,
+        None => store.delete(key).await?,
     }
     verify_without_users(store, key, users, outcome.messages_kept).await?;
     Ok(outcome)
@@ -130,20 +143,28 @@ pub async fn verify_without_users(
     users: &HashSet<String>,
     expected_kept: u64,
 ) -> Result<(), ArchiveError> {
-    let lines = match store.get(key).await? {
-        Some(body) => decode_object(key, &body)?,
-        None => Vec::new(),
-    };
-    let leftover = lines
-        .iter()
-        .filter(|line| user_of(line).is_some_and(|user| users.contains(&user)))
-        .count();
-    if leftover > 0 || lines.len() as u64 != expected_kept {
+    let body = store.get(key).await?;
+    let owned_key = key.to_string();
+    let owned_users = users.clone();
+    let (leftover, line_count) =
+        tokio::task::spawn_blocking(move || -> Result<(usize, u64), ArchiveError> {
+            let lines = match body {
+                Some(body) => decode_object(&owned_key, &body)?,
+                None => Vec::new(),
+            };
+            let leftover = lines
+                .iter()
+                .filter(|line| user_of(line).is_some_and(|user| owned_users.contains(&user)))
+                .count();
+            Ok((leftover, lines.len() as u64))
+        })
+        .await
+        .map_err(|error| ArchiveError::Refused(format!("verifying {key} panicked: {error}")))??;
+    if leftover > 0 || line_count != expected_kept {
         return Err(ArchiveError::Store {
             store: store.describe(),
             message: format!(
-                "verifying {key} after the rewrite: {leftover} deleted users' messages remain, {} of {expected_kept} kept",
-                lines.len()
+                "verifying {key} after the rewrite: {leftover} deleted users' messages remain, {line_count} of {expected_kept} kept"
             ),
         });
     }

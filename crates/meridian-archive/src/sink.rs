@@ -292,7 +292,21 @@ impl ArchiveSink {
             else {
                 continue;
             };
-            let body = match self.without_erased(&object.key, &body) {
+            let erasures = Arc::clone(&self.erasures);
+            let key = object.key.clone();
+            let gzip_level = self.config.gzip_level;
+            // Spooled objects are whole archive objects: filtering them is work for a blocking
+            // thread.
+            let filtered = tokio::task::spawn_blocking(move || {
+                without_erased(erasures.as_ref(), &key, &body, gzip_level)
+            })
+            .await
+            .unwrap_or_else(|error| {
+                Err(ArchiveError::Refused(format!(
+                    "filtering a spooled object panicked: {error}"
+                )))
+            });
+            let body = match filtered {
                 Ok(Some(body)) => body,
                 Ok(None) => {
                     // Every message in it was erased meanwhile: nothing to upload.
@@ -328,41 +342,6 @@ impl ArchiveSink {
             info!(region = %self.region, objects = drained, "customer spool drained");
         }
         drained
-    }
-
-    /// The object's messages without those erased since it was spooled; `None` when none is left.
-    fn without_erased(&self, key: &str, body: &[u8]) -> Result<Option<Vec<u8>>, ArchiveError> {
-        let lines = crate::layout::decode_object(key, body)?;
-        let kept: Vec<&Vec<u8>> = lines
-            .iter()
-            .filter(
-                |line| match serde_json::from_slice::<ArchivedMessage<'_>>(line) {
-                    Ok(message) => !message.user_id.as_ref().is_some_and(|user_id| {
-                        self.erasures.is_erased(
-                            &message.project_id,
-                            user_id,
-                            parse_timestamp_ms(&message.received_at).unwrap_or(0),
-                        )
-                    }),
-                    Err(_) => true,
-                },
-            )
-            .collect();
-        if kept.is_empty() {
-            return Ok(None);
-        }
-        if kept.len() == lines.len() {
-            return Ok(Some(body.to_vec()));
-        }
-        encode_object(
-            kept.iter().map(|line| line.as_slice()),
-            self.config.gzip_level,
-        )
-        .map(Some)
-        .map_err(|error| ArchiveError::BadObject {
-            key: key.to_string(),
-            message: error.to_string(),
-        })
     }
 
     pub fn regional_store(&self) -> Arc<dyn ObjectStore> {
@@ -539,6 +518,44 @@ impl Sink for ArchiveSink {
         }
         Ok(())
     }
+}
+
+/// The object's messages without those erased since it was spooled; `None` when none is left.
+/// CPU work: call it from a blocking thread.
+fn without_erased(
+    erasures: &dyn ErasureFilter,
+    key: &str,
+    body: &[u8],
+    gzip_level: u32,
+) -> Result<Option<Vec<u8>>, ArchiveError> {
+    let lines = crate::layout::decode_object(key, body)?;
+    let kept: Vec<&Vec<u8>> = lines
+        .iter()
+        .filter(
+            |line| match serde_json::from_slice::<ArchivedMessage<'_>>(line) {
+                Ok(message) => !message.user_id.as_ref().is_some_and(|user_id| {
+                    erasures.is_erased(
+                        &message.project_id,
+                        user_id,
+                        parse_timestamp_ms(&message.received_at).unwrap_or(0),
+                    )
+                }),
+                Err(_) => true,
+            },
+        )
+        .collect();
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    if kept.len() == lines.len() {
+        return Ok(Some(body.to_vec()));
+    }
+    encode_object(kept.iter().map(|line| line.as_slice()), gzip_level)
+        .map(Some)
+        .map_err(|error| ArchiveError::BadObject {
+            key: key.to_string(),
+            message: error.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -797,5 +814,68 @@ mod tests {
             1,
             "the regional object was written (a retry rewrites it in place)"
         );
+    }
+
+    /// Waits (at most 5 s) in `is_erased` until the test's async task has run once filtering
+    /// began. Were the filtering done on the runtime's only thread, that task could not run.
+    struct NeedsTheRuntime {
+        filtering_began: Arc<std::sync::atomic::AtomicBool>,
+        runtime_ran: Arc<std::sync::atomic::AtomicBool>,
+        saw_the_runtime: std::sync::atomic::AtomicBool,
+    }
+
+    impl ErasureFilter for NeedsTheRuntime {
+        fn is_erased(&self, _project_id: &str, _user_id: &str, _received_at_ms: i64) -> bool {
+            self.filtering_began.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if self.runtime_ran.load(Ordering::SeqCst) {
+                    self.saw_the_runtime.store(true, Ordering::SeqCst);
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn spooled_objects_are_filtered_off_the_runtime_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("spool"), 1 << 20);
+        let message = br#"{"projectId":"p1","userId":"u","receivedAt":"2026-11-24T10:00:00.000Z"}"#;
+        let body = encode_object(std::iter::once(&message[..]), 1).unwrap();
+        spool
+            .put("p1", "segment-logs/p1/1795478400000/q-1-2.gz", &body)
+            .unwrap();
+        let filtering_began = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let runtime_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filter = Arc::new(NeedsTheRuntime {
+            filtering_began: Arc::clone(&filtering_began),
+            runtime_ran: Arc::clone(&runtime_ran),
+            saw_the_runtime: std::sync::atomic::AtomicBool::new(false),
+        });
+        let store = Arc::new(LocalDirStore::new(dir.path().join("regional")));
+        let sink = ArchiveSink::new(
+            "eu-west-1",
+            store.clone(),
+            Arc::new(NoCustomerStorage),
+            ArchiveSinkConfig::default(),
+            filter.clone(),
+        )
+        .with_spool(spool);
+        let watcher = tokio::spawn(async move {
+            while !filtering_began.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+            runtime_ran.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(sink.drain_spool().await, 1);
+        watcher.await.unwrap();
+        assert!(
+            filter.saw_the_runtime.load(Ordering::SeqCst),
+            "the runtime thread was blocked while the spooled object was filtered"
+        );
+        assert_eq!(store.list("segment-logs/").await.unwrap().len(), 1);
     }
 }
