@@ -69,6 +69,7 @@ pub struct Page<T> {
 }
 
 /// The rows the key cache is built from.
+#[derive(Default)]
 pub(crate) struct SnapshotRows {
     pub version: i64,
     /// `(key hash, project id, expires at)`.
@@ -86,6 +87,8 @@ pub(crate) struct SnapshotRows {
 pub(crate) struct Change {
     audit_seq: i64,
     previous_hash: String,
+    /// The catalog version this change makes.
+    pub(crate) version: i64,
 }
 
 #[derive(Clone)]
@@ -121,7 +124,9 @@ fn validate_org_id(org_id: &str) -> Result<(), CatalogError> {
     Ok(())
 }
 
-fn storage_from_json(text: Option<String>) -> Result<Option<CustomerStorage>, CatalogError> {
+pub(crate) fn storage_from_json(
+    text: Option<String>,
+) -> Result<Option<CustomerStorage>, CatalogError> {
     match text {
         None => Ok(None),
         Some(text) => serde_json::from_str(&text)
@@ -315,12 +320,15 @@ impl Catalog {
         )
         .execute(&mut **transaction)
         .await?;
-        let row = sqlx::query("SELECT audit_seq, audit_head_hash FROM catalog_state WHERE id = 1")
-            .fetch_one(&mut **transaction)
-            .await?;
+        let row = sqlx::query(
+            "SELECT audit_seq, audit_head_hash, version FROM catalog_state WHERE id = 1",
+        )
+        .fetch_one(&mut **transaction)
+        .await?;
         Ok(Change {
             audit_seq: row.try_get("audit_seq")?,
             previous_hash: row.try_get("audit_head_hash")?,
+            version: row.try_get("version")?,
         })
     }
 
@@ -557,6 +565,7 @@ impl Catalog {
             .execute(&mut *transaction)
             .await?;
         }
+        crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -761,6 +770,8 @@ impl Catalog {
         .bind(deletion_id)
         .execute(&mut *transaction)
         .await?;
+        crate::snapshot_source::touch_project(&mut transaction, change.version, &before.project_id)
+            .await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1025,6 +1036,12 @@ impl Catalog {
             "region": project.region,
             "key_prefix": write_key_prefix(&write_key),
         });
+        crate::snapshot_source::touch_project(
+            &mut transaction,
+            change.version,
+            &project.project_id,
+        )
+        .await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1191,6 +1208,7 @@ impl Catalog {
         .execute(&mut *transaction)
         .await?;
         Self::insert_key(&mut transaction, project_id, &write_key, now_ms).await?;
+        crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1242,6 +1260,7 @@ impl Catalog {
         } else {
             "project.storage.clear"
         };
+        crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1287,6 +1306,7 @@ impl Catalog {
             .await?;
             newly_suppressed += inserted.rows_affected();
         }
+        crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1322,6 +1342,7 @@ impl Catalog {
         if deleted.rows_affected() == 0 {
             return Ok(false);
         }
+        crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
         self.record_audit(
             &mut transaction,
             change,
@@ -1505,75 +1526,6 @@ impl Catalog {
             ));
         }
         Ok(report)
-    }
-
-    // ---- the key cache's source ----
-
-    pub(crate) async fn load_snapshot_rows(&self) -> Result<SnapshotRows, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let version: i64 = sqlx::query("SELECT version FROM catalog_state WHERE id = 1")
-            .fetch_one(&mut *transaction)
-            .await?
-            .try_get("version")?;
-        let key_rows = sqlx::query(
-            "SELECT key_hash, project_id, expires_at_ms FROM write_keys
-             WHERE expires_at_ms IS NULL OR expires_at_ms > $1",
-        )
-        .bind(now_unix_ms())
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut keys = Vec::with_capacity(key_rows.len());
-        for row in &key_rows {
-            let hash_text: String = row.try_get("key_hash")?;
-            let hash = crate::ids::unhex(&hash_text)
-                .ok_or_else(|| CatalogError::Corrupt(format!("key hash `{hash_text}`")))?;
-            keys.push((
-                hash,
-                row.try_get("project_id")?,
-                row.try_get("expires_at_ms")?,
-            ));
-        }
-        let project_rows = sqlx::query("SELECT project_id, region, storage_json FROM projects")
-            .fetch_all(&mut *transaction)
-            .await?;
-        let mut projects = Vec::with_capacity(project_rows.len());
-        for row in &project_rows {
-            projects.push((
-                row.try_get("project_id")?,
-                row.try_get("region")?,
-                storage_from_json(row.try_get("storage_json")?)?,
-            ));
-        }
-        let suppression_rows = sqlx::query("SELECT project_id, user_id FROM suppressions")
-            .fetch_all(&mut *transaction)
-            .await?;
-        let suppressions = suppression_rows
-            .iter()
-            .map(|row| Ok((row.try_get("project_id")?, row.try_get("user_id")?)))
-            .collect::<Result<Vec<_>, CatalogError>>()?;
-        let deletion_rows =
-            sqlx::query("SELECT project_id, user_ids_json, created_at_ms FROM deletions")
-                .fetch_all(&mut *transaction)
-                .await?;
-        let mut deletions = Vec::with_capacity(deletion_rows.len());
-        for row in &deletion_rows {
-            let user_ids_json: String = row.try_get("user_ids_json")?;
-            let user_ids: Vec<String> = serde_json::from_str(&user_ids_json)
-                .map_err(|error| CatalogError::Corrupt(format!("deletion user ids: {error}")))?;
-            deletions.push((
-                row.try_get("project_id")?,
-                user_ids,
-                row.try_get("created_at_ms")?,
-            ));
-        }
-        transaction.commit().await?;
-        Ok(SnapshotRows {
-            version,
-            keys,
-            projects,
-            suppressions,
-            deletions,
-        })
     }
 
     /// Writes a consistent copy of a SQLite catalog to `path` while it is in use (`VACUUM INTO`).

@@ -2,9 +2,12 @@
 //! regions, customer storage and suppressions, swapped atomically when the catalog changes.
 //!
 //! Lookups never touch the database. A refresher polls the catalog's version every few hundred
-//! milliseconds and reloads on change, so a new key works and a revoked key stops within about a
-//! second on every node; when the catalog is unreachable the last snapshot keeps serving, so known
-//! keys keep ingesting.
+//! milliseconds and, on change, reloads only the projects changed since its snapshot (see
+//! [`crate::snapshot_source`]), so a new key works and a revoked key stops within about a second on
+//! every node, and an admin change costs a few rows, not every region's projects and suppressions.
+//! A full reload runs at start, when many projects changed at once, and every ten minutes as a
+//! safety net. When the catalog is unreachable the last snapshot keeps serving, so known keys keep
+//! ingesting.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -41,22 +44,30 @@ struct ProjectEntry {
     suppressed_users: HashSet<String>,
     /// Keyed hashes of users with a GDPR deletion, and the time of their latest deletion request.
     erased_users: HashMap<String, i64>,
+    /// The hashes of the project's keys in `Snapshot::keys` (to drop them when it is reloaded).
+    key_hashes: Vec<[u8; 32]>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Snapshot {
     version: i64,
     keys: HashMap<[u8; 32], KeyEntry>,
-    projects: HashMap<Arc<str>, ProjectEntry>,
+    projects: HashMap<Arc<str>, Arc<ProjectEntry>>,
 }
 
 pub struct KeyCache {
     catalog: Catalog,
     snapshot: ArcSwap<Snapshot>,
+    full_reloads: std::sync::atomic::AtomicU64,
+    incremental_refreshes: std::sync::atomic::AtomicU64,
 }
 
-/// Reloads even without a version change this often, as a safety net.
-const FORCED_RELOAD_EVERY: u32 = 100;
+/// A full reload runs this often even without changes, as a safety net.
+const FORCED_RELOAD_EVERY: Duration = Duration::from_secs(600);
+/// The longest a full reload may take before it is abandoned (the last snapshot keeps serving).
+const FULL_RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// More changed projects than this since the snapshot: reload everything instead.
+const INCREMENTAL_MAX_PROJECTS: usize = 5_000;
 
 impl KeyCache {
     /// Loads the first snapshot; fails when the catalog cannot be read at all.
@@ -67,6 +78,8 @@ impl KeyCache {
                 version: -1,
                 ..Snapshot::default()
             }),
+            full_reloads: std::sync::atomic::AtomicU64::new(0),
+            incremental_refreshes: std::sync::atomic::AtomicU64::new(0),
         };
         cache.reload().await?;
         Ok(Arc::new(cache))
@@ -126,18 +139,98 @@ impl KeyCache {
         self.snapshot.load().version
     }
 
-    /// Reloads if the catalog changed since the snapshot. Returns whether it reloaded.
+    /// How many full reloads and incremental refreshes the cache made (for `/metrics`).
+    pub fn reload_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.full_reloads.load(Ordering::Relaxed),
+            self.incremental_refreshes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many projects the snapshot holds.
+    pub fn project_count(&self) -> usize {
+        self.snapshot.load().projects.len()
+    }
+
+    /// Brings the snapshot up to the catalog's version if it moved: only the projects changed
+    /// since (a full reload when there are many). Returns whether anything was reloaded.
     pub async fn refresh(&self) -> Result<bool, CatalogError> {
         let current_version = self.catalog.version().await?;
-        if current_version == self.snapshot.load().version {
+        let snapshot = self.snapshot.load_full();
+        if current_version == snapshot.version {
             return Ok(false);
         }
-        self.reload().await?;
+        if snapshot.version < 0 {
+            self.reload().await?;
+            return Ok(true);
+        }
+        match self
+            .catalog
+            .load_changed_since(snapshot.version, INCREMENTAL_MAX_PROJECTS)
+            .await?
+        {
+            Some(changed) => {
+                let changed_projects = changed.project_ids.len();
+                let next = self.apply_rows(Some(&snapshot), &changed.project_ids, changed.rows);
+                debug!(
+                    version = next.version,
+                    changed_projects, "key cache refreshed incrementally"
+                );
+                self.install(next);
+                self.incremental_refreshes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => self.reload().await?,
+        }
         Ok(true)
     }
 
+    /// Reloads every row.
     async fn reload(&self) -> Result<(), CatalogError> {
         let rows = self.catalog.load_snapshot_rows().await?;
+        let next = self.apply_rows(None, &[], rows);
+        debug!(
+            version = next.version,
+            keys = next.keys.len(),
+            projects = next.projects.len(),
+            "key cache reloaded"
+        );
+        self.install(next);
+        self.full_reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Swaps in `next` unless a concurrent refresh already installed a later version (the
+    /// snapshot never goes back).
+    fn install(&self, next: Snapshot) {
+        let next = Arc::new(next);
+        self.snapshot.rcu(|current| {
+            if current.version > next.version {
+                Arc::clone(current)
+            } else {
+                Arc::clone(&next)
+            }
+        });
+    }
+
+    /// A snapshot made of `base` (or nothing) without the `replaced` projects, plus `rows`.
+    fn apply_rows(
+        &self,
+        base: Option<&Snapshot>,
+        replaced: &[String],
+        rows: crate::catalog::SnapshotRows,
+    ) -> Snapshot {
+        let mut next = base.cloned().unwrap_or_default();
+        next.version = rows.version;
+        for project_id in replaced {
+            if let Some(project) = next.projects.remove(project_id.as_str()) {
+                for hash in &project.key_hashes {
+                    next.keys.remove(hash);
+                }
+            }
+        }
         let mut projects: HashMap<Arc<str>, ProjectEntry> =
             HashMap::with_capacity(rows.projects.len());
         for (project_id, region, storage) in rows.projects {
@@ -155,6 +248,7 @@ impl KeyCache {
                     storage: storage.map(Arc::new),
                     suppressed_users: HashSet::new(),
                     erased_users: HashMap::new(),
+                    key_hashes: Vec::new(),
                 },
             );
         }
@@ -180,35 +274,30 @@ impl KeyCache {
                 }
             }
         }
-        let mut keys = HashMap::with_capacity(rows.keys.len());
         for (hash, project_id, expires_at_ms) in rows.keys {
             let Some((shared_project_id, project)) = projects.get_key_value(project_id.as_str())
             else {
                 continue;
             };
-            keys.insert(
+            let resolved = ResolvedKey {
+                project_id: Arc::clone(shared_project_id),
+                region: project.region.clone(),
+            };
+            next.keys.insert(
                 hash,
                 KeyEntry {
-                    resolved: ResolvedKey {
-                        project_id: Arc::clone(shared_project_id),
-                        region: project.region.clone(),
-                    },
+                    resolved,
                     expires_at_ms,
                 },
             );
+            if let Some(project) = projects.get_mut(project_id.as_str()) {
+                project.key_hashes.push(hash);
+            }
         }
-        debug!(
-            version = rows.version,
-            keys = keys.len(),
-            projects = projects.len(),
-            "key cache reloaded"
-        );
-        self.snapshot.store(Arc::new(Snapshot {
-            version: rows.version,
-            keys,
-            projects,
-        }));
-        Ok(())
+        for (project_id, project) in projects {
+            next.projects.insert(project_id, Arc::new(project));
+        }
+        next
     }
 
     /// Polls the catalog every `interval` until `shutdown` flips to true. Failures keep the last
@@ -218,16 +307,25 @@ impl KeyCache {
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut ticks_since_reload = 0u32;
+        let mut last_full_reload = tokio::time::Instant::now();
         let mut in_outage = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            ticks_since_reload += 1;
-            let outcome = if ticks_since_reload >= FORCED_RELOAD_EVERY {
-                self.reload().await.map(|()| true)
+            let full_reload_due = last_full_reload.elapsed() >= FORCED_RELOAD_EVERY;
+            let outcome = if full_reload_due {
+                last_full_reload = tokio::time::Instant::now();
+                tokio::time::timeout(FULL_RELOAD_TIMEOUT, self.reload())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(CatalogError::Invalid(format!(
+                            "the full key cache reload timed out after {} s",
+                            FULL_RELOAD_TIMEOUT.as_secs()
+                        )))
+                    })
+                    .map(|()| true)
             } else {
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), self.refresh())
                     .await
@@ -236,10 +334,7 @@ impl KeyCache {
                     })
             };
             match outcome {
-                Ok(reloaded) => {
-                    if reloaded {
-                        ticks_since_reload = 0;
-                    }
+                Ok(_) => {
                     if in_outage {
                         warn!("catalog reachable again; key cache is fresh");
                         in_outage = false;

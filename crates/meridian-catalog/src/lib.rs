@@ -13,6 +13,7 @@ mod key_cache;
 pub mod keyed_hash;
 mod region_migration;
 mod schema;
+mod snapshot_source;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
 pub use audit_anchor::AnchorOutcome;

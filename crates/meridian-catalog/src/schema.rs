@@ -112,6 +112,17 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX IF NOT EXISTS deletions_by_status ON deletions (status, region)",
         ],
     ),
+    (
+        5,
+        "project changes for incremental key cache reloads",
+        &[
+            "CREATE TABLE IF NOT EXISTS project_changes (
+                project_id TEXT PRIMARY KEY,
+                version BIGINT NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS project_changes_by_version ON project_changes (version)",
+        ],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).

@@ -464,16 +464,92 @@ async fn the_audit_chain_detects_tampering_and_deletion() {
 }
 
 #[tokio::test]
+async fn the_key_cache_reloads_only_the_projects_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("inc", "Inc", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let mut projects = Vec::new();
+        for name in ["a", "b", "c"] {
+            projects.push(
+                catalog
+                    .create_project(
+                        "inc",
+                        NewProject {
+                            name: name.into(),
+                            region: region("eu-west-1"),
+                        },
+                        &actor(),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        let cache = KeyCache::load(catalog.clone()).await.unwrap();
+        assert_eq!(cache.reload_counts(), (1, 0));
+        let (a, b, c) = (&projects[0], &projects[1], &projects[2]);
+        catalog
+            .suppress_users(&a.0.project_id, &["gone".into()], &actor())
+            .await
+            .unwrap();
+        let rotated = catalog
+            .rotate_key(&b.0.project_id, Duration::ZERO, &actor())
+            .await
+            .unwrap();
+        let (d, d_key) = catalog
+            .create_project(
+                "inc",
+                NewProject {
+                    name: "d".into(),
+                    region: region("us-east-1"),
+                },
+                &actor(),
+            )
+            .await
+            .unwrap();
+        assert!(cache.refresh().await.unwrap());
+        assert_eq!(
+            cache.reload_counts(),
+            (1, 1),
+            "one incremental refresh, no full reload"
+        );
+        assert!(cache.is_suppressed(&a.0.project_id, "gone"));
+        assert!(cache.resolve(&a.1).is_some(), "a keeps its key");
+        assert!(cache.resolve(&b.1).is_none(), "b's old key is revoked");
+        assert!(cache.resolve(&rotated.write_key).is_some());
+        assert!(
+            cache.resolve(&c.1).is_some(),
+            "c, unchanged, still resolves"
+        );
+        assert_eq!(
+            cache
+                .resolve(&d_key)
+                .map(|resolved| resolved.region.to_string()),
+            Some("us-east-1".to_string()),
+            "{}",
+            d.project_id
+        );
+        assert_eq!(cache.project_count(), 4);
+        assert!(!cache.refresh().await.unwrap(), "nothing changed since");
+    }
+}
+
+#[tokio::test]
 async fn migrations_are_recorded_and_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = sqlite_catalog(&dir).await;
     assert_eq!(
         catalog.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
-    assert_eq!(again.applied_migrations().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        again.applied_migrations().await.unwrap(),
+        vec![1, 2, 3, 4, 5]
+    );
 }
 
 #[tokio::test]

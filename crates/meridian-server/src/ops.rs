@@ -176,6 +176,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
             queue.stats().sync_count as f64,
         );
     }
+    let (full_reloads, incremental_refreshes) = state.keys.reload_counts();
+    writer.declare(
+        "key_cache_reloads_total",
+        "counter",
+        "Key cache reloads from the catalog: full (start, many changes, the ten-minute safety net) or incremental (only the projects changed)",
+    );
+    writer.sample(
+        "key_cache_reloads_total",
+        &[("kind", "full")],
+        full_reloads as f64,
+    );
+    writer.sample(
+        "key_cache_reloads_total",
+        &[("kind", "incremental")],
+        incremental_refreshes as f64,
+    );
     writer.declare(
         "body_budget_available_bytes",
         "gauge",
