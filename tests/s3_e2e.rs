@@ -290,6 +290,61 @@ async fn a_bucket_in_another_region_is_refused_and_its_data_stays_queued() {
     assert_eq!(pending, 5.0, "the messages stay queued");
 }
 
+#[tokio::test]
+async fn a_bucket_line_copied_into_another_regions_section_is_refused_before_anything_is_written() {
+    let Some(moto) = MotoProcess::start().await else {
+        return;
+    };
+    for (section, bucket_region) in [("us-east-1", "eu-west-1"), ("eu-west-1", "us-east-1")] {
+        let client = s3_client(&moto.url(), bucket_region);
+        let bucket = unique_bucket("copied");
+        // S3 takes no location constraint for us-east-1.
+        let constraint = Some(bucket_region).filter(|region| *region != "us-east-1");
+        create_bucket(&client, &bucket, constraint).await;
+        // The line names the bucket's true region, so a guard that trusted the line would pass.
+        let block = format!(
+            "[regions.{section}.archive]\ns3 = {{ bucket = \"{bucket}\", region = \"{bucket_region}\", endpoint = \"{}\", force_path_style = true, access_key_id = \"test\", secret_access_key = \"test\" }}\n",
+            moto.url()
+        );
+        let root = tempfile::tempdir().unwrap();
+        let config_path = root.path().join("meridian.toml");
+        std::fs::write(&config_path, test_config(&block)).unwrap();
+        for arguments in [
+            &["serve", "--check-config", "--config"][..],
+            &["serve", "--config"][..],
+        ] {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+                .args(arguments)
+                .arg(&config_path)
+                .env("MERIDIAN_DATA_DIR", root.path().join("data"))
+                .env("MERIDIAN_LISTEN", format!("127.0.0.1:{}", free_port()))
+                .env("MERIDIAN_JWT_SECRET", JWT_SECRET)
+                .env_remove("MERIDIAN_CATALOG_URL")
+                .output()
+                .expect("meridian runs");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                !output.status.success(),
+                "{arguments:?} accepted it:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("regions.{section}.archive.s3"))
+                    && text.contains(&format!("`{bucket_region}`"))
+                    && text.contains(&format!("`{section}`")),
+                "the refusal names both regions: {text}"
+            );
+        }
+        assert!(
+            bucket_messages(&client, &bucket, "").await.0.is_empty(),
+            "nothing was written to the bucket"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_project_with_customer_storage_archives_there_and_nowhere_else() {
     let Some(moto) = MotoProcess::start().await else {

@@ -738,9 +738,11 @@ async fn set_storage(
     let storage = validate_storage(&project_id, parse_body(&body)?)?;
     let verification = tokio::time::timeout(
         Duration::from_secs(60),
-        state
-            .customer_stores
-            .verify(&project_id, &project.region, &storage),
+        state.customer_stores.verify(
+            &project_id,
+            &state.settings.aws_region_of(&project.region),
+            &storage,
+        ),
     )
     .await
     .unwrap_or_else(|_| Err("verifying access to the bucket timed out after 60 s".to_string()));

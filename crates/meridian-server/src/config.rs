@@ -177,6 +177,8 @@ pub struct RegionConfig {
     #[serde(default = "default_status")]
     pub status: String,
     pub disk_budget_bytes: Option<u64>,
+    /// The AWS region this Meridian region's buckets must be in; unset: the region's id.
+    pub aws_region: Option<String>,
     pub archive: Option<ArchiveConfig>,
     pub clickhouse: Option<ClickHouseRegionConfig>,
 }
@@ -362,6 +364,8 @@ pub struct RegionSettings {
     pub display_name: String,
     pub available: bool,
     pub disk_budget_bytes: u64,
+    /// The AWS region the region's buckets (archive and customer buckets) must report.
+    pub aws_region: String,
     pub queue_dir: PathBuf,
     pub archive: ArchiveSettings,
     pub clickhouse: Option<meridian_clickhouse::ClickHouseConfig>,
@@ -396,10 +400,21 @@ pub enum ArchiveTarget {
 
 fn validate_s3(
     region: &RegionId,
+    aws_region: &str,
     config: &S3ArchiveConfig,
     problems: &mut Vec<String>,
 ) -> ArchiveTarget {
     let key = format!("regions.{region}.archive.s3");
+    // The guard compares the bucket's location with the Meridian region this section configures,
+    // never with what the line itself claims: a bucket line copied into the wrong region's section
+    // is refused here, before anything is written.
+    if let Some(declared) = &config.region
+        && declared != aws_region
+    {
+        problems.push(format!(
+            "{key}: the bucket is declared in `{declared}`, but this is the archive of Meridian region {region}, whose buckets must be in `{aws_region}` (regions.{region}.aws_region): a region's archive stays in that region"
+        ));
+    }
     if config.bucket.trim().is_empty() {
         problems.push(format!(
             "{key}.bucket must name the region's archive bucket"
@@ -435,10 +450,7 @@ fn validate_s3(
             "{key}.multipart_threshold_bytes must be at least 5 MiB (S3's smallest part)"
         ));
     }
-    let mut settings = meridian_archive::s3::S3Settings::new(
-        &config.bucket,
-        config.region.as_deref().unwrap_or(region.as_str()),
-    );
+    let mut settings = meridian_archive::s3::S3Settings::new(&config.bucket, aws_region);
     settings.endpoint = config.endpoint.clone();
     settings.force_path_style = config.force_path_style;
     settings.encryption = encryption;
@@ -633,17 +645,18 @@ impl Config {
                     self.queue.segment_max_bytes
                 ));
             }
+            let aws_region = region.aws_region.clone().unwrap_or_else(|| id.to_string());
             let archive = region.archive.clone().unwrap_or_default();
             let archive_target = match (&archive.dir, &archive.s3) {
                 (Some(_), Some(s3)) => {
                     problems.push(format!(
                         "regions.{id}.archive: set exactly one of `dir` or `s3`, not both"
                     ));
-                    validate_s3(&id, s3, &mut problems)
+                    validate_s3(&id, &aws_region, s3, &mut problems)
                 }
                 (Some(dir), None) if dir.is_absolute() => ArchiveTarget::Dir(dir.clone()),
                 (Some(dir), None) => ArchiveTarget::Dir(data_dir.join(dir)),
-                (None, Some(s3)) => validate_s3(&id, s3, &mut problems),
+                (None, Some(s3)) => validate_s3(&id, &aws_region, s3, &mut problems),
                 (None, None) => ArchiveTarget::Dir(data_dir.join("archive").join(id.as_str())),
             };
             let default_flush_interval_ms = match archive_target {
@@ -666,6 +679,7 @@ impl Config {
                     display_name,
                     available,
                     disk_budget_bytes,
+                    aws_region,
                     queue_dir: data_dir.join("queue").join(id.as_str()),
                     archive: ArchiveSettings {
                         target: archive_target,
@@ -971,6 +985,16 @@ impl Config {
 }
 
 impl Settings {
+    /// The AWS region the buckets of Meridian region `region` must be in (the id itself for a
+    /// region without its own mapping, or one this node does not know).
+    pub fn aws_region_of(&self, region: &str) -> String {
+        RegionId::parse(region)
+            .ok()
+            .and_then(|id| self.regions.get(&id))
+            .map(|settings| settings.aws_region.clone())
+            .unwrap_or_else(|| region.to_string())
+    }
+
     /// The catalog URL with its password replaced by `***`.
     pub fn catalog_url_for_display(&self) -> String {
         redact_url(self.catalog_url.expose())
@@ -1052,6 +1076,43 @@ mod tests {
             }
         }
         assert_eq!(settings.catalog_url_for_display(), "postgres://u:***@db/m");
+    }
+
+    #[test]
+    fn a_regions_buckets_must_be_in_the_aws_region_of_that_meridian_region() {
+        let copied = r#"
+            [regions.us-east-1.archive]
+            s3 = { bucket = "b", region = "eu-west-1" }
+        "#;
+        let problems = Config::from_sources(Some(copied), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            problems.contains("regions.us-east-1.archive.s3")
+                && problems.contains("`eu-west-1`")
+                && problems.contains("`us-east-1`"),
+            "{problems}"
+        );
+        let mapped = r#"
+            [regions.eu-west-1]
+            aws_region = "eu-central-1"
+            [regions.eu-west-1.archive]
+            s3 = { bucket = "b", region = "eu-central-1" }
+        "#;
+        let settings = Config::from_sources(Some(mapped), &env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let eu = &settings.regions[&RegionId::parse("eu-west-1").unwrap()];
+        assert_eq!(eu.aws_region, "eu-central-1");
+        assert!(matches!(
+            &eu.archive.target,
+            ArchiveTarget::S3 { settings, .. } if settings.region == "eu-central-1"
+        ));
+        assert_eq!(settings.aws_region_of("eu-west-1"), "eu-central-1");
+        assert_eq!(settings.aws_region_of("us-east-1"), "us-east-1");
     }
 
     #[test]

@@ -292,7 +292,11 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
         if let Some(storage) = state.keys.customer_storage(&deletion.project_id) {
             let (store, prefix) = state
                 .customer_stores
-                .store_for(region.as_str(), &deletion.project_id, &storage)
+                .store_for(
+                    &state.settings.aws_region_of(region.as_str()),
+                    &deletion.project_id,
+                    &storage,
+                )
                 .await
                 .map_err(|error| format!("customer bucket {}: {error}", storage.bucket))?;
             stores.push((store, Some(prefix)));

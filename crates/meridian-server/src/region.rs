@@ -137,7 +137,8 @@ fn warn_about_cursors_without_a_sink(
 
 /// Finds a project's customer bucket through the key cache's snapshot of the catalog.
 struct CatalogStoreResolver {
-    region: RegionId,
+    /// The AWS region the region's customer buckets must be in.
+    aws_region: String,
     keys: Arc<KeyCache>,
     stores: Arc<CustomerStores>,
 }
@@ -154,7 +155,7 @@ impl StoreResolver for CatalogStoreResolver {
         // The store is built for this sink's region only; a bucket elsewhere is refused.
         let (store, prefix) = self
             .stores
-            .store_for(self.region.as_str(), project_id, &storage)
+            .store_for(&self.aws_region, project_id, &storage)
             .await?;
         Ok(Some(CustomerTarget {
             store,
@@ -190,7 +191,7 @@ async fn build_sinks(
         }
     };
     let resolver = CatalogStoreResolver {
-        region: region.clone(),
+        aws_region: region_settings.aws_region.clone(),
         keys: Arc::clone(keys),
         stores: Arc::clone(customer_stores),
     };
