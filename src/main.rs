@@ -59,6 +59,27 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Where projects' data lives.
+    Residency {
+        #[command(subcommand)]
+        command: ResidencyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResidencyCommand {
+    /// Scan a region's ClickHouse, archive and customer buckets; list every project found with its
+    /// pinned region; exit 1 when any data of a project pinned elsewhere (or unknown) is found.
+    Report {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The region to scan (default: every region this node's configuration serves).
+        #[arg(long)]
+        region: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -339,6 +360,59 @@ async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog
         .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))
 }
 
+async fn residency_report(
+    config: Option<PathBuf>,
+    region: Option<String>,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let settings = load_settings(config.as_deref())?;
+    let catalog = connect_catalog(&settings).await?;
+    let keys = meridian_catalog::KeyCache::load(catalog).await?;
+    let customer_stores = std::sync::Arc::new(meridian_archive::customer::CustomerStores::new(
+        settings.customer_access.clone(),
+    ));
+    let regions = match region {
+        Some(text) => vec![
+            meridian_core::RegionId::parse(&text)
+                .map_err(|error| anyhow::anyhow!("--region {text}: {error:?}"))?,
+        ],
+        None => settings.served_regions.clone(),
+    };
+    let mut clean = true;
+    let mut reports = Vec::new();
+    for region in &regions {
+        let Some(services) = meridian_server::region::region_services_for_tools(
+            &settings,
+            region,
+            &keys,
+            &customer_stores,
+        )
+        .await
+        else {
+            bail!("region {region} is not configured");
+        };
+        let report = meridian_server::residency::scan_region(
+            &settings,
+            &keys,
+            &customer_stores,
+            region,
+            &services,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        clean &= report.is_clean();
+        if json {
+            reports.push(report.to_json(&keys));
+        } else {
+            print!("{}", report.to_text());
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(clean)
+}
+
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
     let catalog = connect_catalog(&settings).await?;
@@ -402,6 +476,14 @@ fn main() -> ExitCode {
             Command::Catalog {
                 command: CatalogCommand::Backup { config, output },
             } => backup_catalog(config, output).await.map(|()| true),
+            Command::Residency {
+                command:
+                    ResidencyCommand::Report {
+                        config,
+                        region,
+                        json,
+                    },
+            } => residency_report(config, region, json).await,
         }
     });
     match outcome {

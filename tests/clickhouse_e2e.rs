@@ -741,3 +741,129 @@ async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() 
     .await;
     assert_eq!(kept.trim(), "a\nb\nc");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_residency_report_finds_data_of_a_project_pinned_elsewhere() {
+    let (Some(eu_url), Some(us_url)) = (
+        shared_service("MERIDIAN_TEST_CLICKHOUSE_URL"),
+        shared_service("MERIDIAN_TEST_CLICKHOUSE_URL_2"),
+    ) else {
+        return;
+    };
+    let database = unique_database();
+    let config = test_config(&format!(
+        "{}{}",
+        clickhouse_block("eu-west-1", std::slice::from_ref(&eu_url), &database),
+        clickhouse_block("us-east-1", std::slice::from_ref(&us_url), &database)
+    ));
+    let server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (eu_project, eu_key) = server.create_project("acme", "eu-west-1").await;
+    let (us_project, us_key) = server.create_project("acme", "us-east-1").await;
+    assert_eq!(post_batch(&server, &eu_key, vec![track("eu-1")]).await, 200);
+    assert_eq!(post_batch(&server, &us_key, vec![track("us-1")]).await, 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    assert_eq!(
+        wait_for_count(
+            &eu_url,
+            &count_sql(&database, &eu_project),
+            1,
+            Duration::from_secs(60)
+        )
+        .await,
+        1
+    );
+    let report = |region: Option<&str>| {
+        let mut command = server.command();
+        command
+            .args(["residency", "report", "--json", "--config"])
+            .arg(&server.config_path);
+        if let Some(region) = region {
+            command.args(["--region", region]);
+        }
+        let output = command.output().expect("meridian residency report runs");
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        (
+            output.status.success(),
+            text,
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (clean, text, errors) = report(None);
+    assert!(clean, "a clean two-region run passes:\n{text}\n{errors}");
+    let reports: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 4, "every served region");
+    let eu = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|report| report["region"] == "eu-west-1")
+        .unwrap();
+    assert_eq!(
+        eu["projects"][&eu_project]["pinned_region"], "eu-west-1",
+        "{eu}"
+    );
+    assert!(eu["projects"].get(&us_project).is_none(), "{eu}");
+
+    // Plant one us-east-1 row in eu-west-1's ClickHouse and one object in its archive.
+    clickhouse_query(
+        &eu_url,
+        &format!("INSERT INTO {database}.events (project_id, message_id, type, timestamp, received_at, region) VALUES ('{us_project}', 'planted', 'track', now(), now(), 'us-east-1')"),
+    )
+    .await;
+    let planted_key = format!("segment-logs/{us_project}/1795478400000/planted.gz");
+    let planted_path = server.data_dir.join("archive/eu-west-1").join(&planted_key);
+    std::fs::create_dir_all(planted_path.parent().unwrap()).unwrap();
+    std::fs::write(&planted_path, gzip(b"{}\n")).unwrap();
+
+    let (clean, text, errors) = report(Some("eu-west-1"));
+    assert!(!clean, "foreign data fails the report:\n{text}\n{errors}");
+    let reports: Value = serde_json::from_str(&text).unwrap();
+    let findings = reports[0]["findings"].as_array().unwrap().clone();
+    assert_eq!(findings.len(), 2, "{findings:?}");
+    assert!(
+        findings
+            .iter()
+            .all(|finding| finding["project_id"] == us_project.as_str()
+                && finding["pinned_region"] == "us-east-1")
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|finding| finding["location"] == "table events"
+                && finding["store"].as_str().unwrap().contains(&eu_url))
+    );
+    assert!(findings.iter().any(|finding| {
+        finding["location"]
+            .as_str()
+            .unwrap()
+            .ends_with(&planted_key)
+    }));
+
+    let platform = server.issue_token("platform", None);
+    let (status, body) = server
+        .admin(
+            reqwest::Method::GET,
+            "/admin/regions/eu-west-1/residency",
+            &platform,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["clean"], false);
+    assert_eq!(body["findings"].as_array().unwrap().len(), 2, "{body}");
+    let owner = server.issue_token("owner", Some("acme"));
+    let (status, _) = server
+        .admin(
+            reqwest::Method::GET,
+            "/admin/regions/eu-west-1/residency",
+            &owner,
+            None,
+        )
+        .await;
+    assert_eq!(status, 403, "platform only");
+}

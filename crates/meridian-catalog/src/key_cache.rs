@@ -148,6 +148,22 @@ impl KeyCache {
         )
     }
 
+    /// Every project the snapshot holds: `(project id, region, customer storage)`.
+    pub fn projects(&self) -> Vec<(String, RegionId, Option<Arc<CustomerStorage>>)> {
+        self.snapshot
+            .load()
+            .projects
+            .iter()
+            .map(|(project_id, project)| {
+                (
+                    project_id.to_string(),
+                    project.region.clone(),
+                    project.storage.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// How many projects the snapshot holds.
     pub fn project_count(&self) -> usize {
         self.snapshot.load().projects.len()

@@ -652,6 +652,35 @@ impl ClickHouseSink {
         Ok(deleted)
     }
 
+    /// Every project id stored in the events table of each replica (for residency reports):
+    /// `(replica url, project ids)`. A replica without the table holds none.
+    pub async fn distinct_project_ids(&self) -> Result<Vec<(String, Vec<String>)>, String> {
+        let database = schema::quote_identifier(&self.config.database);
+        let sql = format!("SELECT DISTINCT project_id FROM {database}.events ORDER BY project_id");
+        let mut found = Vec::with_capacity(self.replicas.len());
+        for replica in &self.replicas {
+            let ids = match self
+                .with_timeout(replica.admin.query(&sql).fetch_all::<String>())
+                .await
+            {
+                Ok(ids) => ids,
+                Err(clickhouse::error::Error::BadResponse(message))
+                    if matches!(exception_code(&message), Some(60) | Some(81)) =>
+                {
+                    Vec::new()
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "{}: listing project ids failed: {error}",
+                        replica.url
+                    ));
+                }
+            };
+            found.push((replica.url.clone(), ids));
+        }
+        Ok(found)
+    }
+
     /// `Err` while the replica's events table is being re-keyed (its old rows are being copied).
     async fn refuse_while_rekeying(&self, replica: &Replica) -> Result<(), String> {
         let in_progress = crate::rekey::rekey_in_progress(

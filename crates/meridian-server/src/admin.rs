@@ -22,6 +22,11 @@ use crate::state::AppState;
 pub fn routes() -> ApiRoutes {
     ApiRoutes::new()
         .add(Method::GET, "/admin/regions", list_regions)
+        .add(
+            Method::GET,
+            "/admin/regions/{region}/residency",
+            residency_report,
+        )
         .add(Method::GET, "/admin/regions/orgs/{org_id}", org_regions)
         .add(
             Method::POST,
@@ -220,6 +225,37 @@ pub async fn authorized_project(
         .ok_or_else(not_found)?;
     claims.require(&project.org_id, minimum, &format!("project `{project_id}`"))?;
     Ok(project)
+}
+
+/// The residency report of a region this node serves (platform token).
+async fn residency_report(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(region): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    if claims.role != Role::Platform {
+        return Err(ApiError::forbidden(
+            "the residency report needs a platform token (role: platform)",
+        ));
+    }
+    let region = configured_region(&state, &region)?;
+    let Some(services) = state.region_services.get(&region) else {
+        return Err(ApiError::unavailable(
+            "region_not_served",
+            format!("this node does not serve {region}: ask a node of that region"),
+            5,
+        ));
+    };
+    let report = crate::residency::scan_region(
+        &state.settings,
+        &state.keys,
+        &state.customer_stores,
+        &region,
+        services,
+    )
+    .await
+    .map_err(|message| ApiError::unavailable("residency_scan_failed", message, 5))?;
+    Ok(axum::Json(report.to_json(&state.keys)).into_response())
 }
 
 async fn list_regions(State(state): State<AppState>, AdminAuth(_claims): AdminAuth) -> Response {

@@ -167,6 +167,15 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
         ),
         (
             Method::GET,
+            "/admin/regions/{region}/residency",
+            admin(
+                "Residency report of a region this node serves: every project found in its ClickHouse, archive and customer buckets, and any data of a project pinned elsewhere (platform token)",
+                None,
+                (200, Some("ResidencyReport")),
+            ),
+        ),
+        (
+            Method::GET,
             "/admin/regions/orgs/{org_id}",
             admin(
                 "An org's primary region and its projects' regions (owner)",
@@ -520,6 +529,10 @@ fn schemas() -> Value {
             "started_at": nullable(json!({"type": "string"})), "finished_at": nullable(json!({"type": "string"})),
             "deadline": string, "error": nullable(json!({"type": "string"})),
             "stores": {"type": "object"}}},
+        "ResidencyReport": {"type": "object", "required": ["region", "scanned_at", "clean", "stores", "projects", "findings"], "properties": {
+            "region": string, "scanned_at": string, "clean": {"type": "boolean"},
+            "stores": {"type": "array", "items": string}, "projects": {"type": "object"},
+            "findings": {"type": "array", "items": {"type": "object"}}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": string}},
         "Readiness": {"type": "object", "required": ["ready", "regions"], "properties": {"ready": {"type": "boolean"}, "regions": {"type": "object"}}},
     })

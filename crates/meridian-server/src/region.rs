@@ -164,6 +164,28 @@ impl StoreResolver for CatalogStoreResolver {
     }
 }
 
+/// A region's stores as a tool needs them (archive store, ClickHouse), built exactly as a node
+/// builds them, without starting anything.
+pub async fn region_services_for_tools(
+    settings: &Settings,
+    region: &RegionId,
+    keys: &Arc<KeyCache>,
+    customer_stores: &Arc<CustomerStores>,
+) -> Option<RegionServices> {
+    let mut guards = Vec::new();
+    let mut spool_drainers = Vec::new();
+    build_sinks(
+        settings,
+        region,
+        keys,
+        customer_stores,
+        &mut guards,
+        &mut spool_drainers,
+    )
+    .await
+    .map(|(_, services)| services)
+}
+
 /// Builds a region's sinks from that region's settings only.
 async fn build_sinks(
     settings: &Settings,
