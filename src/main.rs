@@ -378,6 +378,9 @@ async fn residency_report(
         ],
         None => settings.served_regions.clone(),
     };
+    let queue_encryption = meridian_server::server::load_queue_encryption(&settings)
+        .map_err(anyhow::Error::msg)?
+        .map(std::sync::Arc::new);
     let mut clean = true;
     let mut reports = Vec::new();
     for region in &regions {
@@ -397,6 +400,7 @@ async fn residency_report(
             &customer_stores,
             region,
             &services,
+            queue_encryption.clone(),
         )
         .await
         .map_err(anyhow::Error::msg)?;

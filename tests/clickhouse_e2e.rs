@@ -808,6 +808,18 @@ async fn the_residency_report_finds_data_of_a_project_pinned_elsewhere() {
         "{eu}"
     );
     assert!(eu["projects"].get(&us_project).is_none(), "{eu}");
+    let found_in: Vec<&str> = eu["projects"][&eu_project]["found_in"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|store| store.as_str().unwrap())
+        .collect();
+    for store in ["queue ", "clickhouse ", "archive "] {
+        assert!(
+            found_in.iter().any(|found| found.starts_with(store)),
+            "{store}in {found_in:?}"
+        );
+    }
 
     // Plant one us-east-1 row in eu-west-1's ClickHouse and one object in its archive.
     clickhouse_query(

@@ -26,6 +26,7 @@ pub mod disk_space;
 pub mod encryption;
 mod error;
 pub mod incarnation;
+pub mod inspect;
 pub mod quarantine;
 mod queue;
 /// Segment files and record framing (public for the fuzz targets and tools).

@@ -587,6 +587,11 @@ impl RegionQueue {
         &self.shared.config.dir
     }
 
+    /// The keys records are sealed with, when the queue encrypts at rest.
+    pub fn encryption(&self) -> Option<Arc<QueueEncryption>> {
+        self.shared.config.encryption.clone()
+    }
+
     /// Stops the writer after it has committed every append sent before this call. Blocking.
     pub fn close(&self) {
         let _ = self.sender.send(WriterCommand::Shutdown);

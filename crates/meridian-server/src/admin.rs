@@ -246,12 +246,17 @@ async fn residency_report(
             5,
         ));
     };
+    let queue_encryption = state
+        .queues
+        .get(&region)
+        .and_then(|queue| queue.encryption());
     let report = crate::residency::scan_region(
         &state.settings,
         &state.keys,
         &state.customer_stores,
         &region,
         services,
+        queue_encryption,
     )
     .await
     .map_err(|message| ApiError::unavailable("residency_scan_failed", message, 5))?;

@@ -2,17 +2,21 @@
 //! belongs to a project pinned to another region (`meridian residency report`,
 //! `GET /admin/regions/{region}/residency`).
 //!
-//! It scans the region's ClickHouse (distinct project ids of `events`, on every replica), its
-//! archive store (project prefixes under `segment-logs/`) and the customer buckets of the projects
-//! pinned to it (which may hold only that project's objects). Every project found is listed with
+//! It scans the region's queue on this node (read only: the project of every queued record), its
+//! ClickHouse (distinct project ids of `events`, on every replica), its archive store (project
+//! prefixes under `segment-logs/`) and the customer buckets of the projects pinned to it (which may
+//! hold only that project's objects). Every project found is listed with
 //! its pinned region; data of a project pinned elsewhere, or of a project the catalog does not
 //! know, is a finding.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::Arc;
+
 use meridian_catalog::KeyCache;
 use meridian_core::RegionId;
 use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
+use meridian_queue::encryption::QueueEncryption;
 use serde_json::{Value, json};
 
 use crate::config::Settings;
@@ -118,6 +122,7 @@ pub async fn scan_region(
     customer_stores: &meridian_archive::customer::CustomerStores,
     region: &RegionId,
     services: &RegionServices,
+    queue_encryption: Option<Arc<QueueEncryption>>,
 ) -> Result<ResidencyReport, String> {
     let mut report = ResidencyReport {
         region: region.clone(),
@@ -128,6 +133,30 @@ pub async fn scan_region(
     };
     // Where each project was first seen in each store: (store, location, project).
     let mut seen: Vec<(String, String, String)> = Vec::new();
+
+    if let Some(region_settings) = settings.regions.get(region) {
+        let queue_dir = region_settings.queue_dir.clone();
+        let store = format!("queue {}", queue_dir.display());
+        report.stores.push(store.clone());
+        let counts = tokio::task::spawn_blocking(move || {
+            meridian_queue::inspect::project_record_counts(&queue_dir, queue_encryption.as_deref())
+        })
+        .await
+        .map_err(|error| format!("{store}: the scan panicked: {error}"))?
+        .map_err(|error| format!("{store}: {error}"))?;
+        for (project_id, records) in counts {
+            let project_id = if project_id.is_empty() {
+                "(unreadable records)".to_string()
+            } else {
+                project_id
+            };
+            seen.push((
+                store.clone(),
+                format!("{records} queued records"),
+                project_id,
+            ));
+        }
+    }
 
     if let Some(clickhouse) = &services.clickhouse {
         for (url, project_ids) in clickhouse.distinct_project_ids().await? {

@@ -379,6 +379,18 @@ impl RunningNode {
     }
 }
 
+/// The queue's encryption keys as configured (`None`: records are not encrypted).
+pub fn load_queue_encryption(
+    settings: &Settings,
+) -> Result<Option<meridian_queue::encryption::QueueEncryption>, String> {
+    settings
+        .queue_key_file
+        .as_deref()
+        .map(load_queue_keys)
+        .transpose()
+        .map_err(|error| error.to_string())
+}
+
 fn load_queue_keys(
     path: &std::path::Path,
 ) -> Result<meridian_queue::encryption::QueueEncryption, ServerError> {
