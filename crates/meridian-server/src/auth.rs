@@ -143,27 +143,15 @@ pub fn load_or_create_secret(
     if let Some(secret) = configured {
         return Ok((secret.as_bytes().to_vec(), false));
     }
-    let path = data_dir.join("jwt_secret");
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().len() >= 32 => return Ok((text.trim().as_bytes().to_vec(), true)),
-        Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error),
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let secret = meridian_catalog::generate_write_key().replace("wk_", "")
-        + &meridian_catalog::generate_write_key().replace("wk_", "");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)?;
-        file.write_all(secret.as_bytes())?;
-        file.sync_all()?;
+    let (secret, _) = crate::secret_file::read_or_create(data_dir, "jwt_secret")?;
+    if secret.len() < 32 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} holds fewer than 32 bytes: remove it to have a new secret made, or set auth.jwt_secret",
+                data_dir.join("jwt_secret").display()
+            ),
+        ));
     }
     Ok((secret.into_bytes(), true))
 }

@@ -1,8 +1,6 @@
 //! The catalog's hash key (see [`meridian_catalog::keyed_hash`]): from the configuration, or for
 //! the embedded catalog from `<data_dir>/catalog_hash_key`, created on first start.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use meridian_catalog::{Actor, Catalog, CatalogKey};
@@ -10,9 +8,12 @@ use tracing::{info, warn};
 
 use crate::config::Settings;
 
+/// The name of the file, in the data directory, that holds a generated key.
+const KEY_FILE_NAME: &str = "catalog_hash_key";
+
 /// The file that holds a generated key.
 pub fn key_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("catalog_hash_key")
+    data_dir.join(KEY_FILE_NAME)
 }
 
 /// The key, and whether it was created just now (the catalog then cannot hold anything written
@@ -24,35 +25,11 @@ pub fn load_catalog_key(settings: &Settings) -> Result<(CatalogKey, bool), Strin
         return Ok((key, false));
     }
     let path = key_file(&settings.data_dir);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            return CatalogKey::from_bytes(text.trim().as_bytes())
-                .map(|key| (key, false))
-                .ok_or_else(|| {
-                    format!("{} holds no valid key (at least 32 bytes)", path.display())
-                });
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
-    }
-    let generated: String = (0..2)
-        .map(|_| meridian_catalog::generate_write_key().replace("wk_", ""))
-        .collect();
-    let write = || -> std::io::Result<()> {
-        meridian_queue::create_dir_all_durably(&settings.data_dir)?;
-        let mut file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)?;
-        file.write_all(generated.as_bytes())?;
-        file.sync_all()?;
-        std::fs::File::open(&settings.data_dir)?.sync_all()
-    };
-    write().map_err(|error| format!("cannot create {}: {error}", path.display()))?;
-    let key = CatalogKey::from_bytes(generated.as_bytes())
-        .ok_or_else(|| "the generated catalog key is too short".to_string())?;
-    Ok((key, true))
+    let (text, created) = crate::secret_file::read_or_create(&settings.data_dir, KEY_FILE_NAME)
+        .map_err(|error| format!("cannot read or create {}: {error}", path.display()))?;
+    let key = CatalogKey::from_bytes(text.as_bytes())
+        .ok_or_else(|| format!("{} holds no valid key (at least 32 bytes)", path.display()))?;
+    Ok((key, created))
 }
 
 /// Loads (or creates) the key, connects and migrates the catalog. When the key was created just

@@ -18,6 +18,7 @@ pub mod rate_limit;
 pub mod region;
 pub mod residency;
 pub mod routes;
+pub mod secret_file;
 pub mod server;
 pub mod state;
 pub mod tls;
