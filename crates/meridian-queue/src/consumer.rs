@@ -66,11 +66,64 @@ struct SegmentReader {
     path: PathBuf,
     base_offset: u64,
     format: SegmentFormat,
-    reader: BufReader<File>,
+    reader: BufReader<CompletedBytes>,
     /// Byte position of the next record in the file.
     position: u64,
     /// The offset the next record has when it is intact.
     next_offset: u64,
+}
+
+/// A segment file read no further than the bytes its writer has completed
+/// ([`Shared::completed_bytes`]). Past them lie a group being written, or the remains of a failed
+/// write that the writer cuts off and then writes other records over: a reader that buffered such
+/// bytes would read records that were never acknowledged, or see damage where the disk holds
+/// intact records.
+struct CompletedBytes {
+    file: File,
+    shared: Arc<Shared>,
+    base_offset: u64,
+    /// Where the next `read` starts in the file.
+    position: u64,
+}
+
+impl io::Read for CompletedBytes {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let completed = self.shared.completed_bytes(self.base_offset);
+        let allowed = completed.saturating_sub(self.position);
+        let wanted = buffer
+            .len()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        if wanted == 0 {
+            return Ok(0);
+        }
+        let count = self.file.read(&mut buffer[..wanted])?;
+        self.position += count as u64;
+        Ok(count)
+    }
+}
+
+impl io::Seek for CompletedBytes {
+    fn seek(&mut self, target: SeekFrom) -> io::Result<u64> {
+        self.position = self.file.seek(target)?;
+        Ok(self.position)
+    }
+}
+
+impl SegmentBytes for CompletedBytes {
+    fn byte_length(&self) -> io::Result<u64> {
+        Ok(self
+            .file
+            .byte_length()?
+            .min(self.shared.completed_bytes(self.base_offset)))
+    }
+
+    fn read_bytes_at(&self, buffer: &mut [u8], position: u64) -> io::Result<usize> {
+        let allowed = self.byte_length()?.saturating_sub(position);
+        let wanted = buffer
+            .len()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        self.file.read_bytes_at(&mut buffer[..wanted], position)
+    }
 }
 
 impl SegmentReader {
@@ -454,7 +507,7 @@ impl Consumer {
         let Some(path) = path else {
             return Ok(None);
         };
-        Ok(Some(open_segment(path, offset)?))
+        Ok(Some(open_segment(&self.shared, path, offset)?))
     }
 
     fn open_reader_at(&self, offset: u64) -> Result<SegmentReader, QueueError> {
@@ -471,7 +524,7 @@ impl Consumer {
                 })?;
             (containing.path.clone(), containing.base_offset)
         };
-        let mut reader = open_segment(path.clone(), base_offset)?;
+        let mut reader = open_segment(&self.shared, path.clone(), base_offset)?;
         let io_error = |error| QueueError::io("reading segment", &path, error);
         while reader.next_offset < offset {
             let record_start = reader.position;
@@ -575,7 +628,11 @@ impl Consumer {
     }
 }
 
-fn open_segment(path: PathBuf, base_offset: u64) -> Result<SegmentReader, QueueError> {
+fn open_segment(
+    shared: &Arc<Shared>,
+    path: PathBuf,
+    base_offset: u64,
+) -> Result<SegmentReader, QueueError> {
     let mut file =
         File::open(&path).map_err(|error| QueueError::io("opening segment", &path, error))?;
     let format = match check_segment_header(&mut file, base_offset)
@@ -593,7 +650,15 @@ fn open_segment(path: PathBuf, base_offset: u64) -> Result<SegmentReader, QueueE
         path,
         base_offset,
         format,
-        reader: BufReader::with_capacity(1 << 20, file),
+        reader: BufReader::with_capacity(
+            1 << 20,
+            CompletedBytes {
+                file,
+                shared: Arc::clone(shared),
+                base_offset,
+                position: crate::segment::SEGMENT_HEADER_BYTES,
+            },
+        ),
         position: crate::segment::SEGMENT_HEADER_BYTES,
         next_offset: base_offset,
     })

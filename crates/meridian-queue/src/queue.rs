@@ -219,6 +219,16 @@ impl Shared {
         self.end_watch.send_replace(end);
     }
 
+    /// The bytes of the segment starting at `base_offset` that its writer has completed: readers
+    /// never read past them (see `consumer::CompletedBytes`). A segment no longer listed (deleted
+    /// by GC) is complete as it is.
+    pub fn completed_bytes(&self, base_offset: u64) -> u64 {
+        self.lock_segments()
+            .iter()
+            .find(|segment| segment.base_offset == base_offset)
+            .map_or(u64::MAX, |segment| segment.bytes)
+    }
+
     pub fn first_offset(&self) -> u64 {
         self.lock_segments()
             .first()

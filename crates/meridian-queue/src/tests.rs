@@ -26,9 +26,18 @@ fn read_all(consumer: &mut Consumer) -> Vec<Record> {
 
 /// Every readable record from the consumer's position on, and the ranges lost to damage.
 fn read_all_with_losses(consumer: &mut Consumer) -> (Vec<Record>, Vec<OffsetRange>) {
+    let from = consumer.state().next_offset;
+    read_all_with_losses_from(consumer, from)
+}
+
+/// Every readable record from `from` on, and the ranges lost to damage.
+fn read_all_with_losses_from(
+    consumer: &mut Consumer,
+    from: u64,
+) -> (Vec<Record>, Vec<OffsetRange>) {
     let mut records: Vec<Record> = Vec::new();
     let mut lost = Vec::new();
-    let mut from = consumer.state().next_offset;
+    let mut from = from;
     loop {
         match consumer.read(from, 1000, 1 << 20) {
             Ok(chunk) => {
@@ -315,6 +324,43 @@ async fn a_flipped_bit_in_a_closed_segment_loses_only_its_record_for_every_reade
         crate::quarantine::list_quarantined(&dir.path().join("queue")).len(),
         1
     );
+    queue.close();
+}
+
+#[tokio::test]
+async fn readers_never_see_bytes_past_what_the_writer_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = RegionQueue::open(config(dir.path())).unwrap();
+    queue
+        .append(batch_of(&["a".into(), "b".into(), "c".into()]))
+        .await
+        .unwrap();
+    // The remains of a failed write past the completed bytes (the writer cuts such bytes off and
+    // writes its next group over them).
+    let path = last_segment_path(dir.path());
+    let completed = std::fs::metadata(&path).unwrap().len();
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(completed)).unwrap();
+    file.write_all(&[0x5a; 200]).unwrap();
+    drop(file);
+    let mut consumer = queue.consumer("archive").unwrap();
+    assert_eq!(
+        payload_strings(&read_all(&mut consumer)),
+        vec!["a", "b", "c"]
+    );
+    // The next group lands where those bytes were; a reader that had buffered them would take
+    // the stale bytes for damage and skip acknowledged records.
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(completed).unwrap();
+    drop(file);
+    queue
+        .append(batch_of(&["d".into(), "e".into()]))
+        .await
+        .unwrap();
+    let (rest, lost) = read_all_with_losses_from(&mut consumer, 3);
+    assert_eq!(lost, Vec::new(), "nothing taken for damage");
+    assert_eq!(payload_strings(&rest), vec!["d", "e"]);
+    assert_eq!(queue.stats().damaged_records, 0);
     queue.close();
 }
 
