@@ -18,7 +18,7 @@ use crate::error::QueueError;
 use crate::queue::{OffsetRange, Shared};
 use crate::segment::{
     DamagedSpan, NextRecord, ResyncPoint, SegmentBytes, SegmentFormat, check_segment_header,
-    find_next_record, read_record, replace_file_durably,
+    find_next_record_in, read_record, replace_file_durably,
 };
 
 /// One record read back from the queue.
@@ -434,13 +434,14 @@ impl Consumer {
         let path = reader.path.clone();
         let file = reader.reader.get_ref();
         let io_error = |error| QueueError::io("resynchronising in segment", &path, error);
-        let in_segment = match reader.format {
-            SegmentFormat::Numbered => {
-                find_next_record(file, damaged_at, offset, self.shared.durable_end())
-                    .map_err(io_error)?
-            }
-            SegmentFormat::Counted => None,
-        };
+        let in_segment = find_next_record_in(
+            reader.format,
+            file,
+            damaged_at,
+            offset,
+            self.shared.durable_end(),
+        )
+        .map_err(io_error)?;
         let (byte_end, end_missing_offset) = match in_segment {
             Some(point) => (point.byte_position, point.offset),
             None => {
@@ -471,29 +472,18 @@ impl Consumer {
             file,
             &span,
         )?;
-        let missing = OffsetRange {
-            start: offset,
-            end: end_missing_offset,
-        };
-        let Some(point) = in_segment else {
-            return Ok((
-                false,
-                QueueError::Damaged {
-                    path,
-                    missing,
-                    reason,
-                },
-            ));
-        };
-        reader.seek_to(point).map_err(io_error)?;
-        Ok((
-            true,
-            QueueError::Damaged {
-                path,
-                missing,
-                reason,
+        if let Some(point) = in_segment {
+            reader.seek_to(point).map_err(io_error)?;
+        }
+        let damaged = QueueError::Damaged {
+            path,
+            missing: OffsetRange {
+                start: offset,
+                end: end_missing_offset,
             },
-        ))
+            reason,
+        };
+        Ok((in_segment.is_some(), damaged))
     }
 
     fn open_segment_starting_at(&self, offset: u64) -> Result<Option<SegmentReader>, QueueError> {
@@ -542,16 +532,14 @@ impl Consumer {
                 NextRecord::Invalid(reason) => {
                     // Damage before the wanted offset (met and reported by an earlier read):
                     // step over it to the next intact record.
-                    let resync = match reader.format {
-                        SegmentFormat::Numbered => find_next_record(
-                            reader.reader.get_ref(),
-                            record_start,
-                            reader.next_offset,
-                            self.shared.durable_end(),
-                        )
-                        .map_err(io_error)?,
-                        SegmentFormat::Counted => None,
-                    };
+                    let resync = find_next_record_in(
+                        reader.format,
+                        reader.reader.get_ref(),
+                        record_start,
+                        reader.next_offset,
+                        self.shared.durable_end(),
+                    )
+                    .map_err(io_error)?;
                     let Some(point) = resync else {
                         return Err(QueueError::Corrupt {
                             path: path.clone(),

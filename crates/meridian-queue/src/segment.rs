@@ -220,6 +220,23 @@ pub struct ResyncPoint {
     pub offset: u64,
 }
 
+/// [`find_next_record`] for a segment of `format`: counted segments cannot resynchronise (their
+/// records do not name their offsets), so there it is always `None`.
+pub fn find_next_record_in(
+    format: SegmentFormat,
+    segment: &(impl SegmentBytes + ?Sized),
+    damaged_at: u64,
+    lowest_offset: u64,
+    below_offset: u64,
+) -> io::Result<Option<ResyncPoint>> {
+    match format {
+        SegmentFormat::Numbered => {
+            find_next_record(segment, damaged_at, lowest_offset, below_offset)
+        }
+        SegmentFormat::Counted => Ok(None),
+    }
+}
+
 /// Looks for the first intact record of a numbered segment that starts after `damaged_at` (the
 /// byte where an invalid record starts) and whose offset lies in `lowest_offset..below_offset`.
 /// `None` means nothing intact follows: the damage runs to the end of the file (a torn tail).
@@ -502,12 +519,7 @@ pub fn scan_records(
             }
         };
         let (damaged_at, reason) = stopped_at;
-        let resync = match format {
-            SegmentFormat::Numbered => {
-                find_next_record(segment, damaged_at, scan.next_offset, u64::MAX)?
-            }
-            SegmentFormat::Counted => None,
-        };
+        let resync = find_next_record_in(format, segment, damaged_at, scan.next_offset, u64::MAX)?;
         let Some(resync) = resync else {
             scan.invalid_reason = Some(reason);
             return Ok(scan);

@@ -350,7 +350,7 @@ async fn readers_never_see_bytes_past_what_the_writer_completed() {
     );
     // The next group lands where those bytes were; a reader that had buffered them would take
     // the stale bytes for damage and skip acknowledged records.
-    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
     file.set_len(completed).unwrap();
     drop(file);
     queue

@@ -350,22 +350,10 @@ impl Writer {
             Some(free_after_release) => free_after_release,
             None => free_bytes,
         };
-        if !self
-            .shared
-            .refusing_for_disk_space
-            .swap(true, Ordering::AcqRel)
-        {
-            warn!(
-                segment = %self.path.display(),
-                free_bytes,
-                reserve_bytes,
-                "the queue's disk is below its free-space reserve: appends are refused (503) until space returns; sinks keep draining into the reserve"
-            );
-        }
-        Err(QueueError::DiskFull {
+        Err(self.refuse_for_disk_space(
             free_bytes,
-            reserve_bytes,
-        })
+            "the queue's disk is below its free-space reserve: appends are refused (503) until space returns; sinks keep draining into the reserve",
+        ))
     }
 
     /// When every consumer has delivered all of the active segment, a small disk may be full of
@@ -395,16 +383,26 @@ impl Writer {
 
     fn note_out_of_space(&self) -> QueueError {
         let free_bytes = crate::disk_space::free_bytes(&self.shared.segments_dir).unwrap_or(0);
+        self.refuse_for_disk_space(
+            free_bytes,
+            "the queue's disk is full (ENOSPC): the group was cut off and refused; appends are refused (503) until space returns",
+        )
+    }
+
+    /// Marks the queue as refusing for disk space (logging `why` once when it starts) and
+    /// returns the refusal for the group's requests.
+    fn refuse_for_disk_space(&self, free_bytes: u64, why: &'static str) -> QueueError {
+        let reserve_bytes = self.shared.free_space_reserve_bytes;
         if !self
             .shared
             .refusing_for_disk_space
             .swap(true, Ordering::AcqRel)
         {
-            warn!(segment = %self.path.display(), free_bytes, "the queue's disk is full (ENOSPC): the group was cut off and refused; appends are refused (503) until space returns");
+            warn!(segment = %self.path.display(), free_bytes, reserve_bytes, "{why}");
         }
         QueueError::DiskFull {
             free_bytes,
-            reserve_bytes: self.shared.free_space_reserve_bytes,
+            reserve_bytes,
         }
     }
 
