@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,9 +23,10 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::consumer::{Consumer, Record};
+use crate::backend::{DeliveryLog, LogCursor};
+use crate::consumer::Record;
 use crate::error::QueueError;
-use crate::queue::{OffsetRange, RegionQueue};
+use crate::queue::OffsetRange;
 
 /// How a sink wants its batches cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +116,9 @@ pub struct DeliveryStatus {
     pub restarts: AtomicU64,
     /// Set while the runner is down after a failure, waiting to restart: the reason.
     pub runner_failure: Mutex<Option<String>>,
+    /// Set while the runner waits for the right to deliver its log (another node of the region
+    /// delivers it meanwhile).
+    pub standby: AtomicBool,
 }
 
 impl DeliveryStatus {
@@ -188,9 +192,11 @@ impl RetryPolicy {
 
 pub struct DeliveryRunner {
     region: String,
-    queue: RegionQueue,
-    /// The queue's incarnation, which names every batch this runner hands out.
+    log: Arc<dyn DeliveryLog>,
+    /// The log's identity, which names every batch this runner hands out.
     source: Arc<str>,
+    /// The log's partition, for logs (`-` for a region with one log).
+    partition: String,
     sink: Arc<dyn Sink>,
     status: Arc<DeliveryStatus>,
     retry: RetryPolicy,
@@ -217,11 +223,17 @@ enum AttemptFailure {
 }
 
 impl DeliveryRunner {
-    pub fn new(region: &str, queue: RegionQueue, sink: Arc<dyn Sink>) -> DeliveryRunner {
+    pub fn new(
+        region: &str,
+        log: impl Into<Arc<dyn DeliveryLog>>,
+        sink: Arc<dyn Sink>,
+    ) -> DeliveryRunner {
+        let log = log.into();
         DeliveryRunner {
             region: region.to_string(),
-            source: Arc::from(queue.incarnation()),
-            queue,
+            source: log.source(),
+            partition: log.partition().unwrap_or_else(|| "-".to_string()),
+            log,
             sink,
             status: Arc::new(DeliveryStatus::default()),
             retry: RetryPolicy::default(),
@@ -281,17 +293,19 @@ impl DeliveryRunner {
         self: Arc<Self>,
         mut drain: watch::Receiver<bool>,
     ) -> Result<(), AttemptFailure> {
-        let sink_name = self.sink.name().to_string();
-        let queue = self.queue.clone();
-        let consumer = tokio::task::spawn_blocking(move || queue.consumer(&sink_name))
-            .await
-            .map_err(|join_error| {
-                AttemptFailure::OpenCursor(QueueError::Broken(format!(
-                    "opening the cursor panicked: {join_error}"
-                )))
-            })?
-            .map_err(AttemptFailure::OpenCursor)?;
-        let mut consumer = Some(consumer);
+        self.status.standby.store(true, Ordering::Relaxed);
+        let opened = if self.log.drains_on_shutdown() {
+            // Whatever the log holds is delivered before the node stops: open it even then.
+            self.log.open_cursor(self.sink.name()).await
+        } else {
+            // Waiting for the right to deliver ends with shutdown (other nodes deliver).
+            tokio::select! {
+                opened = self.log.open_cursor(self.sink.name()) => opened,
+                _ = drain.wait_for(|stop| *stop) => return Ok(()),
+            }
+        };
+        self.status.standby.store(false, Ordering::Relaxed);
+        let mut consumer = opened.map_err(AttemptFailure::OpenCursor)?;
         self.deliver_in_flight(&mut consumer, &mut drain)
             .await
             .map_err(AttemptFailure::RedeliverInFlight)?;
@@ -299,7 +313,7 @@ impl DeliveryRunner {
             info!(region = %self.region, sink = self.sink.name(), "sink runner restarted and delivering again");
             self.status.set_runner_failure(None);
         }
-        let mut end_changes = self.queue.subscribe_durable_end();
+        let mut end_changes = self.log.subscribe_durable_end();
         loop {
             let gathered = self
                 .gather(&mut consumer, &mut end_changes, &mut drain)
@@ -307,7 +321,10 @@ impl DeliveryRunner {
                 .map_err(AttemptFailure::Read)?;
             let records = match gathered {
                 Gathered::Batch(records) => records,
-                Gathered::Finished => return Ok(()),
+                Gathered::Finished => {
+                    consumer.release().await;
+                    return Ok(());
+                }
             };
             let (Some(first), Some(last)) = (records.first(), records.last()) else {
                 continue;
@@ -332,36 +349,20 @@ impl DeliveryRunner {
         }
     }
 
-    async fn with_consumer<T: Send + 'static>(
-        consumer: &mut Option<Consumer>,
-        work: impl FnOnce(&mut Consumer) -> T + Send + 'static,
-    ) -> Result<T, QueueError> {
-        let mut taken = consumer.take().ok_or(QueueError::Closed)?;
-        let (returned, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = work(&mut taken);
-            (taken, outcome)
-        })
-        .await
-        .map_err(|join_error| QueueError::Broken(format!("queue reader panicked: {join_error}")))?;
-        *consumer = Some(returned);
-        Ok(outcome)
-    }
-
     async fn deliver_in_flight(
         &self,
-        consumer: &mut Option<Consumer>,
+        consumer: &mut Box<dyn LogCursor>,
         drain: &mut watch::Receiver<bool>,
     ) -> Result<(), QueueError> {
-        let state = consumer.as_ref().ok_or(QueueError::Closed)?.state();
+        let state = consumer.state();
         self.status
             .position
             .store(state.next_offset, Ordering::Relaxed);
         let Some(range) = state.in_flight else {
             return Ok(());
         };
-        info!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, "redelivering the batch that was in flight at the last stop");
-        let records =
-            Self::with_consumer(consumer, move |consumer| consumer.read_range(range)).await??;
+        info!(region = %self.region, partition = %self.partition, sink = self.sink.name(), start = range.start, end = range.end, "redelivering the batch that was in flight at the last stop");
+        let records = consumer.read_range(range).await?;
         let batch = DeliveryBatch {
             source: Arc::clone(&self.source),
             range,
@@ -373,7 +374,7 @@ impl DeliveryRunner {
     /// Reads until the batch is full, old enough, or the queue is drained on shutdown.
     async fn gather(
         &self,
-        consumer: &mut Option<Consumer>,
+        consumer: &mut Box<dyn LogCursor>,
         end_changes: &mut watch::Receiver<u64>,
         drain: &mut watch::Receiver<bool>,
     ) -> Result<Gathered, QueueError> {
@@ -382,22 +383,26 @@ impl DeliveryRunner {
         let mut payload_bytes = 0usize;
         let mut first_seen: Option<Instant> = None;
         loop {
-            let position = consumer
-                .as_ref()
-                .ok_or(QueueError::Closed)?
-                .state()
-                .next_offset;
+            let position = consumer.state().next_offset;
             let from = position + records.len() as u64;
-            let available = self.queue.durable_end().saturating_sub(from);
+            let available = self.log.durable_end().saturating_sub(from);
             let is_full = records.len() >= limits.max_records || payload_bytes >= limits.max_bytes;
             if available > 0 && !is_full {
                 let max_records = limits.max_records - records.len();
                 let max_bytes = limits.max_bytes.saturating_sub(payload_bytes).max(1);
-                let chunk = Self::with_consumer(consumer, move |consumer| {
-                    consumer.read(from, max_records, max_bytes)
-                })
-                .await?;
-                match chunk {
+                match consumer.read(from, max_records, max_bytes).await {
+                    Ok(chunk) if chunk.is_empty() => {
+                        // The log announced records it cannot hand out yet (a replicated
+                        // log's reader catching up): deliver what is gathered, or look again.
+                        if !records.is_empty() {
+                            return Ok(Gathered::Batch(records));
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = drain.changed() => {}
+                        }
+                        continue;
+                    }
                     Ok(chunk) => {
                         if first_seen.is_none() && !chunk.is_empty() {
                             first_seen = Some(Instant::now());
@@ -459,6 +464,10 @@ impl DeliveryRunner {
                 return Ok(Gathered::Batch(records));
             }
             let draining = *drain.borrow();
+            if draining && !self.log.drains_on_shutdown() {
+                // The region's other nodes deliver what this one leaves.
+                return Ok(Gathered::Finished);
+            }
             if draining {
                 return Ok(if records.is_empty() {
                     Gathered::Finished
@@ -499,7 +508,7 @@ impl DeliveryRunner {
     /// Moves the cursor past records lost to damage (the queue has quarantined their bytes).
     async fn skip_damaged_records(
         &self,
-        consumer: &mut Option<Consumer>,
+        consumer: &mut Box<dyn LogCursor>,
         path: &std::path::Path,
         missing: OffsetRange,
         reason: &str,
@@ -508,30 +517,22 @@ impl DeliveryRunner {
         self.status
             .skipped_corrupt_records
             .fetch_add(missing.len(), Ordering::Relaxed);
-        Self::with_consumer(consumer, move |consumer| {
-            consumer.begin(missing)?;
-            consumer.commit(missing.end)
-        })
-        .await??;
+        consumer.begin(missing).await?;
+        consumer.commit(missing.end).await?;
         self.status.position.store(missing.end, Ordering::Relaxed);
         Ok(())
     }
 
     async fn deliver_and_commit(
         &self,
-        consumer: &mut Option<Consumer>,
+        consumer: &mut Box<dyn LogCursor>,
         batch: DeliveryBatch,
         drain: &mut watch::Receiver<bool>,
     ) -> Result<(), QueueError> {
         let range = batch.range;
-        let is_persisted_in_flight = consumer
-            .as_ref()
-            .ok_or(QueueError::Closed)?
-            .state()
-            .in_flight
-            == Some(range);
+        let is_persisted_in_flight = consumer.state().in_flight == Some(range);
         if !is_persisted_in_flight {
-            Self::with_consumer(consumer, move |consumer| consumer.begin(range)).await??;
+            consumer.begin(range).await?;
         }
         let mut consecutive_failures = 0u32;
         loop {
@@ -583,7 +584,7 @@ impl DeliveryRunner {
                 }
             }
         }
-        Self::with_consumer(consumer, move |consumer| consumer.commit(range.end)).await??;
+        consumer.commit(range.end).await?;
         self.status.position.store(range.end, Ordering::Relaxed);
         Ok(())
     }
@@ -592,7 +593,7 @@ impl DeliveryRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{QueueConfig, RecordBatch};
+    use crate::queue::{QueueConfig, RecordBatch, RegionQueue};
     use std::sync::atomic::AtomicUsize;
 
     /// A sink that fails its first `failures` attempts and remembers what it stored.

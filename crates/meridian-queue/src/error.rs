@@ -43,6 +43,13 @@ pub enum QueueError {
     },
     #[error("queue encryption: {0}")]
     Encryption(String),
+    /// A replicated backend cannot store or read right now (no quorum, cluster unreachable, a
+    /// request unanswered in time): nothing was acknowledged; retry later.
+    #[error("the region's replicated queue is unavailable: {0}")]
+    Unavailable(String),
+    /// Another node took over a cursor this node held (it stopped renewing it in time).
+    #[error("another node took over the cursor {0}")]
+    LeaseLost(String),
     #[error("queue cursor file {path} is unreadable: {message}")]
     BadCursor { path: PathBuf, message: String },
     #[error("queue incarnation file {path} is unreadable: {message}")]

@@ -20,6 +20,7 @@
 //! Offsets are only unique within one incarnation of the queue: data is named by
 //! `(incarnation, offset)` (see [`incarnation`]).
 
+pub mod backend;
 mod consumer;
 mod delivery;
 pub mod disk_space;
@@ -27,12 +28,14 @@ pub mod encryption;
 mod error;
 pub mod incarnation;
 pub mod inspect;
+pub mod jetstream;
 pub mod quarantine;
 mod queue;
 /// Segment files and record framing (public for the fuzz targets and tools).
 pub mod segment;
 mod writer;
 
+pub use backend::{BackendSample, DeliveryLog, LogCursor, QueueBackend};
 pub use consumer::{Consumer, CursorState, Record};
 pub use delivery::{
     BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink, SinkError,

@@ -18,8 +18,8 @@ use crate::error::QueueError;
 use crate::incarnation::{IncarnationRecord, mint_incarnation, read_incarnation};
 use crate::quarantine::DamageLedger;
 use crate::segment::{
-    MAX_RECORD_BYTES, SegmentFormat, SegmentScan, create_segment, encode_record, list_segments,
-    scan_segment, write_segment_header,
+    MAX_RECORD_BYTES, RECORD_HEADER_BYTES, SegmentFormat, SegmentScan, create_segment,
+    encode_record, list_segments, scan_segment, write_segment_header,
 };
 use crate::writer::{AppendRequest, Writer, WriterCommand};
 
@@ -94,6 +94,9 @@ pub struct RecordBatch {
     record_count: u64,
     encryption: Option<Arc<QueueEncryption>>,
     sealed: Vec<u8>,
+    /// Kept only for backends that deduplicate client retries by a message's identity (see
+    /// [`RecordBatch::push_identified`]); one per record, in order.
+    identities: Option<Vec<String>>,
 }
 
 impl RecordBatch {
@@ -102,6 +105,49 @@ impl RecordBatch {
             encoded: Vec::with_capacity(bytes),
             ..RecordBatch::default()
         }
+    }
+
+    /// A batch that also keeps each record's identity (for a backend that deduplicates by it).
+    pub(crate) fn keeping_identities(encryption: Option<Arc<QueueEncryption>>) -> RecordBatch {
+        RecordBatch {
+            encryption,
+            identities: Some(Vec::new()),
+            ..RecordBatch::default()
+        }
+    }
+
+    /// Pushes a record with the identity of the message it holds (its project and messageId): a
+    /// replicated backend stores a client's retry of the same message once (within its duplicate
+    /// window); the local log ignores it.
+    pub fn push_identified(
+        &mut self,
+        payload: &[u8],
+        project_id: &str,
+        message_id: &str,
+    ) -> Result<(), QueueError> {
+        self.push(payload)?;
+        if let Some(identities) = &mut self.identities {
+            identities.push(format!("{project_id}:{message_id}"));
+        }
+        Ok(())
+    }
+
+    /// The records' payloads as they will be stored (sealed when the queue encrypts), in order.
+    pub(crate) fn stored_payloads(&self) -> impl Iterator<Item = &[u8]> {
+        let mut position = 0usize;
+        std::iter::from_fn(move || {
+            let header_end = position.checked_add(RECORD_HEADER_BYTES)?;
+            let header = self.encoded.get(position..header_end)?;
+            let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let payload = self.encoded.get(header_end..header_end + length)?;
+            position = header_end + length;
+            Some(payload)
+        })
+    }
+
+    /// The identity of each record, when this batch keeps them.
+    pub(crate) fn identities(&self) -> Option<&[String]> {
+        self.identities.as_deref()
     }
 
     pub fn push(&mut self, payload: &[u8]) -> Result<(), QueueError> {
@@ -330,19 +376,21 @@ pub struct QueueStats {
     pub damaged_records: u64,
     /// Damaged bytes copied to the quarantine directory by this process.
     pub quarantined_bytes: u64,
+    /// Records not yet passed by the slowest consumer (summed over a replicated backend's
+    /// partitions, each with its own positions).
+    pub pending_records: u64,
 }
 
 impl QueueStats {
     /// Records not yet passed by the slowest consumer.
     pub fn pending_records(&self) -> u64 {
-        let slowest = self
-            .consumer_positions
-            .values()
-            .copied()
-            .min()
-            .unwrap_or(self.end_offset);
-        self.end_offset.saturating_sub(slowest)
+        self.pending_records
     }
+}
+
+/// Records at or past the slowest of `positions` (all of them up to `end` when there is none).
+pub(crate) fn pending_below(end: u64, positions: impl Iterator<Item = u64>) -> u64 {
+    end.saturating_sub(positions.min().unwrap_or(end))
 }
 
 /// One region's durable queue. Cheap to clone.
@@ -551,6 +599,7 @@ impl RegionQueue {
     }
 
     pub fn stats(&self) -> QueueStats {
+        let consumer_positions = self.shared.lock_positions().clone();
         let segments = self.shared.lock_segments();
         QueueStats {
             incarnation: self.shared.incarnation.clone(),
@@ -562,7 +611,11 @@ impl RegionQueue {
             disk_bytes: self.shared.disk_bytes.load(Ordering::Acquire),
             disk_budget_bytes: self.shared.config.disk_budget_bytes,
             segment_count: segments.len(),
-            consumer_positions: self.shared.lock_positions().clone(),
+            pending_records: pending_below(
+                self.shared.durable_end(),
+                consumer_positions.values().copied(),
+            ),
+            consumer_positions,
             broken: self.shared.broken_reason(),
             sync_count: self.shared.sync_count.load(Ordering::Relaxed),
             abandoned_appends: self.shared.abandoned_appends.load(Ordering::Relaxed),

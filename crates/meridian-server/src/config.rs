@@ -136,9 +136,22 @@ pub enum DurabilityMode {
     Buffered,
 }
 
+/// `[queue] backend`: where a region's queue keeps acknowledged data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueBackendKind {
+    /// An append-only log on this node's disk (a 200 means fsynced here).
+    #[default]
+    Local,
+    /// The region's NATS JetStream cluster (a 200 means stored by a quorum of its replicas).
+    Jetstream,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
+    #[serde(default)]
+    pub backend: QueueBackendKind,
     pub durability: DurabilityMode,
     pub buffered_sync_interval_ms: u64,
     pub segment_max_bytes: u64,
@@ -181,6 +194,80 @@ pub struct RegionConfig {
     pub aws_region: Option<String>,
     pub archive: Option<ArchiveConfig>,
     pub clickhouse: Option<ClickHouseRegionConfig>,
+    pub queue: Option<RegionQueueConfig>,
+}
+
+/// `[regions.<id>.queue]`: the region's queue backend settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionQueueConfig {
+    pub jetstream: Option<JetStreamRegionConfig>,
+}
+
+/// `[regions.<id>.queue.jetstream]`: the region's NATS JetStream cluster (used when
+/// `queue.backend = "jetstream"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamRegionConfig {
+    /// This region's NATS servers (nats://host:4222); nothing else of the region goes elsewhere.
+    pub urls: Vec<String>,
+    /// Streams are named `<stream>-p<N>`; default `meridian-<region>`.
+    pub stream: Option<String>,
+    #[serde(default = "default_jetstream_replicas")]
+    pub replicas: usize,
+    #[serde(default = "default_jetstream_partitions")]
+    pub partitions: u32,
+    #[serde(default = "default_jetstream_duplicate_window_secs")]
+    pub duplicate_window_secs: u64,
+    #[serde(default = "default_jetstream_lease_ms")]
+    pub lease_ms: u64,
+    #[serde(default = "default_jetstream_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    pub credentials_file: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// A CA bundle to trust for the servers' TLS certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+fn default_jetstream_replicas() -> usize {
+    3
+}
+
+fn default_jetstream_partitions() -> u32 {
+    1
+}
+
+fn default_jetstream_duplicate_window_secs() -> u64 {
+    120
+}
+
+fn default_jetstream_lease_ms() -> u64 {
+    10_000
+}
+
+fn default_jetstream_request_timeout_ms() -> u64 {
+    5_000
+}
+
+/// A region's resolved JetStream settings (node-specific parts are added at start).
+#[derive(Clone, Debug)]
+pub struct JetStreamRegionSettings {
+    pub urls: Vec<String>,
+    pub stream: String,
+    pub replicas: usize,
+    pub partitions: u32,
+    pub duplicate_window: Duration,
+    pub lease: Duration,
+    pub request_timeout: Duration,
+    pub credentials_file: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub user_and_password: Option<(String, Secret)>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub require_tls: bool,
 }
 
 /// `[regions.<id>.clickhouse]`: this region's warehouse. Absent: the region has no warehouse sink.
@@ -315,6 +402,7 @@ pub struct Settings {
     pub home_region: RegionId,
     pub default_region: RegionId,
     pub served_regions: Vec<RegionId>,
+    pub queue_backend: QueueBackendKind,
     pub regions: BTreeMap<RegionId, RegionSettings>,
     pub data_dir: PathBuf,
     /// The plain-HTTP listener (`None` when `server.plain_http = false`).
@@ -367,6 +455,8 @@ pub struct RegionSettings {
     /// The AWS region the region's buckets (archive and customer buckets) must report.
     pub aws_region: String,
     pub queue_dir: PathBuf,
+    /// Set when the region's queue is on its JetStream cluster (`queue.backend = "jetstream"`).
+    pub jetstream: Option<JetStreamRegionSettings>,
     pub archive: ArchiveSettings,
     pub clickhouse: Option<meridian_clickhouse::ClickHouseConfig>,
 }
@@ -461,6 +551,77 @@ fn validate_s3(
     ArchiveTarget::S3 {
         settings,
         verify_location: config.verify_location,
+    }
+}
+
+fn validate_jetstream(
+    id: &RegionId,
+    jetstream: &JetStreamRegionConfig,
+    problems: &mut Vec<String>,
+) -> JetStreamRegionSettings {
+    if jetstream.urls.is_empty() {
+        problems.push(format!(
+            "regions.{id}.queue.jetstream.urls must name the region's NATS servers"
+        ));
+    }
+    for url in &jetstream.urls {
+        if !meridian_queue::jetstream::is_nats_url(url) {
+            problems.push(format!(
+                "regions.{id}.queue.jetstream.urls: `{url}` is not a NATS url (nats://host:4222)"
+            ));
+        }
+    }
+    if !(1..=5).contains(&jetstream.replicas) {
+        problems.push(format!(
+            "regions.{id}.queue.jetstream.replicas must be 1 to 5 (JetStream's limit), not {}",
+            jetstream.replicas
+        ));
+    }
+    if !(1..=64).contains(&jetstream.partitions) {
+        problems.push(format!(
+            "regions.{id}.queue.jetstream.partitions must be 1 to 64, not {}",
+            jetstream.partitions
+        ));
+    }
+    if jetstream.lease_ms < 1_000 || jetstream.request_timeout_ms == 0 {
+        problems.push(format!("regions.{id}.queue.jetstream: lease_ms must be at least 1000 and request_timeout_ms positive"));
+    }
+    let stream = jetstream
+        .stream
+        .clone()
+        .unwrap_or_else(|| format!("meridian-{id}"));
+    let is_valid_stream_name = !stream.is_empty()
+        && stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !is_valid_stream_name {
+        problems.push(format!(
+            "regions.{id}.queue.jetstream.stream `{stream}` may use ASCII letters, digits, '-' and '_' only"
+        ));
+    }
+    let user_and_password = match (&jetstream.user, &jetstream.password) {
+        (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+        (None, None) => None,
+        _ => {
+            problems.push(format!(
+                "regions.{id}.queue.jetstream: set both user and password, or neither"
+            ));
+            None
+        }
+    };
+    JetStreamRegionSettings {
+        urls: jetstream.urls.clone(),
+        stream,
+        replicas: jetstream.replicas,
+        partitions: jetstream.partitions,
+        duplicate_window: Duration::from_secs(jetstream.duplicate_window_secs.max(1)),
+        lease: Duration::from_millis(jetstream.lease_ms),
+        request_timeout: Duration::from_millis(jetstream.request_timeout_ms.max(1)),
+        credentials_file: jetstream.credentials_file.clone(),
+        token: jetstream.token.clone(),
+        user_and_password,
+        tls_ca_file: jetstream.tls_ca_file.clone(),
+        require_tls: jetstream.require_tls,
     }
 }
 
@@ -671,10 +832,23 @@ impl Config {
                 .clickhouse
                 .as_ref()
                 .map(|clickhouse| validate_clickhouse(&id, clickhouse, &data_dir, &mut problems));
+            let jetstream = match (
+                self.queue.backend,
+                region
+                    .queue
+                    .as_ref()
+                    .and_then(|queue| queue.jetstream.as_ref()),
+            ) {
+                (QueueBackendKind::Jetstream, Some(jetstream)) => {
+                    Some(validate_jetstream(&id, jetstream, &mut problems))
+                }
+                _ => None,
+            };
             regions.insert(
                 id.clone(),
                 RegionSettings {
                     clickhouse,
+                    jetstream,
                     id: id.clone(),
                     display_name,
                     available,
@@ -763,6 +937,16 @@ impl Config {
         } else {
             regions.keys().cloned().collect()
         };
+        if self.queue.backend == QueueBackendKind::Jetstream {
+            for region in &served_regions {
+                let has_cluster = regions
+                    .get(region)
+                    .is_some_and(|settings: &RegionSettings| settings.jetstream.is_some());
+                if !has_cluster {
+                    problems.push(format!("queue.backend = \"jetstream\" needs [regions.{region}.queue.jetstream] with the urls of that region's NATS cluster (this node serves {region})"));
+                }
+            }
+        }
         let mut warnings = Vec::new();
         if catalog_is_shared && served_regions.len() > 1 {
             warnings.push(format!(
@@ -883,6 +1067,7 @@ impl Config {
             home_region,
             default_region,
             served_regions,
+            queue_backend: self.queue.backend,
             regions,
             data_dir,
             listen: self.server.plain_http.then_some(listen),

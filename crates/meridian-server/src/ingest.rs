@@ -602,7 +602,11 @@ fn process_messages(
                     });
                 if is_suppressed {
                     outcome.suppressed += 1;
-                } else if let Err(failure) = outcome.records.push(&enriched.json) {
+                } else if let Err(failure) = outcome.records.push_identified(
+                    &enriched.json,
+                    &resolved.project_id,
+                    &enriched.message_id,
+                ) {
                     outcome.rejections.push(
                         index,
                         MessageRejection::new(RejectCode::MessageTooLarge, failure.to_string()),
@@ -652,9 +656,10 @@ async fn append_durably(
         )
         .in_region(region.clone()));
     };
-    let appended = tokio::time::timeout(state.settings.append_timeout, queue.append(records)).await;
+    let appended =
+        tokio::time::timeout(state.settings.append_timeout, queue.append_batch(records)).await;
     match appended {
-        Ok(Ok(_range)) => Ok(()),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(QueueError::Full {
             used_bytes,
             budget_bytes,

@@ -28,7 +28,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         .map(|(region, queue)| {
             (
                 region.to_string(),
-                json!({"incarnation": queue.incarnation()}),
+                json!({"backend": queue.kind(), "incarnation": queue.identity()}),
             )
         })
         .collect();
@@ -68,6 +68,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 sinks_healthy &= problem.is_none();
                 json!({
                     "sink": sink.sink,
+                    "partition": sink.partition,
+                    "standby": sink.status.standby.load(Ordering::Relaxed),
                     "running": sink.status.runner_failure().is_none(),
                     "restarts": sink.status.restarts.load(Ordering::Relaxed),
                     "position": sink.status.position.load(Ordering::Relaxed),
@@ -80,6 +82,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         regions.insert(
             region.to_string(),
             json!({
+                "queue_backend": queue.kind(),
                 "queue_writable": writable,
                 "queue_incarnation": stats.incarnation,
                 "queue_bytes": stats.disk_bytes,
@@ -161,7 +164,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         writer.sample(
             "queue_appended_records_total",
             &[("region", region.as_str())],
-            queue.durable_end() as f64,
+            queue.stats().end_offset as f64,
         );
     }
     writer.declare(
@@ -265,6 +268,35 @@ async fn metrics(State(state): State<AppState>) -> Response {
         );
     }
 
+    let mut backend_samples: std::collections::BTreeMap<
+        &'static str,
+        Vec<(&str, meridian_queue::BackendSample)>,
+    > = Default::default();
+    for (region, queue) in state.queues.iter() {
+        for sample in queue.backend_samples() {
+            backend_samples
+                .entry(sample.name)
+                .or_default()
+                .push((region.as_str(), sample));
+        }
+    }
+    for (name, samples) in &backend_samples {
+        let Some((_, first)) = samples.first() else {
+            continue;
+        };
+        writer.declare(name, first.kind, first.help);
+        for (region, sample) in samples {
+            let mut labels: Vec<(&str, &str)> = vec![("region", region)];
+            labels.extend(
+                sample
+                    .labels
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str())),
+            );
+            writer.sample(name, &labels, sample.value);
+        }
+    }
+
     let now_ms = now_unix_ms();
     type ReadFigure = fn(&meridian_queue::DeliveryStatus) -> f64;
     let sink_counters: [(&str, &str, ReadFigure); 6] = [
@@ -302,11 +334,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     for (name, help, read) in sink_counters {
         writer.declare(name, "counter", help);
         for sink in state.sinks.iter() {
-            writer.sample(
-                name,
-                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-                read(&sink.status),
-            );
+            writer.sample(name, &sink.labels(), read(&sink.status));
         }
     }
     writer.declare(
@@ -316,28 +344,24 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     for sink in state.sinks.iter() {
         let seconds = sink.status.delivery_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        writer.sample(
-            "sink_delivery_seconds_total",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-            seconds,
-        );
+        writer.sample("sink_delivery_seconds_total", &sink.labels(), seconds);
     }
     writer.declare(
         "sink_healthy",
         "gauge",
         "0 when the sink needs an operator (e.g. its bucket is in another region)",
     );
-    for sink in state.sinks.iter() {
+    for sink in state
+        .sinks
+        .iter()
+        .filter(|sink| sink.reports_sink_figures())
+    {
         let healthy = if sink.implementation.health().is_none() {
             1.0
         } else {
             0.0
         };
-        writer.sample(
-            "sink_healthy",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-            healthy,
-        );
+        writer.sample("sink_healthy", &sink.sink_labels(), healthy);
     }
     writer.declare(
         "sink_runner_up",
@@ -350,11 +374,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         } else {
             0.0
         };
-        writer.sample(
-            "sink_runner_up",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-            up,
-        );
+        writer.sample("sink_runner_up", &sink.labels(), up);
     }
     writer.declare(
         "sink_consecutive_failures",
@@ -363,11 +383,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     for sink in state.sinks.iter() {
         let failures = sink.status.consecutive_failures.load(Ordering::Relaxed) as f64;
-        writer.sample(
-            "sink_consecutive_failures",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-            failures,
-        );
+        writer.sample("sink_consecutive_failures", &sink.labels(), failures);
     }
     writer.declare(
         "sink_lag_seconds",
@@ -381,11 +397,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         } else {
             0.0
         };
-        writer.sample(
-            "sink_lag_seconds",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-            lag,
-        );
+        writer.sample("sink_lag_seconds", &sink.labels(), lag);
     }
     writer.declare(
         "sink_pending_records",
@@ -393,22 +405,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Records appended but not yet delivered by this sink",
     );
     for sink in state.sinks.iter() {
-        let end = state
-            .queues
-            .get(&sink.region)
-            .map(|queue| queue.durable_end())
-            .unwrap_or(0);
+        let end = sink.log.durable_end();
         let position = sink.status.position.load(Ordering::Relaxed);
         writer.sample(
             "sink_pending_records",
-            &[("region", sink.region.as_str()), ("sink", &sink.sink)],
+            &sink.labels(),
             end.saturating_sub(position) as f64,
         );
     }
 
     let mut sink_specific: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
         Default::default();
-    for sink in state.sinks.iter() {
+    for sink in state
+        .sinks
+        .iter()
+        .filter(|sink| sink.reports_sink_figures())
+    {
         for (name, value) in sink.implementation.counters() {
             sink_specific.entry(name).or_default().push((sink, value));
         }
@@ -421,17 +433,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
             &format!("Sink counter: {}", name.replace('_', " ")),
         );
         for (sink, value) in samples {
-            writer.sample(
-                &metric,
-                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-                value as f64,
-            );
+            writer.sample(&metric, &sink.sink_labels(), value as f64);
         }
     }
 
     let mut sink_levels: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
         Default::default();
-    for sink in state.sinks.iter() {
+    for sink in state
+        .sinks
+        .iter()
+        .filter(|sink| sink.reports_sink_figures())
+    {
         for (name, value) in sink.implementation.gauges() {
             sink_levels.entry(name).or_default().push((sink, value));
         }
@@ -444,11 +456,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             &format!("Sink level: {}", name.replace('_', " ")),
         );
         for (sink, value) in samples {
-            writer.sample(
-                &metric,
-                &[("region", sink.region.as_str()), ("sink", &sink.sink)],
-                value as f64,
-            );
+            writer.sample(&metric, &sink.sink_labels(), value as f64);
         }
     }
 

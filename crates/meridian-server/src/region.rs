@@ -15,7 +15,8 @@ use meridian_catalog::KeyCache;
 use meridian_clickhouse::ClickHouseSink;
 use meridian_core::{ErasureFilter, RegionId};
 use meridian_queue::encryption::QueueEncryption;
-use meridian_queue::{DeliveryRunner, QueueConfig, RegionQueue, Sink};
+use meridian_queue::jetstream::{JetStreamQueue, JetStreamSettings};
+use meridian_queue::{DeliveryRunner, QueueBackend, QueueConfig, RegionQueue, Sink};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -27,7 +28,7 @@ use crate::state::{RegionServices, SinkHandle};
 /// Everything the served regions run, by region.
 pub struct ServedRegions {
     /// One queue per served region; no other region's queue exists on this node.
-    pub queues: BTreeMap<RegionId, RegionQueue>,
+    pub queues: BTreeMap<RegionId, Arc<dyn QueueBackend>>,
     pub sink_handles: Vec<SinkHandle>,
     /// The supervised delivery runners; each ends only after `drain` (see `DeliveryRunner::run`).
     pub runners: Vec<JoinHandle<()>>,
@@ -44,6 +45,7 @@ pub async fn assemble_served_regions(
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
     queue_encryption: Option<&Arc<QueueEncryption>>,
+    node_id: &str,
     drain: &watch::Receiver<bool>,
 ) -> Result<ServedRegions, ServerError> {
     let mut served = ServedRegions {
@@ -58,57 +60,111 @@ pub async fn assemble_served_regions(
         let Some(region_settings) = settings.regions.get(region) else {
             continue;
         };
-        let queue_config = QueueConfig {
-            dir: region_settings.queue_dir.clone(),
-            segment_max_bytes: settings.segment_max_bytes,
-            disk_budget_bytes: region_settings.disk_budget_bytes,
-            durability: settings.durability,
-            max_in_flight_bytes: settings.max_in_flight_bytes,
-            min_free_disk_bytes: settings.min_free_disk_bytes,
-            encryption: queue_encryption.cloned(),
-        };
-        let queue = open_queue(region, queue_config).await?;
+        // A replicated queue keeps nothing of its own on the node; so must the archive: with
+        // it, objects for a failing customer bucket wait in the queue instead of a local spool.
+        let node_local_spool = region_settings.jetstream.is_none();
         let Some((sinks, services)) = build_sinks(
             settings,
             region,
             keys,
             customer_stores,
+            node_local_spool,
             &mut served.guards,
             &mut served.spool_drainers,
         )
         .await
         else {
+            let queue = open_queue(settings, region, queue_encryption, node_id, &[]).await?;
             served.queues.insert(region.clone(), queue);
             continue;
         };
-        warn_about_cursors_without_a_sink(region, &queue, &sinks);
-        info!(region = %region, incarnation = queue.incarnation(), sinks = ?sinks.iter().map(|sink| sink.name().to_string()).collect::<Vec<_>>(), "region assembled");
+        let sink_names: Vec<String> = sinks.iter().map(|sink| sink.name().to_string()).collect();
+        let queue = open_queue(settings, region, queue_encryption, node_id, &sink_names).await?;
+        warn_about_cursors_without_a_sink(region, queue.as_ref(), &sinks);
+        info!(region = %region, backend = queue.kind(), identity = %queue.identity(), sinks = ?sink_names, "region assembled");
         served.region_services.insert(region.clone(), services);
-        for sink in sinks {
-            let runner = DeliveryRunner::new(region.as_str(), queue.clone(), Arc::clone(&sink))
-                .with_retry_policy(settings.retry);
-            served.sink_handles.push(SinkHandle {
-                region: region.clone(),
-                sink: sink.name().to_string(),
-                status: runner.status(),
-                implementation: Arc::clone(&sink),
-            });
-            served.runners.push(tokio::spawn(runner.run(drain.clone())));
+        for log in queue.delivery_logs() {
+            for sink in &sinks {
+                let runner =
+                    DeliveryRunner::new(region.as_str(), Arc::clone(&log), Arc::clone(sink))
+                        .with_retry_policy(settings.retry);
+                served.sink_handles.push(SinkHandle {
+                    region: region.clone(),
+                    sink: sink.name().to_string(),
+                    partition: log.partition(),
+                    log: Arc::clone(&log),
+                    status: runner.status(),
+                    implementation: Arc::clone(sink),
+                });
+                served.runners.push(tokio::spawn(runner.run(drain.clone())));
+            }
         }
         served.queues.insert(region.clone(), queue);
     }
     Ok(served)
 }
 
-async fn open_queue(region: &RegionId, config: QueueConfig) -> Result<RegionQueue, ServerError> {
+/// Opens a served region's queue on the configured backend.
+async fn open_queue(
+    settings: &Settings,
+    region: &RegionId,
+    queue_encryption: Option<&Arc<QueueEncryption>>,
+    node_id: &str,
+    sink_names: &[String],
+) -> Result<Arc<dyn QueueBackend>, ServerError> {
     let failure = |message: String| ServerError::Queue {
         region: region.to_string(),
         message,
     };
-    tokio::task::spawn_blocking(move || RegionQueue::open(config))
+    let Some(region_settings) = settings.regions.get(region) else {
+        return Err(failure("the region is not configured".to_string()));
+    };
+    if let Some(jetstream) = &region_settings.jetstream {
+        let partitions = jetstream.partitions.max(1);
+        let queue = JetStreamQueue::open(JetStreamSettings {
+            region: region.to_string(),
+            urls: jetstream.urls.clone(),
+            stream: jetstream.stream.clone(),
+            replicas: jetstream.replicas,
+            partitions,
+            max_bytes_per_partition: (region_settings.disk_budget_bytes / u64::from(partitions))
+                .min(i64::MAX as u64) as i64,
+            duplicate_window: jetstream.duplicate_window,
+            lease: jetstream.lease,
+            request_timeout: jetstream.request_timeout,
+            credentials_file: jetstream.credentials_file.clone(),
+            token: jetstream
+                .token
+                .as_ref()
+                .map(|token| token.expose().to_string()),
+            user_and_password: jetstream
+                .user_and_password
+                .as_ref()
+                .map(|(user, password)| (user.clone(), password.expose().to_string())),
+            root_certificates: jetstream.tls_ca_file.clone(),
+            require_tls: jetstream.require_tls,
+            node_id: node_id.to_string(),
+            sinks: sink_names.to_vec(),
+            encryption: queue_encryption.cloned(),
+        })
+        .await
+        .map_err(|error| failure(error.to_string()))?;
+        return Ok(Arc::new(queue));
+    }
+    let config = QueueConfig {
+        dir: region_settings.queue_dir.clone(),
+        segment_max_bytes: settings.segment_max_bytes,
+        disk_budget_bytes: region_settings.disk_budget_bytes,
+        durability: settings.durability,
+        max_in_flight_bytes: settings.max_in_flight_bytes,
+        min_free_disk_bytes: settings.min_free_disk_bytes,
+        encryption: queue_encryption.cloned(),
+    };
+    let queue = tokio::task::spawn_blocking(move || RegionQueue::open(config))
         .await
         .map_err(|error| failure(error.to_string()))?
-        .map_err(|error| failure(error.to_string()))
+        .map_err(|error| failure(error.to_string()))?;
+    Ok(Arc::new(queue))
 }
 
 /// A cursor file on disk keeps every record it has not passed (so a sink whose config section is
@@ -116,22 +172,16 @@ async fn open_queue(region: &RegionId, config: QueueConfig) -> Result<RegionQueu
 /// operator deletes it. Say so at start.
 fn warn_about_cursors_without_a_sink(
     region: &RegionId,
-    queue: &RegionQueue,
+    queue: &dyn QueueBackend,
     sinks: &[Arc<dyn Sink>],
 ) {
     let configured: BTreeSet<&str> = sinks.iter().map(|sink| sink.name()).collect();
-    let names = match queue.cursor_names() {
-        Ok(names) => names,
-        Err(error) => {
-            warn!(region = %region, %error, "cannot list the queue's cursors");
-            return;
-        }
-    };
+    let names = queue.cursor_names();
     for name in names
         .iter()
         .filter(|name| !configured.contains(name.as_str()))
     {
-        warn!(region = %region, sink = %name, queue = %queue.dir().display(), "a queue cursor has no configured sink: the records it has not passed are kept (delete its cursor file under cursors/ if the sink was removed for good)");
+        warn!(region = %region, sink = %name, queue = %queue.identity(), "a queue cursor has no configured sink: the records it has not passed are kept (delete its cursor file under cursors/ if the sink was removed for good)");
     }
 }
 
@@ -179,6 +229,7 @@ pub async fn region_services_for_tools(
         region,
         keys,
         customer_stores,
+        true,
         &mut guards,
         &mut spool_drainers,
     )
@@ -192,6 +243,7 @@ async fn build_sinks(
     region: &RegionId,
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
+    node_local_spool: bool,
     guards: &mut Vec<Arc<GuardedS3Store>>,
     spool_drainers: &mut Vec<Arc<ArchiveSink>>,
 ) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
@@ -229,13 +281,17 @@ async fn build_sinks(
             prefix: archive.prefix.clone(),
         },
         Arc::clone(keys) as Arc<dyn ErasureFilter>,
-    )
-    .with_spool(Spool::new(
-        settings.data_dir.join("spool").join(region.as_str()),
-        settings.spool_budget_bytes,
-    ));
-    let archive_sink = Arc::new(archive_sink);
-    spool_drainers.push(Arc::clone(&archive_sink));
+    );
+    let archive_sink = if node_local_spool {
+        let archive_sink = Arc::new(archive_sink.with_spool(Spool::new(
+            settings.data_dir.join("spool").join(region.as_str()),
+            settings.spool_budget_bytes,
+        )));
+        spool_drainers.push(Arc::clone(&archive_sink));
+        archive_sink
+    } else {
+        Arc::new(archive_sink)
+    };
     let mut sinks: Vec<Arc<dyn Sink>> = vec![archive_sink];
     let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
         // Built from this region's settings only: its replicas, its database.

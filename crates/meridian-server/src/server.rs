@@ -169,6 +169,7 @@ impl RunningNode {
             &keys,
             &customer_stores,
             queue_encryption.as_ref(),
+            &node_id,
             &drain_receiver,
         )
         .await?;

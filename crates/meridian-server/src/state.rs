@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use meridian_catalog::{Catalog, KeyCache};
 use meridian_core::RegionId;
-use meridian_queue::{DeliveryStatus, RegionQueue, Sink};
+use meridian_queue::{DeliveryLog, DeliveryStatus, QueueBackend, Sink};
 
 use crate::auth::JwtAuthority;
 use crate::config::Settings;
@@ -16,8 +16,41 @@ use crate::metrics::Metrics;
 pub struct SinkHandle {
     pub region: RegionId,
     pub sink: String,
+    /// The partition of the region's queue this runner delivers (`None`: the region has one log).
+    pub partition: Option<String>,
+    /// The log the runner delivers from (its durable end tells the runner's backlog).
+    pub log: Arc<dyn DeliveryLog>,
     pub status: Arc<DeliveryStatus>,
     pub implementation: Arc<dyn Sink>,
+}
+
+impl SinkHandle {
+    /// Metric labels of this runner: region, sink, and the partition when the region has several.
+    pub fn labels(&self) -> Vec<(&'static str, &str)> {
+        let mut labels = vec![
+            ("region", self.region.as_str()),
+            ("sink", self.sink.as_str()),
+        ];
+        if let Some(partition) = &self.partition {
+            labels.push(("partition", partition.as_str()));
+        }
+        labels
+    }
+
+    /// Metric labels of the sink itself (shared by its runners of every partition).
+    pub fn sink_labels(&self) -> [(&'static str, &str); 2] {
+        [
+            ("region", self.region.as_str()),
+            ("sink", self.sink.as_str()),
+        ]
+    }
+
+    /// True for one runner per sink: where the sink's own figures are reported.
+    pub fn reports_sink_figures(&self) -> bool {
+        self.partition
+            .as_deref()
+            .is_none_or(|partition| partition == "p0")
+    }
 }
 
 /// Shared by every handler; one `Arc`, so cloning it per request is one atomic increment.
@@ -47,7 +80,7 @@ pub struct AppStateInner {
     pub catalog: Catalog,
     pub keys: Arc<KeyCache>,
     /// One queue per served region; no other region's queue exists on this node.
-    pub queues: Arc<BTreeMap<RegionId, RegionQueue>>,
+    pub queues: Arc<BTreeMap<RegionId, Arc<dyn QueueBackend>>>,
     pub metrics: Arc<Metrics>,
     pub jwt: Arc<JwtAuthority>,
     pub sinks: Arc<Vec<SinkHandle>>,

@@ -1,0 +1,1206 @@
+//! The replicated backend: a region's queue on that region's NATS JetStream cluster.
+//!
+//! ```text
+//! stream  <stream>-p<N>            subject meridian.<region>.p<N>, file storage, `replicas`
+//!                                  copies, discard new at the byte limit, a duplicate window
+//! KV      <stream>-cursors         key <sink>.p<N>: {"next_offset", "in_flight", "owner", "beat"}
+//! ```
+//!
+//! A region's data is spread over `partitions` streams; a message goes to one by a stable hash of
+//! its identity (project and messageId), so a client's retry lands in the same stream and the
+//! stream's duplicate window (`Nats-Msg-Id`, derived from the identity) stores it once.
+//!
+//! **Append** publishes every record of the batch (pipelined: all sent, then every ack awaited)
+//! and returns only when each one is acknowledged by its stream, i.e. stored by a quorum of the
+//! stream's replicas. Any failure or timeout fails the whole append (the caller answers 503; the
+//! client's retry of the records already stored is deduplicated).
+//!
+//! **Delivery**: positions are stream sequences; every partition is one [`DeliveryLog`]. A sink's
+//! cursor is a KV entry written with compare-and-set on its revision. The entry also names its
+//! owner: one node at a time delivers a given partition to a given sink. The owner renews the
+//! entry (a heartbeat) every third of the lease; a node that sees the same revision for a whole
+//! lease takes the entry over (revisions, not clocks: no clock skew matters). Every cursor change
+//! is a compare-and-set, so a node that lost the entry learns it at its next change and stops.
+//! Exactly-once does not rest on the lease: a batch's range is persisted as in flight before the
+//! sink sees it and is redelivered exactly by whoever owns the cursor next, and sinks write a
+//! range idempotently (archive object names and ClickHouse dedup tokens come from the range), so
+//! even two nodes delivering the same range write the same objects.
+//!
+//! Records are read by sequence through an ephemeral pull consumer (no acks): the cursor in KV,
+//! not a consumer's ack state, is the position, because a range must be redelivered exactly and a
+//! durable consumer redelivers unacknowledged messages one by one, interleaved with new ones.
+//! Delivered data is purged: a monitor purges each stream below the slowest cursor of the sinks
+//! this node runs (only once every one of them has a cursor).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::backend::{BackendSample, DeliveryLog, LogCursor, QueueBackend};
+use crate::consumer::{CursorState, Record};
+use crate::encryption::QueueEncryption;
+use crate::error::QueueError;
+use crate::queue::{OffsetRange, QueueStats, RecordBatch, pending_below};
+
+/// How often the monitor reads each stream's state (end, bytes, quorum).
+const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
+/// Every this many monitor rounds, cursors are read and delivered data is purged.
+const PURGE_EVERY_ROUNDS: u64 = 10;
+/// Messages fetched per request when reading.
+const FETCH_MAX_MESSAGES: usize = 1_000;
+
+/// A region's JetStream settings, resolved from `[regions.<id>.queue.jetstream]`.
+#[derive(Clone)]
+pub struct JetStreamSettings {
+    pub region: String,
+    /// This region's NATS servers; no other region's are ever given to this queue.
+    pub urls: Vec<String>,
+    /// Streams are `<stream>-p<N>`; the cursor bucket is `<stream>-cursors`.
+    pub stream: String,
+    pub replicas: usize,
+    pub partitions: u32,
+    /// Bytes each stream may hold (the region's disk budget split over its partitions).
+    pub max_bytes_per_partition: i64,
+    pub duplicate_window: Duration,
+    /// How long a node's right to deliver a partition to a sink lasts without renewal.
+    pub lease: Duration,
+    /// Every request to the cluster (publish acks, stream and KV calls) is bounded by this.
+    pub request_timeout: Duration,
+    pub credentials_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub user_and_password: Option<(String, String)>,
+    pub root_certificates: Option<PathBuf>,
+    pub require_tls: bool,
+    /// Names this node as a cursor's owner.
+    pub node_id: String,
+    /// The sinks this node runs: purging waits until each has a cursor.
+    pub sinks: Vec<String>,
+    pub encryption: Option<Arc<QueueEncryption>>,
+}
+
+impl JetStreamSettings {
+    pub fn stream_name(&self, partition: u32) -> String {
+        format!("{}-p{partition}", self.stream)
+    }
+
+    pub fn subject(&self, partition: u32) -> String {
+        format!("meridian.{}.p{partition}", self.region)
+    }
+
+    pub fn cursor_bucket(&self) -> String {
+        format!("{}-cursors", self.stream)
+    }
+}
+
+/// Whether `url` is a NATS server address the client accepts (`nats://host:4222`, `tls://...`).
+pub fn is_nats_url(url: &str) -> bool {
+    url.parse::<async_nats::ServerAddr>().is_ok()
+}
+
+/// The partition a message of this identity goes to: stable across nodes, versions and restarts.
+pub fn partition_of(identity: &str, partitions: u32) -> u32 {
+    crc32fast::hash(identity.as_bytes()) % partitions.max(1)
+}
+
+/// The `Nats-Msg-Id` of a message: a fixed-length digest of its identity (any messageId a client
+/// sends becomes a valid header value).
+fn message_id(identity: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, identity.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(format!("{what}: {error}"))
+}
+
+/// Bounds one request to the cluster.
+async fn bounded<T, E: std::fmt::Display>(
+    timeout: Duration,
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, QueueError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(unavailable(what, error)),
+        Err(_) => Err(QueueError::Unavailable(format!(
+            "{what}: no answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// Figures of the publish path, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct PublishFigures {
+    pub acked: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub failed_appends: AtomicU64,
+    pub appends: AtomicU64,
+    /// Sum of append latencies (publish of every record until its last ack), in microseconds.
+    pub append_micros: AtomicU64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PartitionFigures {
+    first_sequence: u64,
+    last_sequence: u64,
+    messages: u64,
+    bytes: u64,
+    /// Cursor position by sink, as last read by the monitor.
+    positions: BTreeMap<String, u64>,
+}
+
+/// One partition: a stream of the region and the [`DeliveryLog`] over it.
+pub struct Partition {
+    index: u32,
+    stream_name: String,
+    subject: String,
+    source: Arc<str>,
+    end: watch::Sender<u64>,
+    figures: Mutex<PartitionFigures>,
+    context: jetstream::Context,
+    cursors: kv::Store,
+    settings: Arc<JetStreamSettings>,
+}
+
+impl Partition {
+    fn note_end(&self, end: u64) {
+        self.end.send_if_modified(|current| {
+            if end > *current {
+                *current = end;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn cursor_key(&self, sink: &str) -> String {
+        format!("{sink}.p{}", self.index)
+    }
+
+    fn figures(&self) -> PartitionFigures {
+        self.figures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    async fn stream_info(&self) -> Result<stream::Info, QueueError> {
+        let timeout = self.settings.request_timeout;
+        let stream = bounded(
+            timeout,
+            "reading the stream's state",
+            self.context.get_stream(&self.stream_name),
+        )
+        .await?;
+        Ok(stream.cached_info().clone())
+    }
+
+    /// Reads the stream's state into the figures and the durable end.
+    async fn refresh(&self) -> Result<(), QueueError> {
+        let info = self.stream_info().await?;
+        self.note_end(info.state.last_sequence + 1);
+        let mut figures = self
+            .figures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        figures.first_sequence = info.state.first_sequence;
+        figures.last_sequence = info.state.last_sequence;
+        figures.messages = info.state.messages;
+        figures.bytes = info.state.bytes;
+        Ok(())
+    }
+
+    /// Reads every cursor of the sinks this node runs and purges what all of them delivered.
+    async fn purge_delivered(&self) -> Result<(), QueueError> {
+        let timeout = self.settings.request_timeout;
+        let mut positions = BTreeMap::new();
+        for sink in &self.settings.sinks {
+            let key = self.cursor_key(sink);
+            let entry = bounded(timeout, "reading a cursor", self.cursors.entry(key)).await?;
+            let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+                continue;
+            };
+            if let Ok(value) = serde_json::from_slice::<CursorValue>(&entry.value) {
+                positions.insert(sink.clone(), value.next_offset);
+            }
+        }
+        let every_sink_has_a_cursor = positions.len() == self.settings.sinks.len();
+        let slowest = positions.values().copied().min();
+        let first_sequence = {
+            let mut figures = self
+                .figures
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            figures.positions = positions;
+            figures.first_sequence
+        };
+        let Some(slowest) = slowest.filter(|_| every_sink_has_a_cursor) else {
+            return Ok(());
+        };
+        if slowest <= first_sequence.max(1) {
+            return Ok(());
+        }
+        let stream = bounded(
+            timeout,
+            "opening the stream",
+            self.context.get_stream_no_info(&self.stream_name),
+        )
+        .await?;
+        // Removes every message below `slowest` (all sinks delivered them).
+        let purged = bounded(
+            timeout,
+            "purging delivered messages",
+            stream.purge().sequence(slowest).into_future(),
+        )
+        .await?;
+        if purged.purged > 0 {
+            info!(region = %self.settings.region, stream = %self.stream_name, below = slowest, purged = purged.purged, "purged delivered messages from the stream");
+        }
+        Ok(())
+    }
+}
+
+/// A region's queue on its JetStream cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct JetStreamQueue {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Arc<JetStreamSettings>,
+    context: jetstream::Context,
+    partitions: Vec<Arc<Partition>>,
+    max_payload: usize,
+    /// False while a stream cannot be read (no quorum, cluster unreachable).
+    writable: AtomicBool,
+    problem: Mutex<Option<String>>,
+    closed: AtomicBool,
+    publish: PublishFigures,
+    monitor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn set_problem(&self, problem: Option<String>) {
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = problem;
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+impl JetStreamQueue {
+    /// Connects to the region's cluster, creates or updates its streams and cursor bucket, and
+    /// starts the monitor. Fails (clearly) when the cluster cannot take them, e.g. fewer servers
+    /// than replicas.
+    pub async fn open(settings: JetStreamSettings) -> Result<JetStreamQueue, QueueError> {
+        let settings = Arc::new(settings);
+        let timeout = settings.request_timeout;
+        let client = connect(&settings).await?;
+        let max_payload = client.server_info().max_payload;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .ack_timeout(timeout)
+            .build(client);
+        let cursors = bounded(
+            timeout,
+            "creating the cursor bucket",
+            context.create_or_update_key_value(kv::Config {
+                bucket: settings.cursor_bucket(),
+                description: format!("Meridian sink cursors of region {}", settings.region),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let mut partitions = Vec::with_capacity(settings.partitions as usize);
+        for index in 0..settings.partitions.max(1) {
+            let stream_name = settings.stream_name(index);
+            let subject = settings.subject(index);
+            let info = bounded(
+                timeout,
+                "creating the stream",
+                context.create_or_update_stream(stream::Config {
+                    name: stream_name.clone(),
+                    description: Some(format!(
+                        "Meridian queue of region {}, partition {index}",
+                        settings.region
+                    )),
+                    subjects: vec![subject.clone()],
+                    retention: stream::RetentionPolicy::Limits,
+                    storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
+                    max_bytes: settings.max_bytes_per_partition,
+                    discard: stream::DiscardPolicy::New,
+                    duplicate_window: settings.duplicate_window,
+                    allow_direct: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+            // Positions are only unique within one life of a stream: a stream deleted and made
+            // again restarts its sequences, so its creation time is part of its name.
+            let created_ms = info.created.unix_timestamp_nanos() / 1_000_000;
+            let source: Arc<str> = Arc::from(format!("js-{stream_name}-{created_ms}"));
+            info!(region = %settings.region, stream = %stream_name, replicas = settings.replicas, messages = info.state.messages, last_sequence = info.state.last_sequence, source = %source, "JetStream stream ready");
+            let (end, _) = watch::channel(info.state.last_sequence + 1);
+            partitions.push(Arc::new(Partition {
+                index,
+                stream_name,
+                subject,
+                source,
+                end,
+                figures: Mutex::new(PartitionFigures {
+                    first_sequence: info.state.first_sequence,
+                    last_sequence: info.state.last_sequence,
+                    messages: info.state.messages,
+                    bytes: info.state.bytes,
+                    positions: BTreeMap::new(),
+                }),
+                context: context.clone(),
+                cursors: cursors.clone(),
+                settings: Arc::clone(&settings),
+            }));
+        }
+        let shared = Arc::new(Shared {
+            settings,
+            context,
+            partitions,
+            max_payload,
+            writable: AtomicBool::new(true),
+            problem: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            publish: PublishFigures::default(),
+            monitor: Mutex::new(None),
+        });
+        let monitor = tokio::spawn(monitor(Arc::downgrade(&shared)));
+        *shared
+            .monitor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(monitor);
+        Ok(JetStreamQueue { shared })
+    }
+
+    pub fn settings(&self) -> &JetStreamSettings {
+        &self.shared.settings
+    }
+
+    pub fn publish_figures(&self) -> &PublishFigures {
+        &self.shared.publish
+    }
+
+    /// Each partition's stream name, end and the position of every sink in it.
+    pub fn partition_positions(&self) -> Vec<(String, u64, BTreeMap<String, u64>)> {
+        self.shared
+            .partitions
+            .iter()
+            .map(|partition| {
+                let figures = partition.figures();
+                (
+                    partition.stream_name.clone(),
+                    figures.last_sequence + 1,
+                    figures.positions,
+                )
+            })
+            .collect()
+    }
+
+    async fn publish_all(&self, batch: &RecordBatch) -> Result<(), QueueError> {
+        let shared = &self.shared;
+        let identities = batch.identities().unwrap_or_default();
+        let mut acks = Vec::with_capacity(batch.record_count() as usize);
+        for (index, payload) in batch.stored_payloads().enumerate() {
+            if payload.len() > shared.max_payload {
+                return Err(QueueError::RecordTooLarge {
+                    size: payload.len(),
+                    limit: shared.max_payload,
+                });
+            }
+            // Without an identity (not from the ingest path) the payload itself identifies it.
+            let identity = match identities.get(index) {
+                Some(identity) => identity.clone(),
+                None => String::from_utf8_lossy(payload).into_owned(),
+            };
+            let partition = &shared.partitions
+                [partition_of(&identity, shared.partitions.len() as u32) as usize];
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::copy_from_slice(payload))
+                .message_id(message_id(&identity));
+            let ack = shared
+                .context
+                .send_publish(partition.subject.clone(), publish)
+                .await
+                .map_err(|error| unavailable("publishing to the region's stream", error))?;
+            acks.push((Arc::clone(partition), ack));
+        }
+        let outcomes = join_all(acks.into_iter().map(|(partition, ack)| async move {
+            let ack = ack.await?;
+            partition.note_end(ack.sequence + 1);
+            Ok::<bool, jetstream::context::PublishError>(ack.duplicate)
+        }))
+        .await;
+        let mut first_failure = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok(duplicate) => {
+                    shared.publish.acked.fetch_add(1, Ordering::Relaxed);
+                    if duplicate {
+                        shared.publish.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(error) => {
+                    first_failure.get_or_insert(error);
+                }
+            }
+        }
+        match first_failure {
+            None => Ok(()),
+            Some(error) => Err(unavailable(
+                "a record was not acknowledged by the region's stream",
+                error,
+            )),
+        }
+    }
+}
+
+async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, QueueError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!(
+            "meridian {} ({})",
+            settings.node_id, settings.region
+        ))
+        .connection_timeout(settings.request_timeout)
+        .request_timeout(Some(settings.request_timeout))
+        .require_tls(settings.require_tls);
+    if let Some(path) = &settings.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|error| unavailable("reading the NATS credentials file", error))?;
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.clone());
+    }
+    if let Some((user, password)) = &settings.user_and_password {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(path) = &settings.root_certificates {
+        options = options.add_root_certificates(path.clone());
+    }
+    let addresses = settings
+        .urls
+        .iter()
+        .map(|url| url.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| unavailable("a NATS url of the region", error))?;
+    bounded(
+        settings.request_timeout,
+        &format!(
+            "connecting to the region's NATS cluster ({})",
+            settings.urls.join(", ")
+        ),
+        async_nats::connect_with_options(addresses, options),
+    )
+    .await
+}
+
+/// Reads each stream's state (end, bytes; no answer: not writable) and purges delivered data.
+async fn monitor(shared: std::sync::Weak<Shared>) {
+    let mut round = 0u64;
+    loop {
+        tokio::time::sleep(MONITOR_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        round += 1;
+        let mut problem = None;
+        for partition in &shared.partitions {
+            if let Err(error) = partition.refresh().await {
+                problem.get_or_insert(format!("stream {}: {error}", partition.stream_name));
+                continue;
+            }
+            if round.is_multiple_of(PURGE_EVERY_ROUNDS)
+                && let Err(error) = partition.purge_delivered().await
+            {
+                warn!(region = %shared.settings.region, stream = %partition.stream_name, %error, "could not purge delivered messages (retried)");
+            }
+        }
+        let was_writable = shared.writable.swap(problem.is_none(), Ordering::AcqRel);
+        match (&problem, was_writable) {
+            (Some(problem), true) => {
+                warn!(region = %shared.settings.region, %problem, "the region's JetStream cluster does not answer: ingest answers 503 until it does")
+            }
+            (None, false) => {
+                info!(region = %shared.settings.region, "the region's JetStream cluster answers again")
+            }
+            _ => {}
+        }
+        shared.set_problem(problem);
+    }
+}
+
+#[async_trait]
+impl QueueBackend for JetStreamQueue {
+    fn kind(&self) -> &'static str {
+        "jetstream"
+    }
+
+    fn identity(&self) -> String {
+        self.shared
+            .partitions
+            .iter()
+            .map(|partition| partition.source.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn new_batch(&self) -> RecordBatch {
+        RecordBatch::keeping_identities(self.shared.settings.encryption.clone())
+    }
+
+    async fn append_batch(&self, batch: RecordBatch) -> Result<(), QueueError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        if !shared.writable.load(Ordering::Acquire) {
+            return Err(QueueError::Unavailable(shared.problem().unwrap_or_else(
+                || "the region's JetStream cluster does not answer".to_string(),
+            )));
+        }
+        let started = Instant::now();
+        let timeout = shared.settings.request_timeout;
+        let outcome = match tokio::time::timeout(timeout, self.publish_all(&batch)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(QueueError::Unavailable(format!(
+                "the region's stream did not acknowledge every record within {} ms",
+                timeout.as_millis()
+            ))),
+        };
+        shared.publish.appends.fetch_add(1, Ordering::Relaxed);
+        shared
+            .publish
+            .append_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if outcome.is_err() {
+            shared
+                .publish
+                .failed_appends
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    fn is_writable(&self) -> bool {
+        !self.shared.closed.load(Ordering::Acquire) && self.shared.writable.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> QueueStats {
+        let shared = &self.shared;
+        let mut stats = QueueStats {
+            incarnation: self.identity(),
+            first_offset: 0,
+            end_offset: 0,
+            disk_bytes: 0,
+            disk_budget_bytes: 0,
+            segment_count: shared.partitions.len(),
+            consumer_positions: BTreeMap::new(),
+            broken: shared.problem(),
+            sync_count: 0,
+            abandoned_appends: 0,
+            damaged_records: 0,
+            quarantined_bytes: 0,
+            pending_records: 0,
+        };
+        for partition in &shared.partitions {
+            let figures = partition.figures();
+            let end = figures.last_sequence + 1;
+            // Counts records ever appended to the region, over every partition.
+            stats.end_offset += figures.last_sequence;
+            stats.disk_bytes += figures.bytes;
+            stats.disk_budget_bytes += shared.settings.max_bytes_per_partition.max(0) as u64;
+            stats.pending_records += if figures.positions.is_empty() {
+                figures.messages
+            } else {
+                pending_below(end, figures.positions.values().copied())
+            };
+            for (sink, position) in figures.positions {
+                stats
+                    .consumer_positions
+                    .insert(format!("{sink}.p{}", partition.index), position);
+            }
+        }
+        stats
+    }
+
+    fn disk_free_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    fn backend_samples(&self) -> Vec<BackendSample> {
+        let publish = &self.shared.publish;
+        let counter = |name, help, value: &AtomicU64| BackendSample {
+            name,
+            kind: "counter",
+            help,
+            labels: Vec::new(),
+            value: value.load(Ordering::Relaxed) as f64,
+        };
+        let mut samples = vec![
+            counter(
+                "queue_jetstream_appends_total",
+                "Appends (one per request) published to the region's streams",
+                &publish.appends,
+            ),
+            counter(
+                "queue_jetstream_failed_appends_total",
+                "Appends not acknowledged in full (answered 503; nothing of them was reported stored)",
+                &publish.failed_appends,
+            ),
+            counter(
+                "queue_jetstream_acked_records_total",
+                "Records acknowledged by a quorum of their stream's replicas",
+                &publish.acked,
+            ),
+            counter(
+                "queue_jetstream_duplicate_records_total",
+                "Acknowledged records the stream had already stored (a client retry inside the duplicate window)",
+                &publish.duplicates,
+            ),
+            BackendSample {
+                name: "queue_jetstream_append_seconds_total",
+                kind: "counter",
+                help: "Time appends took, publish until the last ack (divide by appends for the mean)",
+                labels: Vec::new(),
+                value: publish.append_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            },
+        ];
+        for partition in &self.shared.partitions {
+            let figures = partition.figures();
+            let label = format!("p{}", partition.index);
+            samples.push(BackendSample {
+                name: "queue_jetstream_stream_bytes",
+                kind: "gauge",
+                help: "Bytes the partition's stream holds (per replica)",
+                labels: vec![("partition", label.clone())],
+                value: figures.bytes as f64,
+            });
+            for (sink, position) in &figures.positions {
+                samples.push(BackendSample {
+                    name: "queue_jetstream_consumer_pending_records",
+                    kind: "gauge",
+                    help: "Records of the partition's stream the sink has not delivered (its cursor, as read by the monitor)",
+                    labels: vec![("partition", label.clone()), ("sink", sink.clone())],
+                    value: (figures.last_sequence + 1).saturating_sub(*position) as f64,
+                });
+            }
+        }
+        samples
+    }
+
+    fn encryption(&self) -> Option<Arc<QueueEncryption>> {
+        self.shared.settings.encryption.clone()
+    }
+
+    fn delivery_logs(&self) -> Vec<Arc<dyn DeliveryLog>> {
+        self.shared
+            .partitions
+            .iter()
+            .map(|partition| Arc::clone(partition) as Arc<dyn DeliveryLog>)
+            .collect()
+    }
+
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        if let Some(monitor) = self
+            .shared
+            .monitor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            monitor.abort();
+        }
+    }
+}
+
+/// A sink's cursor in a partition, as kept in the cursor bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CursorValue {
+    next_offset: u64,
+    in_flight: Option<OffsetRange>,
+    /// The node that may deliver (empty: released).
+    owner: String,
+    /// Bumped by every renewal, so that a live owner always changes the revision.
+    beat: u64,
+}
+
+/// The cursor entry as this node last wrote it.
+struct Held {
+    revision: u64,
+    value: CursorValue,
+}
+
+#[async_trait]
+impl DeliveryLog for Partition {
+    fn source(&self) -> Arc<str> {
+        Arc::clone(&self.source)
+    }
+
+    fn partition(&self) -> Option<String> {
+        Some(format!("p{}", self.index))
+    }
+
+    fn durable_end(&self) -> u64 {
+        *self.end.borrow()
+    }
+
+    fn subscribe_durable_end(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+
+    async fn open_cursor(&self, sink: &str) -> Result<Box<dyn LogCursor>, QueueError> {
+        let key = self.cursor_key(sink);
+        let (revision, value) = self.acquire(sink, &key).await?;
+        let state = CursorState {
+            next_offset: value.next_offset,
+            in_flight: value.in_flight,
+        };
+        let held = Arc::new(tokio::sync::Mutex::new(Held { revision, value }));
+        let lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(renew(
+            self.cursors.clone(),
+            key.clone(),
+            Arc::clone(&held),
+            Arc::clone(&lost),
+            Arc::clone(&self.settings),
+        ));
+        Ok(Box::new(JetStreamCursor {
+            key,
+            state,
+            held,
+            lost,
+            heartbeat,
+            cursors: self.cursors.clone(),
+            context: self.context.clone(),
+            stream_name: self.stream_name.clone(),
+            settings: Arc::clone(&self.settings),
+            reader: None,
+        }))
+    }
+
+    fn drains_on_shutdown(&self) -> bool {
+        false
+    }
+}
+
+impl Partition {
+    /// Waits until this node owns the sink's cursor entry in this partition, then returns it.
+    async fn acquire(&self, sink: &str, key: &str) -> Result<(u64, CursorValue), QueueError> {
+        let settings = &self.settings;
+        let timeout = settings.request_timeout;
+        let me = settings.node_id.as_str();
+        // The revision last seen held by another node, and since when.
+        let mut watched: Option<(u64, Instant)> = None;
+        loop {
+            let entry = bounded(timeout, "reading a cursor", self.cursors.entry(key)).await?;
+            let current = entry.filter(|entry| entry.operation == kv::Operation::Put);
+            let Some(entry) = current else {
+                let info = self.stream_info().await?;
+                let value = CursorValue {
+                    next_offset: info.state.first_sequence.max(1),
+                    in_flight: None,
+                    owner: me.to_string(),
+                    beat: 0,
+                };
+                let created =
+                    tokio::time::timeout(timeout, self.cursors.create(key, encode_cursor(&value)?))
+                        .await
+                        .map_err(|_| unavailable("creating a cursor", "timed out"))?;
+                match created {
+                    Ok(revision) => {
+                        info!(region = %settings.region, stream = %self.stream_name, sink, next_offset = value.next_offset, "created the sink's cursor in this partition");
+                        return Ok((revision, value));
+                    }
+                    Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(error) => return Err(unavailable("creating a cursor", error)),
+                }
+            };
+            let mut value: CursorValue =
+                serde_json::from_slice(&entry.value).map_err(|error| QueueError::BadCursor {
+                    path: PathBuf::from(format!("{}/{key}", settings.cursor_bucket())),
+                    message: error.to_string(),
+                })?;
+            let is_free = value.owner.is_empty() || value.owner == me;
+            let is_abandoned = match watched {
+                Some((revision, since)) if revision == entry.revision => {
+                    since.elapsed() >= settings.lease
+                }
+                _ => {
+                    watched = Some((entry.revision, Instant::now()));
+                    false
+                }
+            };
+            if !is_free && !is_abandoned {
+                tokio::time::sleep(settings.lease / 4).await;
+                continue;
+            }
+            let previous_owner = std::mem::replace(&mut value.owner, me.to_string());
+            value.beat += 1;
+            let updated = tokio::time::timeout(
+                timeout,
+                self.cursors
+                    .update(key, encode_cursor(&value)?, entry.revision),
+            )
+            .await
+            .map_err(|_| unavailable("taking over a cursor", "timed out"))?;
+            match updated {
+                Ok(revision) => {
+                    if is_abandoned && !previous_owner.is_empty() && previous_owner != me {
+                        warn!(region = %settings.region, stream = %self.stream_name, sink, previous_owner, next_offset = value.next_offset, in_flight = ?value.in_flight, "took over the delivery of this partition from a node that stopped renewing it");
+                    }
+                    return Ok((revision, value));
+                }
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(error) => return Err(unavailable("taking over a cursor", error)),
+            }
+        }
+    }
+}
+
+fn encode_cursor(value: &CursorValue) -> Result<Bytes, QueueError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|error| QueueError::Unavailable(format!("encoding a cursor: {error}")))
+}
+
+/// Renews the cursor entry while this node holds it; marks it lost when another node took it.
+async fn renew(
+    cursors: kv::Store,
+    key: String,
+    held: Arc<tokio::sync::Mutex<Held>>,
+    lost: Arc<AtomicBool>,
+    settings: Arc<JetStreamSettings>,
+) {
+    loop {
+        tokio::time::sleep(settings.lease / 3).await;
+        let mut held = held.lock().await;
+        let mut value = held.value.clone();
+        value.beat += 1;
+        let Ok(encoded) = encode_cursor(&value) else {
+            return;
+        };
+        let updated = tokio::time::timeout(
+            settings.request_timeout,
+            cursors.update(&key, encoded, held.revision),
+        )
+        .await;
+        match updated {
+            Ok(Ok(revision)) => {
+                held.revision = revision;
+                held.value = value;
+            }
+            Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                warn!(region = %settings.region, key, "another node took over this cursor; this node stops delivering it");
+                lost.store(true, Ordering::Release);
+                return;
+            }
+            Ok(Err(error)) => {
+                warn!(region = %settings.region, key, %error, "could not renew the cursor (retried)")
+            }
+            Err(_) => {
+                warn!(region = %settings.region, key, "renewing the cursor timed out (retried)")
+            }
+        }
+    }
+}
+
+/// An ephemeral consumer positioned at `next_sequence`, with what it fetched and was not yet used.
+struct Reader {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    next_sequence: u64,
+    buffered: VecDeque<Record>,
+}
+
+impl Reader {
+    fn position(&self) -> u64 {
+        self.buffered
+            .front()
+            .map(|record| record.offset)
+            .unwrap_or(self.next_sequence)
+    }
+}
+
+struct JetStreamCursor {
+    key: String,
+    state: CursorState,
+    held: Arc<tokio::sync::Mutex<Held>>,
+    lost: Arc<AtomicBool>,
+    heartbeat: JoinHandle<()>,
+    cursors: kv::Store,
+    context: jetstream::Context,
+    stream_name: String,
+    settings: Arc<JetStreamSettings>,
+    reader: Option<Reader>,
+}
+
+impl Drop for JetStreamCursor {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl JetStreamCursor {
+    /// Writes the cursor's next value (compare-and-set on the revision this node holds).
+    async fn write(&mut self, state: CursorState) -> Result<(), QueueError> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(QueueError::LeaseLost(self.key.clone()));
+        }
+        let mut held = self.held.lock().await;
+        let mut value = held.value.clone();
+        value.next_offset = state.next_offset;
+        value.in_flight = state.in_flight;
+        value.beat += 1;
+        let updated = tokio::time::timeout(
+            self.settings.request_timeout,
+            self.cursors
+                .update(&self.key, encode_cursor(&value)?, held.revision),
+        )
+        .await
+        .map_err(|_| unavailable("writing the cursor", "timed out"))?;
+        match updated {
+            Ok(revision) => {
+                held.revision = revision;
+                held.value = value;
+                self.state = state;
+                Ok(())
+            }
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.lost.store(true, Ordering::Release);
+                Err(QueueError::LeaseLost(self.key.clone()))
+            }
+            Err(error) => Err(unavailable("writing the cursor", error)),
+        }
+    }
+
+    async fn position_reader(&mut self, from: u64) -> Result<(), QueueError> {
+        if self
+            .reader
+            .as_ref()
+            .is_some_and(|reader| reader.position() == from)
+        {
+            return Ok(());
+        }
+        let timeout = self.settings.request_timeout;
+        if let Some(old) = self.reader.take() {
+            let name = old.consumer.cached_info().name.clone();
+            let context = self.context.clone();
+            let stream_name = self.stream_name.clone();
+            // Best effort: an ephemeral consumer also goes away by itself when left inactive.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    timeout,
+                    context.delete_consumer_from_stream(name, stream_name),
+                )
+                .await;
+            });
+        }
+        let stream = bounded(
+            timeout,
+            "opening the stream",
+            self.context.get_stream_no_info(&self.stream_name),
+        )
+        .await?;
+        let consumer = bounded(
+            timeout,
+            "creating a reader",
+            stream.create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(120),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        self.reader = Some(Reader {
+            consumer,
+            next_sequence: from.max(1),
+            buffered: VecDeque::new(),
+        });
+        Ok(())
+    }
+
+    /// Reads records in `[from, end)`, at most `max_records`, stopping past `max_bytes`.
+    async fn read_below(
+        &mut self,
+        from: u64,
+        end: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, QueueError> {
+        self.position_reader(from).await?;
+        let timeout = self.settings.request_timeout;
+        let encryption = self.settings.encryption.clone();
+        let Some(reader) = self.reader.as_mut() else {
+            return Err(QueueError::Closed);
+        };
+        if reader.buffered.is_empty() && reader.next_sequence < end {
+            let wanted = ((end - reader.next_sequence) as usize)
+                .min(max_records)
+                .min(FETCH_MAX_MESSAGES);
+            let fetched = async {
+                let mut batch = reader
+                    .consumer
+                    .fetch()
+                    .max_messages(wanted)
+                    .messages()
+                    .await
+                    .map_err(|error| unavailable("reading the stream", error))?;
+                let mut records = Vec::new();
+                while let Some(message) = batch.next().await {
+                    let message =
+                        message.map_err(|error| unavailable("reading the stream", error))?;
+                    let sequence = message
+                        .info()
+                        .map_err(|error| unavailable("reading a message's sequence", error))?
+                        .stream_sequence;
+                    let payload = match &encryption {
+                        Some(encryption) => encryption.open(&message.payload)?,
+                        None => message.payload.to_vec(),
+                    };
+                    records.push(Record {
+                        offset: sequence,
+                        payload,
+                    });
+                }
+                Ok::<_, QueueError>(records)
+            };
+            let records = tokio::time::timeout(timeout, fetched)
+                .await
+                .map_err(|_| unavailable("reading the stream", "timed out"))??;
+            if let Some(last) = records.last() {
+                reader.next_sequence = last.offset + 1;
+            }
+            reader.buffered.extend(records);
+        }
+        let mut records = Vec::new();
+        let mut payload_bytes = 0usize;
+        while let Some(record) = reader.buffered.front() {
+            let is_full =
+                records.len() >= max_records || (!records.is_empty() && payload_bytes >= max_bytes);
+            if record.offset >= end || is_full {
+                break;
+            }
+            let Some(record) = reader.buffered.pop_front() else {
+                break;
+            };
+            payload_bytes += record.payload.len();
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+#[async_trait]
+impl LogCursor for JetStreamCursor {
+    fn state(&self) -> CursorState {
+        self.state
+    }
+
+    async fn read(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, QueueError> {
+        self.read_below(from, u64::MAX, max_records, max_bytes)
+            .await
+    }
+
+    async fn read_range(&mut self, range: OffsetRange) -> Result<Vec<Record>, QueueError> {
+        let mut records: Vec<Record> = Vec::with_capacity(range.len() as usize);
+        let mut from = range.start;
+        while from < range.end {
+            let chunk = self
+                .read_below(from, range.end, (range.end - from) as usize, usize::MAX)
+                .await?;
+            let Some(last) = chunk.last() else {
+                // Nothing more in the stream in this range (messages gone before the range
+                // ended): what was read is the whole range.
+                break;
+            };
+            from = last.offset + 1;
+            records.extend(chunk);
+        }
+        Ok(records)
+    }
+
+    async fn begin(&mut self, range: OffsetRange) -> Result<(), QueueError> {
+        let next_offset = self.state.next_offset;
+        self.write(CursorState {
+            next_offset,
+            in_flight: Some(range),
+        })
+        .await
+    }
+
+    async fn commit(&mut self, next_offset: u64) -> Result<(), QueueError> {
+        self.write(CursorState {
+            next_offset,
+            in_flight: None,
+        })
+        .await
+    }
+
+    async fn release(&mut self) {
+        self.heartbeat.abort();
+        if self.lost.load(Ordering::Acquire) {
+            return;
+        }
+        let held = self.held.lock().await;
+        let mut value = held.value.clone();
+        value.owner.clear();
+        value.beat += 1;
+        let Ok(encoded) = encode_cursor(&value) else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            self.settings.request_timeout,
+            self.cursors.update(&self.key, encoded, held.revision),
+        )
+        .await;
+    }
+}
