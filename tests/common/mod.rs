@@ -16,6 +16,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 pub mod cluster;
+pub mod nats;
 pub mod services;
 
 pub const JWT_SECRET: &str = "end-to-end-test-secret-long-enough-for-hs256";
@@ -104,8 +105,36 @@ refresh_interval_ms = 100
 [queue]
 retry_max_ms = 2000
 {extra}
-"#
+{}
+"#,
+        shared_jetstream_regions()
     )
+}
+
+/// With MERIDIAN_QUEUE_BACKEND=jetstream (scripts/test runs the ingest suite a second time so),
+/// every region's queue is on the shared NATS cluster of MERIDIAN_TEST_NATS_URLS, in streams of
+/// this config's own.
+fn shared_jetstream_regions() -> String {
+    if std::env::var("MERIDIAN_QUEUE_BACKEND").as_deref() != Ok("jetstream") {
+        return String::new();
+    }
+    let urls = services::shared_service("MERIDIAN_TEST_NATS_URLS").unwrap_or_default();
+    let urls: Vec<String> = urls
+        .split(',')
+        .filter(|url| !url.is_empty())
+        .map(|url| format!("\"{url}\""))
+        .collect();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    ["eu-west-1", "us-east-1", "af-south-1", "ap-southeast-1"]
+        .iter()
+        .map(|region| {
+            format!(
+                "[regions.{region}.queue.jetstream]\nurls = [{}]\nstream = \"t{tag}-{region}\"\nreplicas = {}\nlease_ms = 2000\n",
+                urls.join(", "),
+                urls.len().min(3)
+            )
+        })
+        .collect()
 }
 
 impl TestServer {

@@ -85,9 +85,11 @@ pub trait DeliveryLog: Send + Sync + 'static {
     /// Opens the sink's cursor. A replicated log lets one node at a time deliver a given log to a
     /// given sink: this waits until this node holds that right.
     async fn open_cursor(&self, sink: &str) -> Result<Box<dyn LogCursor>, QueueError>;
-    /// Whether a stopping node must deliver what the log holds before it stops (the local log:
-    /// nobody else can) or may leave it to the region's other nodes (a replicated log).
-    fn drains_on_shutdown(&self) -> bool;
+    /// Whether only this node can deliver the log (the local log: a stopping node opens its
+    /// cursor and delivers what it holds before it stops) or any node of the region can (a
+    /// replicated log: a runner still waiting for the right to deliver gives up at shutdown; the
+    /// owner delivers what it can until the shutdown deadline, then hands over).
+    fn is_node_local(&self) -> bool;
 }
 
 /// A sink's persisted position in a log.
@@ -197,7 +199,7 @@ impl DeliveryLog for RegionQueue {
         }))
     }
 
-    fn drains_on_shutdown(&self) -> bool {
+    fn is_node_local(&self) -> bool {
         true
     }
 }

@@ -294,7 +294,7 @@ impl DeliveryRunner {
         mut drain: watch::Receiver<bool>,
     ) -> Result<(), AttemptFailure> {
         self.status.standby.store(true, Ordering::Relaxed);
-        let opened = if self.log.drains_on_shutdown() {
+        let opened = if self.log.is_node_local() {
             // Whatever the log holds is delivered before the node stops: open it even then.
             self.log.open_cursor(self.sink.name()).await
         } else {
@@ -464,10 +464,6 @@ impl DeliveryRunner {
                 return Ok(Gathered::Batch(records));
             }
             let draining = *drain.borrow();
-            if draining && !self.log.drains_on_shutdown() {
-                // The region's other nodes deliver what this one leaves.
-                return Ok(Gathered::Finished);
-            }
             if draining {
                 return Ok(if records.is_empty() {
                     Gathered::Finished

@@ -820,7 +820,7 @@ impl DeliveryLog for Partition {
         }))
     }
 
-    fn drains_on_shutdown(&self) -> bool {
+    fn is_node_local(&self) -> bool {
         false
     }
 }

@@ -744,6 +744,17 @@ impl Config {
                         .collect();
                 }
                 "MERIDIAN_CATALOG_URL" => config.catalog.url = Some(Secret::new(value.clone())),
+                "MERIDIAN_QUEUE_BACKEND" => {
+                    config.queue.backend = match value.as_str() {
+                        "local" => QueueBackendKind::Local,
+                        "jetstream" => QueueBackendKind::Jetstream,
+                        other => {
+                            return Err(ConfigError::Parse(format!(
+                                "MERIDIAN_QUEUE_BACKEND must be \"local\" or \"jetstream\", not \"{other}\""
+                            )));
+                        }
+                    }
+                }
                 "MERIDIAN_CATALOG_HASH_KEY" => {
                     config.catalog.hash_key = Some(Secret::new(value.clone()))
                 }

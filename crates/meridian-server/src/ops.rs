@@ -377,6 +377,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
         writer.sample("sink_runner_up", &sink.labels(), up);
     }
     writer.declare(
+        "sink_standby",
+        "gauge",
+        "1 while the runner waits for the right to deliver its partition (another node of the region delivers it)",
+    );
+    for sink in state.sinks.iter() {
+        let standby = sink.status.standby.load(Ordering::Relaxed);
+        writer.sample(
+            "sink_standby",
+            &sink.labels(),
+            if standby { 1.0 } else { 0.0 },
+        );
+    }
+    writer.declare(
         "sink_consecutive_failures",
         "gauge",
         "Failed attempts since the sink's last success",
@@ -404,7 +417,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Records appended but not yet delivered by this sink",
     );
-    for sink in state.sinks.iter() {
+    // A runner on standby (another node delivers its partition) has no backlog of its own.
+    for sink in state
+        .sinks
+        .iter()
+        .filter(|sink| !sink.status.standby.load(Ordering::Relaxed))
+    {
         let end = sink.log.durable_end();
         let position = sink.status.position.load(Ordering::Relaxed);
         writer.sample(

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use meridian_archive::customer::CustomerStores;
 use meridian_archive::s3::{GuardedS3Store, S3Store};
@@ -121,7 +122,7 @@ async fn open_queue(
     };
     if let Some(jetstream) = &region_settings.jetstream {
         let partitions = jetstream.partitions.max(1);
-        let queue = JetStreamQueue::open(JetStreamSettings {
+        let jetstream_settings = JetStreamSettings {
             region: region.to_string(),
             urls: jetstream.urls.clone(),
             stream: jetstream.stream.clone(),
@@ -146,10 +147,10 @@ async fn open_queue(
             node_id: node_id.to_string(),
             sinks: sink_names.to_vec(),
             encryption: queue_encryption.cloned(),
-        })
-        .await
-        .map_err(|error| failure(error.to_string()))?;
-        return Ok(Arc::new(queue));
+        };
+        return open_jetstream_queue(region, jetstream_settings)
+            .await
+            .map_err(|error| failure(error.to_string()));
     }
     let config = QueueConfig {
         dir: region_settings.queue_dir.clone(),
@@ -165,6 +166,32 @@ async fn open_queue(
         .map_err(|error| failure(error.to_string()))?
         .map_err(|error| failure(error.to_string()))?;
     Ok(Arc::new(queue))
+}
+
+/// How long a starting node keeps trying to reach its region's JetStream cluster (a cluster
+/// electing leaders after a server's loss answers again within seconds).
+const JETSTREAM_STARTUP_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Opens the region's JetStream queue, retrying while the cluster does not answer.
+async fn open_jetstream_queue(
+    region: &RegionId,
+    settings: JetStreamSettings,
+) -> Result<Arc<dyn QueueBackend>, meridian_queue::QueueError> {
+    let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_PATIENCE;
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match JetStreamQueue::open(settings.clone()).await {
+            Ok(queue) => return Ok(Arc::new(queue)),
+            Err(meridian_queue::QueueError::Unavailable(reason))
+                if tokio::time::Instant::now() + wait < deadline =>
+            {
+                warn!(region = %region, %reason, retry_in_ms = wait.as_millis() as u64, "the region's JetStream cluster does not answer yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// A cursor file on disk keeps every record it has not passed (so a sink whose config section is

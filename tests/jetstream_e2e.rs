@@ -1,0 +1,327 @@
+//! The replicated queue backend, for real: 3-server NATS JetStream clusters as plain processes,
+//! real `meridian` nodes on a PostgreSQL catalog, SeaweedFS and ClickHouse. Servers and nodes are
+//! killed with SIGKILL (a node's data directory deleted too); every acknowledged messageId must be
+//! in the bucket and in ClickHouse exactly once.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::nats::{NatsCluster, jetstream_config};
+use common::*;
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::{Value, json};
+
+const REGION: &str = "eu-west-1";
+
+/// Two nodes of one region on a 3-server cluster with `partitions` streams, a load spread over
+/// both nodes, and at random moments: kill -9 of a NATS server (restarted on its store), and
+/// kill -9 of a Meridian node whose data directory is then deleted (restarted empty). Returns the
+/// cluster (still running) after checking every store.
+async fn kill_nats_servers_and_nodes(partitions: u32, tag: &str) -> Option<Cluster> {
+    let mut nats = NatsCluster::start("eu", 3).await?;
+    let extra = jetstream_config(
+        &[(REGION, &nats)],
+        tag,
+        &format!("partitions = {partitions}"),
+    );
+    let mut cluster = Cluster::start(2, REGION, &extra).await?;
+    let (project_id, key) = cluster.create_project("replicated").await;
+    cluster.wait_for_key_everywhere(&key).await;
+    let load = cluster.load(&key, 4, tag, Spread::Random, Duration::from_millis(5));
+    let mut disturbances = Vec::new();
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1200))).await;
+        if round % 2 == 0 {
+            let victim = rand::rng().random_range(0..nats.size());
+            nats.kill_hard(victim);
+            disturbances.push(format!("nats n{victim}"));
+            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1500))).await;
+            nats.restart(victim).await;
+        } else {
+            let victim = rand::rng().random_range(0..cluster.nodes.len());
+            let node = &mut cluster.nodes[victim];
+            node.kill_hard();
+            std::fs::remove_dir_all(&node.data_dir).expect("the node's data directory deleted");
+            disturbances.push(format!("meridian node {victim} and its disk"));
+            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(100..600))).await;
+            node.spawn().await;
+        }
+    }
+    let (mut accepted, refused) = load.finish().await;
+    let accepted = accepted.remove(REGION).unwrap_or_default();
+    eprintln!(
+        "partitions {partitions}: {disturbances:?}; {} accepted, {refused} refused",
+        accepted.len()
+    );
+    assert!(accepted.len() > 200, "the load was applied");
+    // Delivered by whichever node owns each partition now (a killed node's leases are taken
+    // over by a live one); the nodes stay up until every store is complete.
+    cluster
+        .assert_exactly_once(&project_id, &accepted, tag)
+        .await;
+    Some(cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_nats_servers_and_of_nodes_with_their_disks_loses_and_duplicates_nothing() {
+    let Some(mut cluster) = kill_nats_servers_and_nodes(1, "js1").await else {
+        return;
+    };
+    cluster.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_partitions_the_same_kills_end_exact_and_every_partition_is_delivered() {
+    let Some(mut cluster) = kill_nats_servers_and_nodes(3, "js3").await else {
+        return;
+    };
+    for partition in ["p0", "p1", "p2"] {
+        for sink in ["archive", "clickhouse"] {
+            let mut delivered = 0.0;
+            for node in &cluster.nodes {
+                delivered += node
+                    .metric(&format!(
+                        "meridian_sink_delivered_records_total{{region=\"{REGION}\",sink=\"{sink}\",partition=\"{partition}\"}}"
+                    ))
+                    .await
+                    .unwrap_or(0.0);
+            }
+            // Counted since each node's last start; a restarted node may not have delivered
+            // yet, so each partition was delivered by one of the live ones at least.
+            assert!(
+                delivered > 0.0,
+                "partition {partition} was delivered to {sink} by a live node"
+            );
+        }
+    }
+    cluster.terminate_all();
+}
+
+/// A node of eu-west-1 only, on `nats`.
+async fn single_node(nats: &NatsCluster, tag: &str) -> TestServer {
+    TestServer::start(
+        &test_config(&jetstream_config(&[(REGION, nats)], tag, "")),
+        &[("MERIDIAN_SERVE_REGIONS", REGION)],
+    )
+    .await
+}
+
+async fn post_track(server: &TestServer, key: &str, message_id: &str) -> reqwest::Response {
+    server
+        .client
+        .post(server.url("/v1/track"))
+        .header("Authorization", basic_auth(key))
+        .json(&json!({"userId": "u", "event": "E", "messageId": message_id}))
+        .send()
+        .await
+        .expect("POST /v1/track answered")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_ingest_answers_503_and_recovers_by_itself() {
+    let Some(mut nats) = NatsCluster::start("eu", 3).await else {
+        return;
+    };
+    let server = single_node(&nats, "quorum").await;
+    server.create_org("quorum").await;
+    let (_, key) = server.create_project("quorum", REGION).await;
+    assert_eq!(post_track(&server, &key, "before").await.status(), 200);
+
+    nats.kill_hard(1);
+    nats.kill_hard(2);
+    // From now on no request may be answered 200: no message can reach a quorum.
+    for attempt in 0..8 {
+        let response = post_track(&server, &key, &format!("during-{attempt}")).await;
+        assert_eq!(
+            response.status(),
+            503,
+            "without a quorum nothing is acknowledged"
+        );
+        assert!(
+            response.headers().contains_key("retry-after"),
+            "a 503 says when to retry"
+        );
+    }
+    let not_ready = wait_until(Duration::from_secs(20), || async {
+        server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 503)
+    })
+    .await;
+    assert!(not_ready, "/readyz says the region cannot take writes");
+
+    nats.restart(1).await;
+    nats.restart(2).await;
+    let recovered = wait_until(Duration::from_secs(60), || async {
+        post_track(&server, &key, "after").await.status() == 200
+    })
+    .await;
+    assert!(recovered, "ingest recovers by itself once a quorum is back");
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await,
+        "the sinks catch up"
+    );
+    let archived = count_by_message_id(&server.archived_messages(REGION));
+    assert_eq!(archived.get("before"), Some(&1));
+    assert_eq!(archived.get("after"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_retry_of_a_stored_message_is_stored_once() {
+    let Some(nats) = NatsCluster::start("eu", 3).await else {
+        return;
+    };
+    let server = single_node(&nats, "retry").await;
+    server.create_org("retry").await;
+    let (_, key) = server.create_project("retry", REGION).await;
+    for _ in 0..3 {
+        assert_eq!(post_track(&server, &key, "same-id").await.status(), 200);
+    }
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let archived = count_by_message_id(&server.archived_messages(REGION));
+    assert_eq!(
+        archived.get("same-id"),
+        Some(&1),
+        "the stream's duplicate window stored the retries once"
+    );
+    let duplicates = server
+        .metric(&format!(
+            "meridian_queue_jetstream_duplicate_records_total{{region=\"{REGION}\"}}"
+        ))
+        .await;
+    assert_eq!(duplicates, Some(2.0));
+}
+
+/// Every message published to a NATS cluster, as seen by a subscriber of all Meridian subjects.
+async fn subscribe_everything(cluster: &NatsCluster) -> async_nats::Subscriber {
+    let client = async_nats::connect(cluster.urls()[0].as_str())
+        .await
+        .expect("a test client connects");
+    let subscriber = client.subscribe("meridian.>").await.expect("subscribed");
+    client.flush().await.expect("subscription registered");
+    subscriber
+}
+
+async fn projects_seen(
+    mut subscriber: async_nats::Subscriber,
+    expected: usize,
+) -> BTreeMap<String, usize> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut total = 0;
+    while total < expected {
+        let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_secs(10), subscriber.next()).await
+        else {
+            break;
+        };
+        let payload: Value =
+            serde_json::from_slice(&message.payload).expect("a queued message is JSON");
+        let project = payload["projectId"].as_str().unwrap_or("").to_string();
+        *seen.entry(project).or_default() += 1;
+        total += 1;
+    }
+    // Anything more that arrives shortly after would be a stray publish: look briefly.
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await
+    {
+        let payload: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
+        let project = payload["projectId"].as_str().unwrap_or("").to_string();
+        *seen.entry(project).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_regions_cluster_holds_only_that_regions_projects() {
+    let (Some(eu), Some(us)) = (
+        NatsCluster::start("eu", 1).await,
+        NatsCluster::start("us", 1).await,
+    ) else {
+        return;
+    };
+    let server = TestServer::start(
+        &test_config(&jetstream_config(
+            &[("eu-west-1", &eu), ("us-east-1", &us)],
+            "residency",
+            "",
+        )),
+        &[("MERIDIAN_SERVE_REGIONS", "eu-west-1,us-east-1")],
+    )
+    .await;
+    server.create_org("residency").await;
+    let (eu_project, eu_key) = server.create_project("residency", "eu-west-1").await;
+    let (us_project, us_key) = server.create_project("residency", "us-east-1").await;
+    let eu_seen = subscribe_everything(&eu).await;
+    let us_seen = subscribe_everything(&us).await;
+    for index in 0..20 {
+        assert_eq!(
+            post_track(&server, &eu_key, &format!("eu-{index}"))
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(
+            post_track(&server, &us_key, &format!("us-{index}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    let eu_seen = projects_seen(eu_seen, 20).await;
+    let us_seen = projects_seen(us_seen, 20).await;
+    assert_eq!(
+        eu_seen,
+        BTreeMap::from([(eu_project.clone(), 20)]),
+        "the eu-west-1 cluster saw its project's messages and nothing else"
+    );
+    assert_eq!(
+        us_seen,
+        BTreeMap::from([(us_project.clone(), 20)]),
+        "the us-east-1 cluster saw its project's messages and nothing else"
+    );
+    // And the streams and buckets on each cluster are that region's only.
+    for (cluster, own, other) in [
+        (&eu, "eu-west-1", "us-east-1"),
+        (&us, "us-east-1", "eu-west-1"),
+    ] {
+        let client = async_nats::connect(cluster.urls()[0].as_str())
+            .await
+            .expect("connects");
+        let names: BTreeSet<String> = async_nats::jetstream::new(client)
+            .stream_names()
+            .filter_map(|name| async move { name.ok() })
+            .collect()
+            .await;
+        assert!(
+            names
+                .iter()
+                .all(|name| name.contains(own) && !name.contains(other)),
+            "{own}'s cluster holds only {own}'s streams: {names:?}"
+        );
+        assert!(names.contains(&format!("residency-{own}-p0")), "{names:?}");
+    }
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let eu_archived = count_by_message_id(&server.archived_messages("eu-west-1"));
+    let us_archived = count_by_message_id(&server.archived_messages("us-east-1"));
+    assert_eq!(eu_archived.len(), 20);
+    assert_eq!(us_archived.len(), 20);
+    assert!(eu_archived.keys().all(|id| id.starts_with("eu-")));
+    assert!(us_archived.keys().all(|id| id.starts_with("us-")));
+}
