@@ -210,9 +210,22 @@ async fn subscribe_everything(cluster: &NatsCluster) -> async_nats::Subscriber {
     let client = async_nats::connect(cluster.urls()[0].as_str())
         .await
         .expect("a test client connects");
-    let subscriber = client.subscribe("meridian.>").await.expect("subscribed");
+    // Every subject of two tokens, the form of every stream subject (`<stream>.p<N>`) whatever
+    // region's stream it is: a message of another region published to this cluster would show.
+    let subscriber = client.subscribe("*.*").await.expect("subscribed");
     client.flush().await.expect("subscription registered");
     subscriber
+}
+
+/// JetStream's own traffic, and copies of stored messages the stream delivers to a reader (they
+/// carry the original subject; their reply names the stream's sequence, `$JS.ACK...`): only
+/// messages published by a node are counted.
+fn is_not_a_publish(message: &async_nats::Message) -> bool {
+    let is_delivery = message
+        .reply
+        .as_ref()
+        .is_some_and(|reply| reply.starts_with("$JS.ACK"));
+    message.subject.starts_with('$') || message.subject.starts_with("_INBOX") || is_delivery
 }
 
 async fn projects_seen(
@@ -227,6 +240,9 @@ async fn projects_seen(
         else {
             break;
         };
+        if is_not_a_publish(&message) {
+            continue;
+        }
         let payload: Value =
             serde_json::from_slice(&message.payload).expect("a queued message is JSON");
         let project = payload["projectId"].as_str().unwrap_or("").to_string();
@@ -237,6 +253,9 @@ async fn projects_seen(
     while let Ok(Some(message)) =
         tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await
     {
+        if is_not_a_publish(&message) {
+            continue;
+        }
         let payload: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
         let project = payload["projectId"].as_str().unwrap_or("").to_string();
         *seen.entry(project).or_default() += 1;

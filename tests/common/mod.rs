@@ -129,7 +129,7 @@ fn shared_jetstream_regions() -> String {
         .iter()
         .map(|region| {
             format!(
-                "[regions.{region}.queue.jetstream]\nurls = [{}]\nstream = \"t{tag}-{region}\"\nreplicas = {}\nlease_ms = 2000\n",
+                "[regions.{region}.queue.jetstream]\nurls = [{}]\nstream = \"t{tag}-{region}\"\nreplicas = {}\nlease_ms = 2000\nmax_bytes = 16777216\n",
                 urls.join(", "),
                 urls.len().min(3)
             )

@@ -1,7 +1,7 @@
 //! The replicated backend: a region's queue on that region's NATS JetStream cluster.
 //!
 //! ```text
-//! stream  <stream>-p<N>            subject meridian.<region>.p<N>, file storage, `replicas`
+//! stream  <stream>-p<N>            subject <stream>.p<N>, file storage, `replicas`
 //!                                  copies, discard new at the byte limit, a duplicate window
 //! KV      <stream>-cursors         key <sink>.p<N>: {"next_offset", "in_flight", "owner", "beat"}
 //! ```
@@ -95,8 +95,9 @@ impl JetStreamSettings {
         format!("{}-p{partition}", self.stream)
     }
 
+    /// Named after the stream (so that several deployments, or tests, can share a cluster).
     pub fn subject(&self, partition: u32) -> String {
-        format!("meridian.{}.p{partition}", self.region)
+        format!("{}.p{partition}", self.stream)
     }
 
     pub fn cursor_bucket(&self) -> String {

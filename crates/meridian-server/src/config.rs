@@ -217,6 +217,9 @@ pub struct JetStreamRegionConfig {
     pub replicas: usize,
     #[serde(default = "default_jetstream_partitions")]
     pub partitions: u32,
+    /// Bytes the region's streams may hold together (default: the region's disk budget). JetStream
+    /// reserves it on `replicas` servers; at the limit ingest answers 503 while sinks catch up.
+    pub max_bytes: Option<u64>,
     #[serde(default = "default_jetstream_duplicate_window_secs")]
     pub duplicate_window_secs: u64,
     #[serde(default = "default_jetstream_lease_ms")]
@@ -260,6 +263,7 @@ pub struct JetStreamRegionSettings {
     pub stream: String,
     pub replicas: usize,
     pub partitions: u32,
+    pub max_bytes: Option<u64>,
     pub duplicate_window: Duration,
     pub lease: Duration,
     pub request_timeout: Duration,
@@ -614,6 +618,7 @@ fn validate_jetstream(
         stream,
         replicas: jetstream.replicas,
         partitions: jetstream.partitions,
+        max_bytes: jetstream.max_bytes,
         duplicate_window: Duration::from_secs(jetstream.duplicate_window_secs.max(1)),
         lease: Duration::from_millis(jetstream.lease_ms),
         request_timeout: Duration::from_millis(jetstream.request_timeout_ms.max(1)),

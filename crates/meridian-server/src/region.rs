@@ -128,8 +128,11 @@ async fn open_queue(
             stream: jetstream.stream.clone(),
             replicas: jetstream.replicas,
             partitions,
-            max_bytes_per_partition: (region_settings.disk_budget_bytes / u64::from(partitions))
-                .min(i64::MAX as u64) as i64,
+            max_bytes_per_partition: (jetstream
+                .max_bytes
+                .unwrap_or(region_settings.disk_budget_bytes)
+                / u64::from(partitions))
+            .min(i64::MAX as u64) as i64,
             duplicate_window: jetstream.duplicate_window,
             lease: jetstream.lease,
             request_timeout: jetstream.request_timeout,
