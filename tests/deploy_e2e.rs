@@ -180,6 +180,8 @@ fn deploy_manifests_are_consistent_and_their_configs_valid() {
     for (config, region) in [
         ("deploy/config/eu-west-1.toml", "eu-west-1"),
         ("deploy/config/us-east-1.toml", "us-east-1"),
+        ("deploy/config/eu-west-1-jetstream.toml", "eu-west-1"),
+        ("deploy/config/us-east-1-jetstream.toml", "us-east-1"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["serve", "--check-config", "--config"])

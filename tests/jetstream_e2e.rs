@@ -344,3 +344,82 @@ async fn each_regions_cluster_holds_only_that_regions_projects() {
     assert!(eu_archived.keys().all(|id| id.starts_with("eu-")));
     assert!(us_archived.keys().all(|id| id.starts_with("us-")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_residency_report_reads_the_regions_streams_and_flags_a_foreign_project_in_them() {
+    let (Some(eu), Some(us)) = (
+        NatsCluster::start("eu", 1).await,
+        NatsCluster::start("us", 1).await,
+    ) else {
+        return;
+    };
+    // The archive flushes only after ten minutes: its cursor stays put, so the stream keeps every
+    // message (nothing is purged) while the report runs.
+    let config = test_config_with_flush(
+        600_000,
+        &jetstream_config(&[("eu-west-1", &eu), ("us-east-1", &us)], "report", ""),
+    );
+    let server = TestServer::start(
+        &config,
+        &[("MERIDIAN_SERVE_REGIONS", "eu-west-1,us-east-1")],
+    )
+    .await;
+    server.create_org("report").await;
+    let (eu_project, eu_key) = server.create_project("report", "eu-west-1").await;
+    let (us_project, _) = server.create_project("report", "us-east-1").await;
+    for index in 0..5 {
+        assert_eq!(
+            post_track(&server, &eu_key, &format!("queued-{index}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    let platform = server.issue_token("platform", None);
+    let residency = || async {
+        server
+            .admin(
+                reqwest::Method::GET,
+                "/admin/regions/eu-west-1/residency",
+                &platform,
+                None,
+            )
+            .await
+    };
+    let (status, clean_report) = residency().await;
+    assert_eq!(status, 200, "{clean_report}");
+    assert_eq!(clean_report["clean"], true, "{clean_report}");
+    let text = clean_report.to_string();
+    assert!(
+        text.contains("queue jetstream report-eu-west-1-p*"),
+        "{text}"
+    );
+    assert_eq!(
+        clean_report["projects"][&eu_project]["found_in"][0],
+        format!("queue jetstream report-eu-west-1-p* on {}", eu.urls()[0]),
+        "the report found the queued messages in the region's stream: {text}"
+    );
+
+    // A us-east-1 project's record planted in eu-west-1's stream (as a misrouting bug would).
+    let client = async_nats::connect(eu.urls()[0].as_str())
+        .await
+        .expect("connects");
+    async_nats::jetstream::new(client)
+        .publish(
+            "report-eu-west-1.p0",
+            serde_json::to_vec(&json!({"projectId": us_project, "messageId": "planted"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let (status, report) = residency().await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["clean"], false, "{report}");
+    assert!(
+        report["findings"].to_string().contains(&us_project),
+        "{report}"
+    );
+}

@@ -29,6 +29,28 @@ for name, service in services.items():
                 problems.append(f"compose: {name} mounts missing file {source}")
         elif source not in declared_volumes:
             problems.append(f"compose: {name} uses undeclared volume {source}")
+# The replicated-queue override: every region gets 3 NATS servers and its nodes depend on them.
+override = yaml.safe_load((deploy / "docker-compose.jetstream.yml").read_text())
+override_services = override.get("services", {})
+override_volumes = set((override.get("volumes") or {}).keys())
+for name, service in override_services.items():
+    if name not in services and "image" not in service and "build" not in service:
+        problems.append(f"compose jetstream: {name} has neither image nor build")
+    for dependency in service.get("depends_on", []):
+        if dependency not in services and dependency not in override_services:
+            problems.append(f"compose jetstream: {name} depends on unknown service {dependency}")
+    for volume in service.get("volumes", []):
+        source = volume.split(":")[0]
+        if source.startswith("."):
+            if not (deploy / source).exists():
+                problems.append(f"compose jetstream: {name} mounts missing file {source}")
+        elif source not in declared_volumes | override_volumes:
+            problems.append(f"compose jetstream: {name} uses undeclared volume {source}")
+for region in ("eu", "us"):
+    servers = [name for name in override_services if name.startswith(f"nats-{region}-")]
+    if len(servers) != 3:
+        problems.append(f"compose jetstream: region {region} needs 3 NATS servers, has {servers}")
+
 for region in ("eu", "us"):
     nodes = [name for name in services if name.startswith(f"meridian-{region}-")]
     if len(nodes) < 2:
@@ -54,6 +76,11 @@ for manifest in sorted((deploy / "kubernetes").glob("*.yaml")):
             continue
         spec = document["spec"]["template"]["spec"]
         container = spec["containers"][0]
+        if not container.get("image", "").startswith("meridian"):
+            # Another part of the region (its NATS cluster): it needs a volume and a quorum guard.
+            if not document["spec"].get("volumeClaimTemplates"):
+                problems.append(f"{manifest.name}: {container.get('name')} needs a persistent volume claim")
+            continue
         if container.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
             problems.append(f"{manifest.name}: readiness must probe /readyz")
         if "preStop" not in container.get("lifecycle", {}):

@@ -333,10 +333,12 @@ impl DeliveryRunner {
                 start: first.offset,
                 end: last.offset + 1,
             };
-            debug_assert_eq!(
-                range.len() as usize,
-                records.len(),
-                "a batch is one contiguous range"
+            debug_assert!(
+                records.len() as u64 <= range.len()
+                    && records
+                        .windows(2)
+                        .all(|pair| pair[0].offset < pair[1].offset),
+                "a batch is one range, its records in order"
             );
             let batch = DeliveryBatch {
                 source: Arc::clone(&self.source),
@@ -384,7 +386,11 @@ impl DeliveryRunner {
         let mut first_seen: Option<Instant> = None;
         loop {
             let position = consumer.state().next_offset;
-            let from = position + records.len() as u64;
+            // Past the last record gathered (a replicated log's positions may have gaps, e.g.
+            // messages an operator removed; the local log's have none).
+            let from = records
+                .last()
+                .map_or(position, |record: &Record| record.offset + 1);
             let available = self.log.durable_end().saturating_sub(from);
             let is_full = records.len() >= limits.max_records || payload_bytes >= limits.max_bytes;
             if available > 0 && !is_full {

@@ -1205,3 +1205,137 @@ impl LogCursor for JetStreamCursor {
         .await;
     }
 }
+
+/// How many records of each project the region's streams hold (records whose project cannot be
+/// read are counted under `""`), for residency reports: it creates no stream and moves no cursor
+/// (it reads through short-lived ephemeral consumers).
+pub async fn project_record_counts(
+    settings: &JetStreamSettings,
+) -> Result<BTreeMap<String, u64>, QueueError> {
+    #[derive(serde::Deserialize)]
+    struct ProjectOf<'a> {
+        #[serde(rename = "projectId", borrow)]
+        project_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let timeout = settings.request_timeout;
+    let context = jetstream::ContextBuilder::new()
+        .timeout(timeout)
+        .build(connect(settings).await?);
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for index in 0..settings.partitions.max(1) {
+        let stream_name = settings.stream_name(index);
+        let Ok(Ok(stream)) = tokio::time::timeout(timeout, context.get_stream(&stream_name)).await
+        else {
+            // No such stream (never created, or unreachable): it holds nothing of anyone here.
+            continue;
+        };
+        let state = stream.cached_info().state.clone();
+        if state.messages == 0 {
+            continue;
+        }
+        let consumer = bounded(
+            timeout,
+            "creating a reader",
+            stream.create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: state.first_sequence.max(1),
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let mut next_sequence = state.first_sequence.max(1);
+        while next_sequence <= state.last_sequence {
+            let fetched = async {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(FETCH_MAX_MESSAGES)
+                    .messages()
+                    .await
+                    .map_err(|error| unavailable("reading the stream", error))?;
+                let mut last = None;
+                while let Some(message) = batch.next().await {
+                    let message =
+                        message.map_err(|error| unavailable("reading the stream", error))?;
+                    let sequence = message
+                        .info()
+                        .map_err(|error| unavailable("reading a message's sequence", error))?
+                        .stream_sequence;
+                    last = Some(sequence);
+                    let opened = match &settings.encryption {
+                        Some(encryption) => encryption.open(&message.payload).ok(),
+                        None => Some(message.payload.to_vec()),
+                    };
+                    let project = opened
+                        .as_deref()
+                        .and_then(|plain| serde_json::from_slice::<ProjectOf<'_>>(plain).ok())
+                        .and_then(|message| message.project_id.map(|id| id.into_owned()))
+                        .unwrap_or_default();
+                    *counts.entry(project).or_default() += 1;
+                }
+                Ok::<_, QueueError>(last)
+            };
+            let last = tokio::time::timeout(timeout, fetched)
+                .await
+                .map_err(|_| unavailable("reading the stream", "timed out"))??;
+            match last {
+                Some(sequence) => next_sequence = sequence + 1,
+                // Purged meanwhile (delivered): what is left was read.
+                None => break,
+            }
+        }
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_goes_to_the_same_partition_on_every_node_and_version() {
+        // Pinned: changing the hash would send a client's retry to another stream (outside the
+        // first one's duplicate window).
+        assert_eq!(
+            partition_of("prj_a:m-1", 3),
+            crc32fast::hash(b"prj_a:m-1") % 3
+        );
+        let spread: BTreeMap<u32, usize> = (0..3_000).fold(BTreeMap::new(), |mut counts, n| {
+            *counts
+                .entry(partition_of(&format!("prj_a:m-{n}"), 3))
+                .or_default() += 1;
+            counts
+        });
+        assert_eq!(spread.len(), 3, "every partition gets messages");
+        assert!(spread.values().all(|count| *count > 800), "{spread:?}");
+        assert_eq!(partition_of("anything", 1), 0);
+        assert_eq!(partition_of("anything", 0), 0, "no partitions count as one");
+    }
+
+    #[test]
+    fn message_ids_are_fixed_length_header_values_unique_per_identity() {
+        let plain = message_id("prj_a:m-1");
+        assert_eq!(plain.len(), 32);
+        assert!(plain.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(plain, message_id("prj_a:m-1"), "stable");
+        assert_ne!(plain, message_id("prj_b:m-1"), "the project is part of it");
+        let hostile = message_id("prj_a:line\r\nbreak \u{1F600}");
+        assert_eq!(hostile.len(), 32);
+        assert!(hostile.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_cursor_value_round_trips_through_its_json() {
+        let value = CursorValue {
+            next_offset: 42,
+            in_flight: Some(OffsetRange { start: 42, end: 50 }),
+            owner: "node-a".to_string(),
+            beat: 7,
+        };
+        let encoded = encode_cursor(&value).unwrap();
+        let decoded: CursorValue = serde_json::from_slice(&encoded).unwrap();
+        assert_eq!(decoded, value);
+    }
+}

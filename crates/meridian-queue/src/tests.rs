@@ -903,3 +903,27 @@ async fn an_abandoned_append_keeps_its_bytes_until_the_writer_drops_it_unwritten
     assert_eq!(payload_strings(&read_all(&mut consumer)), vec!["kept"]);
     queue.close();
 }
+
+#[test]
+fn a_batch_keeping_identities_hands_out_each_stored_payload_with_its_identity() {
+    let mut batch = RecordBatch::keeping_identities(None);
+    batch.push_identified(b"first", "prj_a", "m-1").unwrap();
+    batch.push_identified(b"", "prj_a", "m-2").unwrap();
+    batch
+        .push_identified(b"third record", "prj_b", "m-3")
+        .unwrap();
+    let payloads: Vec<&[u8]> = batch.stored_payloads().collect();
+    assert_eq!(
+        payloads,
+        vec![&b"first"[..], &b""[..], &b"third record"[..]]
+    );
+    assert_eq!(
+        batch.identities().unwrap(),
+        &["prj_a:m-1", "prj_a:m-2", "prj_b:m-3"]
+    );
+    // The local log's batches keep no identities (nothing allocated for them).
+    let mut local = RecordBatch::default();
+    local.push_identified(b"x", "prj_a", "m-1").unwrap();
+    assert!(local.identities().is_none());
+    assert_eq!(local.stored_payloads().count(), 1);
+}

@@ -1240,6 +1240,73 @@ mod tests {
     }
 
     #[test]
+    fn the_jetstream_backend_needs_a_cluster_for_every_served_region_and_sane_numbers() {
+        let problems = |file: &str, pairs: &[(&str, &str)]| -> String {
+            match Config::from_sources(Some(file), &env(pairs)).and_then(|config| config.validate())
+            {
+                Ok(_) => String::new(),
+                Err(error) => error.to_string(),
+            }
+        };
+        let eu_only = &[("MERIDIAN_SERVE_REGIONS", "eu-west-1")][..];
+        let without_cluster = "[queue]\nbackend = \"jetstream\"\n";
+        assert!(
+            problems(without_cluster, eu_only).contains("[regions.eu-west-1.queue.jetstream]"),
+            "{}",
+            problems(without_cluster, eu_only)
+        );
+        let with_cluster = "[queue]\nbackend = \"jetstream\"\n[regions.eu-west-1.queue.jetstream]\nurls = [\"nats://10.0.0.1:4222\"]\n";
+        assert_eq!(problems(with_cluster, eu_only), "");
+        // The environment chooses the backend too; then every served region needs its cluster.
+        assert!(
+            problems(
+                "[regions.eu-west-1.queue.jetstream]\nurls = [\"nats://10.0.0.1:4222\"]\n",
+                &[
+                    ("MERIDIAN_QUEUE_BACKEND", "jetstream"),
+                    ("MERIDIAN_SERVE_REGIONS", "eu-west-1,us-east-1")
+                ]
+            )
+            .contains("[regions.us-east-1.queue.jetstream]")
+        );
+        let bad_numbers = "[queue]\nbackend = \"jetstream\"\n[regions.eu-west-1.queue.jetstream]\nurls = []\nreplicas = 7\npartitions = 0\nstream = \"a.b\"\n";
+        let text = problems(bad_numbers, eu_only);
+        for expected in [
+            "urls must name",
+            "replicas must be 1 to 5",
+            "partitions must be 1 to 64",
+            "ASCII letters",
+        ] {
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        let settings = Config::from_sources(Some(with_cluster), &env(eu_only))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let region = &settings.regions[&RegionId::parse("eu-west-1").unwrap()];
+        let jetstream = region.jetstream.as_ref().expect("resolved");
+        assert_eq!(jetstream.stream, "meridian-eu-west-1");
+        assert_eq!((jetstream.replicas, jetstream.partitions), (3, 1));
+        assert_eq!(settings.queue_backend, QueueBackendKind::Jetstream);
+        // With the local backend a jetstream section is ignored.
+        let local = Config::from_sources(
+            Some("[regions.eu-west-1.queue.jetstream]\nurls = [\"nats://10.0.0.1:4222\"]\n"),
+            &env(eu_only),
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert!(
+            local.regions[&RegionId::parse("eu-west-1").unwrap()]
+                .jetstream
+                .is_none()
+        );
+        assert!(
+            Config::from_sources(None, &env(&[("MERIDIAN_QUEUE_BACKEND", "kafka")])).is_err(),
+            "an unknown backend is refused"
+        );
+    }
+
+    #[test]
     fn settings_never_show_their_secrets_in_debug() {
         let file = r#"
             [auth]

@@ -120,37 +120,9 @@ async fn open_queue(
     let Some(region_settings) = settings.regions.get(region) else {
         return Err(failure("the region is not configured".to_string()));
     };
-    if let Some(jetstream) = &region_settings.jetstream {
-        let partitions = jetstream.partitions.max(1);
-        let jetstream_settings = JetStreamSettings {
-            region: region.to_string(),
-            urls: jetstream.urls.clone(),
-            stream: jetstream.stream.clone(),
-            replicas: jetstream.replicas,
-            partitions,
-            max_bytes_per_partition: (jetstream
-                .max_bytes
-                .unwrap_or(region_settings.disk_budget_bytes)
-                / u64::from(partitions))
-            .min(i64::MAX as u64) as i64,
-            duplicate_window: jetstream.duplicate_window,
-            lease: jetstream.lease,
-            request_timeout: jetstream.request_timeout,
-            credentials_file: jetstream.credentials_file.clone(),
-            token: jetstream
-                .token
-                .as_ref()
-                .map(|token| token.expose().to_string()),
-            user_and_password: jetstream
-                .user_and_password
-                .as_ref()
-                .map(|(user, password)| (user.clone(), password.expose().to_string())),
-            root_certificates: jetstream.tls_ca_file.clone(),
-            require_tls: jetstream.require_tls,
-            node_id: node_id.to_string(),
-            sinks: sink_names.to_vec(),
-            encryption: queue_encryption.cloned(),
-        };
+    if let Some(jetstream_settings) =
+        jetstream_settings_for(settings, region, queue_encryption, node_id, sink_names)
+    {
         return open_jetstream_queue(region, jetstream_settings)
             .await
             .map_err(|error| failure(error.to_string()));
@@ -169,6 +141,48 @@ async fn open_queue(
         .map_err(|error| failure(error.to_string()))?
         .map_err(|error| failure(error.to_string()))?;
     Ok(Arc::new(queue))
+}
+
+/// The JetStream settings of a served region whose queue is on its NATS cluster.
+pub fn jetstream_settings_for(
+    settings: &Settings,
+    region: &RegionId,
+    queue_encryption: Option<&Arc<QueueEncryption>>,
+    node_id: &str,
+    sink_names: &[String],
+) -> Option<JetStreamSettings> {
+    let region_settings = settings.regions.get(region)?;
+    let jetstream = region_settings.jetstream.as_ref()?;
+    let partitions = jetstream.partitions.max(1);
+    Some(JetStreamSettings {
+        region: region.to_string(),
+        urls: jetstream.urls.clone(),
+        stream: jetstream.stream.clone(),
+        replicas: jetstream.replicas,
+        partitions,
+        max_bytes_per_partition: (jetstream
+            .max_bytes
+            .unwrap_or(region_settings.disk_budget_bytes)
+            / u64::from(partitions))
+        .min(i64::MAX as u64) as i64,
+        duplicate_window: jetstream.duplicate_window,
+        lease: jetstream.lease,
+        request_timeout: jetstream.request_timeout,
+        credentials_file: jetstream.credentials_file.clone(),
+        token: jetstream
+            .token
+            .as_ref()
+            .map(|token| token.expose().to_string()),
+        user_and_password: jetstream
+            .user_and_password
+            .as_ref()
+            .map(|(user, password)| (user.clone(), password.expose().to_string())),
+        root_certificates: jetstream.tls_ca_file.clone(),
+        require_tls: jetstream.require_tls,
+        node_id: node_id.to_string(),
+        sinks: sink_names.to_vec(),
+        encryption: queue_encryption.cloned(),
+    })
 }
 
 /// How long a starting node keeps trying to reach its region's JetStream cluster (a cluster

@@ -115,6 +115,26 @@ fn project_of_key(key: &str) -> Option<&str> {
         .filter(|project| !project.is_empty())
 }
 
+/// Notes where the queue holds each project's records (unreadable ones under a name of their own).
+fn note_queued_records(
+    seen: &mut Vec<(String, String, String)>,
+    store: &str,
+    counts: BTreeMap<String, u64>,
+) {
+    for (project_id, records) in counts {
+        let project_id = if project_id.is_empty() {
+            "(unreadable records)".to_string()
+        } else {
+            project_id
+        };
+        seen.push((
+            store.to_string(),
+            format!("{records} queued records"),
+            project_id,
+        ));
+    }
+}
+
 /// Scans the region's stores (see the module documentation).
 pub async fn scan_region(
     settings: &Settings,
@@ -134,7 +154,24 @@ pub async fn scan_region(
     // Where each project was first seen in each store: (store, location, project).
     let mut seen: Vec<(String, String, String)> = Vec::new();
 
-    if let Some(region_settings) = settings.regions.get(region) {
+    if let Some(jetstream) = crate::region::jetstream_settings_for(
+        settings,
+        region,
+        queue_encryption.as_ref(),
+        "residency-report",
+        &[],
+    ) {
+        let store = format!(
+            "queue jetstream {}-p* on {}",
+            jetstream.stream,
+            jetstream.urls.join(", ")
+        );
+        report.stores.push(store.clone());
+        let counts = meridian_queue::jetstream::project_record_counts(&jetstream)
+            .await
+            .map_err(|error| format!("{store}: {error}"))?;
+        note_queued_records(&mut seen, &store, counts);
+    } else if let Some(region_settings) = settings.regions.get(region) {
         let queue_dir = region_settings.queue_dir.clone();
         let store = format!("queue {}", queue_dir.display());
         report.stores.push(store.clone());
@@ -144,18 +181,7 @@ pub async fn scan_region(
         .await
         .map_err(|error| format!("{store}: the scan panicked: {error}"))?
         .map_err(|error| format!("{store}: {error}"))?;
-        for (project_id, records) in counts {
-            let project_id = if project_id.is_empty() {
-                "(unreadable records)".to_string()
-            } else {
-                project_id
-            };
-            seen.push((
-                store.clone(),
-                format!("{records} queued records"),
-                project_id,
-            ));
-        }
+        note_queued_records(&mut seen, &store, counts);
     }
 
     if let Some(clickhouse) = &services.clickhouse {
