@@ -363,40 +363,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
         };
         writer.sample("sink_healthy", &sink.sink_labels(), healthy);
     }
-    writer.declare(
-        "sink_runner_up",
-        "gauge",
-        "1 while the sink's runner runs; 0 while it is down after a failure, waiting to restart",
-    );
-    for sink in state.sinks.iter() {
-        let up = if sink.status.runner_failure().is_none() {
-            1.0
-        } else {
-            0.0
-        };
-        writer.sample("sink_runner_up", &sink.labels(), up);
-    }
-    writer.declare(
-        "sink_standby",
-        "gauge",
-        "1 while the runner waits for the right to deliver its partition (another node of the region delivers it)",
-    );
-    for sink in state.sinks.iter() {
-        let standby = sink.status.standby.load(Ordering::Relaxed);
-        writer.sample(
+    let runner_gauges: [(&str, &str, ReadFigure); 3] = [
+        (
+            "sink_runner_up",
+            "1 while the sink's runner runs; 0 while it is down after a failure, waiting to restart",
+            |s| f64::from(u8::from(s.runner_failure().is_none())),
+        ),
+        (
             "sink_standby",
-            &sink.labels(),
-            if standby { 1.0 } else { 0.0 },
-        );
-    }
-    writer.declare(
-        "sink_consecutive_failures",
-        "gauge",
-        "Failed attempts since the sink's last success",
-    );
-    for sink in state.sinks.iter() {
-        let failures = sink.status.consecutive_failures.load(Ordering::Relaxed) as f64;
-        writer.sample("sink_consecutive_failures", &sink.labels(), failures);
+            "1 while the runner waits for the right to deliver its partition (another node of the region delivers it)",
+            |s| f64::from(u8::from(s.standby.load(Ordering::Relaxed))),
+        ),
+        (
+            "sink_consecutive_failures",
+            "Failed attempts since the sink's last success",
+            |s| s.consecutive_failures.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, read) in runner_gauges {
+        writer.declare(name, "gauge", help);
+        for sink in state.sinks.iter() {
+            writer.sample(name, &sink.labels(), read(&sink.status));
+        }
     }
     writer.declare(
         "sink_lag_seconds",
