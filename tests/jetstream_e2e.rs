@@ -423,3 +423,69 @@ async fn the_residency_report_reads_the_regions_streams_and_flags_a_foreign_proj
         "{report}"
     );
 }
+
+/// The value of a series in a node's metrics, once it is `expected`.
+async fn wait_for_metric(server: &TestServer, series: &str, expected: f64) -> bool {
+    wait_until(Duration::from_secs(30), || async {
+        server.metric(series).await == Some(expected)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_sink_never_purges_what_that_sink_has_not_delivered() {
+    let Some(nats) = NatsCluster::start("eu", 1).await else {
+        return;
+    };
+    let streams = jetstream_config(&[(REGION, &nats)], "purge", "");
+    // Node A runs a ClickHouse sink that cannot deliver (nothing listens there): its cursor
+    // stays at the stream's start. Node B has no ClickHouse sink in its config at all.
+    let with_clickhouse = TestServer::start(
+        &test_config(&format!(
+            "{streams}\n[regions.{REGION}.clickhouse]\nurls = [\"http://127.0.0.1:9\"]\nrequest_timeout_secs = 1\n"
+        )),
+        &[("MERIDIAN_SERVE_REGIONS", REGION)],
+    )
+    .await;
+    let clickhouse_cursor = format!(
+        "meridian_queue_jetstream_consumer_pending_records{{region=\"{REGION}\",partition=\"p0\",sink=\"clickhouse\"}}"
+    );
+    assert!(
+        wait_for_metric(&with_clickhouse, &clickhouse_cursor, 0.0).await,
+        "node A made the ClickHouse cursor"
+    );
+    let without_clickhouse = TestServer::start(
+        &test_config(&streams),
+        &[("MERIDIAN_SERVE_REGIONS", REGION)],
+    )
+    .await;
+    without_clickhouse.create_org("purge").await;
+    let (_, key) = without_clickhouse.create_project("purge", REGION).await;
+    for index in 0..10 {
+        assert_eq!(
+            post_track(&without_clickhouse, &key, &format!("kept-{index}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    // Node B's purge rounds see both cursors: the archive delivered everything, ClickHouse
+    // nothing (the metrics come from the cursors B read for its purge decision).
+    let archive_cursor = format!(
+        "meridian_queue_jetstream_consumer_pending_records{{region=\"{REGION}\",partition=\"p0\",sink=\"archive\"}}"
+    );
+    assert!(wait_for_metric(&without_clickhouse, &archive_cursor, 0.0).await);
+    assert!(
+        wait_for_metric(&without_clickhouse, &clickhouse_cursor, 10.0).await,
+        "node B counts the ClickHouse cursor it does not run"
+    );
+    let client = async_nats::connect(nats.urls()[0].as_str())
+        .await
+        .expect("connects");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("purge-eu-west-1-p0")
+        .await
+        .expect("the stream");
+    let held = stream.info().await.expect("stream info").state.messages;
+    assert_eq!(held, 10, "nothing ClickHouse has not delivered was purged");
+}

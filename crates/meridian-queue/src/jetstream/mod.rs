@@ -29,8 +29,9 @@
 //! Records are read by sequence through an ephemeral pull consumer (no acks): the cursor in KV,
 //! not a consumer's ack state, is the position, because a range must be redelivered exactly and a
 //! durable consumer redelivers unacknowledged messages one by one, interleaved with new ones.
-//! Delivered data is purged: a monitor purges each stream below the slowest cursor of the sinks
-//! this node runs (only once every one of them has a cursor).
+//! Delivered data is purged: a monitor purges each stream below the slowest cursor in it, of
+//! every sink that has one (run by this node or not), and only once each sink this node runs has
+//! one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{JetStreamSettings, bounded, cursor};
+use futures_util::StreamExt;
+
+use super::{JetStreamSettings, bounded, cursor, unavailable};
 use crate::backend::{DeliveryLog, LogCursor};
 use crate::error::QueueError;
 
@@ -88,18 +90,42 @@ impl Partition {
     /// Reads every cursor of the sinks this node runs and purges what all of them delivered.
     pub(super) async fn purge_delivered(&self) -> Result<(), QueueError> {
         let timeout = self.settings.request_timeout;
+        // Every sink that has a cursor in this partition counts, whether this node runs it or not
+        // (a node whose config lacks a sink must not purge what that sink has not delivered).
+        let suffix = format!(".p{}", self.index);
+        let listed = async {
+            let keys = self
+                .cursors
+                .keys()
+                .await
+                .map_err(|error| unavailable("listing the cursors", error))?;
+            keys.collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(|error| unavailable("listing the cursors", error))
+        };
+        let keys = tokio::time::timeout(timeout, listed)
+            .await
+            .map_err(|_| unavailable("listing the cursors", "timed out"))??;
         let mut positions = BTreeMap::new();
-        for sink in &self.settings.sinks {
-            let key = self.cursor_key(sink);
-            let entry = bounded(timeout, "reading a cursor", self.cursors.entry(key)).await?;
+        for key in keys {
+            let Some(sink) = key.strip_suffix(&suffix) else {
+                continue;
+            };
+            let entry = bounded(timeout, "reading a cursor", self.cursors.entry(&key)).await?;
             let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
                 continue;
             };
             if let Some(next_offset) = cursor::next_offset_in(&entry.value) {
-                positions.insert(sink.clone(), next_offset);
+                positions.insert(sink.to_string(), next_offset);
             }
         }
-        let every_sink_has_a_cursor = positions.len() == self.settings.sinks.len();
+        let every_sink_has_a_cursor = self
+            .settings
+            .sinks
+            .iter()
+            .all(|sink| positions.contains_key(sink));
         let slowest = positions.values().copied().min();
         let first_sequence = {
             let mut figures = self
