@@ -489,3 +489,42 @@ async fn a_node_without_a_sink_never_purges_what_that_sink_has_not_delivered() {
     let held = stream.info().await.expect("stream info").state.messages;
     assert_eq!(held, 10, "nothing ClickHouse has not delivered was purged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_servers_take_gets_413_and_nothing_of_its_request_is_stored() {
+    let Some(nats) = NatsCluster::start_with_max_payload("eu", 1, "4KB").await else {
+        return;
+    };
+    let server = single_node(&nats, "payload").await;
+    server.create_org("payload").await;
+    let (_, key) = server.create_project("payload", REGION).await;
+    let large = "x".repeat(6 * 1024);
+    let response = server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(&key))
+        .json(&json!({"batch": [
+            {"type": "track", "userId": "u", "event": "Small", "messageId": "small-1"},
+            {"type": "track", "userId": "u", "event": "Large", "messageId": "large-1", "properties": {"blob": large}},
+        ]}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(
+        response.status(),
+        413,
+        "a clear refusal, not a 503 to retry forever"
+    );
+    let body: Value = response.json().await.expect("a JSON error");
+    assert_eq!(body["code"], "message_too_large", "{body}");
+    // The small message of the refused request was not stored either; the next one is.
+    assert_eq!(post_track(&server, &key, "after").await.status(), 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    let archived = count_by_message_id(&server.archived_messages(REGION));
+    assert_eq!(archived.get("small-1"), None, "{archived:?}");
+    assert_eq!(archived.get("after"), Some(&1));
+}

@@ -30,6 +30,15 @@ impl NatsCluster {
     /// answers on every one. `None` when the nats-server binary is not given (scripts/test gives
     /// it as MERIDIAN_TEST_NATS_SERVER_BIN; missing under MERIDIAN_REQUIRE_SERVICES=1 is a failure).
     pub async fn start(name: &str, size: usize) -> Option<NatsCluster> {
+        NatsCluster::start_with_max_payload(name, size, "8MB").await
+    }
+
+    /// As [`NatsCluster::start`], with the servers' `max_payload` (the largest message they take).
+    pub async fn start_with_max_payload(
+        name: &str,
+        size: usize,
+        max_payload: &str,
+    ) -> Option<NatsCluster> {
         let binary = shared_service("MERIDIAN_TEST_NATS_SERVER_BIN")?;
         let dir = tempfile::tempdir().expect("temporary directory");
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
@@ -51,7 +60,7 @@ impl NatsCluster {
                 String::new()
             };
             let config = format!(
-                "server_name: {name}-n{index}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{monitor_port}\nmax_payload: 8MB\njetstream {{ store_dir: \"{}\" }}\n{cluster_block}\n",
+                "server_name: {name}-n{index}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{monitor_port}\nmax_payload: {max_payload}\njetstream {{ store_dir: \"{}\" }}\n{cluster_block}\n",
                 store.display()
             );
             let config_path = dir.path().join(format!("n{index}.conf"));

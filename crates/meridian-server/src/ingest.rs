@@ -684,6 +684,15 @@ async fn append_durably(
             )
             .in_region(region.clone()))
         }
+        Ok(Err(QueueError::RecordTooLarge { size, limit })) => {
+            // Only a replicated queue's message size limit can be below the ingest limits.
+            warn!(region = %region, size, limit, "a message is larger than the region's queue takes (raise max_payload of its NATS servers above limits.max_request_bytes)");
+            Err(ApiError::payload_too_large(
+                "message_too_large",
+                format!("a message of {size} bytes exceeds the {limit} bytes region {region}'s queue takes; nothing of this request was acknowledged"),
+            )
+            .in_region(region.clone()))
+        }
         Ok(Err(failure)) => {
             warn!(region = %region, error = %failure, "queue append failed");
             Err(ApiError::unavailable(

@@ -123,9 +123,13 @@ async fn open_queue(
     if let Some(jetstream_settings) =
         jetstream_settings_for(settings, region, queue_encryption, node_id, sink_names)
     {
-        return open_jetstream_queue(region, jetstream_settings)
-            .await
-            .map_err(|error| failure(error.to_string()));
+        return open_jetstream_queue(
+            region,
+            jetstream_settings,
+            settings.limits.max_request_bytes,
+        )
+        .await
+        .map_err(|error| failure(error.to_string()));
     }
     let config = QueueConfig {
         dir: region_settings.queue_dir.clone(),
@@ -193,12 +197,18 @@ const JETSTREAM_STARTUP_PATIENCE: Duration = Duration::from_secs(90);
 async fn open_jetstream_queue(
     region: &RegionId,
     settings: JetStreamSettings,
+    max_request_bytes: usize,
 ) -> Result<Arc<dyn QueueBackend>, meridian_queue::QueueError> {
     let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_PATIENCE;
     let mut wait = Duration::from_millis(250);
     loop {
         match JetStreamQueue::open(settings.clone()).await {
-            Ok(queue) => return Ok(Arc::new(queue)),
+            Ok(queue) => {
+                if queue.max_record_bytes() < max_request_bytes {
+                    warn!(region = %region, max_payload = queue.max_record_bytes(), max_request_bytes, "the region's NATS servers take messages only up to max_payload, below limits.max_request_bytes: a larger message gets 413 (raise max_payload in the servers' config)");
+                }
+                return Ok(Arc::new(queue));
+            }
             Err(meridian_queue::QueueError::Unavailable(reason))
                 if tokio::time::Instant::now() + wait < deadline =>
             {

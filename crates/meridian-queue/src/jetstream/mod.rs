@@ -296,6 +296,11 @@ impl JetStreamQueue {
         &self.shared.settings
     }
 
+    /// The largest record the region's servers take (their `max_payload`).
+    pub fn max_record_bytes(&self) -> usize {
+        self.shared.max_payload
+    }
+
     pub fn publish_figures(&self) -> &PublishFigures {
         &self.shared.publish
     }
@@ -319,14 +324,19 @@ impl JetStreamQueue {
     async fn publish_all(&self, batch: &RecordBatch) -> Result<(), QueueError> {
         let shared = &self.shared;
         let identities = batch.identities().unwrap_or_default();
+        // Checked before anything is sent: a refused request stores nothing.
+        if let Some(size) = batch
+            .stored_payloads()
+            .map(<[u8]>::len)
+            .find(|size| *size > shared.max_payload)
+        {
+            return Err(QueueError::RecordTooLarge {
+                size,
+                limit: shared.max_payload,
+            });
+        }
         let mut acks = Vec::with_capacity(batch.record_count() as usize);
         for (index, payload) in batch.stored_payloads().enumerate() {
-            if payload.len() > shared.max_payload {
-                return Err(QueueError::RecordTooLarge {
-                    size: payload.len(),
-                    limit: shared.max_payload,
-                });
-            }
             // Without an identity (not from the ingest path) the payload itself identifies it.
             let identity = match identities.get(index) {
                 Some(identity) => identity.clone(),
