@@ -528,3 +528,54 @@ async fn a_message_larger_than_the_servers_take_gets_413_and_nothing_of_its_requ
     assert_eq!(archived.get("small-1"), None, "{archived:?}");
     assert_eq!(archived.get("after"), Some(&1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_answers_503_queue_full_and_keeps_what_it_acknowledged() {
+    let Some(nats) = NatsCluster::start("eu", 1).await else {
+        return;
+    };
+    // 32 KiB of stream, and a ClickHouse sink that cannot deliver: nothing is purged.
+    let server = TestServer::start(
+        &test_config(&format!(
+            "{}\n[regions.{REGION}.clickhouse]\nurls = [\"http://127.0.0.1:9\"]\nrequest_timeout_secs = 1\n",
+            jetstream_config(&[(REGION, &nats)], "full", "max_bytes = 32768")
+        )),
+        &[("MERIDIAN_SERVE_REGIONS", REGION)],
+    )
+    .await;
+    server.create_org("full").await;
+    let (_, key) = server.create_project("full", REGION).await;
+    let mut accepted = 0;
+    let mut refusal = None;
+    for index in 0..500 {
+        let response = post_track(&server, &key, &format!("fill-{index}")).await;
+        if response.status() == 200 {
+            accepted += 1;
+            continue;
+        }
+        let retry_after = response.headers().get("retry-after").cloned();
+        refusal = Some((
+            response.status(),
+            retry_after,
+            response.json::<Value>().await.ok(),
+        ));
+        break;
+    }
+    let (status, retry_after, body) = refusal.expect("the stream filled up within 500 messages");
+    assert!(accepted > 10, "some messages fit first: {accepted}");
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some(), "a 503 says when to retry");
+    assert_eq!(body.expect("a JSON error")["code"], "queue_full");
+    // Everything acknowledged is in the stream.
+    let client = async_nats::connect(nats.urls()[0].as_str())
+        .await
+        .expect("connects");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("full-eu-west-1-p0")
+        .await
+        .expect("the stream");
+    assert_eq!(
+        stream.info().await.expect("stream info").state.messages,
+        accepted
+    );
+}

@@ -189,9 +189,10 @@ pub fn jetstream_config(regions: &[(&str, &NatsCluster)], tag: &str, extra: &str
     let mut config = String::from("backend = \"jetstream\"\n");
     for (region, cluster) in regions {
         config.push_str(&format!(
-            "[regions.{region}.queue.jetstream]\nurls = {}\nstream = \"{tag}-{region}\"\nreplicas = {}\nlease_ms = 2000\nmax_bytes = 67108864\nrequest_timeout_ms = 3000\n{extra}\n",
+            "[regions.{region}.queue.jetstream]\nurls = {}\nstream = \"{tag}-{region}\"\nreplicas = {}\nlease_ms = 2000\n{}request_timeout_ms = 3000\n{extra}\n",
             cluster.urls_toml(),
             cluster.size().min(3),
+            if extra.contains("max_bytes") { "" } else { "max_bytes = 67108864\n" },
         ));
     }
     config

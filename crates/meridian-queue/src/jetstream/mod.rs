@@ -374,13 +374,29 @@ impl JetStreamQueue {
                 }
             }
         }
-        match first_failure {
-            None => Ok(()),
-            Some(error) => Err(unavailable(
-                "a record was not acknowledged by the region's stream",
-                error,
-            )),
+        let Some(error) = first_failure else {
+            return Ok(());
+        };
+        // A stream at its byte limit refuses new messages (discard new): the region is full
+        // until its sinks catch up and delivered messages are purged.
+        let text = error.to_string();
+        if text.contains("maximum bytes") || text.contains("resource limits exceeded") {
+            let used_bytes = shared
+                .partitions
+                .iter()
+                .map(|partition| partition.figures().bytes)
+                .sum();
+            let budget_bytes = shared.settings.max_bytes_per_partition.max(0) as u64
+                * shared.partitions.len() as u64;
+            return Err(QueueError::Full {
+                used_bytes,
+                budget_bytes,
+            });
         }
+        Err(unavailable(
+            "a record was not acknowledged by the region's stream",
+            error,
+        ))
     }
 }
 
