@@ -101,6 +101,29 @@ async fn with_three_partitions_the_same_kills_end_exact_and_every_partition_is_d
     cluster.terminate_all();
 }
 
+/// Once the node's sinks caught up: how often each messageId is in the region's archive.
+async fn archived_once_drained(server: &TestServer, region: &str) -> BTreeMap<String, usize> {
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await,
+        "the sinks catch up"
+    );
+    count_by_message_id(&server.archived_messages(region))
+}
+
+/// How many messages the stream holds now, read from the cluster itself.
+async fn stream_messages(nats: &NatsCluster, stream: &str) -> u64 {
+    let client = async_nats::connect(nats.urls()[0].as_str())
+        .await
+        .expect("connects");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(stream)
+        .await
+        .expect("the stream");
+    stream.info().await.expect("stream info").state.messages
+}
+
 /// A node of eu-west-1 only, on `nats`.
 async fn single_node(nats: &NatsCluster, tag: &str) -> TestServer {
     TestServer::start(
@@ -164,13 +187,7 @@ async fn without_a_quorum_ingest_answers_503_and_recovers_by_itself() {
     })
     .await;
     assert!(recovered, "ingest recovers by itself once a quorum is back");
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(60))
-            .await,
-        "the sinks catch up"
-    );
-    let archived = count_by_message_id(&server.archived_messages(REGION));
+    let archived = archived_once_drained(&server, REGION).await;
     assert_eq!(archived.get("before"), Some(&1));
     assert_eq!(archived.get("after"), Some(&1));
 }
@@ -186,12 +203,7 @@ async fn a_client_retry_of_a_stored_message_is_stored_once() {
     for _ in 0..3 {
         assert_eq!(post_track(&server, &key, "same-id").await.status(), 200);
     }
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(60))
-            .await
-    );
-    let archived = count_by_message_id(&server.archived_messages(REGION));
+    let archived = archived_once_drained(&server, REGION).await;
     assert_eq!(
         archived.get("same-id"),
         Some(&1),
@@ -332,12 +344,7 @@ async fn each_regions_cluster_holds_only_that_regions_projects() {
         );
         assert!(names.contains(&format!("residency-{own}-p0")), "{names:?}");
     }
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(60))
-            .await
-    );
-    let eu_archived = count_by_message_id(&server.archived_messages("eu-west-1"));
+    let eu_archived = archived_once_drained(&server, "eu-west-1").await;
     let us_archived = count_by_message_id(&server.archived_messages("us-east-1"));
     assert_eq!(eu_archived.len(), 20);
     assert_eq!(us_archived.len(), 20);
@@ -479,14 +486,7 @@ async fn a_node_without_a_sink_never_purges_what_that_sink_has_not_delivered() {
         wait_for_metric(&without_clickhouse, &clickhouse_cursor, 10.0).await,
         "node B counts the ClickHouse cursor it does not run"
     );
-    let client = async_nats::connect(nats.urls()[0].as_str())
-        .await
-        .expect("connects");
-    let mut stream = async_nats::jetstream::new(client)
-        .get_stream("purge-eu-west-1-p0")
-        .await
-        .expect("the stream");
-    let held = stream.info().await.expect("stream info").state.messages;
+    let held = stream_messages(&nats, "purge-eu-west-1-p0").await;
     assert_eq!(held, 10, "nothing ClickHouse has not delivered was purged");
 }
 
@@ -519,12 +519,7 @@ async fn a_message_larger_than_the_servers_take_gets_413_and_nothing_of_its_requ
     assert_eq!(body["code"], "message_too_large", "{body}");
     // The small message of the refused request was not stored either; the next one is.
     assert_eq!(post_track(&server, &key, "after").await.status(), 200);
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(30))
-            .await
-    );
-    let archived = count_by_message_id(&server.archived_messages(REGION));
+    let archived = archived_once_drained(&server, REGION).await;
     assert_eq!(archived.get("small-1"), None, "{archived:?}");
     assert_eq!(archived.get("after"), Some(&1));
 }
@@ -567,15 +562,5 @@ async fn a_full_stream_answers_503_queue_full_and_keeps_what_it_acknowledged() {
     assert!(retry_after.is_some(), "a 503 says when to retry");
     assert_eq!(body.expect("a JSON error")["code"], "queue_full");
     // Everything acknowledged is in the stream.
-    let client = async_nats::connect(nats.urls()[0].as_str())
-        .await
-        .expect("connects");
-    let mut stream = async_nats::jetstream::new(client)
-        .get_stream("full-eu-west-1-p0")
-        .await
-        .expect("the stream");
-    assert_eq!(
-        stream.info().await.expect("stream info").state.messages,
-        accepted
-    );
+    assert_eq!(stream_messages(&nats, "full-eu-west-1-p0").await, accepted);
 }
