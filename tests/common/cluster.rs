@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::services::{
-    bucket_messages, clickhouse_query, create_bucket, s3_client, shared_service,
+    bucket_messages, bucket_objects, clickhouse_query, create_bucket, s3_client, shared_service,
 };
 use super::*;
 
@@ -220,6 +220,43 @@ impl Cluster {
         (count_by_message_id(&messages), keys)
     }
 
+    /// For a few messageIds stored more than once: the objects holding them, with each copy's
+    /// position in its object (so a failure says whether two batches overlapped or one batch was
+    /// written under two names).
+    async fn print_objects_of_duplicates(
+        &self,
+        project_id: &str,
+        counts: &BTreeMap<String, usize>,
+    ) {
+        let duplicated: BTreeSet<&String> = counts
+            .iter()
+            .filter(|(_, count)| **count > 1)
+            .map(|(id, _)| id)
+            .take(5)
+            .collect();
+        let objects = bucket_objects(
+            &self.s3,
+            &self.bucket,
+            &format!("segment-logs/{project_id}/"),
+        )
+        .await;
+        for (key, messages) in &objects {
+            for (line, message) in messages.iter().enumerate() {
+                let id = message["messageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if duplicated.contains(&id) {
+                    eprintln!(
+                        "duplicate {id}: {key} line {line} of {} (receivedAt {})",
+                        messages.len(),
+                        message["receivedAt"]
+                    );
+                }
+            }
+        }
+    }
+
     /// How often each messageId of the project is in ClickHouse, counted with `FINAL`.
     pub async fn clickhouse_counts(&self, project_id: &str) -> BTreeMap<String, usize> {
         let text = clickhouse_query(
@@ -273,6 +310,9 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        if bucket.values().any(|count| *count > 1) {
+            self.print_objects_of_duplicates(project_id, &bucket).await;
+        }
         report_difference("bucket", &expected, &bucket, settled);
         report_difference("clickhouse", &expected, &warehouse, warehouse_settled);
     }

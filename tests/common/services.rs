@@ -336,15 +336,29 @@ pub async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str, location: 
         .unwrap_or_else(|error| panic!("create bucket {bucket}: {error:?}"));
 }
 
-/// Every message in every object under `prefix` of a bucket, with each object's metadata.
+/// Every message in every object under `prefix` of a bucket, and the objects' keys.
 pub async fn bucket_messages(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     prefix: &str,
 ) -> (Vec<serde_json::Value>, Vec<String>) {
+    let objects = bucket_objects(client, bucket, prefix).await;
+    let keys = objects.iter().map(|(key, _)| key.clone()).collect();
+    let messages = objects
+        .into_iter()
+        .flat_map(|(_, messages)| messages)
+        .collect();
+    (messages, keys)
+}
+
+/// Every object under `prefix` of a bucket: its key and its messages.
+pub async fn bucket_objects(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> Vec<(String, Vec<serde_json::Value>)> {
     use std::io::Read;
-    let mut messages = Vec::new();
-    let mut keys = Vec::new();
+    let mut objects = Vec::new();
     let mut token: Option<String> = None;
     loop {
         let mut request = client
@@ -377,15 +391,17 @@ pub async fn bucket_messages(
             flate2::read::MultiGzDecoder::new(&body[..])
                 .read_to_string(&mut text)
                 .unwrap_or_else(|error| panic!("{key} is not gzip: {error}"));
-            for line in text.lines().filter(|line| !line.is_empty()) {
-                messages.push(serde_json::from_str(line).expect("archived line is JSON"));
-            }
-            keys.push(key);
+            let messages = text
+                .lines()
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_str(line).expect("archived line is JSON"))
+                .collect();
+            objects.push((key, messages));
         }
         match page.next_continuation_token() {
             Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_string()),
             _ => break,
         }
     }
-    (messages, keys)
+    objects
 }

@@ -410,6 +410,10 @@ impl DeliveryRunner {
                         continue;
                     }
                     Ok(chunk) => {
+                        debug_assert!(
+                            chunk.first().is_none_or(|record| record.offset >= from),
+                            "a log hands out records from the position asked for on"
+                        );
                         if first_seen.is_none() && !chunk.is_empty() {
                             first_seen = Some(Instant::now());
                             self.status

@@ -201,10 +201,65 @@ async fn renew(
     }
 }
 
-/// An ephemeral consumer positioned at `next_sequence`, with what it fetched and was not yet used.
+/// Where a reader stands in the stream, and what it makes of the next message a consumer sends.
+///
+/// A reader hands out every message of the stream from its start on, in sequence order, each
+/// once: a consumer is only believed as far as it continues exactly where the reader stands.
+/// Messages below `next_sequence` (a consumer whose server was killed resumes from an older state
+/// and sends them again) are dropped, and a jump past `next_sequence` (messages sent to a fetch
+/// that was cut short) retires the consumer: a new one created at `next_sequence` then shows what
+/// the stream really holds there, since the first message a fresh consumer delivers is the first
+/// the stream has at or after its start (a gap before it is the stream's own, e.g. messages an
+/// operator removed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadOrder {
+    next_sequence: u64,
+    /// No message taken yet: the first one may be past `next_sequence`.
+    fresh: bool,
+    /// The consumer skipped messages: it is replaced before the next fetch.
+    retired: bool,
+}
+
+/// What a reader does with a message a consumer sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Take,
+    /// Already handed out.
+    Repeated,
+    /// Past a gap this consumer cannot vouch for: it and everything after it in this fetch.
+    Retire,
+}
+
+impl ReadOrder {
+    fn starting_at(sequence: u64) -> ReadOrder {
+        ReadOrder {
+            next_sequence: sequence.max(1),
+            fresh: true,
+            retired: false,
+        }
+    }
+
+    fn admit(&mut self, sequence: u64) -> Admission {
+        if self.retired {
+            return Admission::Retire;
+        }
+        if sequence < self.next_sequence {
+            return Admission::Repeated;
+        }
+        if sequence > self.next_sequence && !self.fresh {
+            self.retired = true;
+            return Admission::Retire;
+        }
+        self.fresh = false;
+        self.next_sequence = sequence + 1;
+        Admission::Take
+    }
+}
+
+/// An ephemeral consumer, where it stands, and what it fetched that was not yet used.
 struct Reader {
     consumer: StreamReader,
-    next_sequence: u64,
+    order: ReadOrder,
     buffered: VecDeque<Record>,
 }
 
@@ -213,7 +268,39 @@ impl Reader {
         self.buffered
             .front()
             .map(|record| record.offset)
-            .unwrap_or(self.next_sequence)
+            .unwrap_or(self.order.next_sequence)
+    }
+
+    /// Whether the next read from `from` can continue with this reader.
+    fn continues_at(&self, from: u64) -> bool {
+        self.position() == from && !(self.order.retired && self.buffered.is_empty())
+    }
+
+    /// Takes what a fetch returned, as far as it continues the reader exactly; returns how many
+    /// messages it dropped as already handed out.
+    fn take_fetched(
+        &mut self,
+        fetched: Vec<(u64, Bytes)>,
+        encryption: Option<&crate::encryption::QueueEncryption>,
+    ) -> Result<usize, QueueError> {
+        let mut repeated = 0;
+        for (sequence, payload) in fetched {
+            match self.order.admit(sequence) {
+                Admission::Repeated => repeated += 1,
+                Admission::Retire => break,
+                Admission::Take => {
+                    let payload = match encryption {
+                        Some(encryption) => encryption.open(&payload)?,
+                        None => payload.to_vec(),
+                    };
+                    self.buffered.push_back(Record {
+                        offset: sequence,
+                        payload,
+                    });
+                }
+            }
+        }
+        Ok(repeated)
     }
 }
 
@@ -273,31 +360,48 @@ impl JetStreamCursor {
         if self
             .reader
             .as_ref()
-            .is_some_and(|reader| reader.position() == from)
+            .is_some_and(|reader| reader.continues_at(from))
         {
             return Ok(());
         }
+        self.drop_reader();
         let timeout = self.settings.request_timeout;
-        if let Some(old) = self.reader.take() {
-            let name = old.consumer.cached_info().name.clone();
-            let context = self.context.clone();
-            let stream_name = self.stream_name.clone();
-            // Best effort: an ephemeral consumer also goes away by itself when left inactive.
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    timeout,
-                    context.delete_consumer_from_stream(name, stream_name),
-                )
-                .await;
-            });
-        }
         let consumer = create_reader(&self.context, &self.stream_name, from, timeout).await?;
         self.reader = Some(Reader {
             consumer,
-            next_sequence: from.max(1),
+            order: ReadOrder::starting_at(from),
             buffered: VecDeque::new(),
         });
         Ok(())
+    }
+
+    async fn stream_info(&self) -> Result<jetstream::stream::Info, QueueError> {
+        let stream = bounded(
+            self.settings.request_timeout,
+            "reading the stream's state",
+            self.context.get_stream(&self.stream_name),
+        )
+        .await?;
+        Ok(stream.cached_info().clone())
+    }
+
+    /// Drops the reader and deletes its consumer (best effort: an ephemeral consumer also goes
+    /// away by itself when left inactive).
+    fn drop_reader(&mut self) {
+        let Some(old) = self.reader.take() else {
+            return;
+        };
+        let name = old.consumer.cached_info().name.clone();
+        let context = self.context.clone();
+        let stream_name = self.stream_name.clone();
+        let timeout = self.settings.request_timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                timeout,
+                context.delete_consumer_from_stream(name, stream_name),
+            )
+            .await;
+        });
     }
 
     /// Reads records in `[from, end)`, at most `max_records`, stopping past `max_bytes`.
@@ -309,31 +413,14 @@ impl JetStreamCursor {
         max_bytes: usize,
     ) -> Result<Vec<Record>, QueueError> {
         self.position_reader(from).await?;
-        let timeout = self.settings.request_timeout;
-        let encryption = self.settings.encryption.clone();
+        if let Err(error) = self.fetch_into_reader(end, max_records).await {
+            // A fetch cut short may have taken messages with it: the next read starts over.
+            self.drop_reader();
+            return Err(error);
+        }
         let Some(reader) = self.reader.as_mut() else {
             return Err(QueueError::Closed);
         };
-        if reader.buffered.is_empty() && reader.next_sequence < end {
-            let wanted = ((end - reader.next_sequence) as usize)
-                .min(max_records)
-                .min(FETCH_MAX_MESSAGES);
-            let mut records = Vec::new();
-            for (sequence, payload) in fetch(&reader.consumer, wanted, timeout).await? {
-                let payload = match &encryption {
-                    Some(encryption) => encryption.open(&payload)?,
-                    None => payload.to_vec(),
-                };
-                records.push(Record {
-                    offset: sequence,
-                    payload,
-                });
-            }
-            if let Some(last) = records.last() {
-                reader.next_sequence = last.offset + 1;
-            }
-            reader.buffered.extend(records);
-        }
         let mut records = Vec::new();
         let mut payload_bytes = 0usize;
         while let Some(record) = reader.buffered.front() {
@@ -348,7 +435,38 @@ impl JetStreamCursor {
             payload_bytes += record.payload.len();
             records.push(record);
         }
+        debug_assert!(
+            records.first().is_none_or(|record| record.offset >= from)
+                && records
+                    .windows(2)
+                    .all(|pair| pair[0].offset < pair[1].offset),
+            "a read hands out records from `from` on, in order, each once"
+        );
         Ok(records)
+    }
+
+    /// Fetches the reader's next messages below `end` when it has none buffered.
+    async fn fetch_into_reader(&mut self, end: u64, max_records: usize) -> Result<(), QueueError> {
+        let timeout = self.settings.request_timeout;
+        let Some(reader) = self.reader.as_mut() else {
+            return Err(QueueError::Closed);
+        };
+        if !reader.buffered.is_empty() || reader.order.next_sequence >= end {
+            return Ok(());
+        }
+        let wanted = ((end - reader.order.next_sequence) as usize)
+            .min(max_records)
+            .min(FETCH_MAX_MESSAGES);
+        let fetched = fetch(&reader.consumer, wanted, timeout).await?;
+        let expected = reader.order.next_sequence;
+        let repeated = reader.take_fetched(fetched, self.settings.encryption.as_deref())?;
+        if repeated > 0 {
+            warn!(region = %self.settings.region, stream = %self.stream_name, repeated, next_sequence = reader.order.next_sequence, "the stream's reader delivered messages it had already delivered (its server resumed an older state); they were dropped");
+        }
+        if reader.order.retired {
+            warn!(region = %self.settings.region, stream = %self.stream_name, expected, "the stream's reader skipped messages; reading again from that sequence with a new reader");
+        }
+        Ok(())
     }
 }
 
@@ -376,8 +494,28 @@ impl LogCursor for JetStreamCursor {
                 .read_below(from, range.end, (range.end - from) as usize, usize::MAX)
                 .await?;
             let Some(last) = chunk.last() else {
-                // Nothing more in the stream in this range (messages gone before the range
-                // ended): what was read is the whole range.
+                let asked_a_fresh_reader = self
+                    .reader
+                    .as_ref()
+                    .is_some_and(|reader| reader.order.fresh);
+                if !asked_a_fresh_reader {
+                    // Only a new consumer's answer says what the stream holds from here.
+                    self.drop_reader();
+                    continue;
+                }
+                let info = self.stream_info().await?;
+                if info.state.last_sequence >= from {
+                    // The range's messages are in the stream but this consumer's server does
+                    // not show them yet (a replica catching up): an incomplete range must never
+                    // be delivered under the range's name, so this attempt fails and is retried.
+                    self.drop_reader();
+                    return Err(unavailable(
+                        "reading the in-flight range",
+                        format!("sequences {from}..{} are not readable yet", range.end),
+                    ));
+                }
+                // Nothing at or after `from` in the stream (gone before the range ended): what
+                // was read is the whole range.
                 break;
             };
             from = last.offset + 1;
@@ -438,5 +576,65 @@ mod tests {
         let encoded = encode_cursor(&value).unwrap();
         let decoded: CursorValue = serde_json::from_slice(&encoded).unwrap();
         assert_eq!(decoded, value);
+    }
+
+    fn admissions(order: &mut ReadOrder, sequences: &[u64]) -> Vec<Admission> {
+        sequences
+            .iter()
+            .map(|sequence| order.admit(*sequence))
+            .collect()
+    }
+
+    #[test]
+    fn a_consumer_that_sends_messages_again_has_them_dropped() {
+        let mut order = ReadOrder::starting_at(711);
+        assert!(
+            admissions(&mut order, &[711, 712, 713])
+                .iter()
+                .all(|admission| *admission == Admission::Take)
+        );
+        // Its server restarted and resumed the consumer from its first state.
+        assert_eq!(
+            admissions(&mut order, &[711, 712, 713, 714]),
+            [
+                Admission::Repeated,
+                Admission::Repeated,
+                Admission::Repeated,
+                Admission::Take
+            ]
+        );
+        assert_eq!(order.next_sequence, 715);
+        assert!(!order.retired);
+    }
+
+    #[test]
+    fn a_jump_retires_the_consumer_and_a_fresh_one_is_believed_about_gaps() {
+        let mut order = ReadOrder::starting_at(10);
+        assert_eq!(
+            admissions(&mut order, &[10, 11]),
+            [Admission::Take, Admission::Take]
+        );
+        assert_eq!(
+            admissions(&mut order, &[14, 15]),
+            [Admission::Retire, Admission::Retire]
+        );
+        assert_eq!(
+            order.next_sequence, 12,
+            "nothing past the jump is taken from it"
+        );
+        // A new consumer at 12 whose first message is 14: 12 and 13 are not in the stream.
+        let mut fresh = ReadOrder::starting_at(order.next_sequence);
+        assert_eq!(
+            admissions(&mut fresh, &[14, 15]),
+            [Admission::Take, Admission::Take]
+        );
+        assert_eq!(fresh.next_sequence, 16);
+    }
+
+    #[test]
+    fn a_fresh_reader_starts_at_sequence_one_at_the_earliest() {
+        let mut order = ReadOrder::starting_at(0);
+        assert_eq!(order.next_sequence, 1);
+        assert_eq!(order.admit(1), Admission::Take);
     }
 }
