@@ -188,7 +188,11 @@ impl TestServer {
     }
 
     pub fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_meridian"));
+        // `MERIDIAN_TEST_SERVER_BIN` runs a copy (a long test run against a binary that a build
+        // meanwhile does not replace); by default the binary cargo built for these tests.
+        let binary = std::env::var_os("MERIDIAN_TEST_SERVER_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_meridian").into());
+        let mut command = Command::new(binary);
         command
             .env("MERIDIAN_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("MERIDIAN_DATA_DIR", &self.data_dir)

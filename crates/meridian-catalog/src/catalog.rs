@@ -1147,7 +1147,7 @@ impl Catalog {
         Ok(Project { name, ..before })
     }
 
-    async fn project_in(
+    pub(crate) async fn project_in(
         transaction: &mut Transaction<'_, Any>,
         project_id: &str,
     ) -> Result<Project, CatalogError> {

@@ -12,6 +12,7 @@ mod ids;
 mod key_cache;
 pub mod keyed_hash;
 mod region_migration;
+mod replay;
 mod schema;
 mod snapshot_source;
 
@@ -24,6 +25,7 @@ pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
 pub use keyed_hash::CatalogKey;
 pub use region_migration::{MigrationStatus, RegionMigration};
+pub use replay::{Replay, ReplayProgress, ReplayStatus};
 
 #[cfg(test)]
 mod tests;

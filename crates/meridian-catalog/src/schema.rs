@@ -123,6 +123,39 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX IF NOT EXISTS project_changes_by_version ON project_changes (version)",
         ],
     ),
+    (
+        6,
+        "replays",
+        &[
+            "CREATE TABLE IF NOT EXISTS replays (
+                replay_id TEXT PRIMARY KEY,
+                org_id TEXT NOT NULL,
+                project_id TEXT NOT NULL,
+                region TEXT NOT NULL,
+                from_day_ms BIGINT NOT NULL,
+                to_day_ms BIGINT NOT NULL,
+                status TEXT NOT NULL,
+                cancel_requested BIGINT NOT NULL,
+                objects_total BIGINT NOT NULL,
+                objects_done BIGINT NOT NULL,
+                last_object TEXT,
+                messages_read BIGINT NOT NULL,
+                messages_inserted BIGINT NOT NULL,
+                messages_present BIGINT NOT NULL,
+                messages_erased BIGINT NOT NULL,
+                messages_refused BIGINT NOT NULL,
+                error TEXT,
+                created_at_ms BIGINT NOT NULL,
+                updated_at_ms BIGINT NOT NULL,
+                started_at_ms BIGINT,
+                finished_at_ms BIGINT,
+                lease_owner TEXT,
+                lease_until_ms BIGINT
+            )",
+            "CREATE INDEX IF NOT EXISTS replays_by_status ON replays (status, region)",
+            "CREATE INDEX IF NOT EXISTS replays_by_project ON replays (project_id, status)",
+        ],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).

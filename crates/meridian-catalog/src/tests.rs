@@ -542,13 +542,13 @@ async fn migrations_are_recorded_and_idempotent() {
     let catalog = sqlite_catalog(&dir).await;
     assert_eq!(
         catalog.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
     assert_eq!(
         again.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
 }
 
@@ -741,5 +741,144 @@ async fn deletions_of_unserved_regions_never_starve_a_nodes_own() {
                 .unwrap()
                 .is_none()
         );
+    }
+}
+
+#[tokio::test]
+async fn a_replay_is_claimed_in_its_region_by_one_node_and_ends_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("replays", "Replays", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let (project, _) = catalog
+            .create_project(
+                "replays",
+                NewProject {
+                    name: "web".into(),
+                    region: region("eu-west-1"),
+                },
+                &actor(),
+            )
+            .await
+            .unwrap();
+        let day = 86_400_000;
+        assert!(matches!(
+            catalog
+                .create_replay(&project.project_id, 2 * day, day, &actor())
+                .await,
+            Err(CatalogError::Invalid(_))
+        ));
+        let replay = catalog
+            .create_replay(&project.project_id, day, 2 * day, &actor())
+            .await
+            .unwrap();
+        assert_eq!(replay.status, ReplayStatus::Pending);
+        assert!(matches!(
+            catalog
+                .create_replay(&project.project_id, day, day, &actor())
+                .await,
+            Err(CatalogError::Conflict {
+                code: "replay_in_progress",
+                ..
+            })
+        ));
+        // Only a node of the project's region claims it, and only one node at a time.
+        assert!(
+            catalog
+                .claim_replay("node-us", &["us-east-1".to_string()], i64::MAX)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let eu = vec!["eu-west-1".to_string()];
+        let claimed = catalog
+            .claim_replay("node-a", &eu, i64::MAX)
+            .await
+            .unwrap()
+            .expect("claimed in its region");
+        assert_eq!(claimed.status, ReplayStatus::Running);
+        assert!(
+            catalog
+                .claim_replay("node-b", &eu, i64::MAX)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let progress = ReplayProgress {
+            objects_total: 3,
+            objects_done: 1,
+            last_object: Some("regional:a".into()),
+            messages_read: 10,
+            messages_inserted: 4,
+            messages_present: 6,
+            ..ReplayProgress::default()
+        };
+        assert!(matches!(
+            catalog
+                .record_replay_progress(&replay.replay_id, "node-b", &progress, i64::MAX)
+                .await,
+            Err(CatalogError::Conflict {
+                code: "lease_lost",
+                ..
+            })
+        ));
+        let stored = catalog
+            .record_replay_progress(&replay.replay_id, "node-a", &progress, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(stored.progress, progress);
+        // A cancel of a running replay is a request its executor acts on.
+        let requested = catalog
+            .cancel_replay(&replay.replay_id, &actor())
+            .await
+            .unwrap();
+        assert_eq!(requested.status, ReplayStatus::Running);
+        assert!(requested.cancel_requested);
+        let ended = catalog
+            .finish_replay(&replay.replay_id, ReplayStatus::Cancelled, None, &actor())
+            .await
+            .unwrap();
+        assert_eq!(ended.status, ReplayStatus::Cancelled);
+        assert!(matches!(
+            catalog.cancel_replay(&replay.replay_id, &actor()).await,
+            Err(CatalogError::Conflict {
+                code: "replay_finished",
+                ..
+            })
+        ));
+        // A pending replay is cancelled at once; a deletion in flight blocks new replays.
+        let pending = catalog
+            .create_replay(&project.project_id, day, day, &actor())
+            .await
+            .unwrap();
+        let cancelled = catalog
+            .cancel_replay(&pending.replay_id, &actor())
+            .await
+            .unwrap();
+        assert_eq!(cancelled.status, ReplayStatus::Cancelled);
+        catalog
+            .create_deletion(&project.project_id, &["gone".to_string()], &actor())
+            .await
+            .unwrap();
+        assert!(matches!(
+            catalog
+                .create_replay(&project.project_id, day, day, &actor())
+                .await,
+            Err(CatalogError::Conflict {
+                code: "deletion_in_progress",
+                ..
+            })
+        ));
+        let audit = catalog.list_audit("replays", 0, 100).await.unwrap();
+        let actions: Vec<&str> = audit
+            .items
+            .iter()
+            .map(|entry| entry.action.as_str())
+            .collect();
+        for action in ["replay.start", "replay.cancel", "replay.cancelled"] {
+            assert!(actions.contains(&action), "{action} in {actions:?}");
+        }
     }
 }

@@ -21,6 +21,9 @@ use tracing::{error, info, warn};
 use crate::row::{EventFields, LegacyEventRow, ModernEventRow};
 use crate::schema::{self, SchemaFlavor, SchemaOptions, ServerVersion};
 
+mod replay;
+pub use replay::ReplayOutcome;
+
 /// One region's ClickHouse settings, built only from that region's config.
 #[derive(Clone, Debug)]
 pub struct ClickHouseConfig {

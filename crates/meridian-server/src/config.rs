@@ -36,6 +36,7 @@ pub struct Config {
     pub archive: ArchiveDefaults,
     pub customer_storage: CustomerStorageConfig,
     pub gdpr: GdprConfig,
+    pub replay: ReplayConfig,
     pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
@@ -63,6 +64,13 @@ pub struct ProjectRateLimit {
 pub struct GdprConfig {
     pub settle_ms: u64,
     pub poll_interval_ms: u64,
+}
+
+/// `[replay]`: the replay executor.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    pub max_messages_per_second: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -444,6 +452,8 @@ pub struct Settings {
     pub spool_budget_bytes: u64,
     pub gdpr_settle: Duration,
     pub gdpr_poll_interval: Duration,
+    /// Messages per second this node's replays insert at most.
+    pub replay_max_messages_per_second: u64,
     /// The queue key file, when records are encrypted at rest.
     pub queue_key_file: Option<PathBuf>,
     pub default_rate_limit: Option<crate::rate_limit::Limit>,
@@ -1171,6 +1181,7 @@ impl Config {
             spool_budget_bytes: self.customer_storage.spool_budget_bytes,
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
+            replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
             location_check_interval: Duration::from_secs(
                 self.customer_storage.location_check_interval_secs.max(1),
             ),

@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
 pub mod region;
+pub mod replay;
 pub mod residency;
 pub mod routes;
 pub mod secret_file;

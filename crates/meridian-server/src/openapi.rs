@@ -378,6 +378,33 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             ),
         ),
         (
+            Method::POST,
+            "/admin/projects/{project_id}/replays",
+            admin(
+                "Replay the project's archive of a received-day range into its region's ClickHouse: only messages the warehouse lacks are inserted, users deleted since stay deleted; 409 while a deletion or another replay of the project is unfinished (owner/admin)",
+                Some("ReplayRequest"),
+                (202, Some("Replay")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/replays/{replay_id}",
+            admin(
+                "A replay's status and counts (owner/admin)",
+                None,
+                (200, Some("Replay")),
+            ),
+        ),
+        (
+            Method::POST,
+            "/admin/replays/{replay_id}/cancel",
+            admin(
+                "Cancel a replay: a pending one at once, a running one after its current object; 409 once it has finished (owner/admin)",
+                None,
+                (200, Some("Replay")),
+            ),
+        ),
+        (
             Method::GET,
             "/healthz",
             Operation {
@@ -521,6 +548,19 @@ fn schemas() -> Value {
             "source_region": string, "target_region": string,
             "status": {"enum": ["pending", "copying", "dual_write", "done", "failed", "cancelled"]},
             "error": nullable(json!({"type": "string"})), "created_at": string, "updated_at": string}},
+        "ReplayRequest": {"type": "object", "required": ["from", "to"], "additionalProperties": false, "properties": {
+            "from": {"type": "string", "description": "first received-day: a date (2026-11-30) or an RFC 3339 timestamp (its UTC day)"},
+            "to": {"type": "string", "description": "last received-day, included"}}},
+        "Replay": {"type": "object", "required": ["replay_id", "project_id", "region", "from", "to", "status", "objects_total", "objects_done", "messages_read", "messages_inserted", "messages_present", "messages_erased", "messages_refused", "created_at"], "properties": {
+            "replay_id": string, "project_id": string, "region": string, "from": string, "to": string,
+            "status": {"type": "string", "enum": ["pending", "running", "done", "failed", "cancelled"]},
+            "cancel_requested": {"type": "boolean"},
+            "objects_total": {"type": "integer"}, "objects_done": {"type": "integer"},
+            "messages_read": {"type": "integer"}, "messages_inserted": {"type": "integer"},
+            "messages_present": {"type": "integer"}, "messages_erased": {"type": "integer"},
+            "messages_refused": {"type": "integer"},
+            "error": nullable(json!({"type": "string"})), "created_at": string,
+            "started_at": nullable(json!({"type": "string"})), "finished_at": nullable(json!({"type": "string"}))}},
         "Deletion": {"type": "object", "required": ["deletion_id", "project_id", "region", "status", "stage", "user_count", "created_at", "deadline", "stores"], "properties": {
             "deletion_id": string, "project_id": string, "region": string,
             "status": {"enum": ["pending", "running", "done", "failed"]},

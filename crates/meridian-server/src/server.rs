@@ -43,6 +43,7 @@ pub fn api_routes() -> crate::routes::ApiRoutes {
     crate::ingest::routes()
         .merge(crate::admin::routes())
         .merge(crate::gdpr::routes())
+        .merge(crate::replay::routes())
         .merge(crate::ops::routes())
 }
 
@@ -257,6 +258,7 @@ impl RunningNode {
             region_services: Arc::new(region_services),
             node_id: node_id.clone(),
             deletion_requested: Arc::new(tokio::sync::Notify::new()),
+            replay_requested: Arc::new(tokio::sync::Notify::new()),
             rate_limiter: Arc::new(crate::rate_limit::RateLimiter::new(
                 settings.default_rate_limit,
                 settings.project_rate_limits.clone(),
@@ -274,6 +276,10 @@ impl RunningNode {
             state.metrics.initialize_region(region.as_str());
         }
         tokio::spawn(crate::gdpr::run_deletion_executor(
+            state.clone(),
+            stop_background.subscribe(),
+        ));
+        tokio::spawn(crate::replay::run_replay_executor(
             state.clone(),
             stop_background.subscribe(),
         ));

@@ -92,6 +92,8 @@ pub struct AppStateInner {
     pub node_id: String,
     /// Wakes the deletion executor when a deletion is requested on this node.
     pub deletion_requested: Arc<tokio::sync::Notify>,
+    /// Wakes this node's replay executor when a replay is requested here.
+    pub replay_requested: Arc<tokio::sync::Notify>,
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,
