@@ -600,47 +600,24 @@ impl Catalog {
         regions: &[String],
         lease_until_ms: i64,
     ) -> Result<Option<Deletion>, CatalogError> {
-        if regions.is_empty() {
+        let claimed = crate::lease::claim(
+            &self.pool,
+            crate::lease::DELETIONS,
+            node_id,
+            regions,
+            lease_until_ms,
+        )
+        .await?;
+        let Some(deletion_id) = claimed else {
             return Ok(None);
-        }
-        let now_ms = now_unix_ms();
-        // Only this node's regions, in SQL: pending deletions of other regions must never fill the
-        // page and starve the ones this node can run.
-        let region_placeholders: Vec<String> = (0..regions.len())
-            .map(|index| format!("${}", index + 3))
-            .collect();
-        let query_text = format!(
-            "SELECT {DELETION_COLUMNS} FROM deletions WHERE status IN ('pending', 'running')
-             AND (lease_owner IS NULL OR lease_until_ms < $1 OR lease_owner = $2)
-             AND region IN ({})
-             ORDER BY created_at_ms LIMIT 50",
-            region_placeholders.join(", ")
+        };
+        let deletion = self.get_deletion(&deletion_id).await?;
+        debug_assert!(
+            deletion
+                .as_ref()
+                .is_some_and(|deletion| regions.contains(&deletion.region))
         );
-        let mut query = sqlx::query(&query_text).bind(now_ms).bind(node_id);
-        for region in regions {
-            query = query.bind(region);
-        }
-        let candidates = query.fetch_all(&self.pool).await?;
-        for row in &candidates {
-            let candidate = deletion_from_row(row)?;
-            debug_assert!(regions.contains(&candidate.region));
-            let claimed = sqlx::query(
-                "UPDATE deletions SET lease_owner = $1, lease_until_ms = $2, status = 'running',
-                    started_at_ms = COALESCE(started_at_ms, $3), updated_at_ms = $3
-                 WHERE deletion_id = $4 AND status IN ('pending', 'running')
-                   AND (lease_owner IS NULL OR lease_until_ms < $3 OR lease_owner = $1)",
-            )
-            .bind(node_id)
-            .bind(lease_until_ms)
-            .bind(now_ms)
-            .bind(&candidate.deletion_id)
-            .execute(&self.pool)
-            .await?;
-            if claimed.rows_affected() == 1 {
-                return self.get_deletion(&candidate.deletion_id).await;
-            }
-        }
-        Ok(None)
+        Ok(deletion)
     }
 
     /// Records progress (and renews the lease); audits each finished stage.

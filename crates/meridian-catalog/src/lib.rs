@@ -11,6 +11,7 @@ mod error;
 mod ids;
 mod key_cache;
 pub mod keyed_hash;
+pub(crate) mod lease;
 mod region_migration;
 mod replay;
 mod schema;

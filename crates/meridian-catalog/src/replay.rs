@@ -124,6 +124,22 @@ fn replay_from_row(row: &AnyRow) -> Result<Replay, CatalogError> {
     })
 }
 
+/// How many jobs of `table` (deletions, replays) of the project are pending or running.
+async fn unfinished_of_project(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    table: &'static str,
+    project_id: &str,
+) -> Result<i64, CatalogError> {
+    let count = sqlx::query(&format!(
+        "SELECT COUNT(*) AS n FROM {table} WHERE project_id = $1 AND status IN ('pending', 'running')"
+    ))
+    .bind(project_id)
+    .fetch_one(&mut **transaction)
+    .await?
+    .try_get("n")?;
+    Ok(count)
+}
+
 impl Catalog {
     /// Records a replay of the project's received-days `[from_day_ms, to_day_ms]`, audited.
     /// Refused while a GDPR deletion of the project is pending or running (the deletion would race
@@ -144,13 +160,8 @@ impl Catalog {
         let mut transaction = self.pool.begin().await?;
         let change = Self::begin_change(&mut transaction).await?;
         let project = Self::project_in(&mut transaction, project_id).await?;
-        let deletions_in_flight: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM deletions WHERE project_id = $1 AND status IN ('pending', 'running')",
-        )
-        .bind(project_id)
-        .fetch_one(&mut *transaction)
-        .await?
-        .try_get("n")?;
+        let deletions_in_flight =
+            unfinished_of_project(&mut transaction, "deletions", project_id).await?;
         if deletions_in_flight > 0 {
             return Err(CatalogError::conflict(
                 "deletion_in_progress",
@@ -159,13 +170,8 @@ impl Catalog {
                 ),
             ));
         }
-        let replays_in_flight: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM replays WHERE project_id = $1 AND status IN ('pending', 'running')",
-        )
-        .bind(project_id)
-        .fetch_one(&mut *transaction)
-        .await?
-        .try_get("n")?;
+        let replays_in_flight =
+            unfinished_of_project(&mut transaction, "replays", project_id).await?;
         if replays_in_flight > 0 {
             return Err(CatalogError::conflict(
                 "replay_in_progress",
@@ -242,44 +248,24 @@ impl Catalog {
         regions: &[String],
         lease_until_ms: i64,
     ) -> Result<Option<Replay>, CatalogError> {
-        if regions.is_empty() {
+        let claimed = crate::lease::claim(
+            &self.pool,
+            crate::lease::REPLAYS,
+            node_id,
+            regions,
+            lease_until_ms,
+        )
+        .await?;
+        let Some(replay_id) = claimed else {
             return Ok(None);
-        }
-        let now_ms = now_unix_ms();
-        let region_placeholders: Vec<String> = (0..regions.len())
-            .map(|index| format!("${}", index + 3))
-            .collect();
-        let query_text = format!(
-            "SELECT {REPLAY_COLUMNS} FROM replays WHERE status IN ('pending', 'running')
-             AND (lease_owner IS NULL OR lease_until_ms < $1 OR lease_owner = $2)
-             AND region IN ({})
-             ORDER BY created_at_ms LIMIT 50",
-            region_placeholders.join(", ")
+        };
+        let replay = self.get_replay(&replay_id).await?;
+        debug_assert!(
+            replay
+                .as_ref()
+                .is_some_and(|replay| regions.contains(&replay.region))
         );
-        let mut query = sqlx::query(&query_text).bind(now_ms).bind(node_id);
-        for region in regions {
-            query = query.bind(region);
-        }
-        for row in &query.fetch_all(&self.pool).await? {
-            let candidate = replay_from_row(row)?;
-            debug_assert!(regions.contains(&candidate.region));
-            let claimed = sqlx::query(
-                "UPDATE replays SET lease_owner = $1, lease_until_ms = $2, status = 'running',
-                    started_at_ms = COALESCE(started_at_ms, $3), updated_at_ms = $3
-                 WHERE replay_id = $4 AND status IN ('pending', 'running')
-                   AND (lease_owner IS NULL OR lease_until_ms < $3 OR lease_owner = $1)",
-            )
-            .bind(node_id)
-            .bind(lease_until_ms)
-            .bind(now_ms)
-            .bind(&candidate.replay_id)
-            .execute(&self.pool)
-            .await?;
-            if claimed.rows_affected() == 1 {
-                return self.get_replay(&candidate.replay_id).await;
-            }
-        }
-        Ok(None)
+        Ok(replay)
     }
 
     /// Records progress after an object and renews the lease. Returns the replay as stored (its
