@@ -375,16 +375,6 @@ impl JetStreamCursor {
         Ok(())
     }
 
-    async fn stream_info(&self) -> Result<jetstream::stream::Info, QueueError> {
-        let stream = bounded(
-            self.settings.request_timeout,
-            "reading the stream's state",
-            self.context.get_stream(&self.stream_name),
-        )
-        .await?;
-        Ok(stream.cached_info().clone())
-    }
-
     /// Drops the reader and deletes its consumer (best effort: an ephemeral consumer also goes
     /// away by itself when left inactive).
     fn drop_reader(&mut self) {
@@ -503,7 +493,12 @@ impl LogCursor for JetStreamCursor {
                     self.drop_reader();
                     continue;
                 }
-                let info = self.stream_info().await?;
+                let info = super::partition::stream_info(
+                    &self.context,
+                    &self.stream_name,
+                    self.settings.request_timeout,
+                )
+                .await?;
                 if info.state.last_sequence >= from {
                     // The range's messages are in the stream but this consumer's server does
                     // not show them yet (a replica catching up): an incomplete range must never

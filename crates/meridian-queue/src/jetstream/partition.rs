@@ -62,14 +62,12 @@ impl Partition {
     }
 
     pub(super) async fn stream_info(&self) -> Result<stream::Info, QueueError> {
-        let timeout = self.settings.request_timeout;
-        let stream = bounded(
-            timeout,
-            "reading the stream's state",
-            self.context.get_stream(&self.stream_name),
+        stream_info(
+            &self.context,
+            &self.stream_name,
+            self.settings.request_timeout,
         )
-        .await?;
-        Ok(stream.cached_info().clone())
+        .await
     }
 
     /// Reads the stream's state into the figures and the durable end.
@@ -159,6 +157,21 @@ impl Partition {
         }
         Ok(())
     }
+}
+
+/// A stream's current state, as its leader reports it.
+pub(super) async fn stream_info(
+    context: &jetstream::Context,
+    stream_name: &str,
+    timeout: std::time::Duration,
+) -> Result<stream::Info, QueueError> {
+    let stream = bounded(
+        timeout,
+        "reading the stream's state",
+        context.get_stream(stream_name),
+    )
+    .await?;
+    Ok(stream.cached_info().clone())
 }
 
 #[async_trait]
