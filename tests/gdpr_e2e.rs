@@ -15,21 +15,6 @@ fn unique(tag: &str) -> String {
     format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
-fn region_block(
-    region: &str,
-    clickhouse_url: &str,
-    database: &str,
-    bucket: &str,
-    s3_endpoint: &str,
-    flush_ms: u64,
-) -> String {
-    format!(
-        "[regions.{region}.clickhouse]\nurls = [\"{clickhouse_url}\"]\ndatabase = \"{database}\"\nflush_interval_ms = {flush_ms}\n\
-         [regions.{region}.archive]\nflush_interval_ms = {flush_ms}\n\
-         s3 = {{ bucket = \"{bucket}\", endpoint = \"{s3_endpoint}\", force_path_style = true, verify_location = false, access_key_id = \"test\", secret_access_key = \"test\" }}\n"
-    )
-}
-
 async fn send(server: &TestServer, key: &str, users_and_ids: &[(&str, String)]) {
     let batch: Vec<Value> = users_and_ids
         .iter()

@@ -37,10 +37,8 @@ async fn setup(extra: &str) -> Option<Setup> {
     let (database, bucket) = (unique("replay_"), unique("replay-"));
     create_bucket(&s3_client(&s3, "us-east-1"), &bucket, None).await;
     let config = test_config(&format!(
-        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 300\n{extra}\n\
-         [regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\nflush_interval_ms = 100\n\
-         [regions.eu-west-1.archive]\nflush_interval_ms = 100\n\
-         s3 = {{ bucket = \"{bucket}\", endpoint = \"{s3}\", force_path_style = true, verify_location = false, access_key_id = \"test\", secret_access_key = \"test\" }}\n"
+        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 300\n{extra}\n{}",
+        region_block("eu-west-1", &clickhouse, &database, &bucket, &s3, 100)
     ));
     let server = TestServer::start(&config, &[]).await;
     server.create_org("acme").await;

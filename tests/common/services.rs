@@ -405,3 +405,33 @@ pub async fn bucket_objects(
     }
     objects
 }
+
+/// A region's warehouse (ClickHouse database `database`) and S3 archive (bucket `bucket`), both
+/// flushing every `flush_ms`.
+pub fn region_block(
+    region: &str,
+    clickhouse_url: &str,
+    database: &str,
+    bucket: &str,
+    s3_endpoint: &str,
+    flush_ms: u64,
+) -> String {
+    format!(
+        "[regions.{region}.clickhouse]\nurls = [\"{clickhouse_url}\"]\ndatabase = \"{database}\"\nflush_interval_ms = {flush_ms}\n\
+         [regions.{region}.archive]\nflush_interval_ms = {flush_ms}\n\
+         s3 = {{ bucket = \"{bucket}\", endpoint = \"{s3_endpoint}\", force_path_style = true, verify_location = false, access_key_id = \"test\", secret_access_key = \"test\" }}\n"
+    )
+}
+
+/// The keys of every object under `prefix` of a bucket.
+pub async fn bucket_keys(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> std::collections::BTreeSet<String> {
+    bucket_objects(client, bucket, prefix)
+        .await
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect()
+}

@@ -14,6 +14,7 @@ pub mod keyed_hash;
 pub(crate) mod lease;
 mod region_migration;
 mod replay;
+mod retention;
 mod schema;
 mod snapshot_source;
 
@@ -27,6 +28,7 @@ pub use key_cache::{KeyCache, ResolvedKey};
 pub use keyed_hash::CatalogKey;
 pub use region_migration::{MigrationStatus, RegionMigration};
 pub use replay::{Replay, ReplayProgress, ReplayStatus};
+pub use retention::{MAX_RETENTION_DAYS, ProjectRetention, RetentionSetting, RetentionSubject};
 
 #[cfg(test)]
 mod tests;

@@ -156,6 +156,23 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX IF NOT EXISTS replays_by_project ON replays (project_id, status)",
         ],
     ),
+    (
+        7,
+        "retention settings and janitor schedule",
+        &[
+            "CREATE TABLE IF NOT EXISTS project_retention (
+                project_id TEXT PRIMARY KEY,
+                warehouse_days BIGINT,
+                archive_days BIGINT,
+                updated_at_ms BIGINT NOT NULL
+            )",
+            "CREATE TABLE IF NOT EXISTS retention_runs (
+                region TEXT PRIMARY KEY,
+                next_run_at_ms BIGINT NOT NULL,
+                last_owner TEXT
+            )",
+        ],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).

@@ -542,13 +542,13 @@ async fn migrations_are_recorded_and_idempotent() {
     let catalog = sqlite_catalog(&dir).await;
     assert_eq!(
         catalog.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
     assert_eq!(
         again.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     );
 }
 
@@ -880,5 +880,122 @@ async fn a_replay_is_claimed_in_its_region_by_one_node_and_ends_once() {
         for action in ["replay.start", "replay.cancel", "replay.cancelled"] {
             assert!(actions.contains(&action), "{action} in {actions:?}");
         }
+    }
+}
+
+#[tokio::test]
+async fn retention_settings_are_kept_per_project_and_one_node_of_a_region_claims_each_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("keep", "Keep", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let mut projects = Vec::new();
+        for region_id in ["eu-west-1", "eu-west-1", "us-east-1"] {
+            let (project, _) = catalog
+                .create_project(
+                    "keep",
+                    NewProject {
+                        name: "web".into(),
+                        region: region(region_id),
+                    },
+                    &actor(),
+                )
+                .await
+                .unwrap();
+            projects.push(project);
+        }
+        let first = &projects[0].project_id;
+        assert_eq!(
+            catalog.retention_of(first).await.unwrap(),
+            ProjectRetention::default()
+        );
+        let set = ProjectRetention {
+            warehouse: RetentionSetting::Days(30),
+            archive: RetentionSetting::Keep,
+        };
+        catalog.set_retention(first, set, &actor()).await.unwrap();
+        assert_eq!(catalog.retention_of(first).await.unwrap(), set);
+        assert!(matches!(
+            catalog
+                .set_retention(
+                    first,
+                    ProjectRetention {
+                        warehouse: RetentionSetting::Days(0),
+                        archive: RetentionSetting::Keep,
+                    },
+                    &actor(),
+                )
+                .await,
+            Err(CatalogError::Invalid(_))
+        ));
+        assert!(matches!(
+            catalog.set_retention("prj_missing", set, &actor()).await,
+            Err(CatalogError::NotFound(_))
+        ));
+
+        // The janitor of eu-west-1 sees both of its projects, with their settings, and no other.
+        let subjects = catalog.retention_subjects("eu-west-1").await.unwrap();
+        let mut expected: Vec<(String, ProjectRetention)> = vec![
+            (first.clone(), set),
+            (projects[1].project_id.clone(), ProjectRetention::default()),
+        ];
+        expected.sort_by(|left, right| left.0.cmp(&right.0));
+        let found: Vec<(String, ProjectRetention)> = subjects
+            .into_iter()
+            .map(|subject| (subject.project_id, subject.retention))
+            .collect();
+        assert_eq!(found, expected);
+
+        // One node wins a due run; the next is due only at its time, or at once after a change.
+        let now = 1_000_000;
+        assert!(
+            catalog
+                .claim_retention_run("eu-west-1", "node-a", now, now + 3_600_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !catalog
+                .claim_retention_run("eu-west-1", "node-b", now + 1, now + 3_600_001)
+                .await
+                .unwrap()
+        );
+        assert!(
+            catalog
+                .claim_retention_run("us-east-1", "node-b", now + 1, now + 3_600_001)
+                .await
+                .unwrap(),
+            "regions are scheduled apart"
+        );
+        assert!(
+            catalog
+                .claim_retention_run("eu-west-1", "node-b", now + 3_600_000, now + 7_200_000)
+                .await
+                .unwrap()
+        );
+        catalog
+            .set_retention(first, ProjectRetention::default(), &actor())
+            .await
+            .unwrap();
+        assert!(
+            catalog
+                .claim_retention_run("eu-west-1", "node-a", now + 3_600_001, now + 7_200_001)
+                .await
+                .unwrap(),
+            "a change makes the region's run due at once"
+        );
+        assert_eq!(
+            catalog.retention_of(first).await.unwrap(),
+            ProjectRetention::default()
+        );
+        let audit = catalog.list_audit("keep", 0, 100).await.unwrap();
+        let changes = audit
+            .items
+            .iter()
+            .filter(|entry| entry.action == "project.retention")
+            .count();
+        assert_eq!(changes, 2);
     }
 }

@@ -597,62 +597,139 @@ impl ClickHouseSink {
     /// spliced), waits for the mutation to finish, and verifies the count is zero. Returns the rows
     /// deleted. A replica without the table has nothing to delete.
     pub async fn delete_users(&self, project_id: &str, user_ids: &[String]) -> Result<u64, String> {
-        let database = schema::quote_identifier(&self.config.database);
         let mut deleted = 0u64;
         for replica in &self.replicas {
             self.refuse_while_rekeying(replica).await?;
             for chunk in chunk_user_ids(user_ids) {
                 let placeholders = vec!["?"; chunk.len()].join(", ");
                 let condition = format!("project_id = ? AND user_id IN ({placeholders})");
-                let bind_all = |query: clickhouse::query::Query| {
-                    chunk.iter().fold(query.bind(project_id), |query, user| {
-                        query.bind(user.as_str())
+                deleted += self
+                    .delete_on_replica(replica, &condition, |query| {
+                        chunk.iter().fold(query.bind(project_id), |query, user| {
+                            query.bind(user.as_str())
+                        })
                     })
-                };
-                let count_sql = format!("SELECT count() FROM {database}.events WHERE {condition}");
-                let before = match self
-                    .with_timeout(bind_all(replica.admin.query(&count_sql)).fetch_one::<u64>())
-                    .await
-                {
-                    Ok(count) => count,
-                    Err(clickhouse::error::Error::BadResponse(message))
-                        if matches!(exception_code(&message), Some(60) | Some(81)) =>
-                    {
-                        continue;
-                    }
-                    Err(error) => {
-                        return Err(format!("{}: counting rows failed: {error}", replica.url));
-                    }
-                };
-                if before == 0 {
-                    continue;
-                }
-                let delete_sql = format!("ALTER TABLE {database}.events DELETE WHERE {condition}");
-                self.with_timeout(bind_all(replica.admin.query(&delete_sql)).execute())
-                    .await
-                    .map_err(|error| {
-                        format!("{}: ALTER TABLE ... DELETE failed: {error}", replica.url)
-                    })?;
-                self.wait_for_mutations(replica).await?;
-                let after = self
-                    .with_timeout(bind_all(replica.admin.query(&count_sql)).fetch_one::<u64>())
-                    .await
-                    .map_err(|error| {
-                        format!("{}: verifying the deletion failed: {error}", replica.url)
-                    })?;
-                if after != 0 {
-                    return Err(format!(
-                        "{}: {after} rows remain after the deletion mutation",
-                        replica.url
-                    ));
-                }
-                deleted += before;
+                    .await?;
             }
             // A re-key that began meanwhile may copy rows this deletion already removed from
             // the old table: the stage is retried once the copy is done.
             self.refuse_while_rekeying(replica).await?;
         }
         Ok(deleted)
+    }
+
+    /// Deletes a project's rows received before `cutoff_ms` (a retention) on every replica, as
+    /// [`ClickHouseSink::delete_users`] does. Returns the rows deleted.
+    pub async fn delete_received_before(
+        &self,
+        project_id: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, String> {
+        let cutoff_secs = cutoff_ms.div_euclid(1000);
+        let mut deleted = 0u64;
+        for replica in &self.replicas {
+            self.refuse_while_rekeying(replica).await?;
+            deleted += self
+                .delete_on_replica(replica, RECEIVED_BEFORE, |query| {
+                    query.bind(project_id).bind(cutoff_secs)
+                })
+                .await?;
+            self.refuse_while_rekeying(replica).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// A project's rows received before `cutoff_ms`, per received UTC day (day start in ms),
+    /// summed over the replicas: what [`ClickHouseSink::delete_received_before`] would delete.
+    pub async fn count_received_before_by_day(
+        &self,
+        project_id: &str,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, String> {
+        let database = schema::quote_identifier(&self.config.database);
+        let sql = format!(
+            "SELECT toUInt32(toDate(received_at)) AS day, count() AS rows FROM {database}.events \
+             WHERE {RECEIVED_BEFORE} GROUP BY day ORDER BY day"
+        );
+        let mut by_day = std::collections::BTreeMap::<i64, u64>::new();
+        for replica in &self.replicas {
+            let counted = self
+                .with_timeout(
+                    replica
+                        .admin
+                        .query(&sql)
+                        .bind(project_id)
+                        .bind(cutoff_ms.div_euclid(1000))
+                        .fetch_all::<(u32, u64)>(),
+                )
+                .await;
+            let rows = match counted {
+                Ok(rows) => rows,
+                Err(clickhouse::error::Error::BadResponse(message))
+                    if matches!(exception_code(&message), Some(60) | Some(81)) =>
+                {
+                    continue;
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "{}: counting expired rows failed: {error}",
+                        replica.url
+                    ));
+                }
+            };
+            for (day_number, rows) in rows {
+                *by_day
+                    .entry(i64::from(day_number) * 86_400_000)
+                    .or_default() += rows;
+            }
+        }
+        Ok(by_day.into_iter().collect())
+    }
+
+    /// On one replica: counts the rows matching `condition` (with its values bound by `bind`),
+    /// deletes them with a mutation, waits for it, and verifies none is left. A replica without
+    /// the table has nothing to delete.
+    async fn delete_on_replica(
+        &self,
+        replica: &Replica,
+        condition: &str,
+        bind: impl Fn(clickhouse::query::Query) -> clickhouse::query::Query,
+    ) -> Result<u64, String> {
+        let database = schema::quote_identifier(&self.config.database);
+        let count_sql = format!("SELECT count() FROM {database}.events WHERE {condition}");
+        let before = match self
+            .with_timeout(bind(replica.admin.query(&count_sql)).fetch_one::<u64>())
+            .await
+        {
+            Ok(count) => count,
+            Err(clickhouse::error::Error::BadResponse(message))
+                if matches!(exception_code(&message), Some(60) | Some(81)) =>
+            {
+                return Ok(0);
+            }
+            Err(error) => {
+                return Err(format!("{}: counting rows failed: {error}", replica.url));
+            }
+        };
+        if before == 0 {
+            return Ok(0);
+        }
+        let delete_sql = format!("ALTER TABLE {database}.events DELETE WHERE {condition}");
+        self.with_timeout(bind(replica.admin.query(&delete_sql)).execute())
+            .await
+            .map_err(|error| format!("{}: ALTER TABLE ... DELETE failed: {error}", replica.url))?;
+        self.wait_for_mutations(replica).await?;
+        let after = self
+            .with_timeout(bind(replica.admin.query(&count_sql)).fetch_one::<u64>())
+            .await
+            .map_err(|error| format!("{}: verifying the deletion failed: {error}", replica.url))?;
+        if after != 0 {
+            return Err(format!(
+                "{}: {after} rows remain after the deletion mutation",
+                replica.url
+            ));
+        }
+        Ok(before)
     }
 
     /// Every project id stored in the events table of each replica (for residency reports):
@@ -728,6 +805,9 @@ impl ClickHouseSink {
         }
     }
 }
+
+/// The rows of a project (first value) received before a time in seconds (second value).
+const RECEIVED_BEFORE: &str = "project_id = ? AND received_at < toDateTime(?, 'UTC')";
 
 fn build_rows(
     records: &[Record],

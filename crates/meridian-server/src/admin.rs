@@ -462,8 +462,20 @@ async fn get_project(
     ApiPath(project_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
-    let keys = state.catalog.list_keys(&project_id).await?;
-    Ok(axum::Json(project_json(&project, &keys)).into_response())
+    Ok(axum::Json(project_with_retention_json(&state, &project).await?).into_response())
+}
+
+/// [`project_json`] with the project's retention (what applies and what the project set).
+async fn project_with_retention_json(
+    state: &AppState,
+    project: &Project,
+) -> Result<Value, ApiError> {
+    let keys = state.catalog.list_keys(&project.project_id).await?;
+    let retention = state.catalog.retention_of(&project.project_id).await?;
+    let mut body = project_json(project, &keys);
+    body["retention"] =
+        crate::retention::retention_json(&state.settings, &project.region, retention);
+    Ok(body)
 }
 
 async fn update_project(
@@ -487,13 +499,21 @@ async fn update_project(
         ));
     }
     for key in request.keys() {
-        if key != "name" && key != "region" {
+        if !["name", "region", "retention"].contains(&key.as_str()) {
             return Err(ApiError::bad_request(
                 "invalid_request",
-                format!("`{key}` cannot be changed; only `name` can"),
+                format!("`{key}` cannot be changed; only `name` and `retention` can"),
             ));
         }
     }
+    // Checked before anything is written, so a bad retention renames nothing.
+    let retention_change = match request.get("retention") {
+        None => None,
+        Some(change) => {
+            let current = state.catalog.retention_of(&project_id).await?;
+            Some(crate::retention::parse_retention_change(current, change)?)
+        }
+    };
     let project = match request.get("name") {
         None => project,
         Some(Value::String(name)) => {
@@ -509,8 +529,14 @@ async fn update_project(
             ));
         }
     };
-    let keys = state.catalog.list_keys(&project_id).await?;
-    Ok(axum::Json(project_json(&project, &keys)).into_response())
+    if let Some(retention) = retention_change {
+        state
+            .catalog
+            .set_retention(&project_id, retention, &actor(&claims, &request_id))
+            .await?;
+        state.retention_changed.notify_one();
+    }
+    Ok(axum::Json(project_with_retention_json(&state, &project).await?).into_response())
 }
 
 #[derive(Deserialize, Default)]

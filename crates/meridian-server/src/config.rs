@@ -37,6 +37,7 @@ pub struct Config {
     pub customer_storage: CustomerStorageConfig,
     pub gdpr: GdprConfig,
     pub replay: ReplayConfig,
+    pub retention: RetentionConfig,
     pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
@@ -64,6 +65,23 @@ pub struct ProjectRateLimit {
 pub struct GdprConfig {
     pub settle_ms: u64,
     pub poll_interval_ms: u64,
+}
+
+/// `[retention]`: the janitor that deletes data past projects' retention.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub janitor_interval_secs: u64,
+}
+
+/// `[regions.<id>.retention]`: the region's default retention, for projects that set none.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRetention {
+    /// Received days older than this are deleted from the region's ClickHouse. Unset: kept.
+    pub warehouse_days: Option<u32>,
+    /// Received days older than this are deleted from the region's archive. Unset: kept.
+    pub archive_days: Option<u32>,
 }
 
 /// `[replay]`: the replay executor.
@@ -203,6 +221,7 @@ pub struct RegionConfig {
     pub archive: Option<ArchiveConfig>,
     pub clickhouse: Option<ClickHouseRegionConfig>,
     pub queue: Option<RegionQueueConfig>,
+    pub retention: Option<RegionRetention>,
 }
 
 /// `[regions.<id>.queue]`: the region's queue backend settings.
@@ -454,6 +473,8 @@ pub struct Settings {
     pub gdpr_poll_interval: Duration,
     /// Messages per second this node's replays insert at most.
     pub replay_max_messages_per_second: u64,
+    /// How often each served region's retention janitor runs (one node of a region per run).
+    pub retention_janitor_interval: Duration,
     /// The queue key file, when records are encrypted at rest.
     pub queue_key_file: Option<PathBuf>,
     pub default_rate_limit: Option<crate::rate_limit::Limit>,
@@ -473,6 +494,8 @@ pub struct RegionSettings {
     pub jetstream: Option<JetStreamRegionSettings>,
     pub archive: ArchiveSettings,
     pub clickhouse: Option<meridian_clickhouse::ClickHouseConfig>,
+    /// What projects of the region that set no retention of their own keep.
+    pub retention_default: RegionRetention,
 }
 
 #[derive(Clone, Debug)]
@@ -870,9 +893,24 @@ impl Config {
                 }
                 _ => None,
             };
+            let retention_default = region.retention.unwrap_or_default();
+            for (store, days) in [
+                ("warehouse_days", retention_default.warehouse_days),
+                ("archive_days", retention_default.archive_days),
+            ] {
+                if let Some(days) = days
+                    && !(1..=meridian_catalog::MAX_RETENTION_DAYS).contains(&days)
+                {
+                    problems.push(format!(
+                        "regions.{id}.retention.{store} must be 1 to {} days (leave it unset to keep data)",
+                        meridian_catalog::MAX_RETENTION_DAYS
+                    ));
+                }
+            }
             regions.insert(
                 id.clone(),
                 RegionSettings {
+                    retention_default,
                     clickhouse,
                     jetstream,
                     id: id.clone(),
@@ -1182,6 +1220,9 @@ impl Config {
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
+            retention_janitor_interval: Duration::from_secs(
+                self.retention.janitor_interval_secs.max(1),
+            ),
             location_check_interval: Duration::from_secs(
                 self.customer_storage.location_check_interval_secs.max(1),
             ),

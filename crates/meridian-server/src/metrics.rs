@@ -33,6 +33,12 @@ struct RegionCodeLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionOutcomeLabels {
+    region: String,
+    outcome: String,
+}
+
 fn request_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
@@ -47,6 +53,9 @@ pub struct Metrics {
     queue_full: Family<RegionLabels, Counter>,
     client_metrics: Counter,
     body_budget_refusals: Counter,
+    retention_runs: Family<RegionOutcomeLabels, Counter>,
+    retention_archive_objects: Family<RegionLabels, Counter>,
+    retention_warehouse_rows: Family<RegionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -109,8 +118,29 @@ impl Metrics {
             "Requests answered 503 because the node's request body budget was in use",
             body_budget_refusals.clone(),
         );
+        let retention_runs = Family::<RegionOutcomeLabels, Counter>::default();
+        registry.register(
+            "retention_runs",
+            "Retention janitor runs of a region, by outcome (ok, failed: some project could not be cleaned)",
+            retention_runs.clone(),
+        );
+        let retention_archive_objects = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "retention_deleted_archive_objects",
+            "Archive objects deleted because their received day was past the project's retention",
+            retention_archive_objects.clone(),
+        );
+        let retention_warehouse_rows = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "retention_deleted_warehouse_rows",
+            "ClickHouse rows deleted because they were received before the project's retention",
+            retention_warehouse_rows.clone(),
+        );
         Metrics {
             body_budget_refusals,
+            retention_runs,
+            retention_archive_objects,
+            retention_warehouse_rows,
             registry,
             requests,
             request_duration,
@@ -131,6 +161,33 @@ impl Metrics {
         let _ = self.accepted.get_or_create(&labels);
         let _ = self.suppressed.get_or_create(&labels);
         let _ = self.queue_full.get_or_create(&labels);
+        let _ = self.retention_archive_objects.get_or_create(&labels);
+        let _ = self.retention_warehouse_rows.get_or_create(&labels);
+    }
+
+    /// One janitor run of a region ended (`outcome`: `ok` or `failed`), having deleted this much.
+    pub fn retention_run(
+        &self,
+        region: &str,
+        outcome: &str,
+        archive_objects: u64,
+        warehouse_rows: u64,
+    ) {
+        self.retention_runs
+            .get_or_create(&RegionOutcomeLabels {
+                region: region.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        let labels = RegionLabels {
+            region: region.to_string(),
+        };
+        self.retention_archive_objects
+            .get_or_create(&labels)
+            .inc_by(archive_objects);
+        self.retention_warehouse_rows
+            .get_or_create(&labels)
+            .inc_by(warehouse_rows);
     }
 
     pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {

@@ -277,7 +277,7 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             Method::PATCH,
             "/admin/projects/{project_id}",
             admin(
-                "Rename a project; changing its region is 409 region_immutable (owner/admin)",
+                "Rename a project or set its retention ({\"retention\": {\"warehouse_days\", \"archive_days\"}}); changing its region is 409 region_immutable (owner/admin)",
                 Some("UpdateProject"),
                 (200, Some("Project")),
             ),
@@ -378,6 +378,15 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             ),
         ),
         (
+            Method::GET,
+            "/admin/projects/{project_id}/retention",
+            admin(
+                "Dry run of the retention janitor: the archive objects and warehouse rows past the project's retention now (or past ?warehouse_days=&archive_days=), deleting nothing; 503 region_not_served on a node of another region (owner/admin)",
+                None,
+                (200, Some("RetentionPreview")),
+            ),
+        ),
+        (
             Method::POST,
             "/admin/projects/{project_id}/replays",
             admin(
@@ -463,6 +472,10 @@ fn reference(name: &str) -> Value {
 
 fn schemas() -> Value {
     let string = json!({"type": "string"});
+    let retention_setting = json!({"oneOf": [
+        {"type": "integer", "minimum": 1, "maximum": meridian_catalog::MAX_RETENTION_DAYS},
+        {"type": "null", "description": "kept for good"},
+        {"enum": ["keep", "region_default"]}]});
     let page = |item: Value| json!({"type": "object", "required": ["items", "next_cursor"], "properties": {"items": {"type": "array", "items": item}, "next_cursor": nullable(json!({"type": "string"}))}});
     json!({
         "Error": {"type": "object", "required": ["success", "code", "message"], "properties": {
@@ -518,9 +531,20 @@ fn schemas() -> Value {
         "Project": {"type": "object", "required": ["project_id", "org_id", "name", "region", "created_at", "keys", "storage", "storage_external_id"], "properties": {
             "project_id": string, "org_id": string, "name": string, "region": string, "created_at": string,
             "keys": {"type": "array", "items": reference("KeyInfo")}, "storage": nullable(reference("Storage")),
-            "storage_external_id": string}},
+            "storage_external_id": string, "retention": reference("Retention")}},
         "ProjectPage": page(reference("Project")),
-        "UpdateProject": {"type": "object", "properties": {"name": string, "region": string}},
+        "UpdateProject": {"type": "object", "properties": {"name": string, "region": string,
+            "retention": reference("RetentionChange")}},
+        "RetentionChange": {"type": "object", "additionalProperties": false, "properties": {
+            "warehouse_days": retention_setting.clone(), "archive_days": retention_setting.clone()}},
+        "Retention": {"type": "object", "required": ["warehouse_days", "archive_days", "project_settings", "region_default"], "properties": {
+            "warehouse_days": nullable(json!({"type": "integer"})), "archive_days": nullable(json!({"type": "integer"})),
+            "project_settings": {"type": "object"}, "region_default": {"type": "object"}}},
+        "RetentionPreview": {"type": "object", "required": ["project_id", "region", "dry_run", "as_of", "retention", "warehouse", "archive"], "properties": {
+            "project_id": string, "region": string, "dry_run": {"type": "boolean"}, "as_of": string,
+            "retention": reference("Retention"),
+            "warehouse": {"type": "object", "required": ["days", "cutoff", "rows", "by_day"]},
+            "archive": {"type": "object", "required": ["days", "cutoff", "objects", "listed", "listed_omitted"]}}},
         "RotateKey": {"type": "object", "properties": {"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000}}},
         "RotatedKey": {"type": "object", "required": ["write_key", "previous_key_expires_at"], "properties": {
             "write_key": string, "previous_key_expires_at": string}},

@@ -31,12 +31,11 @@ use crate::admin::{actor, authorized_project, parse_body};
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;
+use crate::project_archive::{ProjectStore, bounded, stores_of_project};
 use crate::routes::ApiRoutes;
 use crate::state::AppState;
 
 const LEASE: Duration = Duration::from_secs(60);
-/// How long an archive read or listing may take.
-const STORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn routes() -> ApiRoutes {
     ApiRoutes::new()
@@ -58,6 +57,13 @@ pub fn routes() -> ApiRoutes {
 struct ReplayRequest {
     from: String,
     to: String,
+}
+
+fn days_text(days: Option<u32>) -> String {
+    match days {
+        Some(days) => days.to_string(),
+        None => "all".to_string(),
+    }
 }
 
 /// The UTC day a `from`/`to` names: a date (`2026-11-30`) or an RFC 3339 timestamp.
@@ -118,6 +124,25 @@ async fn start_replay(
         return Err(ApiError::bad_request(
             "invalid_request",
             "`from` is after `to`: the range is empty",
+        ));
+    }
+    let retention = state.catalog.retention_of(&project_id).await?;
+    let effective = crate::retention::EffectiveRetention::of(
+        retention,
+        crate::retention::region_default(&state.settings, &project.region),
+    );
+    if let Some(earliest) = effective.earliest_replayable_day_ms(now_unix_ms())
+        && from_day_ms < earliest
+    {
+        return Err(ApiError::bad_request(
+            "beyond_retention",
+            format!(
+                "project {project_id} keeps {} days in the warehouse and {} in the archive: the first day a replay can reach is {}, `from` is {}",
+                days_text(effective.warehouse_days),
+                days_text(effective.archive_days),
+                &format_rfc3339_ms(earliest)[..10],
+                &format_rfc3339_ms(from_day_ms)[..10],
+            ),
         ));
     }
     let has_clickhouse = RegionId::parse(&project.region)
@@ -249,20 +274,6 @@ struct ReplayObject {
     label: String,
 }
 
-async fn bounded<T, E: std::fmt::Display>(
-    what: &str,
-    work: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(STORE_TIMEOUT, work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{what}: {error}")),
-        Err(_) => Err(format!(
-            "{what}: timed out after {} s",
-            STORE_TIMEOUT.as_secs()
-        )),
-    }
-}
-
 /// The project's archive objects of the replay's days, in every store that holds its archive,
 /// in the order the progress record counts them.
 async fn objects_to_replay(
@@ -271,25 +282,15 @@ async fn objects_to_replay(
     services: &crate::state::RegionServices,
     replay: &Replay,
 ) -> Result<Vec<ReplayObject>, String> {
-    let mut stores: Vec<(&str, Arc<dyn ObjectStore>, Option<String>)> = vec![(
-        "regional",
-        Arc::clone(&services.archive_store),
-        services.archive_prefix.clone(),
-    )];
-    if let Some(storage) = state.keys.customer_storage(&replay.project_id) {
-        let (store, prefix) = state
-            .customer_stores
-            .store_for(
-                &state.settings.aws_region_of(region.as_str()),
-                &replay.project_id,
-                &storage,
-            )
-            .await
-            .map_err(|error| format!("customer bucket {}: {error}", storage.bucket))?;
-        stores.push(("customer", store, Some(prefix)));
-    }
+    let stores = stores_of_project(state, region, services, &replay.project_id).await?;
     let mut objects = Vec::new();
-    for (name, store, prefix) in stores {
+    for ProjectStore {
+        kind,
+        store,
+        prefix,
+    } in stores
+    {
+        let name = kind.as_str();
         let listed = bounded(
             &format!("listing the {name} archive"),
             list_project_objects(

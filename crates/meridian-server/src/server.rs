@@ -44,6 +44,7 @@ pub fn api_routes() -> crate::routes::ApiRoutes {
         .merge(crate::admin::routes())
         .merge(crate::gdpr::routes())
         .merge(crate::replay::routes())
+        .merge(crate::retention::routes())
         .merge(crate::ops::routes())
 }
 
@@ -259,6 +260,7 @@ impl RunningNode {
             node_id: node_id.clone(),
             deletion_requested: Arc::new(tokio::sync::Notify::new()),
             replay_requested: Arc::new(tokio::sync::Notify::new()),
+            retention_changed: Arc::new(tokio::sync::Notify::new()),
             rate_limiter: Arc::new(crate::rate_limit::RateLimiter::new(
                 settings.default_rate_limit,
                 settings.project_rate_limits.clone(),
@@ -280,6 +282,10 @@ impl RunningNode {
             stop_background.subscribe(),
         ));
         tokio::spawn(crate::replay::run_replay_executor(
+            state.clone(),
+            stop_background.subscribe(),
+        ));
+        tokio::spawn(crate::retention::run_retention_janitor(
             state.clone(),
             stop_background.subscribe(),
         ));

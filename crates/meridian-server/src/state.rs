@@ -94,6 +94,8 @@ pub struct AppStateInner {
     pub deletion_requested: Arc<tokio::sync::Notify>,
     /// Wakes this node's replay executor when a replay is requested here.
     pub replay_requested: Arc<tokio::sync::Notify>,
+    /// Wakes this node's retention janitor when a project's retention changes here.
+    pub retention_changed: Arc<tokio::sync::Notify>,
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,

@@ -1,0 +1,85 @@
+//! A project's archive as the admin jobs (replays, retention) reach it: the region's store and,
+//! when the project has one, its own bucket; every call bounded in time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_archive::ObjectStore;
+use meridian_core::RegionId;
+
+use crate::state::{AppState, RegionServices};
+
+/// How long one archive read, listing or deletion may take.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which of a project's archive stores an object is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The region's own archive store.
+    Regional,
+    /// The project's own bucket (Local Data Storage).
+    Customer,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Regional => "regional",
+            StoreKind::Customer => "customer",
+        }
+    }
+}
+
+/// One store holding part of a project's archive, with the prefix its objects are under.
+pub struct ProjectStore {
+    pub kind: StoreKind,
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Option<String>,
+}
+
+/// `work`, cut at [`STORE_TIMEOUT`], its error described as `what: ...`.
+pub async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STORE_TIMEOUT, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{what}: {error}")),
+        Err(_) => Err(format!(
+            "{what}: timed out after {} s",
+            STORE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The stores of the project's archive: the region's, then the project's own bucket if it has
+/// one (reached through its role, as the archive sink reaches it).
+pub async fn stores_of_project(
+    state: &AppState,
+    region: &RegionId,
+    services: &RegionServices,
+    project_id: &str,
+) -> Result<Vec<ProjectStore>, String> {
+    let mut stores = vec![ProjectStore {
+        kind: StoreKind::Regional,
+        store: Arc::clone(&services.archive_store),
+        prefix: services.archive_prefix.clone(),
+    }];
+    if let Some(storage) = state.keys.customer_storage(project_id) {
+        let (store, prefix) = state
+            .customer_stores
+            .store_for(
+                &state.settings.aws_region_of(region.as_str()),
+                project_id,
+                &storage,
+            )
+            .await
+            .map_err(|error| format!("customer bucket {}: {error}", storage.bucket))?;
+        stores.push(ProjectStore {
+            kind: StoreKind::Customer,
+            store,
+            prefix: Some(prefix),
+        });
+    }
+    Ok(stores)
+}
