@@ -15,7 +15,6 @@ use crate::deletion::{Deletion, DeletionProgress, DeletionStage, DeletionStatus}
 use crate::error::CatalogError;
 use crate::ids::{generate_write_key, hash_write_key, hex, new_id, write_key_prefix};
 use crate::keyed_hash::CatalogKey;
-use crate::region_migration::{MigrationStatus, RegionMigration};
 use crate::schema;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +73,8 @@ pub(crate) struct SnapshotRows {
     pub version: i64,
     /// `(key hash, project id, expires at)`.
     pub keys: Vec<([u8; 32], String, Option<i64>)>,
-    /// `(project id, region, storage)`.
-    pub projects: Vec<(String, String, Option<CustomerStorage>)>,
+    /// `(project id, region, storage, the project it was migrated to)`.
+    pub projects: Vec<(String, String, Option<CustomerStorage>, Option<String>)>,
     /// `(project id, user id)`.
     pub suppressions: Vec<(String, String)>,
     /// `(project id, user ids, created at)` of every deletion.
@@ -184,26 +183,6 @@ fn deletion_from_row(row: &AnyRow) -> Result<Deletion, CatalogError> {
         started_at_ms: row.try_get("started_at_ms")?,
         finished_at_ms: row.try_get("finished_at_ms")?,
         deadline_ms: row.try_get("deadline_ms")?,
-    })
-}
-
-const MIGRATION_COLUMNS: &str = "migration_id, org_id, source_project, target_project, source_region, \
-     target_region, status, error, created_at_ms, updated_at_ms";
-
-fn migration_from_row(row: &AnyRow) -> Result<RegionMigration, CatalogError> {
-    let status_text: String = row.try_get("status")?;
-    Ok(RegionMigration {
-        migration_id: row.try_get("migration_id")?,
-        org_id: row.try_get("org_id")?,
-        source_project: row.try_get("source_project")?,
-        target_project: row.try_get("target_project")?,
-        source_region: row.try_get("source_region")?,
-        target_region: row.try_get("target_region")?,
-        status: MigrationStatus::parse(&status_text)
-            .ok_or_else(|| CatalogError::Corrupt(format!("migration status `{status_text}`")))?,
-        error: row.try_get("error")?,
-        created_at_ms: row.try_get("created_at_ms")?,
-        updated_at_ms: row.try_get("updated_at_ms")?,
     })
 }
 
@@ -783,180 +762,6 @@ impl Catalog {
             updated_at_ms: now_ms,
             ..before
         })
-    }
-
-    // ---- region migrations ----
-
-    async fn in_flight_migration(
-        transaction: &mut Transaction<'_, Any>,
-        org_id: &str,
-    ) -> Result<Option<RegionMigration>, CatalogError> {
-        let row = sqlx::query(&format!(
-            "SELECT {MIGRATION_COLUMNS} FROM region_migrations
-             WHERE org_id = $1 AND status IN ('pending', 'copying', 'dual_write') LIMIT 1"
-        ))
-        .bind(org_id)
-        .fetch_optional(&mut **transaction)
-        .await?;
-        row.as_ref().map(migration_from_row).transpose()
-    }
-
-    /// Records a migration of `source_project`'s data to `target_project` (another region),
-    /// `pending` until started. One migration per org may be in flight.
-    pub async fn create_migration(
-        &self,
-        org_id: &str,
-        source_project: &str,
-        target_project: &str,
-        actor: &Actor,
-    ) -> Result<RegionMigration, CatalogError> {
-        if source_project == target_project {
-            return Err(CatalogError::Invalid(
-                "source_project and target_project must differ".into(),
-            ));
-        }
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let source = Self::project_in(&mut transaction, source_project).await?;
-        let target = Self::project_in(&mut transaction, target_project).await?;
-        for project in [&source, &target] {
-            if project.org_id != org_id {
-                return Err(CatalogError::NotFound(format!(
-                    "project `{}` does not exist",
-                    project.project_id
-                )));
-            }
-        }
-        if source.region == target.region {
-            return Err(CatalogError::Invalid(format!(
-                "both projects are in {}; a region migration moves data to a project in another region",
-                source.region
-            )));
-        }
-        if let Some(in_flight) = Self::in_flight_migration(&mut transaction, org_id).await? {
-            return Err(CatalogError::conflict(
-                "migration_in_flight",
-                format!(
-                    "org `{org_id}` already has a migration in flight ({})",
-                    in_flight.migration_id
-                ),
-            ));
-        }
-        let now_ms = now_unix_ms();
-        let migration = RegionMigration {
-            migration_id: new_id("mig"),
-            org_id: org_id.to_string(),
-            source_project: source.project_id,
-            target_project: target.project_id,
-            source_region: source.region,
-            target_region: target.region,
-            status: MigrationStatus::Pending,
-            error: None,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-        };
-        sqlx::query(
-            "INSERT INTO region_migrations (migration_id, org_id, source_project, target_project,
-                source_region, target_region, status, error, created_at_ms, updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9)",
-        )
-        .bind(&migration.migration_id)
-        .bind(&migration.org_id)
-        .bind(&migration.source_project)
-        .bind(&migration.target_project)
-        .bind(&migration.source_region)
-        .bind(&migration.target_region)
-        .bind(migration.status.as_str())
-        .bind(migration.created_at_ms)
-        .bind(migration.updated_at_ms)
-        .execute(&mut *transaction)
-        .await?;
-        self.record_audit(
-            &mut transaction,
-            change,
-            org_id,
-            actor,
-            "migration.create",
-            &migration.migration_id,
-            None,
-            serde_json::to_value(&migration).ok(),
-        )
-        .await?;
-        transaction.commit().await?;
-        Ok(migration)
-    }
-
-    pub async fn get_migration(
-        &self,
-        migration_id: &str,
-    ) -> Result<Option<RegionMigration>, CatalogError> {
-        let row = sqlx::query(&format!(
-            "SELECT {MIGRATION_COLUMNS} FROM region_migrations WHERE migration_id = $1"
-        ))
-        .bind(migration_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(migration_from_row).transpose()
-    }
-
-    /// Moves a migration to `next` if the state machine allows it (else 409 `invalid_transition`).
-    pub async fn transition_migration(
-        &self,
-        migration_id: &str,
-        next: MigrationStatus,
-        error: Option<&str>,
-        actor: &Actor,
-    ) -> Result<RegionMigration, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let row = sqlx::query(&format!(
-            "SELECT {MIGRATION_COLUMNS} FROM region_migrations WHERE migration_id = $1"
-        ))
-        .bind(migration_id)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some(before) = row.as_ref().map(migration_from_row).transpose()? else {
-            return Err(CatalogError::NotFound(format!(
-                "migration `{migration_id}` does not exist"
-            )));
-        };
-        if !before.status.can_become(next) {
-            return Err(CatalogError::conflict(
-                "invalid_transition",
-                format!(
-                    "migration {migration_id} is {}; it cannot become {}",
-                    before.status.as_str(),
-                    next.as_str()
-                ),
-            ));
-        }
-        let now_ms = now_unix_ms();
-        sqlx::query("UPDATE region_migrations SET status = $1, error = $2, updated_at_ms = $3 WHERE migration_id = $4")
-            .bind(next.as_str())
-            .bind(error)
-            .bind(now_ms)
-            .bind(migration_id)
-            .execute(&mut *transaction)
-            .await?;
-        let after = RegionMigration {
-            status: next,
-            error: error.map(str::to_string),
-            updated_at_ms: now_ms,
-            ..before.clone()
-        };
-        self.record_audit(
-            &mut transaction,
-            change,
-            &before.org_id,
-            actor,
-            &format!("migration.{}", next.as_str()),
-            migration_id,
-            Some(json!({"status": before.status.as_str()})),
-            Some(json!({"status": next.as_str(), "error": error})),
-        )
-        .await?;
-        transaction.commit().await?;
-        Ok(after)
     }
 
     // ---- projects and keys ----

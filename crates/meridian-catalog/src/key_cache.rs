@@ -28,6 +28,9 @@ use crate::ids::hash_write_key;
 pub struct ResolvedKey {
     pub project_id: Arc<str>,
     pub region: RegionId,
+    /// Set once the project's region migration was completed: the project its data moved to.
+    /// The source project then refuses new events.
+    pub migrated_to: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]
@@ -39,6 +42,7 @@ struct KeyEntry {
 #[derive(Clone, Debug)]
 struct ProjectEntry {
     region: RegionId,
+    migrated_to: Option<Arc<str>>,
     storage: Option<Arc<CustomerStorage>>,
     /// Keyed hashes of the suppressed users (see [`crate::keyed_hash`]).
     suppressed_users: HashSet<String>,
@@ -249,7 +253,7 @@ impl KeyCache {
         }
         let mut projects: HashMap<Arc<str>, ProjectEntry> =
             HashMap::with_capacity(rows.projects.len());
-        for (project_id, region, storage) in rows.projects {
+        for (project_id, region, storage, migrated_to) in rows.projects {
             let Ok(region) = RegionId::parse(&region) else {
                 warn!(
                     project_id,
@@ -261,6 +265,7 @@ impl KeyCache {
                 Arc::from(project_id.as_str()),
                 ProjectEntry {
                     region,
+                    migrated_to: migrated_to.map(|target| Arc::from(target.as_str())),
                     storage: storage.map(Arc::new),
                     suppressed_users: HashSet::new(),
                     erased_users: HashMap::new(),
@@ -298,6 +303,7 @@ impl KeyCache {
             let resolved = ResolvedKey {
                 project_id: Arc::clone(shared_project_id),
                 region: project.region.clone(),
+                migrated_to: project.migrated_to.clone(),
             };
             next.keys.insert(
                 hash,

@@ -26,7 +26,7 @@ pub use error::CatalogError;
 pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
 pub use keyed_hash::CatalogKey;
-pub use region_migration::{MigrationStatus, RegionMigration};
+pub use region_migration::{MigrationProgress, MigrationStatus, RegionMigration};
 pub use replay::{Replay, ReplayProgress, ReplayStatus};
 pub use retention::{MAX_RETENTION_DAYS, ProjectRetention, RetentionSetting, RetentionSubject};
 

@@ -173,6 +173,21 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             )",
         ],
     ),
+    (
+        8,
+        "region migrations that copy data",
+        &[
+            "ALTER TABLE region_migrations ADD COLUMN objects_copied BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE region_migrations ADD COLUMN messages_copied BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE region_migrations ADD COLUMN messages_present BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE region_migrations ADD COLUMN lag_objects BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE region_migrations ADD COLUMN last_pass_at_ms BIGINT",
+            "ALTER TABLE region_migrations ADD COLUMN cutover_at_ms BIGINT",
+            "ALTER TABLE region_migrations ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE region_migrations ADD COLUMN lease_until_ms BIGINT",
+            "ALTER TABLE projects ADD COLUMN migrated_to TEXT",
+        ],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).

@@ -145,7 +145,7 @@ async fn load_rows(
     }
 
     let project_sql = format!(
-        "SELECT project_id, region, storage_json FROM projects WHERE 1 = 1{}",
+        "SELECT project_id, region, storage_json, migrated_to FROM projects WHERE 1 = 1{}",
         filter("project_id", 1)
     );
     let project_rows = bind_projects(sqlx::query(&project_sql), projects)
@@ -156,6 +156,7 @@ async fn load_rows(
             row.try_get("project_id")?,
             row.try_get("region")?,
             storage_from_json(row.try_get("storage_json")?)?,
+            row.try_get("migrated_to")?,
         ));
     }
 

@@ -542,13 +542,13 @@ async fn migrations_are_recorded_and_idempotent() {
     let catalog = sqlite_catalog(&dir).await;
     assert_eq!(
         catalog.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
     assert_eq!(
         again.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
 }
 
@@ -997,5 +997,157 @@ async fn retention_settings_are_kept_per_project_and_one_node_of_a_region_claims
             .filter(|entry| entry.action == "project.retention")
             .count();
         assert_eq!(changes, 2);
+    }
+}
+
+#[tokio::test]
+async fn a_migration_copy_is_leased_to_a_node_of_both_regions_and_the_cutover_refuses_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    for catalog in catalogs_under_test(&dir).await {
+        catalog
+            .create_org("movers", "Movers", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let mut projects = Vec::new();
+        for region_id in ["eu-west-1", "us-east-1"] {
+            let (project, key) = catalog
+                .create_project(
+                    "movers",
+                    NewProject {
+                        name: "web".into(),
+                        region: region(region_id),
+                    },
+                    &actor(),
+                )
+                .await
+                .unwrap();
+            projects.push((project, key));
+        }
+        let (source, target) = (&projects[0].0.project_id, &projects[1].0.project_id);
+        let migration = catalog
+            .create_migration("movers", source, target, &actor())
+            .await
+            .unwrap();
+        let both = vec!["eu-west-1".to_string(), "us-east-1".to_string()];
+        assert!(
+            catalog
+                .claim_migrations("node-a", &both, i64::MAX, 0)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a pending migration copies nothing"
+        );
+        catalog
+            .transition_migration(
+                &migration.migration_id,
+                MigrationStatus::Copying,
+                None,
+                &actor(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            catalog
+                .claim_migrations("node-eu", &["eu-west-1".to_string()], i64::MAX, 0)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a node of one of the two regions cannot copy"
+        );
+        let claimed = catalog
+            .claim_migrations("node-a", &both, i64::MAX, 0)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(
+            catalog
+                .claim_migrations("node-b", &both, i64::MAX, 0)
+                .await
+                .unwrap()
+                .is_empty(),
+            "one node at a time"
+        );
+        let progress = MigrationProgress {
+            objects_copied: 3,
+            messages_copied: 30,
+            messages_present: 2,
+            lag_objects: 0,
+        };
+        let stored = catalog
+            .record_migration_progress(&migration.migration_id, "node-a", &progress, true, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(stored.progress, progress);
+        assert!(stored.last_pass_at_ms.is_some());
+        assert!(matches!(
+            catalog
+                .record_migration_progress(
+                    &migration.migration_id,
+                    "node-b",
+                    &progress,
+                    true,
+                    i64::MAX
+                )
+                .await,
+            Err(CatalogError::Conflict {
+                code: "lease_lost",
+                ..
+            })
+        ));
+        assert!(matches!(
+            catalog
+                .complete_migration(&migration.migration_id, &actor())
+                .await,
+            Err(CatalogError::Conflict {
+                code: "invalid_transition",
+                ..
+            })
+        ));
+        catalog
+            .transition_migration(
+                &migration.migration_id,
+                MigrationStatus::DualWrite,
+                None,
+                &actor(),
+            )
+            .await
+            .unwrap();
+        let done = catalog
+            .complete_migration(&migration.migration_id, &actor())
+            .await
+            .unwrap();
+        assert_eq!(done.status, MigrationStatus::Done);
+        let cutover = done.cutover_at_ms.expect("cutover time");
+        // The source's keys now name the target; the target's keys work as before.
+        let cache = KeyCache::load(catalog.clone()).await.unwrap();
+        let source_key = cache
+            .resolve(&projects[0].1)
+            .expect("the source key resolves");
+        assert_eq!(source_key.migrated_to.as_deref(), Some(target.as_str()));
+        let target_key = cache
+            .resolve(&projects[1].1)
+            .expect("the target key resolves");
+        assert_eq!(target_key.migrated_to, None);
+        // The copy goes on after the cutover while the drain window lasts, then stops.
+        assert_eq!(
+            catalog
+                .claim_migrations("node-a", &both, i64::MAX, cutover - 1)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            catalog
+                .claim_migrations("node-a", &both, i64::MAX, cutover)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Finished: the org may change its region.
+        catalog
+            .set_primary_region("movers", &region("us-east-1"), &actor())
+            .await
+            .unwrap();
     }
 }

@@ -41,26 +41,6 @@ pub fn routes() -> ApiRoutes {
         )
         .add(Method::GET, "/admin/orgs/{org_id}/projects", list_projects)
         .add(Method::GET, "/admin/orgs/{org_id}/audit", audit_log)
-        .add(
-            Method::POST,
-            "/admin/orgs/{org_id}/migrations",
-            create_migration,
-        )
-        .add(
-            Method::GET,
-            "/admin/migrations/{migration_id}",
-            get_migration,
-        )
-        .add(
-            Method::POST,
-            "/admin/migrations/{migration_id}/start",
-            start_migration,
-        )
-        .add(
-            Method::POST,
-            "/admin/migrations/{migration_id}/cancel",
-            cancel_migration,
-        )
         .add(Method::GET, "/admin/projects/{project_id}", get_project)
         .add(
             Method::PATCH,
@@ -319,7 +299,7 @@ async fn create_org(
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
-async fn require_org(
+pub async fn require_org(
     state: &AppState,
     claims: &Claims,
     org_id: &str,
@@ -846,121 +826,4 @@ async fn clear_storage(
         .await?;
     state.keys.refresh().await.ok();
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Deserialize)]
-struct CreateMigration {
-    source_project: String,
-    target_project: String,
-}
-
-fn migration_json(migration: &meridian_catalog::RegionMigration) -> Value {
-    json!({
-        "migration_id": migration.migration_id,
-        "org_id": migration.org_id,
-        "source_project": migration.source_project,
-        "target_project": migration.target_project,
-        "source_region": migration.source_region,
-        "target_region": migration.target_region,
-        "status": migration.status.as_str(),
-        "error": migration.error,
-        "created_at": format_rfc3339_ms(migration.created_at_ms),
-        "updated_at": format_rfc3339_ms(migration.updated_at_ms),
-    })
-}
-
-async fn create_migration(
-    State(state): State<AppState>,
-    AdminAuth(claims): AdminAuth,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    ApiPath(org_id): ApiPath<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    require_org(&state, &claims, &org_id, Role::Owner).await?;
-    let request: CreateMigration = parse_body(&body)?;
-    let migration = state
-        .catalog
-        .create_migration(
-            &org_id,
-            &request.source_project,
-            &request.target_project,
-            &actor(&claims, &request_id),
-        )
-        .await?;
-    Ok((StatusCode::CREATED, axum::Json(migration_json(&migration))).into_response())
-}
-
-async fn authorized_migration(
-    state: &AppState,
-    claims: &Claims,
-    migration_id: &str,
-) -> Result<meridian_catalog::RegionMigration, ApiError> {
-    let not_found = || ApiError::not_found(format!("migration `{migration_id}` does not exist"));
-    let migration = state
-        .catalog
-        .get_migration(migration_id)
-        .await?
-        .ok_or_else(not_found)?;
-    claims.require(
-        &migration.org_id,
-        Role::Owner,
-        &format!("migration `{migration_id}`"),
-    )?;
-    Ok(migration)
-}
-
-async fn get_migration(
-    State(state): State<AppState>,
-    AdminAuth(claims): AdminAuth,
-    ApiPath(migration_id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    let migration = authorized_migration(&state, &claims, &migration_id).await?;
-    Ok(axum::Json(migration_json(&migration)).into_response())
-}
-
-async fn move_migration(
-    state: AppState,
-    claims: Claims,
-    request_id: RequestId,
-    migration_id: String,
-    next: meridian_catalog::MigrationStatus,
-) -> Result<Response, ApiError> {
-    authorized_migration(&state, &claims, &migration_id).await?;
-    let migration = state
-        .catalog
-        .transition_migration(&migration_id, next, None, &actor(&claims, &request_id))
-        .await?;
-    Ok(axum::Json(migration_json(&migration)).into_response())
-}
-
-async fn start_migration(
-    State(state): State<AppState>,
-    AdminAuth(claims): AdminAuth,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    ApiPath(migration_id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    move_migration(
-        state,
-        claims,
-        request_id,
-        migration_id,
-        meridian_catalog::MigrationStatus::Copying,
-    )
-    .await
-}
-
-async fn cancel_migration(
-    State(state): State<AppState>,
-    AdminAuth(claims): AdminAuth,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    ApiPath(migration_id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    move_migration(
-        state,
-        claims,
-        request_id,
-        migration_id,
-        meridian_catalog::MigrationStatus::Cancelled,
-    )
-    .await
 }

@@ -38,6 +38,7 @@ pub struct Config {
     pub gdpr: GdprConfig,
     pub replay: ReplayConfig,
     pub retention: RetentionConfig,
+    pub migration: MigrationConfig,
     pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
@@ -72,6 +73,15 @@ pub struct GdprConfig {
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     pub janitor_interval_secs: u64,
+}
+
+/// `[migration]`: the executor of region migrations.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    pub max_messages_per_second: u64,
+    pub tail_interval_ms: u64,
+    pub drain_window_secs: u64,
 }
 
 /// `[regions.<id>.retention]`: the region's default retention, for projects that set none.
@@ -473,6 +483,12 @@ pub struct Settings {
     pub gdpr_poll_interval: Duration,
     /// Messages per second this node's replays insert at most.
     pub replay_max_messages_per_second: u64,
+    /// Messages per second one node's migration copies write at most.
+    pub migration_max_messages_per_second: u64,
+    /// How often a migration's copy looks for new source objects (dual_write, and after cutover).
+    pub migration_tail_interval: Duration,
+    /// How long after the cutover the copy still follows the source.
+    pub migration_drain_window: Duration,
     /// How often each served region's retention janitor runs (one node of a region per run).
     pub retention_janitor_interval: Duration,
     /// The queue key file, when records are encrypted at rest.
@@ -1220,6 +1236,9 @@ impl Config {
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
+            migration_max_messages_per_second: self.migration.max_messages_per_second.max(1),
+            migration_tail_interval: Duration::from_millis(self.migration.tail_interval_ms.max(10)),
+            migration_drain_window: Duration::from_secs(self.migration.drain_window_secs),
             retention_janitor_interval: Duration::from_secs(
                 self.retention.janitor_interval_secs.max(1),
             ),

@@ -282,6 +282,17 @@ fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey,
         )
         .in_region(home.clone()));
     }
+    if let Some(target) = &resolved.migrated_to {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "project_migrated",
+            format!(
+                "project {} was migrated to project {target}: send its events with that project's write key",
+                resolved.project_id
+            ),
+        )
+        .in_region(resolved.region.clone()));
+    }
     Ok(resolved)
 }
 

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod ingest;
 pub mod listener;
 pub mod metrics;
+pub mod migration;
 pub mod openapi;
 pub mod ops;
 pub mod project_archive;

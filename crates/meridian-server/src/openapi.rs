@@ -250,7 +250,16 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             Method::POST,
             "/admin/migrations/{migration_id}/start",
             admin(
-                "Start a pending migration (owner)",
+                "Start a pending migration: the source project's archive is copied into the target's region (its archive and ClickHouse), on a node serving both regions (owner)",
+                None,
+                (200, Some("Migration")),
+            ),
+        ),
+        (
+            Method::POST,
+            "/admin/migrations/{migration_id}/complete",
+            admin(
+                "Cut over a dual_write migration: done, the source project refuses new events (403 project_migrated) and what its queues still deliver is copied; 409 invalid_transition before the copy has caught up (owner)",
                 None,
                 (200, Some("Migration")),
             ),
@@ -571,7 +580,10 @@ fn schemas() -> Value {
             "migration_id": string, "org_id": string, "source_project": string, "target_project": string,
             "source_region": string, "target_region": string,
             "status": {"enum": ["pending", "copying", "dual_write", "done", "failed", "cancelled"]},
-            "error": nullable(json!({"type": "string"})), "created_at": string, "updated_at": string}},
+            "error": nullable(json!({"type": "string"})), "created_at": string, "updated_at": string,
+            "objects_copied": {"type": "integer"}, "messages_copied": {"type": "integer"},
+            "messages_present": {"type": "integer"}, "lag_objects": {"type": "integer"},
+            "last_pass_at": nullable(json!({"type": "string"})), "cutover_at": nullable(json!({"type": "string"}))}},
         "ReplayRequest": {"type": "object", "required": ["from", "to"], "additionalProperties": false, "properties": {
             "from": {"type": "string", "description": "first received-day: a date (2026-11-30) or an RFC 3339 timestamp (its UTC day)"},
             "to": {"type": "string", "description": "last received-day, included"}}},

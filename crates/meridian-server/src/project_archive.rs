@@ -83,3 +83,33 @@ pub async fn stores_of_project(
     }
     Ok(stores)
 }
+
+/// A short stable name of an archive object (named `<store>:<key>`), for insert dedup tokens and
+/// the names of its copies (keys may be long).
+pub fn object_token(label: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(label.as_bytes());
+    digest[..12]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_tokens_are_short_and_stable() {
+        let token = object_token("regional:segment-logs/prj_1/1796169600000/q1-0-5.gz");
+        assert_eq!(token.len(), 24);
+        assert_eq!(
+            token,
+            object_token("regional:segment-logs/prj_1/1796169600000/q1-0-5.gz")
+        );
+        assert_ne!(
+            token,
+            object_token("customer:segment-logs/prj_1/1796169600000/q1-0-5.gz")
+        );
+    }
+}

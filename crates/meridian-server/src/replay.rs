@@ -31,7 +31,7 @@ use crate::admin::{actor, authorized_project, parse_body};
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;
-use crate::project_archive::{ProjectStore, bounded, stores_of_project};
+use crate::project_archive::{ProjectStore, bounded, object_token, stores_of_project};
 use crate::routes::ApiRoutes;
 use crate::state::AppState;
 
@@ -415,16 +415,6 @@ async fn execute(state: &AppState, replay: Replay) -> Result<(), String> {
     Ok(())
 }
 
-/// A short stable name of an object for insert dedup tokens (keys may be long).
-fn object_token(label: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(label.as_bytes());
-    digest[..12]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,19 +431,5 @@ mod tests {
         );
         assert!(parse_day("from", "yesterday").is_err());
         assert!(parse_day("from", "2026-13-01").is_err());
-    }
-
-    #[test]
-    fn object_tokens_are_short_and_stable() {
-        let token = object_token("regional:segment-logs/prj_1/1796169600000/q1-0-5.gz");
-        assert_eq!(token.len(), 24);
-        assert_eq!(
-            token,
-            object_token("regional:segment-logs/prj_1/1796169600000/q1-0-5.gz")
-        );
-        assert_ne!(
-            token,
-            object_token("customer:segment-logs/prj_1/1796169600000/q1-0-5.gz")
-        );
     }
 }

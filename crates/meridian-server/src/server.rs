@@ -45,6 +45,7 @@ pub fn api_routes() -> crate::routes::ApiRoutes {
         .merge(crate::gdpr::routes())
         .merge(crate::replay::routes())
         .merge(crate::retention::routes())
+        .merge(crate::migration::routes())
         .merge(crate::ops::routes())
 }
 
@@ -261,6 +262,7 @@ impl RunningNode {
             deletion_requested: Arc::new(tokio::sync::Notify::new()),
             replay_requested: Arc::new(tokio::sync::Notify::new()),
             retention_changed: Arc::new(tokio::sync::Notify::new()),
+            migration_requested: Arc::new(tokio::sync::Notify::new()),
             rate_limiter: Arc::new(crate::rate_limit::RateLimiter::new(
                 settings.default_rate_limit,
                 settings.project_rate_limits.clone(),
@@ -286,6 +288,10 @@ impl RunningNode {
             stop_background.subscribe(),
         ));
         tokio::spawn(crate::retention::run_retention_janitor(
+            state.clone(),
+            stop_background.subscribe(),
+        ));
+        tokio::spawn(crate::migration::run_migration_executor(
             state.clone(),
             stop_background.subscribe(),
         ));

@@ -96,6 +96,8 @@ pub struct AppStateInner {
     pub replay_requested: Arc<tokio::sync::Notify>,
     /// Wakes this node's retention janitor when a project's retention changes here.
     pub retention_changed: Arc<tokio::sync::Notify>,
+    /// Wakes this node's migration executor when a migration is started or cut over here.
+    pub migration_requested: Arc<tokio::sync::Notify>,
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,
