@@ -49,24 +49,39 @@ async fn messages_by_id(
     by_id
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exactly_once() {
+/// One node serving eu-west-1 and us-east-1, each with its own ClickHouse database and bucket;
+/// an org with a source project in eu-west-1 and a target project in us-east-1.
+struct TwoRegions {
+    server: TestServer,
+    s3_client: aws_sdk_s3::Client,
+    clickhouse_eu: String,
+    clickhouse_us: String,
+    database_eu: String,
+    database_us: String,
+    bucket_eu: String,
+    bucket_us: String,
+    source: String,
+    source_key: String,
+    target: String,
+    token: String,
+}
+
+async fn two_regions(copy_messages_per_second: u64) -> Option<TwoRegions> {
     let (Some(clickhouse_eu), Some(clickhouse_us), Some(s3)) = (
         shared_service("MERIDIAN_TEST_CLICKHOUSE_URL"),
         shared_service("MERIDIAN_TEST_CLICKHOUSE_URL_2"),
         shared_service("MERIDIAN_TEST_S3_ENDPOINT"),
     ) else {
-        return;
+        return None;
     };
     let (database_eu, database_us) = (unique("mig_eu_"), unique("mig_us_"));
     let (bucket_eu, bucket_us) = (unique("mig-eu-"), unique("mig-us-"));
     let s3_client = s3_client(&s3, "us-east-1");
     create_bucket(&s3_client, &bucket_eu, None).await;
     create_bucket(&s3_client, &bucket_us, None).await;
-    // Copies go at 600 messages a second, the load at about half that: the copy catches up, and
-    // it takes long enough to be killed in the middle.
     let config = test_config(&format!(
-        "[migration]\nmax_messages_per_second = 600\ntail_interval_ms = 200\n{}{}",
+        "max_sink_attempt_secs = 5\n[gdpr]\nsettle_ms = 300\n\
+         [migration]\nmax_messages_per_second = {copy_messages_per_second}\ntail_interval_ms = 200\n{}{}",
         region_block(
             "eu-west-1",
             &clickhouse_eu,
@@ -84,12 +99,48 @@ async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exac
             100
         ),
     ));
-    let mut server = TestServer::start(&config, &[]).await;
+    let server = TestServer::start(&config, &[]).await;
     server.create_org("acme").await;
     let (source, source_key) = server.create_project("acme", "eu-west-1").await;
     let (target, _) = server.create_project("acme", "us-east-1").await;
     let token = server.issue_token("owner", Some("acme"));
+    Some(TwoRegions {
+        server,
+        s3_client,
+        clickhouse_eu,
+        clickhouse_us,
+        database_eu,
+        database_us,
+        bucket_eu,
+        bucket_us,
+        source,
+        source_key,
+        target,
+        token,
+    })
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exactly_once() {
+    // Copies go at 600 messages a second, the load at about half that: the copy catches up, and
+    // it takes long enough to be killed in the middle.
+    let Some(TwoRegions {
+        mut server,
+        s3_client,
+        clickhouse_eu,
+        clickhouse_us,
+        database_eu,
+        database_us,
+        bucket_eu,
+        bucket_us,
+        source,
+        source_key,
+        target,
+        token,
+    }) = two_regions(600).await
+    else {
+        return;
+    };
     let load = Load::spread_over(
         &server.client,
         std::slice::from_ref(&server.base_url),
@@ -351,4 +402,168 @@ async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exac
         )
         .await;
     assert_eq!(status, 200, "{assigned}");
+}
+
+async fn send(server: &TestServer, key: &str, user: &str, ids: std::ops::Range<usize>) {
+    let batch: Vec<Value> = ids
+        .map(|n| json!({"type": "track", "userId": user, "event": "E", "messageId": format!("{user}-{n}")}))
+        .collect();
+    let response = server
+        .client
+        .post(server.url("/v1/batch"))
+        .header("Authorization", basic_auth(key))
+        .json(&json!({"batch": batch}))
+        .send()
+        .await
+        .expect("POST /v1/batch");
+    assert_eq!(response.status(), 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+}
+
+async fn deletion_done(server: &TestServer, token: &str, deletion_id: &str) -> bool {
+    wait_until(Duration::from_secs(60), || async {
+        let (_, body) = server
+            .admin(
+                Method::GET,
+                &format!("/admin/deletions/{deletion_id}"),
+                token,
+                None,
+            )
+            .await;
+        body["status"] == "done"
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_deleted_from_the_source_during_a_migration_is_deleted_from_the_target_too() {
+    let Some(setup) = two_regions(20_000).await else {
+        return;
+    };
+    let server = &setup.server;
+    send(server, &setup.source_key, "alice", 0..20).await;
+    send(server, &setup.source_key, "bob", 0..20).await;
+    let (_, created) = server
+        .admin(
+            Method::POST,
+            "/admin/orgs/acme/migrations",
+            &setup.token,
+            Some(json!({"source_project": setup.source, "target_project": setup.target})),
+        )
+        .await;
+    let migration_id = created["migration_id"]
+        .as_str()
+        .expect("migration_id")
+        .to_string();
+    let (status, _) = server
+        .admin(
+            Method::POST,
+            &format!("/admin/migrations/{migration_id}/start"),
+            &setup.token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let caught_up = wait_until(Duration::from_secs(60), || async {
+        migration(server, &setup.token, &migration_id).await["status"] == "dual_write"
+    })
+    .await;
+    assert!(
+        caught_up,
+        "{}",
+        migration(server, &setup.token, &migration_id).await
+    );
+    let target_prefix = format!("segment-logs/{}/", setup.target);
+    assert_eq!(
+        messages_by_id(&setup.s3_client, &setup.bucket_us, &setup.target)
+            .await
+            .len(),
+        40
+    );
+
+    // Deleting alice from the source deletes her copies in the target's region too.
+    let (status, deletion) = server
+        .admin(
+            Method::POST,
+            &format!("/admin/projects/{}/deletions", setup.source),
+            &setup.token,
+            Some(json!({"user_ids": ["alice"]})),
+        )
+        .await;
+    assert_eq!(status, 202, "{deletion}");
+    let also = deletion["also_requested"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(also.len(), 1, "{deletion}");
+    assert_eq!(also[0]["project_id"], setup.target.as_str());
+    assert_eq!(also[0]["region"], "us-east-1");
+    for deletion_id in [
+        deletion["deletion_id"].as_str().unwrap_or_default(),
+        also[0]["deletion_id"].as_str().unwrap_or_default(),
+    ] {
+        assert!(
+            deletion_done(server, &setup.token, deletion_id).await,
+            "{deletion_id} done"
+        );
+    }
+    // More of bob's after the deletion; the copy follows, without alice.
+    send(server, &setup.source_key, "bob", 20..30).await;
+    let followed = wait_until(Duration::from_secs(60), || async {
+        messages_by_id(&setup.s3_client, &setup.bucket_us, &setup.target)
+            .await
+            .len()
+            == 30
+    })
+    .await;
+    let target_messages = messages_by_id(&setup.s3_client, &setup.bucket_us, &setup.target).await;
+    assert!(followed, "{:?}", target_messages.keys().collect::<Vec<_>>());
+    assert!(target_messages.keys().all(|id| id.starts_with("bob-")));
+    let count = |url: &str, database: &str, project: &str, user: &str| {
+        let sql = format!(
+            "SELECT count() FROM {database}.events WHERE project_id = '{project}' AND user_id = '{user}'"
+        );
+        let url = url.to_string();
+        async move { clickhouse_count(&url, &sql).await }
+    };
+    assert_eq!(
+        count(
+            &setup.clickhouse_us,
+            &setup.database_us,
+            &setup.target,
+            "alice"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &setup.clickhouse_us,
+            &setup.database_us,
+            &setup.target,
+            "bob"
+        )
+        .await,
+        30
+    );
+    assert_eq!(
+        count(
+            &setup.clickhouse_eu,
+            &setup.database_eu,
+            &setup.source,
+            "alice"
+        )
+        .await,
+        0
+    );
+    assert!(
+        bucket_keys(&setup.s3_client, &setup.bucket_us, &target_prefix)
+            .await
+            .len()
+            >= 2
+    );
 }

@@ -334,6 +334,24 @@ impl Catalog {
         Ok(after)
     }
 
+    /// The migrations that began copying `project_id`'s data somewhere (whatever became of them
+    /// since): a GDPR deletion of the project must reach their targets too.
+    pub async fn migrations_started_from(
+        &self,
+        project_id: &str,
+    ) -> Result<Vec<RegionMigration>, CatalogError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM region_migrations
+             WHERE source_project = $1 AND status <> 'pending'
+               AND (status IN {COPY_STATUSES} OR last_pass_at_ms IS NOT NULL OR objects_copied > 0)
+             ORDER BY created_at_ms"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(migration_from_row).collect()
+    }
+
     /// Claims, for `node_id` until `lease_until_ms`, every migration whose copy runs now (working,
     /// or done with a cutover after `drain_since_ms`) between two regions of `regions`, whose
     /// lease is free, lapsed or already this node's. Oldest first, at most 20.

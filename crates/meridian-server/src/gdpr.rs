@@ -147,6 +147,26 @@ async fn request_deletion(
     authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let request: UserIds = parse_body(&body)?;
     crate::admin::validate_user_ids(&request.user_ids)?;
+    // Projects this one's data was migrated to hold copies of the users' data: the deletion is
+    // requested there too (in their regions), before the project's own.
+    let mut also_requested = Vec::new();
+    for migration in state.catalog.migrations_started_from(&project_id).await? {
+        let copy_deletion = state
+            .catalog
+            .create_deletion(
+                &migration.target_project,
+                &request.user_ids,
+                &actor(&claims, &request_id),
+            )
+            .await?;
+        info!(deletion_id = %copy_deletion.deletion_id, project_id = %migration.target_project, migration_id = %migration.migration_id, "GDPR deletion requested in a migration's target too");
+        also_requested.push(json!({
+            "project_id": migration.target_project,
+            "region": copy_deletion.region,
+            "deletion_id": copy_deletion.deletion_id,
+            "migration_id": migration.migration_id,
+        }));
+    }
     let deletion = state
         .catalog
         .create_deletion(&project_id, &request.user_ids, &actor(&claims, &request_id))
@@ -154,7 +174,8 @@ async fn request_deletion(
     state.keys.refresh().await.ok();
     state.deletion_requested.notify_one();
     info!(deletion_id = %deletion.deletion_id, project_id, region = %deletion.region, users = deletion.user_ids.len(), "GDPR deletion requested");
-    let body = deletion_json(&deletion, clickhouse_configured(&state, &deletion.region));
+    let mut body = deletion_json(&deletion, clickhouse_configured(&state, &deletion.region));
+    body["also_requested"] = Value::Array(also_requested);
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 

@@ -33,8 +33,8 @@ use meridian_archive::ObjectStore;
 use meridian_archive::layout::{decode_object, encode_object, object_key};
 use meridian_archive::rewrite::list_project_objects;
 use meridian_catalog::{Actor, MigrationStatus, RegionMigration};
-use meridian_core::RegionId;
-use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
+use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms, parse_timestamp_ms};
+use meridian_core::{ErasureFilter, RegionId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -283,17 +283,40 @@ struct SourceObject {
 }
 
 /// A stored message of the source project as the target project's: `projectId` and `region`
-/// replaced, everything else (the `messageId` first) kept.
+/// replaced, everything else (the `messageId` first) kept. `None` for a message of a user deleted
+/// (GDPR) from the source or the target project: it is not copied.
 fn rewrite_for_target(
     line: &[u8],
+    source_project: &str,
     target_project: &str,
     target_region: &str,
-) -> Result<Vec<u8>, String> {
+    erasures: &dyn ErasureFilter,
+) -> Result<Option<Vec<u8>>, String> {
     let mut message: serde_json::Map<String, Value> = serde_json::from_slice(line)
         .map_err(|error| format!("an archived message is not a JSON object: {error}"))?;
+    let user_id = match message.get("userId") {
+        Some(Value::String(user)) => Some(user.clone()),
+        Some(Value::Number(number)) => Some(number.to_string()),
+        _ => None,
+    };
+    if let Some(user_id) = user_id {
+        let received_at_ms = message
+            .get("receivedAt")
+            .and_then(Value::as_str)
+            .and_then(parse_timestamp_ms)
+            .unwrap_or(0);
+        let erased = [source_project, target_project]
+            .iter()
+            .any(|project| erasures.is_erased(project, &user_id, received_at_ms));
+        if erased {
+            return Ok(None);
+        }
+    }
     message.insert("projectId".into(), Value::String(target_project.into()));
     message.insert("region".into(), Value::String(target_region.into()));
-    serde_json::to_vec(&message).map_err(|error| error.to_string())
+    serde_json::to_vec(&message)
+        .map(Some)
+        .map_err(|error| error.to_string())
 }
 
 /// One pass: copies every source object whose copy does not exist yet, then records the pass.
@@ -406,17 +429,27 @@ async fn copy_pass(state: &AppState, migration: RegionMigration) -> Result<(), S
             progress.lag_objects -= 1;
             continue;
         };
-        let (target_project, target_region_name, key) = (
+        let (source_project, target_project, target_region_name, key) = (
+            migration.source_project.clone(),
             migration.target_project.clone(),
             migration.target_region.clone(),
             object.key.clone(),
         );
+        let erasures = Arc::clone(&state.keys);
         let (messages, encoded) = tokio::task::spawn_blocking(move || {
             let lines = decode_object(&key, &body).map_err(|error| error.to_string())?;
-            let messages = lines
-                .iter()
-                .map(|line| rewrite_for_target(line, &target_project, &target_region_name))
-                .collect::<Result<Vec<_>, String>>()?;
+            let mut messages = Vec::with_capacity(lines.len());
+            for line in &lines {
+                if let Some(message) = rewrite_for_target(
+                    line,
+                    &source_project,
+                    &target_project,
+                    &target_region_name,
+                    erasures.as_ref(),
+                )? {
+                    messages.push(message);
+                }
+            }
             let encoded = encode_object(messages.iter().map(Vec::as_slice), gzip_level)
                 .map_err(|error| error.to_string())?;
             Ok::<_, String>((messages, encoded))
@@ -514,13 +547,29 @@ mod tests {
 
     #[test]
     fn a_rewritten_message_is_the_targets_with_its_own_message_id() {
-        let line = br#"{"type":"track","messageId":"m-1","projectId":"prj_eu","region":"eu-west-1","userId":"u","properties":{"a":1}}"#;
-        let rewritten = rewrite_for_target(line, "prj_us", "us-east-1").unwrap();
+        let line = br#"{"type":"track","messageId":"m-1","projectId":"prj_eu","region":"eu-west-1","userId":"u","receivedAt":"2026-12-01T10:00:00.000Z","properties":{"a":1}}"#;
+        let nobody_erased = meridian_core::NoErasures;
+        let rewritten = rewrite_for_target(line, "prj_eu", "prj_us", "us-east-1", &nobody_erased)
+            .unwrap()
+            .expect("copied");
         let message: Value = serde_json::from_slice(&rewritten).unwrap();
         assert_eq!(message["projectId"], "prj_us");
         assert_eq!(message["region"], "us-east-1");
         assert_eq!(message["messageId"], "m-1");
         assert_eq!(message["properties"], json!({"a": 1}));
-        assert!(rewrite_for_target(b"[1, 2]", "prj_us", "us-east-1").is_err());
+        assert!(
+            rewrite_for_target(b"[1, 2]", "prj_eu", "prj_us", "us-east-1", &nobody_erased).is_err()
+        );
+        struct ErasedInTarget;
+        impl ErasureFilter for ErasedInTarget {
+            fn is_erased(&self, project_id: &str, user_id: &str, _received_at_ms: i64) -> bool {
+                project_id == "prj_us" && user_id == "u"
+            }
+        }
+        assert_eq!(
+            rewrite_for_target(line, "prj_eu", "prj_us", "us-east-1", &ErasedInTarget).unwrap(),
+            None,
+            "a deleted user is not copied"
+        );
     }
 }

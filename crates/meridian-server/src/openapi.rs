@@ -604,6 +604,7 @@ fn schemas() -> Value {
             "user_count": {"type": "integer"}, "created_at": string,
             "started_at": nullable(json!({"type": "string"})), "finished_at": nullable(json!({"type": "string"})),
             "deadline": string, "error": nullable(json!({"type": "string"})),
+            "also_requested": {"type": "array", "description": "on a request: the same deletion in the targets of the project's region migrations", "items": {"type": "object"}},
             "stores": {"type": "object"}}},
         "ResidencyReport": {"type": "object", "required": ["region", "scanned_at", "clean", "stores", "projects", "findings"], "properties": {
             "region": string, "scanned_at": string, "clean": {"type": "boolean"},
