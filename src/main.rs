@@ -64,6 +64,34 @@ enum Command {
         #[command(subcommand)]
         command: ResidencyCommand,
     },
+    /// The admin console (/console).
+    Console {
+        #[command(subcommand)]
+        command: ConsoleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCommand {
+    /// Print a link that signs into the console with a short-lived token (kept in the link's
+    /// fragment: browsers never send it to a server, and the console takes it out of the address
+    /// bar at once).
+    Login {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The org to manage (not needed for --role platform).
+        #[arg(long)]
+        org: Option<String>,
+        /// owner, admin, member, or platform.
+        #[arg(long, default_value = "owner")]
+        role: String,
+        /// Lifetime of the token, e.g. 15m, 1h.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// Who acts (the token's subject, written in the audit log).
+        #[arg(long, default_value = "console")]
+        sub: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,7 +224,8 @@ fn print_quick_start(settings: &Settings, host: &str) {
          \x20 curl -s -X POST {host}/admin/orgs/acme/projects -H \"Authorization: Bearer $TOKEN\" -d '{{\"name\":\"Web\",\"region\":\"{default}\"}}'\n\
          \x20 # copy write_key from the answer, then:\n\
          \x20 curl -s -X POST {host}/v1/track -u \"$WRITE_KEY:\" -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'\n\
-         \x20 # a few seconds later: zcat {data_dir}/archive/{default}/segment-logs/*/*/*.gz\n",
+         \x20 # a few seconds later: zcat {data_dir}/archive/{default}/segment-logs/*/*/*.gz\n\n\
+         The admin console: cargo run --release -- console login --org acme   (prints a sign-in link)\n",
         regions = regions.join(", "),
         data_dir = settings.data_dir.display(),
         default = settings.default_region,
@@ -257,6 +286,37 @@ async fn issue_token(
     sub: String,
 ) -> anyhow::Result<()> {
     let settings = load_settings(config.as_deref())?;
+    println!("{}", mint_token(&settings, org, role, ttl, sub)?);
+    Ok(())
+}
+
+async fn console_login(
+    config: Option<PathBuf>,
+    org: Option<String>,
+    role: String,
+    ttl: String,
+    sub: String,
+) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    let token = mint_token(&settings, org, role, ttl, sub)?;
+    let base = match (&settings.public_url, settings.listen, &settings.tls) {
+        (Some(public_url), _, _) => public_url.trim_end_matches('/').to_string(),
+        (None, Some(listen), _) => format!("http://{listen}"),
+        (None, None, Some(tls)) => format!("https://{}", tls.listen),
+        (None, None, None) => bail!("no listener is configured"),
+    };
+    println!("{base}/console/#token={token}");
+    Ok(())
+}
+
+/// A JWT signed with the node's secret (the configured one, or the data dir's).
+fn mint_token(
+    settings: &Settings,
+    org: Option<String>,
+    role: String,
+    ttl: String,
+    sub: String,
+) -> anyhow::Result<String> {
     let role = Role::parse(&role)
         .with_context(|| format!("--role `{role}` is not one of owner, admin, member, platform"))?;
     if role != Role::Platform && org.is_none() {
@@ -272,11 +332,9 @@ async fn issue_token(
     )
     .with_context(|| format!("reading the JWT secret in {}", settings.data_dir.display()))?;
     let authority = JwtAuthority::new(&secret, settings.jwt_leeway_secs);
-    let token = authority
+    authority
         .issue(&sub, org.as_deref(), role, ttl_secs)
-        .map_err(|error| anyhow::anyhow!(error.message))?;
-    println!("{token}");
-    Ok(())
+        .map_err(|error| anyhow::anyhow!(error.message))
 }
 
 async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
@@ -488,6 +546,18 @@ fn main() -> ExitCode {
                         json,
                     },
             } => residency_report(config, region, json).await,
+            Command::Console {
+                command:
+                    ConsoleCommand::Login {
+                        config,
+                        org,
+                        role,
+                        ttl,
+                        sub,
+                    },
+            } => console_login(config, org, role, ttl, sub)
+                .await
+                .map(|()| true),
         }
     });
     match outcome {

@@ -1169,6 +1169,23 @@ impl Catalog {
         Ok(row.is_some())
     }
 
+    /// The project's latest `limit` deletions, newest first.
+    pub async fn recent_deletions(
+        &self,
+        project_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Deletion>, CatalogError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELETION_COLUMNS} FROM deletions WHERE project_id = $1
+             ORDER BY created_at_ms DESC LIMIT $2"
+        ))
+        .bind(project_id)
+        .bind(limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deletion_from_row).collect()
+    }
+
     /// The project's deletions that covered `user_id` (found by recomputing its keyed hash for
     /// finished ones), newest first: "was this user deleted, and when?".
     pub async fn deletions_of_user(

@@ -334,6 +334,23 @@ impl Catalog {
         Ok(after)
     }
 
+    /// The org's latest `limit` migrations, newest first.
+    pub async fn recent_migrations(
+        &self,
+        org_id: &str,
+        limit: usize,
+    ) -> Result<Vec<RegionMigration>, CatalogError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM region_migrations WHERE org_id = $1
+             ORDER BY created_at_ms DESC LIMIT $2"
+        ))
+        .bind(org_id)
+        .bind(limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(migration_from_row).collect()
+    }
+
     /// The migrations that began copying `project_id`'s data somewhere (whatever became of them
     /// since): a GDPR deletion of the project must reach their targets too.
     pub async fn migrations_started_from(

@@ -230,6 +230,23 @@ impl Catalog {
         Ok(replay)
     }
 
+    /// The project's latest `limit` replays, newest first.
+    pub async fn recent_replays(
+        &self,
+        project_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Replay>, CatalogError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {REPLAY_COLUMNS} FROM replays WHERE project_id = $1
+             ORDER BY created_at_ms DESC LIMIT $2"
+        ))
+        .bind(project_id)
+        .bind(limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(replay_from_row).collect()
+    }
+
     pub async fn get_replay(&self, replay_id: &str) -> Result<Option<Replay>, CatalogError> {
         let row = sqlx::query(&format!(
             "SELECT {REPLAY_COLUMNS} FROM replays WHERE replay_id = $1"

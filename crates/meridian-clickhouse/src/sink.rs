@@ -686,6 +686,49 @@ impl ClickHouseSink {
         Ok(by_day.into_iter().collect())
     }
 
+    /// Rows received since `since_ms` per project of `project_ids`, summed over the replicas (a
+    /// message stored twice before a merge counts twice: this is a volume, not an exact count).
+    pub async fn count_recent_by_project(
+        &self,
+        project_ids: &[String],
+        since_ms: i64,
+    ) -> Result<std::collections::HashMap<String, u64>, String> {
+        let database = schema::quote_identifier(&self.config.database);
+        let mut counts = std::collections::HashMap::new();
+        for chunk in project_ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT project_id, count() FROM {database}.events \
+                 WHERE received_at >= toDateTime(?, 'UTC') AND project_id IN ({placeholders}) \
+                 GROUP BY project_id"
+            );
+            for replica in &self.replicas {
+                let query = chunk.iter().fold(
+                    replica.admin.query(&sql).bind(since_ms.div_euclid(1000)),
+                    |query, project_id| query.bind(project_id.as_str()),
+                );
+                let counted = match self.with_timeout(query.fetch_all::<(String, u64)>()).await {
+                    Ok(rows) => rows,
+                    Err(clickhouse::error::Error::BadResponse(message))
+                        if matches!(exception_code(&message), Some(60) | Some(81)) =>
+                    {
+                        continue;
+                    }
+                    Err(error) => {
+                        return Err(format!(
+                            "{}: counting recent rows failed: {error}",
+                            replica.url
+                        ));
+                    }
+                };
+                for (project_id, rows) in counted {
+                    *counts.entry(project_id).or_default() += rows;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
     /// On one replica: counts the rows matching `condition` (with its values bound by `bind`),
     /// deletes them with a mutation, waits for it, and verifies none is left. A replica without
     /// the table has nothing to delete.

@@ -39,6 +39,7 @@ pub struct Config {
     pub replay: ReplayConfig,
     pub retention: RetentionConfig,
     pub migration: MigrationConfig,
+    pub console: ConsoleConfig,
     pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
@@ -73,6 +74,14 @@ pub struct GdprConfig {
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     pub janitor_interval_secs: u64,
+}
+
+/// `[console]`: the admin console and its live event debugger.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub live_subscribers_per_project: usize,
+    pub live_events_per_second: u32,
 }
 
 /// `[migration]`: the executor of region migrations.
@@ -483,6 +492,10 @@ pub struct Settings {
     pub gdpr_poll_interval: Duration,
     /// Messages per second this node's replays insert at most.
     pub replay_max_messages_per_second: u64,
+    /// Live debugger subscribers one project may have on a node at once (429 beyond).
+    pub live_subscribers_per_project: usize,
+    /// Events a project's live feed carries per second at most (the rest are counted as skipped).
+    pub live_events_per_second: u32,
     /// Messages per second one node's migration copies write at most.
     pub migration_max_messages_per_second: u64,
     /// How often a migration's copy looks for new source objects (dual_write, and after cutover).
@@ -1236,6 +1249,8 @@ impl Config {
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
+            live_subscribers_per_project: self.console.live_subscribers_per_project.max(1),
+            live_events_per_second: self.console.live_events_per_second.max(1),
             migration_max_messages_per_second: self.migration.max_messages_per_second.max(1),
             migration_tail_interval: Duration::from_millis(self.migration.tail_interval_ms.max(10)),
             migration_drain_window: Duration::from_secs(self.migration.drain_window_secs),

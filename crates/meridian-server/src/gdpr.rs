@@ -65,7 +65,8 @@ struct UserQuery {
 }
 
 /// "Was this user deleted, and when?": the project's deletions that covered `?user_id=`, found by
-/// recomputing the user's keyed hash (finished deletions keep no user id).
+/// recomputing the user's keyed hash (finished deletions keep no user id). Without `user_id`: the
+/// project's latest 50 deletions.
 async fn deletions_of_user(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
@@ -75,13 +76,15 @@ async fn deletions_of_user(
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let parsed = axum::extract::Query::<UserQuery>::try_from_uri(&uri)
         .map_err(|error| ApiError::bad_request("invalid_request", error.body_text()))?;
-    let Some(user_id) = parsed.0.user_id.filter(|user_id| !user_id.is_empty()) else {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "give the user as ?user_id=...: deletions are looked up by user",
-        ));
-    };
     let has_clickhouse = clickhouse_configured(&state, &project.region);
+    let Some(user_id) = parsed.0.user_id.filter(|user_id| !user_id.is_empty()) else {
+        let deletions = state.catalog.recent_deletions(&project_id, 50).await?;
+        let items: Vec<Value> = deletions
+            .iter()
+            .map(|deletion| deletion_json(deletion, has_clickhouse))
+            .collect();
+        return Ok(axum::Json(json!({"user_id": null, "items": items})).into_response());
+    };
     let deletions = state
         .catalog
         .deletions_of_user(&project_id, &user_id)

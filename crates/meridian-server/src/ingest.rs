@@ -2,6 +2,7 @@
 //! validate + enrich → suppression → append to the region's queue, durably → answer.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -330,6 +331,9 @@ struct Outcome {
     /// Batch-level fields that were unusable and left out (the messages were stored anyway).
     envelope_problems: Vec<EnvelopeProblem>,
     records: RecordBatch,
+    /// When somebody watches the project live: its feed, and the accepted and suppressed
+    /// messages to show once they are durable.
+    live: Option<(Arc<crate::live::ProjectFeed>, Vec<crate::live::LiveEvent>)>,
 }
 
 struct EnvelopeProblem {
@@ -464,7 +468,18 @@ async fn ingest(
         }
     };
     let region = resolved.region.clone();
-    let outcome = outcome.map_err(|failure| failure.in_region(region.clone()))?;
+    let mut outcome = outcome.map_err(|failure| failure.in_region(region.clone()))?;
+    // Rejections are final whatever happens next: the live debugger shows them now.
+    if let Some((feed, _)) = &outcome.live {
+        for (index, rejection) in &outcome.rejections.listed {
+            feed.publish(crate::live::LiveEvent::Rejected {
+                index: *index,
+                code: rejection.code.as_str(),
+                reason: rejection.message.clone(),
+            });
+        }
+    }
+    let live = outcome.live.take();
     for (code, count) in &outcome.rejections.by_code {
         state
             .metrics
@@ -490,6 +505,11 @@ async fn ingest(
     }
     if !outcome.records.is_empty() {
         append_durably(&state, &resolved, outcome.records).await?;
+    }
+    if let Some((feed, events)) = live {
+        for event in events {
+            feed.publish(event);
+        }
     }
     state
         .metrics
@@ -600,6 +620,10 @@ fn process_messages(
         rejections: Rejections::default(),
         envelope_problems,
         records: queue.new_batch(),
+        live: state
+            .live
+            .feed_of(&resolved.project_id)
+            .map(|feed| (feed, Vec::new())),
     };
     let mut handle = |index: usize,
                       parsed: Result<Map<String, Value>, MessageRejection>,
@@ -611,8 +635,14 @@ fn process_messages(
                     && enriched.user_id.as_deref().is_some_and(|user_id| {
                         state.keys.is_suppressed(&resolved.project_id, user_id)
                     });
+                let watched = outcome.live.as_mut().map(|(_, events)| events);
                 if is_suppressed {
                     outcome.suppressed += 1;
+                    if let Some(events) = watched {
+                        events.push(crate::live::LiveEvent::Suppressed(Arc::from(
+                            enriched.json.as_slice(),
+                        )));
+                    }
                 } else if let Err(failure) = outcome.records.push_identified(
                     &enriched.json,
                     &resolved.project_id,
@@ -624,6 +654,11 @@ fn process_messages(
                     );
                 } else {
                     outcome.accepted += 1;
+                    if let Some(events) = watched {
+                        events.push(crate::live::LiveEvent::Accepted(Arc::from(
+                            enriched.json.as_slice(),
+                        )));
+                    }
                 }
             }
             Err(rejection) => outcome.rejections.push(index, rejection),

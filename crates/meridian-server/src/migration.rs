@@ -59,6 +59,11 @@ pub fn routes() -> ApiRoutes {
         )
         .add(
             Method::GET,
+            "/admin/orgs/{org_id}/migrations",
+            list_migrations,
+        )
+        .add(
+            Method::GET,
             "/admin/migrations/{migration_id}",
             get_migration,
         )
@@ -126,6 +131,18 @@ async fn create_migration(
         )
         .await?;
     Ok((StatusCode::CREATED, axum::Json(migration_json(&migration))).into_response())
+}
+
+/// The org's latest 50 migrations, newest first.
+async fn list_migrations(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(org_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    require_org(&state, &claims, &org_id, Role::Owner).await?;
+    let migrations = state.catalog.recent_migrations(&org_id, 50).await?;
+    let items: Vec<Value> = migrations.iter().map(migration_json).collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
 }
 
 async fn authorized_migration(

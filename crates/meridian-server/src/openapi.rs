@@ -54,6 +54,17 @@ const fn admin(
     }
 }
 
+const fn console(summary: &'static str) -> Operation {
+    Operation {
+        summary,
+        tag: "console",
+        security: Security::Open,
+        request: None,
+        success: (200, None),
+        errors: &[404],
+    }
+}
+
 /// The description of every route: method, path template, operation.
 pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
     vec![
@@ -372,7 +383,7 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             Method::GET,
             "/admin/projects/{project_id}/deletions",
             admin(
-                "Was this user deleted, and when? The project's deletions that covered ?user_id=, found by recomputing its keyed hash (owner/admin)",
+                "Was this user deleted, and when? The project's deletions that covered ?user_id=, found by recomputing its keyed hash; without user_id the project's latest 50 deletions (owner/admin)",
                 None,
                 (200, Some("UserDeletions")),
             ),
@@ -421,6 +432,56 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
                 None,
                 (200, Some("Replay")),
             ),
+        ),
+        (
+            Method::GET,
+            "/admin/projects/{project_id}/replays",
+            admin(
+                "The project's latest 50 replays, newest first (owner/admin)",
+                None,
+                (200, Some("ReplayList")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/orgs/{org_id}/migrations",
+            admin(
+                "The org's latest 50 migrations, newest first (owner)",
+                None,
+                (200, Some("MigrationList")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/orgs/{org_id}/volume",
+            admin(
+                "Events per project received in the last hour, from the warehouses of the regions this node serves; the others listed as unavailable (member+)",
+                None,
+                (200, Some("Volume")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/projects/{project_id}/events/live",
+            Operation {
+                summary: "Server-Sent Events of the project's messages as they are accepted (`accepted`, `suppressed`, `rejected` with its reason, `skipped` with a count), sampled above console.live_events_per_second; 429 too_many_subscribers past console.live_subscribers_per_project; 503 region_not_served on a node of another region (owner/admin/member)",
+                tag: "admin",
+                security: Security::AdminJwt,
+                request: None,
+                success: (200, None),
+                errors: &[401, 403, 404, 429, 503],
+            },
+        ),
+        (Method::GET, "/console", console("The admin console (HTML)")),
+        (
+            Method::GET,
+            "/console/",
+            console("The admin console (HTML)"),
+        ),
+        (
+            Method::GET,
+            "/console/{asset}",
+            console("The console's script and style sheet (app.js, app.css)"),
         ),
         (
             Method::GET,
@@ -567,7 +628,7 @@ fn schemas() -> Value {
         "SuppressionLookup": {"type": "object", "required": ["project_id", "user_id", "user_hash", "suppressed"], "properties": {
             "project_id": string, "user_id": string, "user_hash": string, "suppressed": {"type": "boolean"}}},
         "UserDeletions": {"type": "object", "required": ["user_id", "items"], "properties": {
-            "user_id": string, "items": {"type": "array", "items": reference("Deletion")}}},
+            "user_id": nullable(json!({"type": "string"})), "items": {"type": "array", "items": reference("Deletion")}}},
         "StorageRequest": {"type": "object", "required": ["bucket", "role_arn"], "properties": {
             "bucket": string, "prefix": string, "role_arn": string, "external_id": string, "kms_key_arn": string, "label": string}},
         "AuditEntry": {"type": "object", "required": ["seq", "at", "actor", "action", "target", "request_id", "hash", "prev_hash"], "properties": {
@@ -584,6 +645,12 @@ fn schemas() -> Value {
             "objects_copied": {"type": "integer"}, "messages_copied": {"type": "integer"},
             "messages_present": {"type": "integer"}, "lag_objects": {"type": "integer"},
             "last_pass_at": nullable(json!({"type": "string"})), "cutover_at": nullable(json!({"type": "string"}))}},
+        "ReplayList": {"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": reference("Replay")}}},
+        "MigrationList": {"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": reference("Migration")}}},
+        "Volume": {"type": "object", "required": ["org_id", "since", "window_secs", "projects", "unavailable"], "properties": {
+            "org_id": string, "since": string, "window_secs": {"type": "integer"},
+            "projects": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "unavailable": {"type": "array", "items": {"type": "object"}}}},
         "ReplayRequest": {"type": "object", "required": ["from", "to"], "additionalProperties": false, "properties": {
             "from": {"type": "string", "description": "first received-day: a date (2026-11-30) or an RFC 3339 timestamp (its UTC day)"},
             "to": {"type": "string", "description": "last received-day, included"}}},
@@ -656,6 +723,12 @@ pub fn document(registered: &[(Method, &'static str)]) -> Value {
             }
             None if path == &"/metrics" => {
                 json!({"description": "Metrics", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}})
+            }
+            None if path.ends_with("/events/live") => {
+                json!({"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}})
+            }
+            None if path.starts_with("/console") => {
+                json!({"description": "A console page or asset", "content": {"text/html": {"schema": {"type": "string"}}}})
             }
             None => json!({"description": "Success, no body"}),
         };

@@ -44,6 +44,11 @@ pub fn routes() -> ApiRoutes {
             "/admin/projects/{project_id}/replays",
             start_replay,
         )
+        .add(
+            Method::GET,
+            "/admin/projects/{project_id}/replays",
+            list_replays,
+        )
         .add(Method::GET, "/admin/replays/{replay_id}", get_replay)
         .add(
             Method::POST,
@@ -170,6 +175,18 @@ async fn start_replay(
     state.replay_requested.notify_one();
     info!(replay_id = %replay.replay_id, project_id, region = %replay.region, from = %request.from, to = %request.to, "replay requested");
     Ok((StatusCode::ACCEPTED, axum::Json(replay_json(&replay))).into_response())
+}
+
+/// The project's latest 50 replays, newest first.
+async fn list_replays(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(project_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let replays = state.catalog.recent_replays(&project_id, 50).await?;
+    let items: Vec<Value> = replays.iter().map(replay_json).collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
 }
 
 /// The replay, once the caller may see its org.

@@ -46,6 +46,9 @@ pub fn api_routes() -> crate::routes::ApiRoutes {
         .merge(crate::replay::routes())
         .merge(crate::retention::routes())
         .merge(crate::migration::routes())
+        .merge(crate::live::routes())
+        .merge(crate::console::routes())
+        .merge(crate::volume::routes())
         .merge(crate::ops::routes())
 }
 
@@ -263,6 +266,10 @@ impl RunningNode {
             replay_requested: Arc::new(tokio::sync::Notify::new()),
             retention_changed: Arc::new(tokio::sync::Notify::new()),
             migration_requested: Arc::new(tokio::sync::Notify::new()),
+            live: Arc::new(crate::live::LiveHub::new(
+                settings.live_subscribers_per_project,
+                settings.live_events_per_second,
+            )),
             rate_limiter: Arc::new(crate::rate_limit::RateLimiter::new(
                 settings.default_rate_limit,
                 settings.project_rate_limits.clone(),

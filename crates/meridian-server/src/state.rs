@@ -98,6 +98,8 @@ pub struct AppStateInner {
     pub retention_changed: Arc<tokio::sync::Notify>,
     /// Wakes this node's migration executor when a migration is started or cut over here.
     pub migration_requested: Arc<tokio::sync::Notify>,
+    /// The live event debugger's feeds (projects somebody watches on this node).
+    pub live: Arc<crate::live::LiveHub>,
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,

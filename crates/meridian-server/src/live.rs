@@ -1,0 +1,296 @@
+//! The live event debugger: `GET /admin/projects/{id}/events/live` streams a project's messages as
+//! they are accepted (Server-Sent Events), with the ones suppressed and rejected and why.
+//!
+//! Ingest never waits for a subscriber: it looks the project up in the hub only when somebody
+//! watches some project (one atomic load otherwise), and publishes into a bounded broadcast
+//! channel that drops what a slow subscriber has not read (the subscriber is told how many it
+//! missed). Each project's feed carries at most `console.live_events_per_second`; beyond, events
+//! are counted as skipped (sampled). At most `console.live_subscribers_per_project` watch one
+//! project at once (429 beyond). A project is watched only on nodes of its region.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::Method;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::admin::authorized_project;
+use crate::auth::{AdminAuth, Role};
+use crate::error::{ApiError, ApiPath};
+use crate::routes::ApiRoutes;
+use crate::state::AppState;
+
+/// Events a subscriber may fall behind by before it misses some.
+const FEED_CAPACITY: usize = 256;
+
+pub fn routes() -> ApiRoutes {
+    ApiRoutes::new().add(
+        Method::GET,
+        "/admin/projects/{project_id}/events/live",
+        live_events,
+    )
+}
+
+/// What the debugger shows of one message.
+#[derive(Clone, Debug)]
+pub enum LiveEvent {
+    /// Stored (the stored JSON, with `receivedAt`, `messageId`, ...).
+    Accepted(Arc<[u8]>),
+    /// Dropped because its user is suppressed.
+    Suppressed(Arc<[u8]>),
+    /// Refused: the batch index, the reject code and the reason.
+    Rejected {
+        index: usize,
+        code: &'static str,
+        reason: String,
+    },
+    /// This many events were not sent (the feed's rate was exceeded).
+    Skipped(u64),
+}
+
+/// One watched project's feed.
+pub struct ProjectFeed {
+    sender: broadcast::Sender<LiveEvent>,
+    subscribers: AtomicUsize,
+    /// `(start of the current second, events sent in it, events skipped since the last report)`.
+    rate: Mutex<(Instant, u32, u64)>,
+    max_per_second: u32,
+}
+
+impl ProjectFeed {
+    /// Sends `event` unless the feed's rate is used up this second (then it is counted, and the
+    /// count is sent once a new second begins). Never waits.
+    pub fn publish(&self, event: LiveEvent) {
+        let skipped_report = {
+            let Ok(mut rate) = self.rate.lock() else {
+                return;
+            };
+            let (started, sent, skipped) = &mut *rate;
+            if started.elapsed() >= Duration::from_secs(1) {
+                *started = Instant::now();
+                *sent = 0;
+            }
+            if *sent >= self.max_per_second {
+                *skipped += 1;
+                return;
+            }
+            *sent += 1;
+            std::mem::take(skipped)
+        };
+        if skipped_report > 0 {
+            let _ = self.sender.send(LiveEvent::Skipped(skipped_report));
+        }
+        // No receiver left (it is leaving): nothing to do.
+        let _ = self.sender.send(event);
+    }
+}
+
+/// The feeds of the projects somebody watches on this node.
+pub struct LiveHub {
+    feeds: RwLock<HashMap<Arc<str>, Arc<ProjectFeed>>>,
+    watching: AtomicUsize,
+    max_subscribers_per_project: usize,
+    max_events_per_second: u32,
+}
+
+/// A subscriber's place in a feed; leaving (drop) frees it.
+pub struct Subscription {
+    hub: Arc<LiveHub>,
+    project_id: Arc<str>,
+    feed: Arc<ProjectFeed>,
+    receiver: broadcast::Receiver<LiveEvent>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.watching.fetch_sub(1, Ordering::Relaxed);
+        if self.feed.subscribers.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut feeds) = self.hub.feeds.write()
+            && self.feed.subscribers.load(Ordering::Acquire) == 0
+        {
+            feeds.remove(&self.project_id);
+        }
+    }
+}
+
+impl LiveHub {
+    pub fn new(max_subscribers_per_project: usize, max_events_per_second: u32) -> LiveHub {
+        LiveHub {
+            feeds: RwLock::new(HashMap::new()),
+            watching: AtomicUsize::new(0),
+            max_subscribers_per_project: max_subscribers_per_project.max(1),
+            max_events_per_second: max_events_per_second.max(1),
+        }
+    }
+
+    /// The project's feed if somebody watches it (the ingest hot path: one atomic load when
+    /// nobody watches anything).
+    pub fn feed_of(&self, project_id: &str) -> Option<Arc<ProjectFeed>> {
+        if self.watching.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.feeds.read().ok()?.get(project_id).cloned()
+    }
+
+    /// A new subscriber of the project's feed; `None` when it has its maximum already.
+    pub fn subscribe(self: &Arc<Self>, project_id: &str) -> Option<Subscription> {
+        let mut feeds = self.feeds.write().ok()?;
+        let feed = feeds
+            .entry(Arc::from(project_id))
+            .or_insert_with(|| {
+                Arc::new(ProjectFeed {
+                    sender: broadcast::channel(FEED_CAPACITY).0,
+                    subscribers: AtomicUsize::new(0),
+                    rate: Mutex::new((Instant::now(), 0, 0)),
+                    max_per_second: self.max_events_per_second,
+                })
+            })
+            .clone();
+        if feed.subscribers.load(Ordering::Acquire) >= self.max_subscribers_per_project {
+            return None;
+        }
+        feed.subscribers.fetch_add(1, Ordering::AcqRel);
+        self.watching.fetch_add(1, Ordering::Relaxed);
+        Some(Subscription {
+            hub: Arc::clone(self),
+            project_id: Arc::from(project_id),
+            receiver: feed.sender.subscribe(),
+            feed,
+        })
+    }
+}
+
+fn message_json(stored: &[u8]) -> Value {
+    serde_json::from_slice(stored).unwrap_or(Value::Null)
+}
+
+fn sse_event(event: LiveEvent) -> Event {
+    let (name, data) = match event {
+        LiveEvent::Accepted(stored) => ("accepted", json!({"message": message_json(&stored)})),
+        LiveEvent::Suppressed(stored) => (
+            "suppressed",
+            json!({"message": message_json(&stored), "reason": "the user is suppressed: the message was answered 200 and dropped"}),
+        ),
+        LiveEvent::Rejected {
+            index,
+            code,
+            reason,
+        } => (
+            "rejected",
+            json!({"index": index, "code": code, "reason": reason, "message": null}),
+        ),
+        LiveEvent::Skipped(count) => ("skipped", json!({"count": count})),
+    };
+    Event::default().event(name).data(data.to_string())
+}
+
+async fn live_events(
+    State(state): State<AppState>,
+    AdminAuth(claims): AdminAuth,
+    ApiPath(project_id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
+    let served = meridian_core::RegionId::parse(&project.region)
+        .is_ok_and(|region| state.queues.contains_key(&region));
+    if !served {
+        return Err(ApiError::unavailable(
+            "region_not_served",
+            format!(
+                "this node does not serve {}, where project {project_id}'s events arrive: ask a node of that region",
+                project.region
+            ),
+            5,
+        ));
+    }
+    let Some(subscription) = state.live.subscribe(&project_id) else {
+        return Err(ApiError::too_many_requests(
+            "too_many_subscribers",
+            format!(
+                "project {project_id} already has {} live subscribers on this node; close one",
+                state.settings.live_subscribers_per_project
+            ),
+            5,
+        ));
+    };
+    let stream = futures_util::stream::unfold(subscription, |mut subscription| async move {
+        let event = match subscription.receiver.recv().await {
+            Ok(event) => event,
+            // Too slow: what it missed is counted, never waited for.
+            Err(broadcast::error::RecvError::Lagged(missed)) => LiveEvent::Skipped(missed),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<Event, Infallible>(sse_event(event)), subscription))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feed_sends_at_most_its_rate_and_reports_what_it_skipped() {
+        let hub = Arc::new(LiveHub::new(2, 3));
+        assert!(hub.feed_of("prj_1").is_none(), "nobody watches");
+        let mut subscription = hub.subscribe("prj_1").expect("first subscriber");
+        let feed = hub.feed_of("prj_1").expect("watched");
+        for _ in 0..5 {
+            feed.publish(LiveEvent::Accepted(Arc::from(&b"{}"[..])));
+        }
+        let mut received = Vec::new();
+        while let Ok(event) = subscription.receiver.try_recv() {
+            received.push(event);
+        }
+        assert_eq!(received.len(), 3, "three a second");
+        // A new second: the two skipped are reported before the next event.
+        if let Ok(mut rate) = feed.rate.lock() {
+            rate.0 -= Duration::from_secs(1);
+        }
+        feed.publish(LiveEvent::Accepted(Arc::from(&b"{}"[..])));
+        assert!(matches!(
+            subscription.receiver.try_recv(),
+            Ok(LiveEvent::Skipped(2))
+        ));
+        assert!(matches!(
+            subscription.receiver.try_recv(),
+            Ok(LiveEvent::Accepted(_))
+        ));
+    }
+
+    #[test]
+    fn subscribers_are_limited_per_project_and_leaving_frees_the_place() {
+        let hub = Arc::new(LiveHub::new(2, 100));
+        let first = hub.subscribe("prj_1").expect("first");
+        let second = hub.subscribe("prj_1").expect("second");
+        assert!(hub.subscribe("prj_1").is_none(), "a third is refused");
+        assert!(hub.subscribe("prj_2").is_some(), "other projects are apart");
+        drop(first);
+        let third = hub.subscribe("prj_1").expect("a place is free again");
+        drop(second);
+        drop(third);
+        assert!(hub.feed_of("prj_1").is_none(), "nobody watches it any more");
+    }
+
+    #[test]
+    fn a_subscriber_that_never_reads_costs_a_bounded_buffer() {
+        let hub = Arc::new(LiveHub::new(1, u32::MAX));
+        let mut subscription = hub.subscribe("prj_1").expect("subscriber");
+        let feed = hub.feed_of("prj_1").expect("watched");
+        for _ in 0..(FEED_CAPACITY * 10) {
+            feed.publish(LiveEvent::Accepted(Arc::from(&b"{}"[..])));
+        }
+        assert!(matches!(
+            subscription.receiver.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) if missed as usize == FEED_CAPACITY * 9
+        ));
+    }
+}
