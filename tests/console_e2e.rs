@@ -230,18 +230,12 @@ async fn the_live_feed_is_for_the_org_only_limited_and_a_subscriber_that_never_r
         .await;
     assert_eq!(status, 200);
     let suppressed_known = wait_until(Duration::from_secs(10), || async {
-        let response = server
-            .client
-            .post(server.url("/v1/batch"))
-            .header("Authorization", basic_auth(&key))
-            .json(&json!({"batch": [
-                {"type": "track", "userId": "alice", "event": "Seen", "messageId": "seen-1"},
-                {"type": "track", "userId": "mallory", "event": "Hidden"},
-                {"type": "track", "event": "No user"}
-            ]}))
-            .send()
-            .await;
-        response.is_ok_and(|response| response.status() == 200)
+        let batch = [
+            json!({"type": "track", "userId": "alice", "event": "Seen", "messageId": "seen-1"}),
+            json!({"type": "track", "userId": "mallory", "event": "Hidden"}),
+            json!({"type": "track", "event": "No user"}),
+        ];
+        server.post_batch(&key, &batch).await == 200
     })
     .await;
     assert!(suppressed_known);
@@ -300,15 +294,7 @@ async fn the_live_feed_is_for_the_org_only_limited_and_a_subscriber_that_never_r
             .map(|n| json!({"type": "track", "userId": "bulk", "event": "Bulk", "messageId": format!("bulk-{}", request * 10 + n)}))
             .collect();
         let sent = Instant::now();
-        let response = server
-            .client
-            .post(server.url("/v1/batch"))
-            .header("Authorization", basic_auth(&key))
-            .json(&json!({"batch": batch}))
-            .send()
-            .await
-            .expect("POST /v1/batch");
-        assert_eq!(response.status(), 200);
+        assert_eq!(server.post_batch(&key, &batch).await, 200);
         slowest = slowest.max(sent.elapsed());
     }
     eprintln!(
@@ -369,20 +355,7 @@ async fn the_orgs_volume_counts_each_projects_last_hour_from_its_regions_warehou
     let batch: Vec<Value> = (0..7)
         .map(|n| json!({"type": "track", "userId": "u", "event": "E", "messageId": format!("v-{n}")}))
         .collect();
-    let response = server
-        .client
-        .post(server.url("/v1/batch"))
-        .header("Authorization", basic_auth(&busy_key))
-        .json(&json!({"batch": batch}))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    assert_eq!(response.status(), 200);
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(30))
-            .await
-    );
+    server.send_and_deliver(&busy_key, &batch).await;
     let member = server.issue_token("member", Some("acme"));
     let (status, volume) = server
         .admin(Method::GET, "/admin/orgs/acme/volume", &member, None)

@@ -408,20 +408,7 @@ async fn send(server: &TestServer, key: &str, user: &str, ids: std::ops::Range<u
     let batch: Vec<Value> = ids
         .map(|n| json!({"type": "track", "userId": user, "event": "E", "messageId": format!("{user}-{n}")}))
         .collect();
-    let response = server
-        .client
-        .post(server.url("/v1/batch"))
-        .header("Authorization", basic_auth(key))
-        .json(&json!({"batch": batch}))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    assert_eq!(response.status(), 200);
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(30))
-            .await
-    );
+    server.send_and_deliver(key, &batch).await;
 }
 
 async fn deletion_done(server: &TestServer, token: &str, deletion_id: &str) -> bool {

@@ -81,20 +81,7 @@ async fn retention_deletes_exactly_the_days_past_the_window_in_both_stores_after
     let live: Vec<Value> = (0..10)
         .map(|n| json!({"type": "track", "userId": "u", "event": "Live", "messageId": format!("live-{n}")}))
         .collect();
-    let response = server
-        .client
-        .post(server.url("/v1/batch"))
-        .header("Authorization", basic_auth(&key))
-        .json(&json!({"batch": live}))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    assert_eq!(response.status(), 200);
-    assert!(
-        server
-            .wait_for_sinks_to_drain(Duration::from_secs(30))
-            .await
-    );
+    server.send_and_deliver(&key, &live).await;
     let project_prefix = format!("segment-logs/{project_id}/");
     let live_objects = bucket_keys(&s3_client, &bucket, &project_prefix).await;
     assert!(!live_objects.is_empty(), "today's data is archived");

@@ -404,6 +404,28 @@ impl TestServer {
         metric_value(&self.metrics_text().await, series)
     }
 
+    /// POSTs `messages` as one `/v1/batch` with `write_key`; returns the answer's status.
+    pub async fn post_batch(&self, write_key: &str, messages: &[Value]) -> u16 {
+        self.client
+            .post(self.url("/v1/batch"))
+            .header("Authorization", basic_auth(write_key))
+            .json(&serde_json::json!({"batch": messages}))
+            .send()
+            .await
+            .expect("POST /v1/batch")
+            .status()
+            .as_u16()
+    }
+
+    /// [`TestServer::post_batch`], answered 200, then waits until every sink delivered it.
+    pub async fn send_and_deliver(&self, write_key: &str, messages: &[Value]) {
+        assert_eq!(self.post_batch(write_key, messages).await, 200);
+        assert!(
+            self.wait_for_sinks_to_drain(Duration::from_secs(30)).await,
+            "the batch was delivered"
+        );
+    }
+
     /// Queue cursors and ends are in /metrics; waits until every sink of every region caught up.
     pub async fn wait_for_sinks_to_drain(&self, timeout: Duration) -> bool {
         let client = self.client.clone();
