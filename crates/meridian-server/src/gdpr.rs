@@ -207,11 +207,7 @@ async fn get_deletion(
 
 /// Claims and carries out deletions of the served regions until `stop`.
 pub async fn run_deletion_executor(state: AppState, mut stop: watch::Receiver<bool>) {
-    let regions: Vec<String> = state
-        .region_services
-        .keys()
-        .map(|region| region.to_string())
-        .collect();
+    let regions = crate::background::served_region_names(&state);
     if regions.is_empty() {
         return;
     }
@@ -230,9 +226,8 @@ pub async fn run_deletion_executor(state: AppState, mut stop: watch::Receiver<bo
                         .catalog
                         .record_deletion_error(&deletion_id, &failure)
                         .await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        _ = stop.wait_for(|stop| *stop) => return,
+                    if !crate::background::back_off(&mut stop, Duration::from_secs(5)).await {
+                        return;
                     }
                 }
                 continue;
@@ -240,10 +235,9 @@ pub async fn run_deletion_executor(state: AppState, mut stop: watch::Receiver<bo
             Ok(None) => {}
             Err(error) => warn!(%error, "cannot look for GDPR deletions; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(state.settings.gdpr_poll_interval) => {}
-            _ = state.deletion_requested.notified() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+        let poll = state.settings.gdpr_poll_interval;
+        if !crate::background::next_round(&mut stop, poll, &state.deletion_requested).await {
+            return;
         }
     }
 }

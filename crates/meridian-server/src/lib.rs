@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod background;
 pub mod catalog_key;
 pub mod config;
 pub mod console;

@@ -243,11 +243,7 @@ async fn complete_migration(
 
 /// Claims and copies the migrations between regions this node serves, until `stop`.
 pub async fn run_migration_executor(state: AppState, mut stop: watch::Receiver<bool>) {
-    let regions: Vec<String> = state
-        .region_services
-        .keys()
-        .map(|region| region.to_string())
-        .collect();
+    let regions = crate::background::served_region_names(&state);
     if regions.len() < 2 {
         return;
     }
@@ -267,10 +263,12 @@ pub async fn run_migration_executor(state: AppState, mut stop: watch::Receiver<b
             Ok(migrations) => {
                 for migration in migrations {
                     let migration_id = migration.migration_id.clone();
-                    let outcome = tokio::select! {
-                        outcome = copy_pass(&state, migration) => outcome,
-                        // The next pass goes on where this one stopped.
-                        _ = stop.wait_for(|stop| *stop) => return,
+                    // Stopped: the next pass goes on where this one stopped.
+                    let Some(outcome) =
+                        crate::background::unless_stopped(&mut stop, copy_pass(&state, migration))
+                            .await
+                    else {
+                        return;
                     };
                     if let Err(failure) = outcome {
                         warn!(%migration_id, error = %failure, "migration copy failed; it will be retried");
@@ -283,10 +281,9 @@ pub async fn run_migration_executor(state: AppState, mut stop: watch::Receiver<b
             }
             Err(error) => warn!(%error, "cannot look for migrations; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(state.settings.migration_tail_interval) => {}
-            _ = state.migration_requested.notified() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+        let tail = state.settings.migration_tail_interval;
+        if !crate::background::next_round(&mut stop, tail, &state.migration_requested).await {
+            return;
         }
     }
 }

@@ -238,11 +238,7 @@ async fn cancel_replay(
 
 /// Claims and carries out replays of the served regions until `stop`.
 pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool>) {
-    let regions: Vec<String> = state
-        .region_services
-        .keys()
-        .map(|region| region.to_string())
-        .collect();
+    let regions = crate::background::served_region_names(&state);
     if regions.is_empty() {
         return;
     }
@@ -255,10 +251,12 @@ pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool
         match claimed {
             Ok(Some(replay)) => {
                 let replay_id = replay.replay_id.clone();
-                let outcome = tokio::select! {
-                    outcome = execute(&state, replay) => outcome,
-                    // The lease lapses and this node (or another) resumes after the last object.
-                    _ = stop.wait_for(|stop| *stop) => return,
+                // Stopped: the lease lapses and this node (or another) resumes after the last
+                // object.
+                let Some(outcome) =
+                    crate::background::unless_stopped(&mut stop, execute(&state, replay)).await
+                else {
+                    return;
                 };
                 if let Err(failure) = outcome {
                     warn!(%replay_id, error = %failure, "replay step failed; it will be retried");
@@ -266,9 +264,8 @@ pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool
                         .catalog
                         .record_replay_error(&replay_id, &failure)
                         .await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        _ = stop.wait_for(|stop| *stop) => return,
+                    if !crate::background::back_off(&mut stop, Duration::from_secs(5)).await {
+                        return;
                     }
                 }
                 continue;
@@ -276,10 +273,9 @@ pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool
             Ok(None) => {}
             Err(error) => warn!(%error, "cannot look for replays; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(state.settings.gdpr_poll_interval) => {}
-            _ = state.replay_requested.notified() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+        let poll = state.settings.gdpr_poll_interval;
+        if !crate::background::next_round(&mut stop, poll, &state.replay_requested).await {
+            return;
         }
     }
 }

@@ -495,10 +495,12 @@ pub async fn run_retention_janitor(state: AppState, mut stop: watch::Receiver<bo
                 .await;
             match claimed {
                 Ok(true) => {
-                    tokio::select! {
-                        _ = janitor_pass(&state, region) => {}
-                        // Deletions are idempotent: the next run finishes what this one began.
-                        _ = stop.wait_for(|stop| *stop) => return,
+                    // Stopped: deletions are idempotent, the next run finishes what this began.
+                    let finished =
+                        crate::background::unless_stopped(&mut stop, janitor_pass(&state, region))
+                            .await;
+                    if finished.is_none() {
+                        return;
                     }
                 }
                 Ok(false) => {}
@@ -507,10 +509,9 @@ pub async fn run_retention_janitor(state: AppState, mut stop: watch::Receiver<bo
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(RETENTION_POLL.min(interval)) => {}
-            _ = state.retention_changed.notified() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+        let poll = RETENTION_POLL.min(interval);
+        if !crate::background::next_round(&mut stop, poll, &state.retention_changed).await {
+            return;
         }
     }
 }
