@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::Method;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::admin::authorized_project;
@@ -167,16 +167,28 @@ impl LiveHub {
     }
 }
 
-fn message_json(stored: &[u8]) -> Value {
-    serde_json::from_slice(stored).unwrap_or(Value::Null)
+/// The stored message as JSON text: it is spliced into the event as it is (the queue holds
+/// valid JSON objects), not parsed and written again.
+fn stored_json(stored: &[u8]) -> &str {
+    match std::str::from_utf8(stored) {
+        Ok(text) if text.starts_with('{') => text,
+        _ => "null",
+    }
 }
 
-fn sse_event(event: LiveEvent) -> Event {
-    let (name, data) = match event {
-        LiveEvent::Accepted(stored) => ("accepted", json!({"message": message_json(&stored)})),
+/// An event's SSE name and data.
+fn event_data(event: LiveEvent) -> (&'static str, String) {
+    match event {
+        LiveEvent::Accepted(stored) => (
+            "accepted",
+            format!("{{\"message\":{}}}", stored_json(&stored)),
+        ),
         LiveEvent::Suppressed(stored) => (
             "suppressed",
-            json!({"message": message_json(&stored), "reason": "the user is suppressed: the message was answered 200 and dropped"}),
+            format!(
+                "{{\"message\":{},\"reason\":\"the user is suppressed: the message was answered 200 and dropped\"}}",
+                stored_json(&stored)
+            ),
         ),
         LiveEvent::Rejected {
             index,
@@ -184,11 +196,15 @@ fn sse_event(event: LiveEvent) -> Event {
             reason,
         } => (
             "rejected",
-            json!({"index": index, "code": code, "reason": reason, "message": null}),
+            json!({"index": index, "code": code, "reason": reason, "message": null}).to_string(),
         ),
-        LiveEvent::Skipped(count) => ("skipped", json!({"count": count})),
-    };
-    Event::default().event(name).data(data.to_string())
+        LiveEvent::Skipped(count) => ("skipped", json!({"count": count}).to_string()),
+    }
+}
+
+fn sse_event(event: LiveEvent) -> Event {
+    let (name, data) = event_data(event);
+    Event::default().event(name).data(data)
 }
 
 async fn live_events(
@@ -264,6 +280,21 @@ mod tests {
             subscription.receiver.try_recv(),
             Ok(LiveEvent::Accepted(_))
         ));
+    }
+
+    #[test]
+    fn events_carry_the_stored_message_as_it_is() {
+        let stored: Arc<[u8]> = Arc::from(&br#"{"messageId":"m-1","event":"E\u00e9"}"#[..]);
+        let (name, data) = event_data(LiveEvent::Accepted(stored));
+        assert_eq!(name, "accepted");
+        let parsed: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(parsed["message"]["event"], "E\u{e9}");
+        let (_, broken) = event_data(LiveEvent::Accepted(Arc::from(&[0xff, 0xfe][..])));
+        assert_eq!(broken, r#"{"message":null}"#);
+        let (name, data) = event_data(LiveEvent::Suppressed(Arc::from(&br#"{"userId":"m"}"#[..])));
+        assert_eq!(name, "suppressed");
+        let parsed: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(parsed["message"]["userId"], "m");
     }
 
     #[test]
