@@ -432,4 +432,18 @@ async fn retention_settings_are_checked_audited_and_fall_back_to_the_region_defa
         )
         .await;
     assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_request", "{body}");
+    let (status, body) = server
+        .admin(
+            Method::GET,
+            &format!("{path}/retention?ttl=3"),
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["code"], "invalid_request",
+        "an unknown parameter, in this API's error shape: {body}"
+    );
 }

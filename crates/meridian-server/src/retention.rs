@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use meridian_archive::ObjectStore;
@@ -282,8 +282,11 @@ async fn preview_retention(
     State(state): State<AppState>,
     AdminAuth(claims): AdminAuth,
     ApiPath(project_id): ApiPath<String>,
-    Query(query): Query<PreviewQuery>,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    // Parsed here, not by axum's extractor, so that a bad query gets this API's error body.
+    let axum::extract::Query(query) = axum::extract::Query::<PreviewQuery>::try_from_uri(&uri)
+        .map_err(|error| ApiError::bad_request("invalid_request", error.body_text()))?;
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let mut retention = state.catalog.retention_of(&project_id).await?;
     if let Some(text) = &query.warehouse_days {
