@@ -508,7 +508,7 @@ async fn ingest(
     }
     if let Some((feed, events)) = live {
         for event in events {
-            feed.publish(event);
+            feed.send_admitted(event);
         }
     }
     state
@@ -635,7 +635,12 @@ fn process_messages(
                     && enriched.user_id.as_deref().is_some_and(|user_id| {
                         state.keys.is_suppressed(&resolved.project_id, user_id)
                     });
-                let watched = outcome.live.as_mut().map(|(_, events)| events);
+                // Copied for the live debugger only when its feed has room this second.
+                let watched = outcome
+                    .live
+                    .as_mut()
+                    .filter(|(feed, _)| feed.admit())
+                    .map(|(_, events)| events);
                 if is_suppressed {
                     outcome.suppressed += 1;
                     if let Some(events) = watched {

@@ -65,30 +65,45 @@ pub struct ProjectFeed {
 }
 
 impl ProjectFeed {
-    /// Sends `event` unless the feed's rate is used up this second (then it is counted, and the
-    /// count is sent once a new second begins). Never waits.
-    pub fn publish(&self, event: LiveEvent) {
-        let skipped_report = {
-            let Ok(mut rate) = self.rate.lock() else {
-                return;
-            };
-            let (started, sent, skipped) = &mut *rate;
-            if started.elapsed() >= Duration::from_secs(1) {
-                *started = Instant::now();
-                *sent = 0;
-            }
-            if *sent >= self.max_per_second {
-                *skipped += 1;
-                return;
-            }
-            *sent += 1;
-            std::mem::take(skipped)
+    /// Whether one more event fits in this second's rate; an event that does not is counted as
+    /// skipped (the count is sent with the next event that fits). Ingest asks before it copies a
+    /// message for the feed, so a busy watched project copies at most the rate.
+    pub fn admit(&self) -> bool {
+        let Ok(mut rate) = self.rate.lock() else {
+            return false;
+        };
+        let (started, sent, skipped) = &mut *rate;
+        if started.elapsed() >= Duration::from_secs(1) {
+            *started = Instant::now();
+            *sent = 0;
+        }
+        if *sent >= self.max_per_second {
+            *skipped += 1;
+            return false;
+        }
+        *sent += 1;
+        true
+    }
+
+    /// Sends an event [`ProjectFeed::admit`] let in, after the count of those skipped since the
+    /// last one. Never waits.
+    pub fn send_admitted(&self, event: LiveEvent) {
+        let skipped_report = match self.rate.lock() {
+            Ok(mut rate) => std::mem::take(&mut rate.2),
+            Err(_) => 0,
         };
         if skipped_report > 0 {
             let _ = self.sender.send(LiveEvent::Skipped(skipped_report));
         }
         // No receiver left (it is leaving): nothing to do.
         let _ = self.sender.send(event);
+    }
+
+    /// [`ProjectFeed::admit`], then [`ProjectFeed::send_admitted`].
+    pub fn publish(&self, event: LiveEvent) {
+        if self.admit() {
+            self.send_admitted(event);
+        }
     }
 }
 
