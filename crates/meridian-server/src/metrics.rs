@@ -39,6 +39,11 @@ struct RegionOutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job: String,
+}
+
 fn request_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
@@ -54,6 +59,7 @@ pub struct Metrics {
     client_metrics: Counter,
     body_budget_refusals: Counter,
     retention_runs: Family<RegionOutcomeLabels, Counter>,
+    background_restarts: Family<JobLabels, Counter>,
     retention_archive_objects: Family<RegionLabels, Counter>,
     retention_warehouse_rows: Family<RegionLabels, Counter>,
 }
@@ -136,7 +142,14 @@ impl Metrics {
             "ClickHouse rows deleted because they were received before the project's retention",
             retention_warehouse_rows.clone(),
         );
+        let background_restarts = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "background_restarts",
+            "Background job loops (deletions, replays, retention, migrations) started again after a panic",
+            background_restarts.clone(),
+        );
         Metrics {
+            background_restarts,
             body_budget_refusals,
             retention_runs,
             retention_archive_objects,
@@ -163,6 +176,15 @@ impl Metrics {
         let _ = self.queue_full.get_or_create(&labels);
         let _ = self.retention_archive_objects.get_or_create(&labels);
         let _ = self.retention_warehouse_rows.get_or_create(&labels);
+    }
+
+    /// A background job loop panicked and is started again.
+    pub fn background_restarted(&self, job: &str) {
+        self.background_restarts
+            .get_or_create(&JobLabels {
+                job: job.to_string(),
+            })
+            .inc();
     }
 
     /// One janitor run of a region ended (`outcome`: `ok` or `failed`), having deleted this much.

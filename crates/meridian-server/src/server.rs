@@ -39,6 +39,11 @@ pub enum ServerError {
 }
 
 /// Every route of the service, registered once: the router and the OpenAPI document read it.
+/// A background job loop, boxed so that loops of different types share one supervisor list.
+type BoxedJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Starts a background job loop on the node's state, until the stop signal.
+type StartJob = fn(AppState, watch::Receiver<bool>) -> BoxedJob;
+
 pub fn api_routes() -> crate::routes::ApiRoutes {
     crate::ingest::routes()
         .merge(crate::admin::routes())
@@ -286,22 +291,29 @@ impl RunningNode {
         for region in state.queues.keys() {
             state.metrics.initialize_region(region.as_str());
         }
-        tokio::spawn(crate::gdpr::run_deletion_executor(
-            state.clone(),
-            stop_background.subscribe(),
-        ));
-        tokio::spawn(crate::replay::run_replay_executor(
-            state.clone(),
-            stop_background.subscribe(),
-        ));
-        tokio::spawn(crate::retention::run_retention_janitor(
-            state.clone(),
-            stop_background.subscribe(),
-        ));
-        tokio::spawn(crate::migration::run_migration_executor(
-            state.clone(),
-            stop_background.subscribe(),
-        ));
+        let supervised_jobs: [(&'static str, StartJob); 4] = [
+            ("gdpr-deletions", |state, stop| {
+                Box::pin(crate::gdpr::run_deletion_executor(state, stop))
+            }),
+            ("replays", |state, stop| {
+                Box::pin(crate::replay::run_replay_executor(state, stop))
+            }),
+            ("retention", |state, stop| {
+                Box::pin(crate::retention::run_retention_janitor(state, stop))
+            }),
+            ("migrations", |state, stop| {
+                Box::pin(crate::migration::run_migration_executor(state, stop))
+            }),
+        ];
+        for (job, run) in supervised_jobs {
+            let job_state = state.clone();
+            crate::background::supervise(
+                job,
+                Arc::clone(&state.metrics),
+                stop_background.subscribe(),
+                move |stop| run(job_state.clone(), stop),
+            );
+        }
         Ok(RunningNode {
             state,
             listener,
