@@ -69,6 +69,7 @@ where
     Start: Fn(watch::Receiver<bool>) -> Loop + Send + 'static,
     Loop: Future<Output = ()> + Send + 'static,
 {
+    metrics.initialize_background_job(job);
     tokio::spawn(async move {
         let mut pause = Duration::from_secs(1);
         loop {

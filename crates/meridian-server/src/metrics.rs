@@ -178,6 +178,13 @@ impl Metrics {
         let _ = self.retention_warehouse_rows.get_or_create(&labels);
     }
 
+    /// Creates a background job's restart counter at zero (a series from the start).
+    pub fn initialize_background_job(&self, job: &str) {
+        let _ = self.background_restarts.get_or_create(&JobLabels {
+            job: job.to_string(),
+        });
+    }
+
     /// A background job loop panicked and is started again.
     pub fn background_restarted(&self, job: &str) {
         self.background_restarts
