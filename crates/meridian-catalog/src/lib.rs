@@ -17,6 +17,7 @@ mod replay;
 mod retention;
 mod schema;
 mod snapshot_source;
+mod suppression;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
 pub use audit_anchor::AnchorOutcome;
