@@ -393,6 +393,16 @@ async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exac
     ] {
         assert!(actions.contains(&action), "{action} in {actions:?}");
     }
+    let (status, listed) = server
+        .admin(Method::GET, "/admin/orgs/acme/migrations", &token, None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["items"][0]["migration_id"],
+        migration_id.as_str(),
+        "{listed}"
+    );
+    assert_eq!(listed["items"][0]["status"], "done", "{listed}");
     let (status, assigned) = server
         .admin(
             Method::POST,

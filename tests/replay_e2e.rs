@@ -200,6 +200,30 @@ async fn a_replay_restores_lost_rows_exactly_once_and_a_second_replay_changes_no
     assert_eq!(done["messages_inserted"], 0, "{done}");
     assert_eq!(done["messages_present"], 60, "{done}");
     assert_eq!(setup.counts("").await, (60, 60), "nothing changed");
+    let (status, listed) = setup
+        .server
+        .admin(
+            Method::GET,
+            &format!("/admin/projects/{}/replays", setup.project_id),
+            &setup.token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let listed_ids: Vec<&str> = listed["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item["replay_id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        listed_ids,
+        vec![again.as_str(), replay_id.as_str()],
+        "newest first"
+    );
 
     // The audit log says who started it and how it ended.
     let (status, audit) = setup

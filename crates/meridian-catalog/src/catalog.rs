@@ -153,6 +153,28 @@ fn org_from_row(row: &AnyRow) -> Result<Org, CatalogError> {
     })
 }
 
+impl Catalog {
+    /// The newest `limit` (1 to 1,000) rows of a job table (deletions, replays, migrations) whose
+    /// `key_column` is `key`, newest first.
+    pub(crate) async fn newest_rows(
+        &self,
+        columns: &str,
+        table: &'static str,
+        key_column: &'static str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<AnyRow>, CatalogError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {columns} FROM {table} WHERE {key_column} = $1
+             ORDER BY created_at_ms DESC LIMIT $2"
+        ))
+        .bind(key)
+        .bind(limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
 pub(crate) fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, CatalogError> {
     let parse = |text: Option<String>| -> Result<Option<Value>, CatalogError> {
         text.map(|text| {

@@ -431,14 +431,15 @@ impl Catalog {
         project_id: &str,
         limit: usize,
     ) -> Result<Vec<Deletion>, CatalogError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {DELETION_COLUMNS} FROM deletions WHERE project_id = $1
-             ORDER BY created_at_ms DESC LIMIT $2"
-        ))
-        .bind(project_id)
-        .bind(limit.clamp(1, 1000) as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self
+            .newest_rows(
+                DELETION_COLUMNS,
+                "deletions",
+                "project_id",
+                project_id,
+                limit,
+            )
+            .await?;
         rows.iter().map(deletion_from_row).collect()
     }
 

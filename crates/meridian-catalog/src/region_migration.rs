@@ -340,14 +340,15 @@ impl Catalog {
         org_id: &str,
         limit: usize,
     ) -> Result<Vec<RegionMigration>, CatalogError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MIGRATION_COLUMNS} FROM region_migrations WHERE org_id = $1
-             ORDER BY created_at_ms DESC LIMIT $2"
-        ))
-        .bind(org_id)
-        .bind(limit.clamp(1, 1000) as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self
+            .newest_rows(
+                MIGRATION_COLUMNS,
+                "region_migrations",
+                "org_id",
+                org_id,
+                limit,
+            )
+            .await?;
         rows.iter().map(migration_from_row).collect()
     }
 

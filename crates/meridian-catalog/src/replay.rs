@@ -236,14 +236,9 @@ impl Catalog {
         project_id: &str,
         limit: usize,
     ) -> Result<Vec<Replay>, CatalogError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {REPLAY_COLUMNS} FROM replays WHERE project_id = $1
-             ORDER BY created_at_ms DESC LIMIT $2"
-        ))
-        .bind(project_id)
-        .bind(limit.clamp(1, 1000) as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self
+            .newest_rows(REPLAY_COLUMNS, "replays", "project_id", project_id, limit)
+            .await?;
         rows.iter().map(replay_from_row).collect()
     }
 
