@@ -425,7 +425,6 @@ async fn residency_report(
 ) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
     let catalog = connect_catalog(&settings).await?;
-    let keys = meridian_catalog::KeyCache::load(catalog).await?;
     let customer_stores = std::sync::Arc::new(meridian_archive::customer::CustomerStores::new(
         settings.customer_access.clone(),
     ));
@@ -436,6 +435,12 @@ async fn residency_report(
         ],
         None => settings.served_regions.clone(),
     };
+    let regional_stores =
+        meridian_server::regional_stores::connect_regional_stores(&settings, &catalog, &regions)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    let keys =
+        meridian_catalog::KeyCache::load_from(catalog.clone(), regional_stores.catalogs()).await?;
     let queue_encryption = meridian_server::server::load_queue_encryption(&settings)
         .map_err(anyhow::Error::msg)?
         .map(std::sync::Arc::new);
@@ -459,6 +464,7 @@ async fn residency_report(
             region,
             &services,
             queue_encryption.clone(),
+            regional_stores.store_of_region(region),
         )
         .await
         .map_err(anyhow::Error::msg)?;
@@ -475,26 +481,39 @@ async fn residency_report(
     Ok(clean)
 }
 
+/// Verifies the global catalog's audit chain and the chain of each served region's own store.
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
     let catalog = connect_catalog(&settings).await?;
-    let report = catalog.verify_audit_chain().await?;
-    match report.first_broken {
-        None => {
-            println!(
-                "audit log intact: {} entries verified",
-                report.entries_checked
-            );
-            Ok(true)
-        }
-        Some((seq, reason)) => {
-            println!(
-                "audit log TAMPERED at entry {seq}: {reason} ({} entries checked)",
-                report.entries_checked
-            );
-            Ok(false)
+    let regional_stores = meridian_server::regional_stores::connect_regional_stores(
+        &settings,
+        &catalog,
+        &settings.served_regions,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let mut chains = vec![("audit log".to_string(), catalog.clone())];
+    for store in regional_stores.stores() {
+        if !store.is_global {
+            let name = format!("audit log of {}", store.region_names().join(", "));
+            chains.push((name, store.catalog.clone()));
         }
     }
+    let mut intact = true;
+    for (name, chain) in chains {
+        let report = chain.verify_audit_chain().await?;
+        match report.first_broken {
+            None => println!("{name} intact: {} entries verified", report.entries_checked),
+            Some((seq, reason)) => {
+                println!(
+                    "{name} TAMPERED at entry {seq}: {reason} ({} entries checked)",
+                    report.entries_checked
+                );
+                intact = false;
+            }
+        }
+    }
+    Ok(intact)
 }
 
 fn main() -> ExitCode {

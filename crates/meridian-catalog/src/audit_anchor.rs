@@ -88,9 +88,9 @@ impl Catalog {
             .bind(&previous_hash)
             .execute(&mut *transaction)
             .await?;
-        let change = Catalog::begin_change(&mut transaction).await?;
-        self.record_audit(
-            &mut transaction,
+        let change = Catalog::lock_change(&mut transaction).await?;
+        self.commit_audited(
+            transaction,
             change,
             "",
             actor,
@@ -100,7 +100,6 @@ impl Catalog {
             Some(json!({"entries_rehashed": entries.len()})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(AnchorOutcome::Anchored {
             entries: entries.len() as u64,
         })

@@ -280,7 +280,49 @@ impl Catalog {
         Ok(row.try_get("version")?)
     }
 
+    /// Opens a change: a transaction holding the state row (see [`Change`]). Its writes go through
+    /// the transaction, and [`Catalog::commit_audited`] records its audit entry and commits, so a
+    /// change and its audit entry land together or not at all.
     pub(crate) async fn begin_change(
+        &self,
+    ) -> Result<(Transaction<'static, Any>, Change), CatalogError> {
+        let mut transaction = self.pool.begin().await?;
+        let change = Self::lock_change(&mut transaction).await?;
+        Ok((transaction, change))
+    }
+
+    /// Records the change's audit entry in its transaction and commits both.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn commit_audited(
+        &self,
+        mut transaction: Transaction<'static, Any>,
+        change: Change,
+        org_id: &str,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        before: Option<Value>,
+        after: Option<Value>,
+    ) -> Result<AuditEntry, CatalogError> {
+        let entry = self
+            .record_audit(
+                &mut transaction,
+                change,
+                org_id,
+                actor,
+                action,
+                target,
+                before,
+                after,
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(entry)
+    }
+
+    /// Takes the state row in a transaction already open (for a change that is audited only
+    /// sometimes, or after other writes).
+    pub(crate) async fn lock_change(
         transaction: &mut Transaction<'_, Any>,
     ) -> Result<Change, CatalogError> {
         sqlx::query(
@@ -368,8 +410,7 @@ impl Catalog {
             primary_region: primary_region.to_string(),
             created_at_ms: now_unix_ms(),
         };
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let inserted = sqlx::query(
             "INSERT INTO orgs (org_id, name, primary_region, created_at_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (org_id) DO NOTHING",
@@ -387,8 +428,8 @@ impl Catalog {
             ));
         }
         let after = serde_json::to_value(&org).ok();
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             org_id,
             actor,
@@ -398,7 +439,6 @@ impl Catalog {
             after,
         )
         .await?;
-        transaction.commit().await?;
         Ok(org)
     }
 
@@ -418,8 +458,7 @@ impl Catalog {
         region: &RegionId,
         actor: &Actor,
     ) -> Result<Org, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let row = sqlx::query(
             "SELECT org_id, name, primary_region, created_at_ms FROM orgs WHERE org_id = $1",
         )
@@ -450,8 +489,8 @@ impl Catalog {
             primary_region: region.to_string(),
             ..before.clone()
         };
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             org_id,
             actor,
@@ -461,7 +500,6 @@ impl Catalog {
             Some(json!({"primary_region": after.primary_region})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(after)
     }
 
@@ -484,8 +522,7 @@ impl Catalog {
             storage: None,
         };
         let write_key = generate_write_key();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let org_exists = sqlx::query("SELECT org_id FROM orgs WHERE org_id = $1")
             .bind(org_id)
             .fetch_optional(&mut *transaction)
@@ -525,8 +562,8 @@ impl Catalog {
             &project.project_id,
         )
         .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             org_id,
             actor,
@@ -536,7 +573,6 @@ impl Catalog {
             Some(after),
         )
         .await?;
-        transaction.commit().await?;
         Ok((project, write_key))
     }
 
@@ -607,16 +643,15 @@ impl Catalog {
         actor: &Actor,
     ) -> Result<Project, CatalogError> {
         let name = validate_name(name, "project name")?;
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let before = Self::project_in(&mut transaction, project_id).await?;
         sqlx::query("UPDATE projects SET name = $1 WHERE project_id = $2")
             .bind(&name)
             .bind(project_id)
             .execute(&mut *transaction)
             .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -626,7 +661,6 @@ impl Catalog {
             Some(json!({"name": name})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(Project { name, ..before })
     }
 
@@ -679,8 +713,7 @@ impl Catalog {
         let now_ms = now_unix_ms();
         let expires_at_ms = now_ms + grace.as_millis().min(i64::MAX as u128 / 2) as i64;
         let write_key = generate_write_key();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let project = Self::project_in(&mut transaction, project_id).await?;
         sqlx::query(
             "UPDATE write_keys SET expires_at_ms = $1
@@ -692,8 +725,8 @@ impl Catalog {
         .await?;
         Self::insert_key(&mut transaction, project_id, &write_key, now_ms).await?;
         crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &project.org_id,
             actor,
@@ -706,7 +739,6 @@ impl Catalog {
             })),
         )
         .await?;
-        transaction.commit().await?;
         Ok(RotatedKey {
             write_key,
             previous_key_expires_at_ms: expires_at_ms,
@@ -724,8 +756,7 @@ impl Catalog {
             .map(serde_json::to_string)
             .transpose()
             .map_err(|error| CatalogError::Invalid(error.to_string()))?;
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let before = Self::project_in(&mut transaction, project_id).await?;
         sqlx::query("UPDATE projects SET storage_json = $1 WHERE project_id = $2")
             .bind(storage_json)
@@ -744,8 +775,8 @@ impl Catalog {
             "project.storage.clear"
         };
         crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -755,7 +786,6 @@ impl Catalog {
             describe(storage),
         )
         .await?;
-        transaction.commit().await?;
         Ok(Project {
             storage: storage.cloned(),
             ..before

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::Actor;
-use crate::catalog::{Catalog, CatalogBackend};
+use crate::catalog::{Catalog, CatalogBackend, Project};
 use crate::error::CatalogError;
 use crate::ids::new_id;
 use meridian_core::timestamp::now_unix_ms;
@@ -143,14 +143,13 @@ impl Catalog {
     /// them, in one transaction. The deadline is 30 days from now.
     pub async fn create_deletion(
         &self,
-        project_id: &str,
+        project: &Project,
         user_ids: &[String],
         actor: &Actor,
     ) -> Result<Deletion, CatalogError> {
+        let project_id = project.project_id.as_str();
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let project = Self::project_in(&mut transaction, project_id).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let mut unique_users: Vec<String> = user_ids.to_vec();
         unique_users.sort();
         unique_users.dedup();
@@ -206,8 +205,8 @@ impl Catalog {
             .await?;
         }
         crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &deletion.org_id,
             actor,
@@ -218,7 +217,6 @@ impl Catalog {
                         "deadline_ms": deletion.deadline_ms, "suppressed": true})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(deletion)
     }
 
@@ -284,7 +282,7 @@ impl Catalog {
         };
         let stage_changed = before.stage != stage;
         let change = if stage_changed {
-            Some(Self::begin_change(&mut transaction).await?)
+            Some(Self::lock_change(&mut transaction).await?)
         } else {
             None
         };
@@ -354,8 +352,7 @@ impl Catalog {
         actor: &Actor,
     ) -> Result<Deletion, CatalogError> {
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let row = sqlx::query(&format!(
             "SELECT {DELETION_COLUMNS} FROM deletions WHERE deletion_id = $1"
         ))
@@ -389,8 +386,8 @@ impl Catalog {
         .await?;
         crate::snapshot_source::touch_project(&mut transaction, change.version, &before.project_id)
             .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -403,7 +400,6 @@ impl Catalog {
                         "archive_messages_removed": before.archive_messages_removed})),
         )
         .await?;
-        transaction.commit().await?;
         if status == DeletionStatus::Done && self.backend() == CatalogBackend::Sqlite {
             // The write-ahead log still holds the page images with the ids: fold it into the
             // database (where secure_delete zeroed them) and empty it.

@@ -11,6 +11,12 @@ pub enum CatalogError {
     Invalid(String),
     #[error("catalog data is inconsistent: {0}")]
     Corrupt(String),
+    /// The data asked for lives in the regional store of a region this node does not serve (a
+    /// node never connects to another region's store).
+    #[error(
+        "this node does not serve {region}, whose regional store holds that data: ask a node of {region}"
+    )]
+    RegionNotServed { region: String },
 }
 
 impl CatalogError {

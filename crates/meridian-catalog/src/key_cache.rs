@@ -1,7 +1,8 @@
-//! The ingress's view of the catalog: an immutable in-memory snapshot of write keys, project
-//! regions, customer storage and suppressions, swapped atomically when the catalog changes.
+//! The ingress's view of the catalog: immutable in-memory snapshots of write keys, project
+//! regions, customer storage (from the global catalog) and of suppressions and deletions (from
+//! the regional store of each region the node serves), swapped atomically when a store changes.
 //!
-//! Lookups never touch the database. A refresher polls the catalog's version every few hundred
+//! Lookups never touch the database. A refresher polls each store's version every few hundred
 //! milliseconds and, on change, reloads only the projects changed since its snapshot (see
 //! [`crate::snapshot_source`]), so a new key works and a revoked key stops within about a second on
 //! every node, and an admin change costs a few rows, not every region's projects and suppressions.
@@ -11,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,9 +21,11 @@ use meridian_core::{CustomerStorage, RegionId};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, SnapshotRows};
 use crate::error::CatalogError;
 use crate::ids::hash_write_key;
+use crate::keyed_hash::CatalogKey;
+use crate::snapshot_source::RowsOf;
 
 /// What a write key resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,204 +48,60 @@ struct ProjectEntry {
     region: RegionId,
     migrated_to: Option<Arc<str>>,
     storage: Option<Arc<CustomerStorage>>,
-    /// Keyed hashes of the suppressed users (see [`crate::keyed_hash`]).
-    suppressed_users: HashSet<String>,
-    /// Keyed hashes of users with a GDPR deletion, and the time of their latest deletion request.
-    erased_users: HashMap<String, i64>,
-    /// The hashes of the project's keys in `Snapshot::keys` (to drop them when it is reloaded).
+    /// The hashes of the project's keys in `ControlSnapshot::keys` (to drop them when it is
+    /// reloaded).
     key_hashes: Vec<[u8; 32]>,
 }
 
+/// What the global catalog says: keys and projects.
 #[derive(Clone, Debug, Default)]
-struct Snapshot {
+struct ControlSnapshot {
     version: i64,
     keys: HashMap<[u8; 32], KeyEntry>,
     projects: HashMap<Arc<str>, Arc<ProjectEntry>>,
 }
 
-pub struct KeyCache {
-    catalog: Catalog,
-    snapshot: ArcSwap<Snapshot>,
-    full_reloads: std::sync::atomic::AtomicU64,
-    incremental_refreshes: std::sync::atomic::AtomicU64,
+#[derive(Clone, Debug, Default)]
+struct EndUserEntry {
+    /// Keyed hashes of the suppressed users (see [`crate::keyed_hash`]).
+    suppressed_users: HashSet<String>,
+    /// Keyed hashes of users with a GDPR deletion, and the time of their latest deletion request.
+    erased_users: HashMap<String, i64>,
 }
 
-/// A full reload runs this often even without changes, as a safety net.
-const FORCED_RELOAD_EVERY: Duration = Duration::from_secs(600);
-/// The longest a full reload may take before it is abandoned (the last snapshot keeps serving).
-const FULL_RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// More changed projects than this since the snapshot: reload everything instead.
-const INCREMENTAL_MAX_PROJECTS: usize = 5_000;
+/// What one regional store says about its projects' end users.
+#[derive(Clone, Debug, Default)]
+struct EndUserSnapshot {
+    version: i64,
+    projects: HashMap<Arc<str>, Arc<EndUserEntry>>,
+}
 
-impl KeyCache {
-    /// Loads the first snapshot; fails when the catalog cannot be read at all.
-    pub async fn load(catalog: Catalog) -> Result<Arc<KeyCache>, CatalogError> {
-        let cache = KeyCache {
-            catalog,
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                version: -1,
-                ..Snapshot::default()
-            }),
-            full_reloads: std::sync::atomic::AtomicU64::new(0),
-            incremental_refreshes: std::sync::atomic::AtomicU64::new(0),
-        };
-        cache.reload().await?;
-        Ok(Arc::new(cache))
-    }
-
-    /// Resolves a write key, refusing keys past their grace period.
-    pub fn resolve(&self, write_key: &str) -> Option<ResolvedKey> {
-        let hash = hash_write_key(write_key);
-        let snapshot = self.snapshot.load();
-        let entry = snapshot.keys.get(&hash)?;
-        if let Some(expires_at_ms) = entry.expires_at_ms
-            && now_unix_ms() >= expires_at_ms
-        {
-            return None;
-        }
-        Some(entry.resolved.clone())
-    }
-
-    pub fn is_suppressed(&self, project_id: &str, user_id: &str) -> bool {
-        self.snapshot
-            .load()
-            .projects
-            .get(project_id)
-            .filter(|project| !project.suppressed_users.is_empty())
-            .is_some_and(|project| {
-                let user_hash = self.catalog.key().user_hash(project_id, user_id);
-                project.suppressed_users.contains(&user_hash)
-            })
-    }
-
-    /// Whether the project has any suppressed user (lets the hot path skip per-message lookups).
-    pub fn has_suppressions(&self, project_id: &str) -> bool {
-        self.snapshot
-            .load()
-            .projects
-            .get(project_id)
-            .is_some_and(|project| !project.suppressed_users.is_empty())
-    }
-
-    pub fn project_region(&self, project_id: &str) -> Option<RegionId> {
-        self.snapshot
-            .load()
-            .projects
-            .get(project_id)
-            .map(|project| project.region.clone())
-    }
-
-    pub fn customer_storage(&self, project_id: &str) -> Option<Arc<CustomerStorage>> {
-        self.snapshot
-            .load()
-            .projects
-            .get(project_id)
-            .and_then(|project| project.storage.clone())
-    }
-
-    pub fn version(&self) -> i64 {
-        self.snapshot.load().version
-    }
-
-    /// How many full reloads and incremental refreshes the cache made (for `/metrics`).
-    pub fn reload_counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
-        (
-            self.full_reloads.load(Ordering::Relaxed),
-            self.incremental_refreshes.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Every project the snapshot holds: `(project id, region, customer storage)`.
-    pub fn projects(&self) -> Vec<(String, RegionId, Option<Arc<CustomerStorage>>)> {
-        self.snapshot
-            .load()
-            .projects
-            .iter()
-            .map(|(project_id, project)| {
-                (
-                    project_id.to_string(),
-                    project.region.clone(),
-                    project.storage.clone(),
-                )
-            })
-            .collect()
-    }
-
-    /// How many projects the snapshot holds.
-    pub fn project_count(&self) -> usize {
-        self.snapshot.load().projects.len()
-    }
-
-    /// Brings the snapshot up to the catalog's version if it moved: only the projects changed
-    /// since (a full reload when there are many). Returns whether anything was reloaded.
-    pub async fn refresh(&self) -> Result<bool, CatalogError> {
-        let current_version = self.catalog.version().await?;
-        let snapshot = self.snapshot.load_full();
-        if current_version == snapshot.version {
-            return Ok(false);
-        }
-        if snapshot.version < 0 {
-            self.reload().await?;
-            return Ok(true);
-        }
-        match self
-            .catalog
-            .load_changed_since(snapshot.version, INCREMENTAL_MAX_PROJECTS)
-            .await?
-        {
-            Some(changed) => {
-                let changed_projects = changed.project_ids.len();
-                let next = self.apply_rows(Some(&snapshot), &changed.project_ids, changed.rows);
-                debug!(
-                    version = next.version,
-                    changed_projects, "key cache refreshed incrementally"
-                );
-                self.install(next);
-                self.incremental_refreshes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            None => self.reload().await?,
-        }
-        Ok(true)
-    }
-
-    /// Reloads every row.
-    async fn reload(&self) -> Result<(), CatalogError> {
-        let rows = self.catalog.load_snapshot_rows().await?;
-        let next = self.apply_rows(None, &[], rows);
-        debug!(
-            version = next.version,
-            keys = next.keys.len(),
-            projects = next.projects.len(),
-            "key cache reloaded"
-        );
-        self.install(next);
-        self.full_reloads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Swaps in `next` unless a concurrent refresh already installed a later version (the
-    /// snapshot never goes back).
-    fn install(&self, next: Snapshot) {
-        let next = Arc::new(next);
-        self.snapshot.rcu(|current| {
-            if current.version > next.version {
-                Arc::clone(current)
-            } else {
-                Arc::clone(&next)
-            }
-        });
-    }
-
-    /// A snapshot made of `base` (or nothing) without the `replaced` projects, plus `rows`.
-    fn apply_rows(
-        &self,
-        base: Option<&Snapshot>,
+/// A snapshot built from one kind of rows of one store.
+trait StoreSnapshot: Clone + Default + Send + Sync + 'static {
+    const ROWS_OF: RowsOf;
+    fn version(&self) -> i64;
+    /// `base` (or nothing) without the `replaced` projects, plus `rows`, at `rows.version`.
+    fn apply(
+        base: Option<&Self>,
         replaced: &[String],
-        rows: crate::catalog::SnapshotRows,
-    ) -> Snapshot {
+        rows: SnapshotRows,
+        key: &CatalogKey,
+    ) -> Self;
+}
+
+impl StoreSnapshot for ControlSnapshot {
+    const ROWS_OF: RowsOf = RowsOf::Control;
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn apply(
+        base: Option<&Self>,
+        replaced: &[String],
+        rows: SnapshotRows,
+        _key: &CatalogKey,
+    ) -> Self {
         let mut next = base.cloned().unwrap_or_default();
         next.version = rows.version;
         for project_id in replaced {
@@ -267,33 +127,9 @@ impl KeyCache {
                     region,
                     migrated_to: migrated_to.map(|target| Arc::from(target.as_str())),
                     storage: storage.map(Arc::new),
-                    suppressed_users: HashSet::new(),
-                    erased_users: HashMap::new(),
                     key_hashes: Vec::new(),
                 },
             );
-        }
-        for (project_id, user_id) in rows.suppressions {
-            if let Some(project) = projects.get_mut(project_id.as_str()) {
-                project.suppressed_users.insert(user_id);
-            }
-        }
-        for (project_id, user_ids, created_at_ms) in rows.deletions {
-            if let Some(project) = projects.get_mut(project_id.as_str()) {
-                for user_id in user_ids {
-                    // Deletions still under way hold the ids; finished ones their hashes.
-                    let user_hash = if crate::keyed_hash::is_user_hash(&user_id) {
-                        user_id
-                    } else {
-                        self.catalog.key().user_hash(&project_id, &user_id)
-                    };
-                    let latest = project
-                        .erased_users
-                        .entry(user_hash)
-                        .or_insert(created_at_ms);
-                    *latest = (*latest).max(created_at_ms);
-                }
-            }
         }
         for (hash, project_id, expires_at_ms) in rows.keys {
             let Some((shared_project_id, project)) = projects.get_key_value(project_id.as_str())
@@ -321,9 +157,320 @@ impl KeyCache {
         }
         next
     }
+}
 
-    /// Polls the catalog every `interval` until `shutdown` flips to true. Failures keep the last
-    /// snapshot and are logged once per outage.
+impl StoreSnapshot for EndUserSnapshot {
+    const ROWS_OF: RowsOf = RowsOf::EndUsers;
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn apply(
+        base: Option<&Self>,
+        replaced: &[String],
+        rows: SnapshotRows,
+        key: &CatalogKey,
+    ) -> Self {
+        let mut next = base.cloned().unwrap_or_default();
+        next.version = rows.version;
+        for project_id in replaced {
+            next.projects.remove(project_id.as_str());
+        }
+        let mut projects: HashMap<Arc<str>, EndUserEntry> = HashMap::new();
+        for (project_id, user_hash) in rows.suppressions {
+            projects
+                .entry(Arc::from(project_id.as_str()))
+                .or_default()
+                .suppressed_users
+                .insert(user_hash);
+        }
+        for (project_id, user_ids, created_at_ms) in rows.deletions {
+            let project = projects.entry(Arc::from(project_id.as_str())).or_default();
+            for user_id in user_ids {
+                // Deletions still under way hold the ids; finished ones their hashes.
+                let user_hash = if crate::keyed_hash::is_user_hash(&user_id) {
+                    user_id
+                } else {
+                    key.user_hash(&project_id, &user_id)
+                };
+                let latest = project
+                    .erased_users
+                    .entry(user_hash)
+                    .or_insert(created_at_ms);
+                *latest = (*latest).max(created_at_ms);
+            }
+        }
+        for (project_id, project) in projects {
+            next.projects.insert(project_id, Arc::new(project));
+        }
+        next
+    }
+}
+
+/// One store, the snapshot built from it, and how often it was reloaded.
+struct Source<S> {
+    catalog: Catalog,
+    snapshot: ArcSwap<S>,
+    full_reloads: AtomicU64,
+    incremental_refreshes: AtomicU64,
+}
+
+impl<S: StoreSnapshot> Source<S> {
+    fn new(catalog: Catalog) -> Source<S> {
+        // Empty, at a version below any a store has: the first refresh reloads.
+        let unloaded = SnapshotRows {
+            version: -1,
+            ..SnapshotRows::default()
+        };
+        let unloaded = S::apply(None, &[], unloaded, &catalog.key);
+        Source {
+            catalog,
+            snapshot: ArcSwap::from_pointee(unloaded),
+            full_reloads: AtomicU64::new(0),
+            incremental_refreshes: AtomicU64::new(0),
+        }
+    }
+
+    /// Brings the snapshot up to the store's version if it moved: only the projects changed
+    /// since (a full reload when there are many). Returns whether anything was reloaded.
+    async fn refresh(&self) -> Result<bool, CatalogError> {
+        let current_version = self.catalog.version().await?;
+        let snapshot = self.snapshot.load_full();
+        if current_version == snapshot.version() {
+            return Ok(false);
+        }
+        if snapshot.version() < 0 {
+            self.reload().await?;
+            return Ok(true);
+        }
+        match self
+            .catalog
+            .load_changed_since(snapshot.version(), INCREMENTAL_MAX_PROJECTS, S::ROWS_OF)
+            .await?
+        {
+            Some(changed) => {
+                let changed_projects = changed.project_ids.len();
+                let next = S::apply(
+                    Some(&snapshot),
+                    &changed.project_ids,
+                    changed.rows,
+                    &self.catalog.key,
+                );
+                debug!(
+                    version = next.version(),
+                    rows_of = ?S::ROWS_OF,
+                    changed_projects,
+                    "key cache refreshed incrementally"
+                );
+                self.install(next);
+                self.incremental_refreshes.fetch_add(1, Ordering::Relaxed);
+            }
+            None => self.reload().await?,
+        }
+        Ok(true)
+    }
+
+    /// Reloads every row.
+    async fn reload(&self) -> Result<(), CatalogError> {
+        let rows = self.catalog.load_snapshot_rows(S::ROWS_OF).await?;
+        let next = S::apply(None, &[], rows, &self.catalog.key);
+        debug!(version = next.version(), rows_of = ?S::ROWS_OF, "key cache reloaded");
+        self.install(next);
+        self.full_reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Swaps in `next` unless a concurrent refresh already installed a later version (the
+    /// snapshot never goes back).
+    fn install(&self, next: S) {
+        let next = Arc::new(next);
+        self.snapshot.rcu(|current| {
+            if current.version() > next.version() {
+                Arc::clone(current)
+            } else {
+                Arc::clone(&next)
+            }
+        });
+    }
+}
+
+pub struct KeyCache {
+    control: Source<ControlSnapshot>,
+    /// One per distinct regional store of the served regions.
+    end_users: Vec<Source<EndUserSnapshot>>,
+    key: CatalogKey,
+}
+
+/// A full reload runs this often even without changes, as a safety net.
+const FORCED_RELOAD_EVERY: Duration = Duration::from_secs(600);
+/// The longest a full reload may take before it is abandoned (the last snapshot keeps serving).
+const FULL_RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// More changed projects than this since the snapshot: reload everything instead.
+const INCREMENTAL_MAX_PROJECTS: usize = 5_000;
+
+impl KeyCache {
+    /// Loads the first snapshot from one catalog that holds everything (a single store, as unit
+    /// tests and tools use); fails when it cannot be read at all.
+    pub async fn load(catalog: Catalog) -> Result<Arc<KeyCache>, CatalogError> {
+        Self::load_from(catalog.clone(), vec![catalog]).await
+    }
+
+    /// Loads the first snapshots: keys and projects from `control`, suppressions and deletions
+    /// from each of `regional_stores` (the stores of the served regions, each once).
+    pub async fn load_from(
+        control: Catalog,
+        regional_stores: Vec<Catalog>,
+    ) -> Result<Arc<KeyCache>, CatalogError> {
+        let cache = KeyCache {
+            key: control.key.clone(),
+            control: Source::new(control),
+            end_users: regional_stores.into_iter().map(Source::new).collect(),
+        };
+        cache.reload().await?;
+        Ok(Arc::new(cache))
+    }
+
+    /// Resolves a write key, refusing keys past their grace period.
+    pub fn resolve(&self, write_key: &str) -> Option<ResolvedKey> {
+        let hash = hash_write_key(write_key);
+        let snapshot = self.control.snapshot.load();
+        let entry = snapshot.keys.get(&hash)?;
+        if let Some(expires_at_ms) = entry.expires_at_ms
+            && now_unix_ms() >= expires_at_ms
+        {
+            return None;
+        }
+        Some(entry.resolved.clone())
+    }
+
+    /// The project's end-user entries in the regional stores. A project is in one region, so
+    /// normally in one store; during a move of rows into a new regional store (at start) they
+    /// may be in two for a moment, and every entry counts.
+    fn end_users_of<'a>(
+        &'a self,
+        project_id: &'a str,
+    ) -> impl Iterator<Item = Arc<EndUserEntry>> + 'a {
+        self.end_users
+            .iter()
+            .filter_map(move |source| source.snapshot.load().projects.get(project_id).cloned())
+    }
+
+    pub fn is_suppressed(&self, project_id: &str, user_id: &str) -> bool {
+        let mut entries = self
+            .end_users_of(project_id)
+            .filter(|project| !project.suppressed_users.is_empty())
+            .peekable();
+        if entries.peek().is_none() {
+            return false;
+        }
+        let user_hash = self.key.user_hash(project_id, user_id);
+        entries.any(|project| project.suppressed_users.contains(&user_hash))
+    }
+
+    /// Whether the project has any suppressed user (lets the hot path skip per-message lookups).
+    pub fn has_suppressions(&self, project_id: &str) -> bool {
+        self.end_users.iter().any(|source| {
+            source
+                .snapshot
+                .load()
+                .projects
+                .get(project_id)
+                .is_some_and(|project| !project.suppressed_users.is_empty())
+        })
+    }
+
+    pub fn project_region(&self, project_id: &str) -> Option<RegionId> {
+        self.control
+            .snapshot
+            .load()
+            .projects
+            .get(project_id)
+            .map(|project| project.region.clone())
+    }
+
+    pub fn customer_storage(&self, project_id: &str) -> Option<Arc<CustomerStorage>> {
+        self.control
+            .snapshot
+            .load()
+            .projects
+            .get(project_id)
+            .and_then(|project| project.storage.clone())
+    }
+
+    /// The global catalog's version the snapshot is at.
+    pub fn version(&self) -> i64 {
+        self.control.snapshot.load().version
+    }
+
+    /// How many full reloads and incremental refreshes the cache made, over every store (for
+    /// `/metrics`).
+    pub fn reload_counts(&self) -> (u64, u64) {
+        let mut counts = (
+            self.control.full_reloads.load(Ordering::Relaxed),
+            self.control.incremental_refreshes.load(Ordering::Relaxed),
+        );
+        for source in &self.end_users {
+            counts.0 += source.full_reloads.load(Ordering::Relaxed);
+            counts.1 += source.incremental_refreshes.load(Ordering::Relaxed);
+        }
+        counts
+    }
+
+    /// Every project the snapshot holds: `(project id, region, customer storage)`.
+    pub fn projects(&self) -> Vec<(String, RegionId, Option<Arc<CustomerStorage>>)> {
+        self.control
+            .snapshot
+            .load()
+            .projects
+            .iter()
+            .map(|(project_id, project)| {
+                (
+                    project_id.to_string(),
+                    project.region.clone(),
+                    project.storage.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// How many projects the snapshot holds.
+    pub fn project_count(&self) -> usize {
+        self.control.snapshot.load().projects.len()
+    }
+
+    /// Brings every snapshot up to its store's version. Returns whether anything was reloaded.
+    /// Every store is tried even when one fails; the first failure is returned.
+    pub async fn refresh(&self) -> Result<bool, CatalogError> {
+        let mut reloaded = false;
+        let mut first_failure = None;
+        let mut note = |outcome: Result<bool, CatalogError>| match outcome {
+            Ok(changed) => reloaded |= changed,
+            Err(error) => {
+                first_failure.get_or_insert(error);
+            }
+        };
+        note(self.control.refresh().await);
+        for source in &self.end_users {
+            note(source.refresh().await);
+        }
+        match first_failure {
+            Some(error) => Err(error),
+            None => Ok(reloaded),
+        }
+    }
+
+    /// Reloads every row of every store.
+    async fn reload(&self) -> Result<(), CatalogError> {
+        self.control.reload().await?;
+        for source in &self.end_users {
+            source.reload().await?;
+        }
+        Ok(())
+    }
+
+    /// Polls the stores every `interval` until `shutdown` flips to true. Failures keep the last
+    /// snapshots and are logged once per outage.
     pub async fn run_refresher(
         self: Arc<Self>,
         interval: Duration,
@@ -375,15 +522,16 @@ impl KeyCache {
 
 impl meridian_core::ErasureFilter for KeyCache {
     fn is_erased(&self, project_id: &str, user_id: &str, received_at_ms: i64) -> bool {
-        self.snapshot
-            .load()
-            .projects
-            .get(project_id)
+        let mut entries = self
+            .end_users_of(project_id)
             .filter(|project| !project.erased_users.is_empty())
-            .and_then(|project| {
-                let user_hash = self.catalog.key().user_hash(project_id, user_id);
-                project.erased_users.get(&user_hash).copied()
-            })
-            .is_some_and(|deleted_at_ms| received_at_ms <= deleted_at_ms)
+            .peekable();
+        if entries.peek().is_none() {
+            return false;
+        }
+        let user_hash = self.key.user_hash(project_id, user_id);
+        entries
+            .filter_map(|project| project.erased_users.get(&user_hash).copied())
+            .any(|deleted_at_ms| received_at_ms <= deleted_at_ms)
     }
 }

@@ -1,4 +1,5 @@
-//! The catalog: orgs, projects, write keys, suppressions and the audit log, in SQLite (the embedded
+//! The catalog: orgs, projects, write keys and the audit log in the global catalog; suppressions,
+//! deletions and replays in each region's own store ([`RegionalStores`]); in SQLite (the embedded
 //! default) or PostgreSQL (clusters), through one code path (sqlx's `Any` driver and SQL that both
 //! accept). The ingress never queries it on the request path: it reads the [`KeyCache`], an
 //! in-memory snapshot kept fresh in the background.
@@ -13,6 +14,7 @@ mod key_cache;
 pub mod keyed_hash;
 pub(crate) mod lease;
 mod region_migration;
+mod regional;
 mod replay;
 mod retention;
 mod schema;
@@ -28,6 +30,7 @@ pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
 pub use keyed_hash::CatalogKey;
 pub use region_migration::{MigrationProgress, MigrationStatus, RegionMigration};
+pub use regional::{MovedRows, RegionalStore, RegionalStores, move_end_user_rows};
 pub use replay::{Replay, ReplayProgress, ReplayStatus};
 pub use retention::{MAX_RETENTION_DAYS, ProjectRetention, RetentionSetting, RetentionSubject};
 

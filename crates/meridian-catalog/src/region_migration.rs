@@ -191,8 +191,7 @@ impl Catalog {
                 "source_project and target_project must differ".into(),
             ));
         }
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let source = Self::project_in(&mut transaction, source_project).await?;
         let target = Self::project_in(&mut transaction, target_project).await?;
         for project in [&source, &target] {
@@ -250,8 +249,8 @@ impl Catalog {
         .bind(migration.updated_at_ms)
         .execute(&mut *transaction)
         .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             org_id,
             actor,
@@ -261,7 +260,6 @@ impl Catalog {
             serde_json::to_value(&migration).ok(),
         )
         .await?;
-        transaction.commit().await?;
         Ok(migration)
     }
 
@@ -286,8 +284,7 @@ impl Catalog {
         error: Option<&str>,
         actor: &Actor,
     ) -> Result<RegionMigration, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let before = migration_in(&mut transaction, migration_id).await?;
         // `done` is the cutover, which also makes the source refuse events: complete_migration.
         if !before.status.can_become(next) || next == MigrationStatus::Done {
@@ -319,8 +316,8 @@ impl Catalog {
             updated_at_ms: now_ms,
             ..before.clone()
         };
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -330,7 +327,6 @@ impl Catalog {
             Some(json!({"status": next.as_str(), "error": error})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(after)
     }
 
@@ -493,8 +489,7 @@ impl Catalog {
         migration_id: &str,
         actor: &Actor,
     ) -> Result<RegionMigration, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let before = migration_in(&mut transaction, migration_id).await?;
         if before.status != MigrationStatus::DualWrite {
             let why = match before.status {
@@ -529,8 +524,8 @@ impl Catalog {
             &before.source_project,
         )
         .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -542,7 +537,6 @@ impl Catalog {
                         "target_project": before.target_project})),
         )
         .await?;
-        transaction.commit().await?;
         self.get_migration(migration_id).await?.ok_or_else(|| {
             CatalogError::NotFound(format!("migration `{migration_id}` does not exist"))
         })

@@ -7,7 +7,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::Actor;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Project};
 use crate::error::CatalogError;
 use crate::ids::new_id;
 use meridian_core::timestamp::now_unix_ms;
@@ -146,20 +146,19 @@ impl Catalog {
     /// the rows coming back), or while another replay of the project is unfinished.
     pub async fn create_replay(
         &self,
-        project_id: &str,
+        project: &Project,
         from_day_ms: i64,
         to_day_ms: i64,
         actor: &Actor,
     ) -> Result<Replay, CatalogError> {
+        let project_id = project.project_id.as_str();
         if from_day_ms > to_day_ms {
             return Err(CatalogError::Invalid(
                 "`from` is after `to`: the range is empty".to_string(),
             ));
         }
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let project = Self::project_in(&mut transaction, project_id).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let deletions_in_flight =
             unfinished_of_project(&mut transaction, "deletions", project_id).await?;
         if deletions_in_flight > 0 {
@@ -214,8 +213,8 @@ impl Catalog {
         .bind(now_ms)
         .execute(&mut *transaction)
         .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &replay.org_id,
             actor,
@@ -226,7 +225,6 @@ impl Catalog {
                         "from_day_ms": from_day_ms, "to_day_ms": to_day_ms})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(replay)
     }
 
@@ -345,8 +343,7 @@ impl Catalog {
     ) -> Result<Replay, CatalogError> {
         debug_assert!(status.is_finished());
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let row = sqlx::query(&format!(
             "SELECT {REPLAY_COLUMNS} FROM replays WHERE replay_id = $1"
         ))
@@ -370,8 +367,8 @@ impl Catalog {
         .execute(&mut *transaction)
         .await?;
         let progress = &before.progress;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -385,7 +382,6 @@ impl Catalog {
                         "messages_erased": progress.messages_erased})),
         )
         .await?;
-        transaction.commit().await?;
         self.get_replay(replay_id)
             .await?
             .ok_or_else(|| CatalogError::NotFound(format!("replay `{replay_id}` does not exist")))
@@ -399,8 +395,7 @@ impl Catalog {
         actor: &Actor,
     ) -> Result<Replay, CatalogError> {
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let row = sqlx::query(&format!(
             "SELECT {REPLAY_COLUMNS} FROM replays WHERE replay_id = $1"
         ))
@@ -437,8 +432,8 @@ impl Catalog {
             .execute(&mut *transaction)
             .await?;
         }
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &before.org_id,
             actor,
@@ -448,7 +443,6 @@ impl Catalog {
             Some(json!({"cancel_requested": true})),
         )
         .await?;
-        transaction.commit().await?;
         self.get_replay(replay_id)
             .await?
             .ok_or_else(|| CatalogError::NotFound(format!("replay `{replay_id}` does not exist")))

@@ -125,8 +125,7 @@ impl Catalog {
                 )));
             }
         }
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let project = Self::project_in(&mut transaction, project_id).await?;
         let stored = sqlx::query(RETENTION_OF_PROJECT)
             .bind(project_id)
@@ -153,8 +152,8 @@ impl Catalog {
             .bind(&project.region)
             .execute(&mut *transaction)
             .await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &project.org_id,
             actor,
@@ -164,7 +163,6 @@ impl Catalog {
             Some(retention.to_json()),
         )
         .await?;
-        transaction.commit().await?;
         Ok(retention)
     }
 
@@ -241,10 +239,9 @@ impl Catalog {
         deleted: Value,
         actor: &Actor,
     ) -> Result<(), CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        self.record_audit(
-            &mut transaction,
+        let (transaction, change) = self.begin_change().await?;
+        self.commit_audited(
+            transaction,
             change,
             org_id,
             actor,
@@ -254,7 +251,6 @@ impl Catalog {
             Some(deleted),
         )
         .await?;
-        transaction.commit().await?;
         Ok(())
     }
 }

@@ -1,6 +1,11 @@
 //! What the key cache reads: every row it needs (a full load), or only the rows of the projects
 //! changed since a version (an incremental load).
 //!
+//! A key cache reads two kinds of rows, from different stores: the control rows (keys, project
+//! regions and storage) from the global catalog, and the rows about a region's end users
+//! (suppressions, deletions) from that region's store ([`RowsOf`]). Each store counts its own
+//! versions.
+//!
 //! Every change that touches what the cache holds for a project (its keys, region, storage,
 //! suppressions, deletions) records the project in `project_changes` with the catalog version it
 //! made, in the same transaction ([`touch_project`]). A cache at version `v` then reloads only the
@@ -33,6 +38,26 @@ pub(crate) async fn touch_project(
     Ok(())
 }
 
+/// Which rows a load reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowsOf {
+    /// Write keys and projects (the global catalog).
+    Control,
+    /// Suppressions and deletions (a regional store).
+    EndUsers,
+}
+
+/// Makes a new catalog version for a change that has no audit entry (rows moved between stores),
+/// and returns it.
+pub(crate) async fn bump_version(
+    transaction: &mut Transaction<'_, Any>,
+) -> Result<i64, CatalogError> {
+    sqlx::query("UPDATE catalog_state SET version = version + 1 WHERE id = 1")
+        .execute(&mut **transaction)
+        .await?;
+    current_version(transaction).await
+}
+
 /// The rows of the projects changed since a version.
 pub(crate) struct ChangedRows {
     /// The projects changed after the asked version (their rows are in `rows`).
@@ -42,13 +67,16 @@ pub(crate) struct ChangedRows {
 
 impl Catalog {
     /// Every row the key cache holds, at one version.
-    pub(crate) async fn load_snapshot_rows(&self) -> Result<SnapshotRows, CatalogError> {
+    pub(crate) async fn load_snapshot_rows(
+        &self,
+        rows_of: RowsOf,
+    ) -> Result<SnapshotRows, CatalogError> {
         let mut transaction = self.pool.begin().await?;
         let mut rows = SnapshotRows {
             version: current_version(&mut transaction).await?,
             ..SnapshotRows::default()
         };
-        load_rows(&mut transaction, None, &mut rows).await?;
+        load_rows(&mut transaction, None, rows_of, &mut rows).await?;
         transaction.commit().await?;
         Ok(rows)
     }
@@ -59,6 +87,7 @@ impl Catalog {
         &self,
         since_version: i64,
         max_projects: usize,
+        rows_of: RowsOf,
     ) -> Result<Option<ChangedRows>, CatalogError> {
         let mut transaction = self.pool.begin().await?;
         let version = current_version(&mut transaction).await?;
@@ -81,7 +110,7 @@ impl Catalog {
             ..SnapshotRows::default()
         };
         for chunk in project_ids.chunks(PROJECTS_PER_QUERY) {
-            load_rows(&mut transaction, Some(chunk), &mut rows).await?;
+            load_rows(&mut transaction, Some(chunk), rows_of, &mut rows).await?;
         }
         transaction.commit().await?;
         Ok(Some(ChangedRows { project_ids, rows }))
@@ -114,16 +143,33 @@ fn bind_projects<'q>(
     query
 }
 
-/// Appends the rows of `projects` (every project when `None`) to `rows`.
+/// Appends the `rows_of` rows of `projects` (every project when `None`) to `rows`.
 async fn load_rows(
+    transaction: &mut Transaction<'_, Any>,
+    projects: Option<&[String]>,
+    rows_of: RowsOf,
+    rows: &mut SnapshotRows,
+) -> Result<(), CatalogError> {
+    match rows_of {
+        RowsOf::Control => load_control_rows(transaction, projects, rows).await,
+        RowsOf::EndUsers => load_end_user_rows(transaction, projects, rows).await,
+    }
+}
+
+/// ` AND column IN (...)` for the project filter (nothing without one).
+fn project_filter(projects: Option<&[String]>, column: &str, first: usize) -> String {
+    match projects {
+        Some(projects) => format!(" AND {}", in_list(column, first, projects.len())),
+        None => String::new(),
+    }
+}
+
+async fn load_control_rows(
     transaction: &mut Transaction<'_, Any>,
     projects: Option<&[String]>,
     rows: &mut SnapshotRows,
 ) -> Result<(), CatalogError> {
-    let filter = |column: &str, first: usize| match projects {
-        Some(projects) => format!(" AND {}", in_list(column, first, projects.len())),
-        None => String::new(),
-    };
+    let filter = |column: &str, first: usize| project_filter(projects, column, first);
 
     let key_sql = format!(
         "SELECT key_hash, project_id, expires_at_ms FROM write_keys
@@ -160,6 +206,15 @@ async fn load_rows(
         ));
     }
 
+    Ok(())
+}
+
+async fn load_end_user_rows(
+    transaction: &mut Transaction<'_, Any>,
+    projects: Option<&[String]>,
+    rows: &mut SnapshotRows,
+) -> Result<(), CatalogError> {
+    let filter = |column: &str, first: usize| project_filter(projects, column, first);
     let suppression_sql = format!(
         "SELECT project_id, user_id FROM suppressions WHERE 1 = 1{}",
         filter("project_id", 1)

@@ -5,7 +5,7 @@ use serde_json::json;
 use sqlx::Row;
 
 use crate::audit::Actor;
-use crate::catalog::{Catalog, Page};
+use crate::catalog::{Catalog, Page, Project};
 use crate::error::CatalogError;
 use crate::keyed_hash::CatalogKey;
 use meridian_core::timestamp::now_unix_ms;
@@ -14,14 +14,13 @@ impl Catalog {
     /// Suppresses the users (idempotent). Returns how many were newly suppressed.
     pub async fn suppress_users(
         &self,
-        project_id: &str,
+        project: &Project,
         user_ids: &[String],
         actor: &Actor,
     ) -> Result<u64, CatalogError> {
+        let project_id = project.project_id.as_str();
         let now_ms = now_unix_ms();
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let project = Self::project_in(&mut transaction, project_id).await?;
+        let (mut transaction, change) = self.begin_change().await?;
         let mut newly_suppressed = 0;
         let user_hashes = self.user_hashes(project_id, user_ids);
         for user_hash in &user_hashes {
@@ -37,8 +36,8 @@ impl Catalog {
             newly_suppressed += inserted.rows_affected();
         }
         crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &project.org_id,
             actor,
@@ -48,20 +47,18 @@ impl Catalog {
             Some(json!({"user_hashes": user_hashes})),
         )
         .await?;
-        transaction.commit().await?;
         Ok(newly_suppressed)
     }
 
     /// Lifts a suppression. Returns false when the user was not suppressed.
     pub async fn unsuppress_user(
         &self,
-        project_id: &str,
+        project: &Project,
         user_id: &str,
         actor: &Actor,
     ) -> Result<bool, CatalogError> {
-        let mut transaction = self.pool.begin().await?;
-        let change = Self::begin_change(&mut transaction).await?;
-        let project = Self::project_in(&mut transaction, project_id).await?;
+        let project_id = project.project_id.as_str();
+        let (mut transaction, change) = self.begin_change().await?;
         let user_hash = self.key.user_hash(project_id, user_id);
         let deleted =
             sqlx::query("DELETE FROM suppressions WHERE project_id = $1 AND user_id = $2")
@@ -73,8 +70,8 @@ impl Catalog {
             return Ok(false);
         }
         crate::snapshot_source::touch_project(&mut transaction, change.version, project_id).await?;
-        self.record_audit(
-            &mut transaction,
+        self.commit_audited(
+            transaction,
             change,
             &project.org_id,
             actor,
@@ -84,7 +81,6 @@ impl Catalog {
             None,
         )
         .await?;
-        transaction.commit().await?;
         Ok(true)
     }
 

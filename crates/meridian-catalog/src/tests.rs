@@ -202,11 +202,7 @@ async fn suppressions_reach_the_cache() {
         let cache = KeyCache::load(catalog.clone()).await.unwrap();
         assert!(!cache.has_suppressions(&project.project_id));
         let added = catalog
-            .suppress_users(
-                &project.project_id,
-                &["u1".into(), "u2".into(), "u1".into()],
-                &actor(),
-            )
+            .suppress_users(&project, &["u1".into(), "u2".into(), "u1".into()], &actor())
             .await
             .unwrap();
         assert_eq!(added, 2);
@@ -215,13 +211,13 @@ async fn suppressions_reach_the_cache() {
         assert!(!cache.is_suppressed(&project.project_id, "u3"));
         assert!(
             catalog
-                .unsuppress_user(&project.project_id, "u1", &actor())
+                .unsuppress_user(&project, "u1", &actor())
                 .await
                 .unwrap()
         );
         assert!(
             !catalog
-                .unsuppress_user(&project.project_id, "u1", &actor())
+                .unsuppress_user(&project, "u1", &actor())
                 .await
                 .unwrap()
         );
@@ -488,10 +484,11 @@ async fn the_key_cache_reloads_only_the_projects_that_changed() {
             );
         }
         let cache = KeyCache::load(catalog.clone()).await.unwrap();
-        assert_eq!(cache.reload_counts(), (1, 0));
+        // One full load of the control rows and one of the end-user rows (one store here).
+        assert_eq!(cache.reload_counts(), (2, 0));
         let (a, b, c) = (&projects[0], &projects[1], &projects[2]);
         catalog
-            .suppress_users(&a.0.project_id, &["gone".into()], &actor())
+            .suppress_users(&a.0, &["gone".into()], &actor())
             .await
             .unwrap();
         let rotated = catalog
@@ -512,8 +509,8 @@ async fn the_key_cache_reloads_only_the_projects_that_changed() {
         assert!(cache.refresh().await.unwrap());
         assert_eq!(
             cache.reload_counts(),
-            (1, 1),
-            "one incremental refresh, no full reload"
+            (2, 2),
+            "one incremental refresh of each kind of rows, no full reload"
         );
         assert!(cache.is_suppressed(&a.0.project_id, "gone"));
         assert!(cache.resolve(&a.1).is_some(), "a keeps its key");
@@ -719,12 +716,12 @@ async fn deletions_of_unserved_regions_never_starve_a_nodes_own() {
         // older than the one it can run.
         for index in 0..60 {
             catalog
-                .create_deletion(&elsewhere.project_id, &[format!("user-{index}")], &actor())
+                .create_deletion(&elsewhere, &[format!("user-{index}")], &actor())
                 .await
                 .unwrap();
         }
         let own = catalog
-            .create_deletion(&home.project_id, &["mine".to_string()], &actor())
+            .create_deletion(&home, &["mine".to_string()], &actor())
             .await
             .unwrap();
         let claimed = catalog
@@ -766,19 +763,17 @@ async fn a_replay_is_claimed_in_its_region_by_one_node_and_ends_once() {
         let day = 86_400_000;
         assert!(matches!(
             catalog
-                .create_replay(&project.project_id, 2 * day, day, &actor())
+                .create_replay(&project, 2 * day, day, &actor())
                 .await,
             Err(CatalogError::Invalid(_))
         ));
         let replay = catalog
-            .create_replay(&project.project_id, day, 2 * day, &actor())
+            .create_replay(&project, day, 2 * day, &actor())
             .await
             .unwrap();
         assert_eq!(replay.status, ReplayStatus::Pending);
         assert!(matches!(
-            catalog
-                .create_replay(&project.project_id, day, day, &actor())
-                .await,
+            catalog.create_replay(&project, day, day, &actor()).await,
             Err(CatalogError::Conflict {
                 code: "replay_in_progress",
                 ..
@@ -850,7 +845,7 @@ async fn a_replay_is_claimed_in_its_region_by_one_node_and_ends_once() {
         ));
         // A pending replay is cancelled at once; a deletion in flight blocks new replays.
         let pending = catalog
-            .create_replay(&project.project_id, day, day, &actor())
+            .create_replay(&project, day, day, &actor())
             .await
             .unwrap();
         let cancelled = catalog
@@ -859,13 +854,11 @@ async fn a_replay_is_claimed_in_its_region_by_one_node_and_ends_once() {
             .unwrap();
         assert_eq!(cancelled.status, ReplayStatus::Cancelled);
         catalog
-            .create_deletion(&project.project_id, &["gone".to_string()], &actor())
+            .create_deletion(&project, &["gone".to_string()], &actor())
             .await
             .unwrap();
         assert!(matches!(
-            catalog
-                .create_replay(&project.project_id, day, day, &actor())
-                .await,
+            catalog.create_replay(&project, day, day, &actor()).await,
             Err(CatalogError::Conflict {
                 code: "deletion_in_progress",
                 ..
@@ -1149,5 +1142,149 @@ async fn a_migration_copy_is_leased_to_a_node_of_both_regions_and_the_cutover_re
             .set_primary_region("movers", &region("us-east-1"), &actor())
             .await
             .unwrap();
+    }
+}
+
+/// An older deployment kept suppressions, deletions and replays in the one catalog: moving them
+/// into eu-west-1's own store takes exactly the eu-west-1 project's rows, leaves the other
+/// region's where they were, runs again without copying twice, and the key cache then finds the
+/// suppression in the regional store.
+#[tokio::test]
+async fn end_user_rows_move_into_their_regions_store_and_only_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    for global in catalogs_under_test(&dir).await {
+        let store_url = format!(
+            "sqlite://{}/store-{}.db?mode=rwc",
+            dir.path().display(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let eu_store = Catalog::connect(&store_url, test_key()).await.unwrap();
+        global
+            .create_org("mover", "Mover", &region("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let new_project = |region_id: &'static str| NewProject {
+            name: region_id.into(),
+            region: region(region_id),
+        };
+        let (eu, _) = global
+            .create_project("mover", new_project("eu-west-1"), &actor())
+            .await
+            .unwrap();
+        let (us, _) = global
+            .create_project("mover", new_project("us-east-1"), &actor())
+            .await
+            .unwrap();
+        for project in [&eu, &us] {
+            global
+                .suppress_users(project, &["quiet-user".into()], &actor())
+                .await
+                .unwrap();
+            global
+                .create_deletion(project, &["erased-user".into()], &actor())
+                .await
+                .unwrap();
+        }
+        let day = 86_400_000;
+        global
+            .create_replay(&us, day, day, &actor())
+            .await
+            .expect_err("a deletion of the project is pending");
+
+        let store = RegionalStore {
+            catalog: eu_store.clone(),
+            regions: vec![region("eu-west-1")],
+            is_global: false,
+            display_url: store_url.clone(),
+        };
+        let moved = move_end_user_rows(&global, &store).await.unwrap();
+        assert_eq!(
+            moved,
+            vec![("suppressions", 2), ("deletions", 1), ("replays", 0)],
+            "the deletion also suppressed its user: two suppression rows"
+        );
+        assert_eq!(
+            move_end_user_rows(&global, &store).await.unwrap(),
+            vec![("suppressions", 0), ("deletions", 0), ("replays", 0)]
+        );
+
+        assert!(
+            eu_store
+                .is_user_suppressed(&eu.project_id, "quiet-user")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !global
+                .is_user_suppressed(&eu.project_id, "quiet-user")
+                .await
+                .unwrap()
+        );
+        assert!(
+            global
+                .is_user_suppressed(&us.project_id, "quiet-user")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            eu_store
+                .recent_deletions(&eu.project_id, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            global
+                .recent_deletions(&eu.project_id, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            global
+                .recent_deletions(&us.project_id, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            eu_store.end_user_project_ids().await.unwrap(),
+            vec![
+                ("suppressions", eu.project_id.clone()),
+                ("deletions", eu.project_id.clone())
+            ]
+        );
+
+        // eu-west-1 in its own store, us-east-1 still in the global catalog.
+        let cache = KeyCache::load_from(global.clone(), vec![eu_store.clone(), global.clone()])
+            .await
+            .unwrap();
+        for project in [&eu, &us] {
+            assert!(cache.is_suppressed(&project.project_id, "quiet-user"));
+            assert!(cache.is_suppressed(&project.project_id, "erased-user"));
+            assert!(!cache.is_suppressed(&project.project_id, "someone-else"));
+        }
+        // A new suppression in the regional store reaches the cache on refresh.
+        eu_store
+            .suppress_users(&eu, &["later-user".into()], &actor())
+            .await
+            .unwrap();
+        assert!(!cache.is_suppressed(&eu.project_id, "later-user"));
+        assert!(cache.refresh().await.unwrap());
+        assert!(cache.is_suppressed(&eu.project_id, "later-user"));
+        // Its audit entry is in the regional store's chain, which verifies.
+        let regional_audit = eu_store.list_audit("mover", 0, 100).await.unwrap();
+        assert_eq!(regional_audit.items.len(), 1);
+        assert_eq!(regional_audit.items[0].action, "suppression.add");
+        assert_eq!(
+            eu_store.verify_audit_chain().await.unwrap().first_broken,
+            None
+        );
+        assert_eq!(
+            global.verify_audit_chain().await.unwrap().first_broken,
+            None
+        );
     }
 }

@@ -40,7 +40,11 @@ pub fn routes() -> ApiRoutes {
             create_project,
         )
         .add(Method::GET, "/admin/orgs/{org_id}/projects", list_projects)
-        .add(Method::GET, "/admin/orgs/{org_id}/audit", audit_log)
+        .add(
+            Method::GET,
+            "/admin/orgs/{org_id}/audit",
+            crate::audit_log::audit_log,
+        )
         .add(Method::GET, "/admin/projects/{project_id}", get_project)
         .add(
             Method::PATCH,
@@ -237,6 +241,7 @@ async fn residency_report(
         &region,
         services,
         queue_encryption,
+        state.stores.store_of_region(&region),
     )
     .await
     .map_err(|message| ApiError::unavailable("residency_scan_failed", message, 5))?;
@@ -589,10 +594,11 @@ async fn list_suppressions(
     ApiPath(project_id): ApiPath<String>,
     page: PageQuery,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let limit = page.limit(1000, 5000)?;
     let listed = state
-        .catalog
+        .stores
+        .of_project(&project)?
         .list_suppressions(&project_id, limit, page.cursor.as_deref())
         .await?;
     Ok(
@@ -608,12 +614,13 @@ async fn suppress_many(
     ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let request: UserIds = parse_body(&body)?;
     validate_user_ids(&request.user_ids)?;
     let added = state
-        .catalog
-        .suppress_users(&project_id, &request.user_ids, &actor(&claims, &request_id))
+        .stores
+        .of_project(&project)?
+        .suppress_users(&project, &request.user_ids, &actor(&claims, &request_id))
         .await?;
     state.keys.refresh().await.ok();
     Ok(
@@ -628,12 +635,13 @@ async fn suppress_one(
     axum::Extension(request_id): axum::Extension<RequestId>,
     ApiPath((project_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let user_ids = vec![user_id.clone()];
     validate_user_ids(&user_ids)?;
     state
-        .catalog
-        .suppress_users(&project_id, &user_ids, &actor(&claims, &request_id))
+        .stores
+        .of_project(&project)?
+        .suppress_users(&project, &user_ids, &actor(&claims, &request_id))
         .await?;
     state.keys.refresh().await.ok();
     Ok(
@@ -649,9 +657,10 @@ async fn suppression_of_user(
     AdminAuth(claims): AdminAuth,
     ApiPath((project_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let suppressed = state
-        .catalog
+        .stores
+        .of_project(&project)?
         .is_user_suppressed(&project_id, &user_id)
         .await?;
     Ok(axum::Json(json!({"project_id": project_id, "user_id": user_id,
@@ -665,10 +674,11 @@ async fn unsuppress_one(
     axum::Extension(request_id): axum::Extension<RequestId>,
     ApiPath((project_id, user_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let removed = state
-        .catalog
-        .unsuppress_user(&project_id, &user_id, &actor(&claims, &request_id))
+        .stores
+        .of_project(&project)?
+        .unsuppress_user(&project, &user_id, &actor(&claims, &request_id))
         .await?;
     if !removed {
         return Err(ApiError::not_found(format!(
@@ -677,39 +687,6 @@ async fn unsuppress_one(
     }
     state.keys.refresh().await.ok();
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-async fn audit_log(
-    State(state): State<AppState>,
-    AdminAuth(claims): AdminAuth,
-    ApiPath(org_id): ApiPath<String>,
-    page: PageQuery,
-) -> Result<Response, ApiError> {
-    claims.require(&org_id, Role::Owner, &format!("org `{org_id}`"))?;
-    let limit = page.limit(100, 1000)?;
-    let after_seq = match page.cursor.as_deref() {
-        None => 0,
-        Some(cursor) => cursor.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_request",
-                "cursor must come from a previous page's next_cursor",
-            )
-        })?,
-    };
-    let listed = state.catalog.list_audit(&org_id, after_seq, limit).await?;
-    let items: Vec<Value> = listed
-        .items
-        .iter()
-        .map(|entry| {
-            json!({
-                "seq": entry.seq, "at": format_rfc3339_ms(entry.at_ms), "actor": entry.actor,
-                "action": entry.action, "target": entry.target, "before": entry.before,
-                "after": entry.after, "request_id": entry.request_id, "hash": entry.hash,
-                "prev_hash": entry.prev_hash,
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({"items": items, "next_cursor": listed.next_cursor})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -241,6 +241,16 @@ pub struct RegionConfig {
     pub clickhouse: Option<ClickHouseRegionConfig>,
     pub queue: Option<RegionQueueConfig>,
     pub retention: Option<RegionRetention>,
+    /// The region's own store for data about its end users.
+    pub catalog: Option<RegionCatalogConfig>,
+}
+
+/// `[regions.<id>.catalog]`: the region's store (suppressions, deletions, replays and their audit
+/// entries), a PostgreSQL database in the region (or a SQLite file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionCatalogConfig {
+    pub url: Secret,
 }
 
 /// `[regions.<id>.queue]`: the region's queue backend settings.
@@ -525,6 +535,10 @@ pub struct RegionSettings {
     pub clickhouse: Option<meridian_clickhouse::ClickHouseConfig>,
     /// What projects of the region that set no retention of their own keep.
     pub retention_default: RegionRetention,
+    /// The region's store for data about its end users (may carry a password). `None`: the
+    /// global catalog keeps it (a PostgreSQL catalog without `[regions.<id>.catalog]`); on the
+    /// embedded SQLite catalog each region gets a file beside it.
+    pub store_url: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]
@@ -936,9 +950,19 @@ impl Config {
                     ));
                 }
             }
+            let store_url = region.catalog.as_ref().map(|catalog| catalog.url.clone());
+            if let Some(url) = &store_url
+                && !is_catalog_url(url.expose())
+            {
+                problems.push(format!(
+                    "regions.{id}.catalog.url `{}` must start with sqlite:// or postgres://",
+                    redact_url(url.expose())
+                ));
+            }
             regions.insert(
                 id.clone(),
                 RegionSettings {
+                    store_url,
                     retention_default,
                     clickhouse,
                     jetstream,
@@ -1040,7 +1064,22 @@ impl Config {
                 }
             }
         }
+        for region in regions.values_mut() {
+            if region.store_url.is_none() && !catalog_is_shared {
+                region.store_url = sqlite_store_beside(&catalog_url, &region.id).map(Secret::new);
+            }
+        }
         let mut warnings = Vec::new();
+        for region in &served_regions {
+            let has_store = regions
+                .get(region)
+                .is_some_and(|settings: &RegionSettings| settings.store_url.is_some());
+            if !has_store {
+                warnings.push(format!(
+                    "region {region} has no regional store ([regions.{region}.catalog] url = \"postgres://...\" in {region}): the suppressions, deletion requests and replays of its projects, and their audit entries, are kept in the global catalog"
+                ));
+            }
+        }
         if catalog_is_shared && served_regions.len() > 1 {
             warnings.push(format!(
                 "this node serves {} regions ({}) on a shared catalog: in a cluster each node serves only its own region (set node.serve_regions = [\"{}\"]), so that a node's failure or misconfiguration stays inside one region",
@@ -1099,10 +1138,7 @@ impl Config {
         if self.catalog.refresh_interval_ms == 0 || self.catalog.refresh_interval_ms > 1000 {
             problems.push("catalog.refresh_interval_ms must be 1 to 1000 (keys must take effect within a second)".to_string());
         }
-        if !(catalog_url.starts_with("sqlite:")
-            || catalog_url.starts_with("postgres://")
-            || catalog_url.starts_with("postgresql://"))
-        {
+        if !is_catalog_url(&catalog_url) {
             problems.push(format!(
                 "catalog.url `{}` must start with sqlite:// or postgres://",
                 redact_url(&catalog_url)
@@ -1290,6 +1326,34 @@ impl Settings {
     pub fn serves(&self, region: &RegionId) -> bool {
         self.served_regions.contains(region)
     }
+}
+
+fn is_catalog_url(url: &str) -> bool {
+    url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The default regional store on an embedded SQLite catalog: `catalog-<region>.db` beside the
+/// catalog file (so nodes that share a catalog file share the regional files too), with the
+/// catalog URL's options.
+fn sqlite_store_beside(catalog_url: &str, region: &RegionId) -> Option<String> {
+    let rest = catalog_url
+        .strip_prefix("sqlite://")
+        .or_else(|| catalog_url.strip_prefix("sqlite:"))?;
+    let (path, options) = match rest.split_once('?') {
+        Some((path, options)) => (path, Some(options)),
+        None => (rest, None),
+    };
+    let path = std::path::Path::new(path);
+    let stem = path.file_stem()?.to_string_lossy();
+    let file = format!("{stem}-{}.db", region.as_str());
+    let store = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.join(file),
+        _ => PathBuf::from(file),
+    };
+    Some(match options {
+        Some(options) => format!("sqlite://{}?{options}", store.display()),
+        None => format!("sqlite://{}", store.display()),
+    })
 }
 
 #[cfg(test)]

@@ -135,6 +135,9 @@ impl From<CatalogError> for ApiError {
                     5,
                 )
             }
+            not_served @ CatalogError::RegionNotServed { .. } => {
+                ApiError::unavailable("region_not_served", not_served.to_string(), 5)
+            }
             CatalogError::Corrupt(message) => {
                 error!(%message, "catalog data inconsistent");
                 ApiError::internal(

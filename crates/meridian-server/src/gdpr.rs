@@ -78,7 +78,11 @@ async fn deletions_of_user(
         .map_err(|error| ApiError::bad_request("invalid_request", error.body_text()))?;
     let has_clickhouse = clickhouse_configured(&state, &project.region);
     let Some(user_id) = parsed.0.user_id.filter(|user_id| !user_id.is_empty()) else {
-        let deletions = state.catalog.recent_deletions(&project_id, 50).await?;
+        let deletions = state
+            .stores
+            .of_project(&project)?
+            .recent_deletions(&project_id, 50)
+            .await?;
         let items: Vec<Value> = deletions
             .iter()
             .map(|deletion| deletion_json(deletion, has_clickhouse))
@@ -86,7 +90,8 @@ async fn deletions_of_user(
         return Ok(axum::Json(json!({"user_id": null, "items": items})).into_response());
     };
     let deletions = state
-        .catalog
+        .stores
+        .of_project(&project)?
         .deletions_of_user(&project_id, &user_id)
         .await?;
     let items: Vec<Value> = deletions
@@ -147,20 +152,20 @@ async fn request_deletion(
     ApiPath(project_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let request: UserIds = parse_body(&body)?;
     crate::admin::validate_user_ids(&request.user_ids)?;
     // Projects this one's data was migrated to hold copies of the users' data: the deletion is
     // requested there too (in their regions), before the project's own.
     let mut also_requested = Vec::new();
     for migration in state.catalog.migrations_started_from(&project_id).await? {
+        let Some(target) = state.catalog.get_project(&migration.target_project).await? else {
+            continue;
+        };
         let copy_deletion = state
-            .catalog
-            .create_deletion(
-                &migration.target_project,
-                &request.user_ids,
-                &actor(&claims, &request_id),
-            )
+            .stores
+            .of_project(&target)?
+            .create_deletion(&target, &request.user_ids, &actor(&claims, &request_id))
             .await?;
         info!(deletion_id = %copy_deletion.deletion_id, project_id = %migration.target_project, migration_id = %migration.migration_id, "GDPR deletion requested in a migration's target too");
         also_requested.push(json!({
@@ -171,8 +176,9 @@ async fn request_deletion(
         }));
     }
     let deletion = state
-        .catalog
-        .create_deletion(&project_id, &request.user_ids, &actor(&claims, &request_id))
+        .stores
+        .of_project(&project)?
+        .create_deletion(&project, &request.user_ids, &actor(&claims, &request_id))
         .await?;
     state.keys.refresh().await.ok();
     state.deletion_requested.notify_one();
@@ -189,8 +195,8 @@ async fn get_deletion(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("deletion `{deletion_id}` does not exist"));
     let deletion = state
-        .catalog
-        .get_deletion(&deletion_id)
+        .stores
+        .find_deletion(&deletion_id)
         .await?
         .ok_or_else(not_found)?;
     claims.require(
@@ -207,25 +213,30 @@ async fn get_deletion(
 
 /// Claims and carries out deletions of the served regions until `stop`.
 pub async fn run_deletion_executor(state: AppState, mut stop: watch::Receiver<bool>) {
-    let regions = crate::background::served_region_names(&state);
-    if regions.is_empty() {
+    if state.stores.stores().is_empty() {
         return;
     }
     loop {
         let lease_until_ms = now_unix_ms() + LEASE.as_millis() as i64;
-        let claimed = state
-            .catalog
-            .claim_deletion(&state.node_id, &regions, lease_until_ms)
-            .await;
+        let mut claimed = Ok(None);
+        for store in state.stores.stores() {
+            claimed = store
+                .catalog
+                .claim_deletion(&state.node_id, &store.region_names(), lease_until_ms)
+                .await;
+            if !matches!(claimed, Ok(None)) {
+                break;
+            }
+        }
         match claimed {
             Ok(Some(deletion)) => {
                 let deletion_id = deletion.deletion_id.clone();
+                let region = deletion.region.clone();
                 if let Err(failure) = execute(&state, deletion).await {
                     warn!(%deletion_id, error = %failure, "GDPR deletion step failed; it will be retried");
-                    let _ = state
-                        .catalog
-                        .record_deletion_error(&deletion_id, &failure)
-                        .await;
+                    if let Ok(store) = state.stores.of_region(&region) {
+                        let _ = store.record_deletion_error(&deletion_id, &failure).await;
+                    }
                     if !crate::background::back_off(&mut stop, Duration::from_secs(5)).await {
                         return;
                     }
@@ -247,6 +258,11 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
     let Some(services) = state.region_services.get(&region).cloned() else {
         return Err(format!("region {region} is not served here"));
     };
+    let store = state
+        .stores
+        .of_region(&deletion.region)
+        .map_err(|error| error.to_string())?
+        .clone();
     let executor = Actor::system(&format!("gdpr-executor/{}", state.node_id));
     let users: HashSet<String> = deletion.user_ids.iter().cloned().collect();
     let mut progress = DeletionProgress {
@@ -257,12 +273,12 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
     };
     let record = |stage: DeletionStage, progress: DeletionProgress| {
         let state = state.clone();
+        let store = store.clone();
         let deletion_id = deletion.deletion_id.clone();
         let executor = executor.clone();
         async move {
             let lease_until_ms = now_unix_ms() + LEASE.as_millis() as i64;
-            state
-                .catalog
+            store
                 .record_deletion_progress(
                     &deletion_id,
                     &state.node_id,
@@ -344,8 +360,7 @@ async fn execute(state: &AppState, mut deletion: Deletion) -> Result<(), String>
         record(DeletionStage::Finished, progress).await?;
     }
 
-    let finished = state
-        .catalog
+    let finished = store
         .finish_deletion(&deletion.deletion_id, DeletionStatus::Done, None, &executor)
         .await
         .map_err(|error| error.to_string())?;

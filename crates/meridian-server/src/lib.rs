@@ -3,6 +3,7 @@
 //! routes, configuration, and the assembly of a running node. Only this crate knows HTTP.
 
 pub mod admin;
+pub mod audit_log;
 pub mod auth;
 pub mod background;
 pub mod catalog_key;
@@ -21,6 +22,7 @@ pub mod ops;
 pub mod project_archive;
 pub mod rate_limit;
 pub mod region;
+pub mod regional_stores;
 pub mod replay;
 pub mod residency;
 pub mod retention;

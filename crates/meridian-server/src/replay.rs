@@ -164,9 +164,10 @@ async fn start_replay(
         ));
     }
     let replay = state
-        .catalog
+        .stores
+        .of_project(&project)?
         .create_replay(
-            &project_id,
+            &project,
             from_day_ms,
             to_day_ms,
             &actor(&claims, &request_id),
@@ -183,8 +184,12 @@ async fn list_replays(
     AdminAuth(claims): AdminAuth,
     ApiPath(project_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    authorized_project(&state, &claims, &project_id, Role::Admin).await?;
-    let replays = state.catalog.recent_replays(&project_id, 50).await?;
+    let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
+    let replays = state
+        .stores
+        .of_project(&project)?
+        .recent_replays(&project_id, 50)
+        .await?;
     let items: Vec<Value> = replays.iter().map(replay_json).collect();
     Ok(axum::Json(json!({"items": items})).into_response())
 }
@@ -196,8 +201,8 @@ async fn authorized_replay(
     replay_id: &str,
 ) -> Result<Replay, ApiError> {
     let replay = state
-        .catalog
-        .get_replay(replay_id)
+        .stores
+        .find_replay(replay_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("replay `{replay_id}` does not exist")))?;
     claims.require(
@@ -223,9 +228,10 @@ async fn cancel_replay(
     axum::Extension(request_id): axum::Extension<RequestId>,
     ApiPath(replay_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    authorized_replay(&state, &claims, &replay_id).await?;
+    let replay = authorized_replay(&state, &claims, &replay_id).await?;
     let replay = state
-        .catalog
+        .stores
+        .of_region(&replay.region)?
         .cancel_replay(&replay_id, &actor(&claims, &request_id))
         .await?;
     info!(
@@ -238,19 +244,25 @@ async fn cancel_replay(
 
 /// Claims and carries out replays of the served regions until `stop`.
 pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool>) {
-    let regions = crate::background::served_region_names(&state);
-    if regions.is_empty() {
+    if state.stores.stores().is_empty() {
         return;
     }
     loop {
         let lease_until_ms = now_unix_ms() + LEASE.as_millis() as i64;
-        let claimed = state
-            .catalog
-            .claim_replay(&state.node_id, &regions, lease_until_ms)
-            .await;
+        let mut claimed = Ok(None);
+        for store in state.stores.stores() {
+            claimed = store
+                .catalog
+                .claim_replay(&state.node_id, &store.region_names(), lease_until_ms)
+                .await;
+            if !matches!(claimed, Ok(None)) {
+                break;
+            }
+        }
         match claimed {
             Ok(Some(replay)) => {
                 let replay_id = replay.replay_id.clone();
+                let region = replay.region.clone();
                 // Stopped: the lease lapses and this node (or another) resumes after the last
                 // object.
                 let Some(outcome) =
@@ -260,10 +272,9 @@ pub async fn run_replay_executor(state: AppState, mut stop: watch::Receiver<bool
                 };
                 if let Err(failure) = outcome {
                     warn!(%replay_id, error = %failure, "replay step failed; it will be retried");
-                    let _ = state
-                        .catalog
-                        .record_replay_error(&replay_id, &failure)
-                        .await;
+                    if let Ok(store) = state.stores.of_region(&region) {
+                        let _ = store.record_replay_error(&replay_id, &failure).await;
+                    }
                     if !crate::background::back_off(&mut stop, Duration::from_secs(5)).await {
                         return;
                     }
@@ -331,14 +342,18 @@ async fn execute(state: &AppState, replay: Replay) -> Result<(), String> {
     let Some(services) = state.region_services.get(&region).cloned() else {
         return Err(format!("region {region} is not served here"));
     };
+    let store = state
+        .stores
+        .of_region(&replay.region)
+        .map_err(|error| error.to_string())?
+        .clone();
     let executor = Actor::system(&format!("replay-executor/{}", state.node_id));
     let finish = |status: ReplayStatus, error: Option<String>| {
-        let state = state.clone();
+        let store = store.clone();
         let replay_id = replay.replay_id.clone();
         let executor = executor.clone();
         async move {
-            state
-                .catalog
+            store
                 .finish_replay(&replay_id, status, error.as_deref(), &executor)
                 .await
                 .map_err(|error| error.to_string())
@@ -397,8 +412,7 @@ async fn execute(state: &AppState, replay: Replay) -> Result<(), String> {
         progress.messages_erased += outcome.erased as i64;
         progress.messages_refused += outcome.refused as i64;
         let lease_until_ms = now_unix_ms() + LEASE.as_millis() as i64;
-        let stored = state
-            .catalog
+        let stored = store
             .record_replay_progress(&replay.replay_id, &state.node_id, &progress, lease_until_ms)
             .await
             .map_err(|error| error.to_string())?;

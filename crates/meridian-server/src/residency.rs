@@ -143,6 +143,7 @@ pub async fn scan_region(
     region: &RegionId,
     services: &RegionServices,
     queue_encryption: Option<Arc<QueueEncryption>>,
+    regional_store: Option<&meridian_catalog::RegionalStore>,
 ) -> Result<ResidencyReport, String> {
     let mut report = ResidencyReport {
         region: region.clone(),
@@ -191,6 +192,20 @@ pub async fn scan_region(
             for project_id in project_ids {
                 seen.push((store.clone(), "table events".to_string(), project_id));
             }
+        }
+    }
+
+    // The region's own store (a region kept in the global catalog has none to scan).
+    if let Some(regional) = regional_store.filter(|regional| !regional.is_global) {
+        let store = format!("regional store {}", regional.display_url);
+        report.stores.push(store.clone());
+        for (table, project_id) in regional
+            .catalog
+            .end_user_project_ids()
+            .await
+            .map_err(|error| format!("{store}: {error}"))?
+        {
+            seen.push((store.clone(), format!("table {table}"), project_id));
         }
     }
 

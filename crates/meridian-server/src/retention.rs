@@ -399,7 +399,9 @@ async fn clean_project(
     archive_days.sort();
     let janitor = Actor::system(&format!("retention-janitor/{}", state.node_id));
     state
-        .catalog
+        .stores
+        .of_region(region.as_str())
+        .map_err(|error| error.to_string())?
         .record_retention_deletion(
             &subject.org_id,
             project_id,

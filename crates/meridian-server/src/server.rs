@@ -9,7 +9,7 @@ use axum::Router;
 use meridian_archive::ArchiveSink;
 use meridian_archive::customer::CustomerStores;
 use meridian_archive::s3::GuardedS3Store;
-use meridian_catalog::{Catalog, KeyCache};
+use meridian_catalog::{Catalog, KeyCache, RegionalStores};
 use meridian_core::{RegionId, Secret};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -93,7 +93,10 @@ pub struct RunningNode {
     stop_background: watch::Sender<bool>,
 }
 
-async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), ServerError> {
+/// The global catalog, the regional stores of the served regions, and the key cache over both.
+async fn open_catalog(
+    settings: &Settings,
+) -> Result<(Catalog, RegionalStores, Arc<KeyCache>), ServerError> {
     let failure = |message: String| ServerError::Catalog {
         url: settings.catalog_url_for_display(),
         message,
@@ -105,10 +108,13 @@ async fn open_catalog(settings: &Settings) -> Result<(Catalog, Arc<KeyCache>), S
     .await
     .map_err(|_| failure("timed out after 30 s".into()))?
     .map_err(failure)?;
-    let keys = KeyCache::load(catalog.clone())
+    let stores = crate::regional_stores::open_regional_stores(settings, &catalog)
+        .await
+        .map_err(failure)?;
+    let keys = KeyCache::load_from(catalog.clone(), stores.catalogs())
         .await
         .map_err(|error| failure(error.to_string()))?;
-    Ok((catalog, keys))
+    Ok((catalog, stores, keys))
 }
 
 /// Retries uploading a region's spooled customer objects every `interval`.
@@ -161,7 +167,7 @@ impl RunningNode {
         if generated {
             warn!(path = %settings.data_dir.join("jwt_secret").display(), "no auth.jwt_secret configured: using the secret generated in the data dir (set MERIDIAN_JWT_SECRET for clusters)");
         }
-        let (catalog, keys) = open_catalog(&settings).await?;
+        let (catalog, stores, keys) = open_catalog(&settings).await?;
         let node_id =
             load_or_create_node_id(&settings.data_dir).map_err(|error| ServerError::DataDir {
                 path: settings.data_dir.display().to_string(),
@@ -259,6 +265,7 @@ impl RunningNode {
         let state = AppState::new(AppStateInner {
             settings: Arc::clone(&settings),
             catalog,
+            stores,
             keys,
             queues: Arc::new(queues),
             metrics: Arc::new(Metrics::new()),
@@ -411,6 +418,11 @@ impl RunningNode {
             }
         })
         .await;
+        for store in state.stores.stores() {
+            if !store.is_global {
+                store.catalog.close().await;
+            }
+        }
         state.catalog.close().await;
         info!("shutdown complete");
         Ok(())

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use meridian_catalog::{Catalog, KeyCache};
+use meridian_catalog::{Catalog, KeyCache, RegionalStores};
 use meridian_core::RegionId;
 use meridian_queue::{DeliveryLog, DeliveryStatus, QueueBackend, Sink};
 
@@ -77,7 +77,10 @@ impl std::ops::Deref for AppState {
 
 pub struct AppStateInner {
     pub settings: Arc<Settings>,
+    /// The global catalog: orgs, projects, keys (nothing about end users).
     pub catalog: Catalog,
+    /// The served regions' stores: suppressions, deletions, replays and their audit entries.
+    pub stores: RegionalStores,
     pub keys: Arc<KeyCache>,
     /// One queue per served region; no other region's queue exists on this node.
     pub queues: Arc<BTreeMap<RegionId, Arc<dyn QueueBackend>>>,

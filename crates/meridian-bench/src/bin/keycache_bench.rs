@@ -117,8 +117,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "full load: {full_load_ms:.0} ms; resident memory {before_mib:.0} MiB before, {after_mib:.0} MiB after"
     );
 
+    let project = catalog
+        .get_project("prj_bench0000042")
+        .await?
+        .ok_or("the bench project prj_bench0000042 is missing")?;
     catalog
-        .suppress_users("prj_bench0000042", &["another".to_string()], &actor)
+        .suppress_users(&project, &["another".to_string()], &actor)
         .await?;
     let refreshing = Instant::now();
     let refreshed = cache.refresh().await?;
