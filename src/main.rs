@@ -376,10 +376,55 @@ async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Res
         output.display(),
         settings.data_dir.join("catalog.db").display()
     );
+    backup_regional_stores(&settings, &catalog, &output).await?;
     if settings.catalog_hash_key.is_none() {
         println!(
             "keep a copy of {} apart from the backup: the catalog's suppressions and audit log need it",
             meridian_server::catalog_key::key_file(&settings.data_dir).display()
+        );
+    }
+    Ok(())
+}
+
+/// Backs up each served region's own SQLite store beside `output` (`<output>-<region>.db`); a
+/// PostgreSQL regional store lives in its region and is backed up there.
+async fn backup_regional_stores(
+    settings: &Settings,
+    catalog: &meridian_catalog::Catalog,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let stores = meridian_server::regional_stores::connect_regional_stores(
+        settings,
+        catalog,
+        &settings.served_regions,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    for store in stores.stores() {
+        if store.is_global {
+            continue;
+        }
+        let regions = store.region_names().join("+");
+        if store.catalog.backend() != meridian_catalog::CatalogBackend::Sqlite {
+            println!(
+                "the regional store of {regions} is a PostgreSQL database ({}): back it up in its region with pg_dump",
+                store.display_url
+            );
+            continue;
+        }
+        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+        let store_output = output.with_file_name(format!("{stem}-{regions}.db"));
+        store.catalog.backup_sqlite(&store_output).await?;
+        let live_path = store
+            .display_url
+            .trim_start_matches("sqlite://")
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        println!(
+            "regional store of {regions} backed up to {}; to restore, put it in place as {live_path}",
+            store_output.display()
         );
     }
     Ok(())

@@ -302,6 +302,11 @@ async fn a_catalog_backup_restores_into_a_fresh_node() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(backup_file.exists());
+    // Each region's own store (suppressions, deletions, replays) is backed up beside it.
+    for region in ["eu-west-1", "us-east-1", "af-south-1", "ap-southeast-1"] {
+        let regional = backup.path().join(format!("catalog-backup-{region}.db"));
+        assert!(regional.exists(), "{} is missing", regional.display());
+    }
     server.kill_hard();
 
     // A brand-new node whose catalog is the backup.
