@@ -219,7 +219,9 @@ async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_mess
         }
     }
     assert!(
-        catalog_files.iter().any(|name| name == "catalog-eu-west-1.db"),
+        catalog_files
+            .iter()
+            .any(|name| name == "catalog-eu-west-1.db"),
         "eu-west-1's regional store, where the deletion was kept, is among {catalog_files:?}"
     );
     assert!(
