@@ -172,7 +172,15 @@ async fn end_user_data_of_each_region_lives_only_in_its_regional_store() {
     let us_erased = unique("us-erased-user");
 
     // Suppressed through one eu-west-1 node, respected by the other within a second: it reads
-    // the regional store on its own.
+    // the regional store on its own. (First the other node learns the new key, within its
+    // refresh interval.)
+    let key_works = wait_until(Duration::from_secs(5), || async {
+        let event = json!({"type": "track", "userId": "someone", "event": "Warm",
+                           "messageId": unique("warm")});
+        eu_second_node.post_batch(&eu_key, &[event]).await == 200
+    })
+    .await;
+    assert!(key_works, "the second eu-west-1 node knows the new key");
     suppress(&eu_node, &token, &eu_project, &eu_suppressed).await;
     let suppressed_at = Instant::now();
     let took = time_until_suppressed(

@@ -8,9 +8,15 @@
 //! keyed ones, and the chain must end with a keyed entry (a node appends `audit.chain_anchored`
 //! when it first opens a catalog whose last entry is not keyed).
 
+use meridian_core::timestamp::now_unix_ms;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::catalog::{Catalog, Change, Page};
+use crate::error::CatalogError;
 
 use crate::ids::hex;
 use crate::keyed_hash::{CatalogKey, KEYED_AUDIT_HASH_PREFIX};
@@ -149,5 +155,162 @@ pub(crate) fn verify_chain(
         }
         position.keyed_seen |= entry.is_keyed();
         position.previous = Some((entry.seq, entry.hash.clone()));
+    }
+}
+
+pub(crate) fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, CatalogError> {
+    let parse = |text: Option<String>| -> Result<Option<Value>, CatalogError> {
+        text.map(|text| {
+            serde_json::from_str(&text)
+                .map_err(|error| CatalogError::Corrupt(format!("audit entry JSON: {error}")))
+        })
+        .transpose()
+    };
+    Ok(AuditEntry {
+        seq: row.try_get("seq")?,
+        org_id: row.try_get("org_id")?,
+        at_ms: row.try_get("at_ms")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        before: parse(row.try_get("before_json")?)?,
+        after: parse(row.try_get("after_json")?)?,
+        request_id: row.try_get("request_id")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+impl Catalog {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn record_audit(
+        &self,
+        transaction: &mut Transaction<'_, Any>,
+        change: Change,
+        org_id: &str,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        before: Option<Value>,
+        after: Option<Value>,
+    ) -> Result<AuditEntry, CatalogError> {
+        let mut entry = AuditEntry {
+            seq: change.audit_seq,
+            org_id: org_id.to_string(),
+            at_ms: now_unix_ms(),
+            actor: actor.subject.clone(),
+            action: action.to_string(),
+            target: target.to_string(),
+            before,
+            after,
+            request_id: actor.request_id.clone(),
+            prev_hash: change.previous_hash,
+            hash: String::new(),
+        };
+        entry.hash = entry.compute_hash(&self.key);
+        sqlx::query(
+            "INSERT INTO audit_log (seq, org_id, at_ms, actor, action, target, before_json,
+                after_json, request_id, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(entry.seq)
+        .bind(&entry.org_id)
+        .bind(entry.at_ms)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(entry.before.as_ref().map(Value::to_string))
+        .bind(entry.after.as_ref().map(Value::to_string))
+        .bind(&entry.request_id)
+        .bind(&entry.prev_hash)
+        .bind(&entry.hash)
+        .execute(&mut **transaction)
+        .await?;
+        sqlx::query("UPDATE catalog_state SET audit_head_hash = $1 WHERE id = 1")
+            .bind(&entry.hash)
+            .execute(&mut **transaction)
+            .await?;
+        Ok(entry)
+    }
+
+    pub async fn list_audit(
+        &self,
+        org_id: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Page<AuditEntry>, CatalogError> {
+        let limit = limit.clamp(1, 1000);
+        let rows = sqlx::query(
+            "SELECT seq, org_id, at_ms, actor, action, target, before_json, after_json, request_id,
+                prev_hash, hash
+             FROM audit_log WHERE org_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(org_id)
+        .bind(after_seq)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = rows
+            .iter()
+            .map(audit_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|entry| entry.seq.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Checks the whole audit chain, and that its head matches the last entry.
+    pub async fn verify_audit_chain(&self) -> Result<AuditChainReport, CatalogError> {
+        let mut report = AuditChainReport {
+            entries_checked: 0,
+            first_broken: None,
+        };
+        let mut position = crate::audit::ChainPosition::default();
+        loop {
+            let after_seq = position.previous.as_ref().map(|(seq, _)| *seq).unwrap_or(0);
+            let rows = sqlx::query(
+                "SELECT seq, org_id, at_ms, actor, action, target, before_json, after_json,
+                    request_id, prev_hash, hash
+                 FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT 1000",
+            )
+            .bind(after_seq)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let entries = rows
+                .iter()
+                .map(audit_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            verify_chain(&entries, &self.key, &mut report, &mut position);
+            if report.first_broken.is_some() {
+                return Ok(report);
+            }
+        }
+        let head = sqlx::query("SELECT audit_seq, audit_head_hash FROM catalog_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let head_seq: i64 = head.try_get("audit_seq")?;
+        let head_hash: String = head.try_get("audit_head_hash")?;
+        let (last_seq, last_hash) = position.previous.unwrap_or((0, String::new()));
+        if head_seq != last_seq || head_hash != last_hash {
+            report.first_broken = Some((
+                last_seq + 1,
+                format!(
+                    "the chain ends at entry {last_seq} but the catalog recorded {head_seq} entries (entries were deleted)"
+                ),
+            ));
+        } else if last_seq > 0 && !position.keyed_seen {
+            report.first_broken = Some((
+                last_seq,
+                "the chain has no keyed entry: it was written before keyed hashes and no node has anchored it yet (start a node once), or it was rewritten".to_string(),
+            ));
+        }
+        Ok(report)
     }
 }

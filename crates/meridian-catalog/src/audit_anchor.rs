@@ -10,8 +10,9 @@
 use serde_json::{Value, json};
 use sqlx::Row;
 
+use crate::audit::audit_from_row;
 use crate::audit::{Actor, AuditChainReport, AuditEntry, ChainPosition, verify_chain};
-use crate::catalog::{Catalog, audit_from_row};
+use crate::catalog::Catalog;
 use crate::error::CatalogError;
 use crate::keyed_hash::CatalogKey;
 

@@ -13,6 +13,8 @@ mod ids;
 mod key_cache;
 pub mod keyed_hash;
 pub(crate) mod lease;
+mod org;
+mod project;
 mod region_migration;
 mod regional;
 mod replay;

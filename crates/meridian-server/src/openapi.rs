@@ -234,7 +234,7 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
             Method::GET,
             "/admin/orgs/{org_id}/audit",
             admin(
-                "Page through the org's audit log (owner)",
+                "Page through the org's audit log: the global catalog's entries and those of the regional stores of the regions this node serves, merged by time; `store` names each entry's hash chain (owner)",
                 None,
                 (200, Some("AuditPage")),
             ),
@@ -631,8 +631,8 @@ fn schemas() -> Value {
             "user_id": nullable(json!({"type": "string"})), "items": {"type": "array", "items": reference("Deletion")}}},
         "StorageRequest": {"type": "object", "required": ["bucket", "role_arn"], "properties": {
             "bucket": string, "prefix": string, "role_arn": string, "external_id": string, "kms_key_arn": string, "label": string}},
-        "AuditEntry": {"type": "object", "required": ["seq", "at", "actor", "action", "target", "request_id", "hash", "prev_hash"], "properties": {
-            "seq": {"type": "integer"}, "at": string, "actor": string, "action": string, "target": string,
+        "AuditEntry": {"type": "object", "required": ["seq", "store", "at", "actor", "action", "target", "request_id", "hash", "prev_hash"], "properties": {
+            "seq": {"type": "integer"}, "store": string, "at": string, "actor": string, "action": string, "target": string,
             "before": {}, "after": {}, "request_id": string, "hash": string, "prev_hash": string}},
         "AuditPage": page(reference("AuditEntry")),
         "CreateMigration": {"type": "object", "required": ["source_project", "target_project"], "properties": {
