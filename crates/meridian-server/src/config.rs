@@ -1609,10 +1609,79 @@ mod tests {
             vec!["eu-west-1", "us-east-1"],
             "serve_regions wins"
         );
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let shared_catalog_warnings: Vec<&String> = warnings
+            .iter()
+            .filter(|warning| warning.contains("shared catalog"))
+            .collect();
+        assert_eq!(shared_catalog_warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].contains("shared catalog") && warnings[0].contains("eu-west-1, us-east-1"),
+            shared_catalog_warnings[0].contains("eu-west-1, us-east-1"),
             "{warnings:?}"
+        );
+        for region in ["eu-west-1", "us-east-1"] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|warning| warning
+                        .contains(&format!("region {region} has no regional store"))),
+                "{warnings:?}"
+            );
+        }
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+    }
+
+    #[test]
+    fn each_region_has_a_store_of_its_own_or_the_warning_says_the_global_one_is_used() {
+        let settings = |file: &str, pairs: &[(&str, &str)]| {
+            Config::from_sources(Some(file), &env(pairs))
+                .unwrap()
+                .validate()
+        };
+        // Embedded: a SQLite file per region beside the catalog, no warning.
+        let embedded = settings("", &[("MERIDIAN_DATA_DIR", "/var/lib/m")]).unwrap();
+        let eu = RegionId::parse("eu-west-1").unwrap();
+        assert_eq!(
+            embedded.regions[&eu].store_url.as_ref().map(Secret::expose),
+            Some("sqlite:///var/lib/m/catalog-eu-west-1.db?mode=rwc")
+        );
+        assert!(embedded.warnings.is_empty(), "{:?}", embedded.warnings);
+
+        let postgres = ("MERIDIAN_CATALOG_URL", "postgres://u:p@db/global");
+        let hash_key = (
+            "MERIDIAN_CATALOG_HASH_KEY",
+            "a-cluster-wide-catalog-hash-key-0123456789",
+        );
+        let with_store = settings(
+            "[regions.eu-west-1.catalog]\nurl = \"postgres://u:p@db-eu/meridian_eu\"\n",
+            &[postgres, hash_key, ("MERIDIAN_NODE_REGION", "eu-west-1")],
+        )
+        .unwrap();
+        assert_eq!(
+            with_store.regions[&eu]
+                .store_url
+                .as_ref()
+                .map(Secret::expose),
+            Some("postgres://u:p@db-eu/meridian_eu")
+        );
+        assert!(with_store.warnings.is_empty(), "{:?}", with_store.warnings);
+
+        let without = settings(
+            "",
+            &[postgres, hash_key, ("MERIDIAN_NODE_REGION", "eu-west-1")],
+        )
+        .unwrap();
+        assert!(without.regions[&eu].store_url.is_none());
+        assert_eq!(without.warnings.len(), 1, "{:?}", without.warnings);
+        assert!(without.warnings[0].contains("kept in the global catalog"));
+
+        let bad = settings(
+            "[regions.eu-west-1.catalog]\nurl = \"mysql://db/eu\"\n",
+            &[postgres, hash_key],
+        );
+        let problems = format!("{bad:?}");
+        assert!(
+            problems.contains("regions.eu-west-1.catalog.url"),
+            "{problems}"
         );
     }
 
