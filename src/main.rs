@@ -258,6 +258,15 @@ async fn serve(config: Option<PathBuf>, check_config: bool) -> anyhow::Result<()
             settings.data_dir.display()
         );
         println!("  catalog: {}", settings.catalog_url_for_display());
+        for region in &settings.served_regions {
+            let store = settings
+                .regions
+                .get(region)
+                .and_then(|region_settings| region_settings.store_url.as_ref())
+                .map(|url| meridian_core::redact_url(url.expose()))
+                .unwrap_or_else(|| "the global catalog".to_string());
+            println!("  store of {region} (its end users' data): {store}");
+        }
         for warning in &settings.warnings {
             println!("warning: {warning}");
         }

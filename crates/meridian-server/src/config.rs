@@ -842,6 +842,22 @@ impl Config {
                 _ => {}
             }
         }
+        // The store of the node's own region, e.g. from a Kubernetes Secret (after the loop, so
+        // that MERIDIAN_NODE_REGION decides which region it is).
+        if let Some((_, url)) = environment
+            .iter()
+            .find(|(key, _)| key == "MERIDIAN_REGION_CATALOG_URL")
+        {
+            let node_region = config.node.region.clone();
+            let Some(region) = config.regions.get_mut(&node_region) else {
+                return Err(ConfigError::Parse(format!(
+                    "MERIDIAN_REGION_CATALOG_URL is the store of the node's region, and region `{node_region}` is not configured"
+                )));
+            };
+            region.catalog = Some(RegionCatalogConfig {
+                url: Secret::new(url.clone()),
+            });
+        }
         Ok(config)
     }
 
@@ -1673,6 +1689,30 @@ mod tests {
         assert!(without.regions[&eu].store_url.is_none());
         assert_eq!(without.warnings.len(), 1, "{:?}", without.warnings);
         assert!(without.warnings[0].contains("kept in the global catalog"));
+
+        let from_environment = settings(
+            "",
+            &[
+                postgres,
+                hash_key,
+                ("MERIDIAN_NODE_REGION", "us-east-1"),
+                (
+                    "MERIDIAN_REGION_CATALOG_URL",
+                    "postgres://u:p@db-us/meridian_us",
+                ),
+            ],
+        )
+        .unwrap();
+        let us = RegionId::parse("us-east-1").unwrap();
+        assert_eq!(
+            from_environment.regions[&us]
+                .store_url
+                .as_ref()
+                .map(Secret::expose),
+            Some("postgres://u:p@db-us/meridian_us"),
+            "MERIDIAN_REGION_CATALOG_URL names the store of the node's own region"
+        );
+        assert!(from_environment.regions[&eu].store_url.is_none());
 
         let bad = settings(
             "[regions.eu-west-1.catalog]\nurl = \"mysql://db/eu\"\n",
