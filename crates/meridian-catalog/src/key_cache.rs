@@ -351,9 +351,14 @@ impl KeyCache {
         &'a self,
         project_id: &'a str,
     ) -> impl Iterator<Item = Arc<EndUserEntry>> + 'a {
-        self.end_users
-            .iter()
-            .filter_map(move |source| source.snapshot.load().projects.get(project_id).cloned())
+        self.end_users.iter().filter_map(move |source| {
+            let snapshot = source.snapshot.load();
+            // Most regional stores hold nothing: no hashing of the project id for those.
+            if snapshot.projects.is_empty() {
+                return None;
+            }
+            snapshot.projects.get(project_id).cloned()
+        })
     }
 
     pub fn is_suppressed(&self, project_id: &str, user_id: &str) -> bool {
@@ -370,14 +375,8 @@ impl KeyCache {
 
     /// Whether the project has any suppressed user (lets the hot path skip per-message lookups).
     pub fn has_suppressions(&self, project_id: &str) -> bool {
-        self.end_users.iter().any(|source| {
-            source
-                .snapshot
-                .load()
-                .projects
-                .get(project_id)
-                .is_some_and(|project| !project.suppressed_users.is_empty())
-        })
+        self.end_users_of(project_id)
+            .any(|project| !project.suppressed_users.is_empty())
     }
 
     pub fn project_region(&self, project_id: &str) -> Option<RegionId> {
