@@ -71,16 +71,6 @@ impl RegionalStores {
         }
     }
 
-    /// One catalog that holds every region's data (unit tests and tools).
-    pub fn single(catalog: Catalog, regions: Vec<RegionId>) -> RegionalStores {
-        RegionalStores::new(vec![RegionalStore {
-            catalog,
-            regions,
-            is_global: true,
-            display_url: "the global catalog".to_string(),
-        }])
-    }
-
     /// The store of `region`; `RegionNotServed` when this node does not serve it.
     pub fn of_region(&self, region: &str) -> Result<&Catalog, CatalogError> {
         let not_served = || CatalogError::RegionNotServed {

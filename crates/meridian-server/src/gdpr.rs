@@ -159,9 +159,17 @@ async fn request_deletion(
     // requested there too (in their regions), before the project's own.
     let mut also_requested = Vec::new();
     for migration in state.catalog.migrations_started_from(&project_id).await? {
-        let Some(target) = state.catalog.get_project(&migration.target_project).await? else {
-            continue;
-        };
+        // A migration's target always exists (projects are never removed): never skip a copy.
+        let target = state
+            .catalog
+            .get_project(&migration.target_project)
+            .await?
+            .ok_or_else(|| {
+                meridian_catalog::CatalogError::Corrupt(format!(
+                    "migration {} names target project {}, which does not exist",
+                    migration.migration_id, migration.target_project
+                ))
+            })?;
         let copy_deletion = state
             .stores
             .of_project(&target)?
