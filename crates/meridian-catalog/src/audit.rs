@@ -250,17 +250,13 @@ impl Catalog {
         .bind(limit as i64 + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(audit_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|entry| entry.seq.to_string())
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        Ok(Page::of_items_past_limit(items, limit, |entry| {
+            entry.seq.to_string()
+        }))
     }
 
     /// Checks the whole audit chain, and that its head matches the last entry.

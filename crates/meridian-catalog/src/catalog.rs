@@ -33,6 +33,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page from up to `limit + 1` items read in order (lists ask for one more than they show):
+    /// with the extra one there is a next page, whose cursor is the last shown item's.
+    pub(crate) fn of_items_past_limit(
+        mut items: Vec<T>,
+        limit: usize,
+        cursor_of: impl Fn(&T) -> String,
+    ) -> Page<T> {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
 /// The rows the key cache is built from.
 #[derive(Default)]
 pub(crate) struct SnapshotRows {

@@ -185,17 +185,13 @@ impl Catalog {
         .bind(limit as i64 + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(project_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|project| project.project_id.clone())
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        Ok(Page::of_items_past_limit(items, limit, |project| {
+            project.project_id.clone()
+        }))
     }
 
     pub async fn rename_project(

@@ -130,16 +130,10 @@ impl Catalog {
         .bind(limit as i64 + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(|row| row.try_get::<String, _>("user_id"))
             .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().cloned()
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        Ok(Page::of_items_past_limit(items, limit, String::clone))
     }
 }
