@@ -9,6 +9,13 @@ use serde_json::{Map, Value};
 
 use crate::timestamp::{format_rfc3339_ms, parse_timestamp_ms};
 
+mod raw;
+#[cfg(any(test, fuzzing))]
+pub mod reference;
+
+pub use raw::RawMessage;
+use raw::{JsonType, StoredDocument, json_type};
+
 /// Size and count limits of the ingest API (configurable; defaults from API.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,10 +222,10 @@ pub struct EnrichedMessage {
 }
 
 /// Parses one raw message of a batch, refusing it alone when it is too large or not an object.
-pub fn parse_raw_message(
-    raw_message: &RawValue,
+pub fn parse_raw_message<'a>(
+    raw_message: &'a RawValue,
     limits: &IngestLimits,
-) -> Result<Map<String, Value>, MessageRejection> {
+) -> Result<RawMessage<'a>, MessageRejection> {
     let text = raw_message.get();
     if text.len() > limits.max_message_bytes {
         return Err(MessageRejection::new(
@@ -230,34 +237,34 @@ pub fn parse_raw_message(
             ),
         ));
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(MessageRejection::new(
+    RawMessage::parse(text.as_bytes()).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => MessageRejection::new(
             RejectCode::InvalidMessage,
             "each message must be a JSON object",
-        )),
-        Err(error) => Err(MessageRejection::new(
+        ),
+        _ => MessageRejection::new(
             RejectCode::InvalidJson,
             format!("message is not valid JSON: {error}"),
-        )),
-    }
+        ),
+    })
 }
 
 /// Validates one message and returns the document to store.
 ///
 /// `implied_kind` is the type a single-message path implies (`/v1/track` implies `track`); batch
-/// messages must name their own `type`.
+/// messages must name their own `type`. The stored document has the message's top-level fields in
+/// key order, with `type`, the identifiers (numbers become strings), `messageId`, the merged batch
+/// `context` and `integrations`, the timestamps, `projectId` and `region` set, and `writeKey`
+/// removed; everything else is the client's JSON text.
 pub fn enrich_message(
-    mut message: Map<String, Value>,
+    message: RawMessage<'_>,
     implied_kind: Option<MessageKind>,
     context: &EnrichmentContext<'_>,
 ) -> Result<EnrichedMessage, MessageRejection> {
     let kind = resolve_kind(&message, implied_kind)?;
-    message.insert("type".into(), Value::String(kind.as_str().into()));
-    message.remove("writeKey");
-
-    let user_id = normalize_identifier(&mut message, "userId")?;
-    let anonymous_id = normalize_identifier(&mut message, "anonymousId")?;
+    let user_id = read_identifier(&message, "userId")?;
+    let anonymous_id = read_identifier(&message, "anonymousId")?;
+    let mut rewritten_identifiers = Vec::new();
     match kind {
         MessageKind::Alias => {
             if user_id.is_none() {
@@ -266,12 +273,13 @@ pub fn enrich_message(
                     "an alias message needs a userId",
                 ));
             }
-            if normalize_identifier(&mut message, "previousId")?.is_none() {
+            let Some(previous_id) = read_identifier(&message, "previousId")? else {
                 return Err(MessageRejection::new(
                     RejectCode::MissingPreviousId,
                     "an alias message needs a previousId",
                 ));
-            }
+            };
+            rewritten_identifiers.push(("previousId", previous_id));
         }
         _ if user_id.is_none() && anonymous_id.is_none() => {
             return Err(MessageRejection::new(
@@ -281,234 +289,307 @@ pub fn enrich_message(
         }
         _ => {}
     }
-    if kind == MessageKind::Track && non_empty_string(&message, "event").is_none() {
+    if kind == MessageKind::Track && !is_non_empty_string(message.get("event")) {
         return Err(MessageRejection::new(
             RejectCode::MissingEvent,
             "a track message needs an `event` name (a non-empty string)",
         ));
     }
-    if kind == MessageKind::Group && normalize_identifier(&mut message, "groupId")?.is_none() {
-        return Err(MessageRejection::new(
-            RejectCode::MissingGroupId,
-            "a group message needs a groupId",
-        ));
+    if kind == MessageKind::Group {
+        let Some(group_id) = read_identifier(&message, "groupId")? else {
+            return Err(MessageRejection::new(
+                RejectCode::MissingGroupId,
+                "a group message needs a groupId",
+            ));
+        };
+        rewritten_identifiers.push(("groupId", group_id));
     }
     for object_field in ["properties", "traits", "context", "integrations"] {
-        require_object_or_absent(&message, object_field)?;
+        require_type_or_null(&message, object_field, JsonType::Object, "a JSON object")?;
     }
     for string_field in ["event", "name", "category"] {
-        require_string_or_absent(&message, string_field)?;
+        require_type_or_null(&message, string_field, JsonType::String, "a string")?;
     }
+    let client_message_id = read_identifier(&message, "messageId")?;
+    let merged_context = merge_defaults(&message, "context", context.batch_context)?;
+    let merged_integrations = merge_defaults(&message, "integrations", context.batch_integrations)?;
+    let timestamps = resolve_timestamps(&message, context)?;
 
-    let message_id = match normalize_identifier(&mut message, "messageId")? {
-        Some(client_message_id) => client_message_id,
+    let mut document = StoredDocument::from_fields(message.into_fields());
+    document.set_string("type", kind.as_str());
+    document.remove("writeKey");
+    for (field, identifier) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
+        if let Some(identifier) = identifier {
+            identifier.store_in(&mut document, field);
+        }
+    }
+    for (field, identifier) in &rewritten_identifiers {
+        identifier.store_in(&mut document, field);
+    }
+    let message_id = match client_message_id {
+        Some(identifier) => {
+            identifier.store_in(&mut document, "messageId");
+            identifier.text
+        }
         None => {
             let generated = uuid::Uuid::new_v4().to_string();
-            message.insert("messageId".into(), Value::String(generated.clone()));
+            document.set_string("messageId", &generated);
             generated
         }
     };
-
-    merge_defaults(&mut message, "context", context.batch_context);
-    merge_defaults(&mut message, "integrations", context.batch_integrations);
-    apply_timestamps(&mut message, context)?;
-    message.insert(
-        "projectId".into(),
-        Value::String(context.project_id.to_string()),
-    );
-    message.insert("region".into(), Value::String(context.region.to_string()));
-
-    let json = serde_json::to_vec(&message).map_err(|error| {
-        MessageRejection::new(
-            RejectCode::InvalidMessage,
-            format!("message cannot be stored: {error}"),
-        )
-    })?;
+    if let Some(merged) = merged_context {
+        document.set("context", merged.into());
+    }
+    if let Some(merged) = merged_integrations {
+        document.set("integrations", merged.into());
+    }
+    timestamps.store_in(&mut document);
+    document.set_string("projectId", context.project_id);
+    document.set_string("region", context.region);
     Ok(EnrichedMessage {
         message_id,
-        user_id,
-        json,
+        user_id: user_id.map(|identifier| identifier.text),
+        json: document.into_json(),
     })
 }
 
 fn resolve_kind(
-    message: &Map<String, Value>,
+    message: &RawMessage<'_>,
     implied_kind: Option<MessageKind>,
 ) -> Result<MessageKind, MessageRejection> {
     if let Some(kind) = implied_kind {
         return Ok(kind);
     }
-    match message.get("type") {
-        None | Some(Value::Null) => Err(MessageRejection::new(
+    let missing = || {
+        MessageRejection::new(
             RejectCode::MissingType,
             "a batch message needs a `type` (track, identify, page, screen, group or alias)",
-        )),
-        Some(Value::String(type_name)) => MessageKind::parse(type_name).ok_or_else(|| {
-            MessageRejection::new(
-                RejectCode::InvalidType,
-                format!(
-                    "`{}` is not a message type: use track, identify, page, screen, group or alias",
-                    truncate_for_display(type_name)
-                ),
-            )
-        }),
-        Some(_) => Err(MessageRejection::new(
+        )
+    };
+    let Some(value) = message.get("type") else {
+        return Err(missing());
+    };
+    match json_type(value) {
+        JsonType::Null => Err(missing()),
+        JsonType::String => {
+            let type_name = string_value(value)?;
+            MessageKind::parse(&type_name).ok_or_else(|| {
+                MessageRejection::new(
+                    RejectCode::InvalidType,
+                    format!(
+                        "`{}` is not a message type: use track, identify, page, screen, group or alias",
+                        truncate_for_display(&type_name)
+                    ),
+                )
+            })
+        }
+        _ => Err(MessageRejection::new(
             RejectCode::InvalidType,
             "`type` must be a string",
         )),
     }
 }
 
-/// Reads an identifier that may be a string or a number, stores it back as a string, and returns
-/// it; `null`, absent and empty count as absent. Other JSON types are refused.
-fn normalize_identifier(
-    message: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<String>, MessageRejection> {
-    let normalized = match message.get(field) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(text)) if text.is_empty() => return Ok(None),
-        Some(Value::String(text)) => return Ok(Some(text.clone())),
-        Some(Value::Number(number)) => number.to_string(),
-        Some(_) => {
-            return Err(MessageRejection::new(
-                RejectCode::InvalidField,
-                format!("`{field}` must be a string or a number"),
-            ));
+/// An identifier as stored: its text, and whether the message spelled it differently (a number,
+/// stored as a string).
+struct Identifier {
+    text: String,
+    is_number: bool,
+}
+
+impl Identifier {
+    fn store_in(&self, document: &mut StoredDocument<'_>, field: &'static str) {
+        if self.is_number {
+            document.set_string(field, &self.text);
         }
+    }
+}
+
+/// Reads an identifier that may be a string or a number; `null`, absent and empty count as
+/// absent. Other JSON types are refused.
+fn read_identifier(
+    message: &RawMessage<'_>,
+    field: &str,
+) -> Result<Option<Identifier>, MessageRejection> {
+    let Some(value) = message.get(field) else {
+        return Ok(None);
     };
-    message.insert(field.to_string(), Value::String(normalized.clone()));
-    Ok(Some(normalized))
-}
-
-fn non_empty_string<'m>(message: &'m Map<String, Value>, field: &str) -> Option<&'m str> {
-    match message.get(field) {
-        Some(Value::String(text)) if !text.is_empty() => Some(text),
-        _ => None,
-    }
-}
-
-fn require_object_or_absent(
-    message: &Map<String, Value>,
-    field: &str,
-) -> Result<(), MessageRejection> {
-    match message.get(field) {
-        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
-        Some(_) => Err(MessageRejection::new(
+    match json_type(value) {
+        JsonType::Null => Ok(None),
+        JsonType::String => {
+            let text = string_value(value)?;
+            Ok((!text.is_empty()).then_some(Identifier {
+                text,
+                is_number: false,
+            }))
+        }
+        JsonType::Number => {
+            // The text of a number as serde_json writes it (1.50 becomes 1.5, as it always was).
+            let number: serde_json::Number =
+                serde_json::from_str(value.get()).map_err(|error| unstorable(&error))?;
+            Ok(Some(Identifier {
+                text: number.to_string(),
+                is_number: true,
+            }))
+        }
+        _ => Err(MessageRejection::new(
             RejectCode::InvalidField,
-            format!("`{field}` must be a JSON object"),
+            format!("`{field}` must be a string or a number"),
         )),
     }
 }
 
-fn require_string_or_absent(
-    message: &Map<String, Value>,
+fn string_value(value: &RawValue) -> Result<String, MessageRejection> {
+    serde_json::from_str::<String>(value.get()).map_err(|error| unstorable(&error))
+}
+
+/// A value the validation pass accepted but that cannot be read back: cannot happen, and is
+/// refused rather than stored wrong if it ever does.
+fn unstorable(error: &serde_json::Error) -> MessageRejection {
+    MessageRejection::new(
+        RejectCode::InvalidMessage,
+        format!("message cannot be stored: {error}"),
+    )
+}
+
+fn is_non_empty_string(value: Option<&RawValue>) -> bool {
+    // Every escape sequence stands for at least one character, so only `""` is empty.
+    value.is_some_and(|value| json_type(value) == JsonType::String && value.get() != "\"\"")
+}
+
+fn require_type_or_null(
+    message: &RawMessage<'_>,
     field: &str,
+    wanted: JsonType,
+    description: &str,
 ) -> Result<(), MessageRejection> {
-    match message.get(field) {
-        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
+    match message.get(field).map(json_type) {
+        None | Some(JsonType::Null) => Ok(()),
+        Some(found) if found == wanted => Ok(()),
         Some(_) => Err(MessageRejection::new(
             RejectCode::InvalidField,
-            format!("`{field}` must be a string"),
+            format!("`{field}` must be {description}"),
         )),
     }
 }
 
-/// Copies each key of `defaults` into `message[field]` unless the message already has it.
+/// The JSON text of `message[field]` with each key of `defaults` it lacks added, or `None` when
+/// there is nothing to merge (the field is then stored as the client sent it).
 fn merge_defaults(
-    message: &mut Map<String, Value>,
+    message: &RawMessage<'_>,
     field: &str,
     defaults: Option<&Map<String, Value>>,
-) {
-    let Some(defaults) = defaults else {
-        return;
+) -> Result<Option<String>, MessageRejection> {
+    let Some(defaults) = defaults.filter(|defaults| !defaults.is_empty()) else {
+        return Ok(None);
     };
-    if defaults.is_empty() {
-        return;
-    }
-    let slot = message
-        .entry(field.to_string())
-        .or_insert_with(|| Value::Object(Map::new()));
-    if slot.is_null() {
-        *slot = Value::Object(Map::new());
-    }
-    // `require_object_or_absent` ran before, so the slot is an object here.
-    debug_assert!(slot.is_object());
-    if let Value::Object(target) = slot {
-        for (key, value) in defaults {
-            target.entry(key.clone()).or_insert_with(|| value.clone());
+    let mut target = match message.get(field) {
+        // `require_type_or_null` ran before: the value is an object or null.
+        Some(value) if json_type(value) == JsonType::Object => {
+            serde_json::from_str::<Map<String, Value>>(value.get())
+                .map_err(|error| unstorable(&error))?
         }
+        _ => Map::new(),
+    };
+    for (key, value) in defaults {
+        target.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    serde_json::to_string(&target)
+        .map(Some)
+        .map_err(|error| unstorable(&error))
+}
+
+/// The timestamps to store: `receivedAt`, the skew-corrected `timestamp`, the client's own as
+/// `originalTimestamp`, and the batch's `sentAt` when the message has none.
+struct Timestamps<'a> {
+    received_at_ms: i64,
+    timestamp_ms: i64,
+    original_timestamp: Option<&'a RawValue>,
+    batch_sent_at: Option<&'a str>,
+}
+
+impl<'a> Timestamps<'a> {
+    fn store_in(&self, document: &mut StoredDocument<'a>) {
+        if let Some(batch_sent_at) = self.batch_sent_at {
+            document.set_string("sentAt", batch_sent_at);
+        }
+        if let Some(original) = self.original_timestamp {
+            document.set("originalTimestamp", original.get().into());
+        }
+        document.set_string("timestamp", &format_rfc3339_ms(self.timestamp_ms));
+        document.set_string("receivedAt", &format_rfc3339_ms(self.received_at_ms));
     }
 }
 
-fn optional_timestamp(
-    message: &Map<String, Value>,
+/// A timestamp field: its JSON text and its time; absent or null is `None`.
+fn optional_timestamp<'a>(
+    message: &RawMessage<'a>,
     field: &str,
-) -> Result<Option<(String, i64)>, MessageRejection> {
-    match message.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => match parse_timestamp_ms(text) {
-            Some(unix_ms) => Ok(Some((text.clone(), unix_ms))),
-            None => Err(MessageRejection::new(
-                RejectCode::InvalidTimestamp,
-                format!(
-                    "`{field}` is not an ISO 8601 timestamp: `{}`",
-                    truncate_for_display(text)
-                ),
-            )),
-        },
-        Some(_) => Err(MessageRejection::new(
+) -> Result<Option<(&'a RawValue, i64)>, MessageRejection> {
+    let Some(value) = message.get(field) else {
+        return Ok(None);
+    };
+    match json_type(value) {
+        JsonType::Null => Ok(None),
+        JsonType::String => {
+            let text = string_value(value)?;
+            match parse_timestamp_ms(&text) {
+                Some(unix_ms) => Ok(Some((value, unix_ms))),
+                None => Err(MessageRejection::new(
+                    RejectCode::InvalidTimestamp,
+                    format!(
+                        "`{field}` is not an ISO 8601 timestamp: `{}`",
+                        truncate_for_display(&text)
+                    ),
+                )),
+            }
+        }
+        _ => Err(MessageRejection::new(
             RejectCode::InvalidTimestamp,
             format!("`{field}` must be an ISO 8601 timestamp string"),
         )),
     }
 }
 
-/// Sets `receivedAt`, `sentAt`, `originalTimestamp` and the skew-corrected `timestamp`:
 /// `timestamp = receivedAt - (sentAt - originalTimestamp)` when the client sent both, else the
 /// client's timestamp, else `receivedAt`. A corrected time later than `receivedAt` (an event
 /// cannot happen after we received it) or before 1970 is replaced by `receivedAt`; the client's
 /// own value stays in `originalTimestamp`.
-fn apply_timestamps(
-    message: &mut Map<String, Value>,
-    context: &EnrichmentContext<'_>,
-) -> Result<(), MessageRejection> {
+fn resolve_timestamps<'a>(
+    message: &RawMessage<'a>,
+    context: &EnrichmentContext<'a>,
+) -> Result<Timestamps<'a>, MessageRejection> {
     let client_timestamp = optional_timestamp(message, "timestamp")?;
-    let mut sent_at = optional_timestamp(message, "sentAt")?;
-    if sent_at.is_none()
-        && let Some(batch_sent_at) = context.batch_sent_at
+    let mut sent_at_ms = optional_timestamp(message, "sentAt")?.map(|(_, unix_ms)| unix_ms);
+    let mut batch_sent_at = None;
+    if sent_at_ms.is_none()
+        && let Some(batch_text) = context.batch_sent_at
     {
         // The envelope's sentAt was validated by the caller; an unparseable one is ignored here.
-        if let Some(unix_ms) = parse_timestamp_ms(batch_sent_at) {
-            message.insert("sentAt".into(), Value::String(batch_sent_at.to_string()));
-            sent_at = Some((batch_sent_at.to_string(), unix_ms));
+        if let Some(unix_ms) = parse_timestamp_ms(batch_text) {
+            batch_sent_at = Some(batch_text);
+            sent_at_ms = Some(unix_ms);
         }
     }
     let received_at_ms = context.received_at_ms;
-    let corrected_ms = match (&client_timestamp, &sent_at) {
-        (Some((_, original_ms)), Some((_, sent_ms))) => {
-            received_at_ms.saturating_sub(sent_ms.saturating_sub(*original_ms))
+    let corrected_ms = match (client_timestamp, sent_at_ms) {
+        (Some((_, original_ms)), Some(sent_ms)) => {
+            received_at_ms.saturating_sub(sent_ms.saturating_sub(original_ms))
         }
-        (Some((_, original_ms)), None) => *original_ms,
+        (Some((_, original_ms)), None) => original_ms,
         (None, _) => received_at_ms,
     };
-    let sane_timestamp_ms = if corrected_ms > received_at_ms || corrected_ms < 0 {
+    let timestamp_ms = if corrected_ms > received_at_ms || corrected_ms < 0 {
         received_at_ms
     } else {
         corrected_ms
     };
-    if let Some((original_text, _)) = client_timestamp {
-        message.insert("originalTimestamp".into(), Value::String(original_text));
-    }
-    message.insert(
-        "timestamp".into(),
-        Value::String(format_rfc3339_ms(sane_timestamp_ms)),
-    );
-    message.insert(
-        "receivedAt".into(),
-        Value::String(format_rfc3339_ms(received_at_ms)),
-    );
-    Ok(())
+    Ok(Timestamps {
+        received_at_ms,
+        timestamp_ms,
+        original_timestamp: client_timestamp.map(|(value, _)| value),
+        batch_sent_at,
+    })
 }
 
 fn truncate_for_display(text: &str) -> String {
@@ -560,14 +641,54 @@ mod tests {
         }
     }
 
+    /// Enriches `message` and checks the result against the reference enrichment on a parsed
+    /// `Map`: the same rejection code, or the same stored document (read back as JSON).
+    fn enrich(
+        message: &Value,
+        implied_kind: Option<MessageKind>,
+        context: &EnrichmentContext<'_>,
+    ) -> Result<EnrichedMessage, MessageRejection> {
+        let text = serde_json::to_vec(message).unwrap();
+        enrich_text(&text, implied_kind, context)
+    }
+
+    fn enrich_text(
+        text: &[u8],
+        implied_kind: Option<MessageKind>,
+        context: &EnrichmentContext<'_>,
+    ) -> Result<EnrichedMessage, MessageRejection> {
+        let raw = RawMessage::parse(text).unwrap();
+        let enriched = enrich_message(raw, implied_kind, context);
+        let parsed: Map<String, Value> = serde_json::from_slice(text).unwrap();
+        let reference = reference::enrich_message_reference(parsed, implied_kind, context);
+        match (&enriched, reference) {
+            (Ok(enriched), Ok(reference)) => {
+                let mut expected = stored(&reference);
+                if reference.message_id != enriched.message_id {
+                    // Both generated one: the generated ids differ by design.
+                    expected["messageId"] = Value::String(enriched.message_id.clone());
+                }
+                assert_eq!(stored(enriched), expected);
+                assert_eq!(enriched.user_id, reference.user_id);
+                assert!(
+                    !enriched.json.contains(&b'\n'),
+                    "a stored message is one line"
+                );
+            }
+            (Err(rejection), Err(reference)) => assert_eq!(rejection.code, reference.code),
+            (enriched, reference) => panic!("enriched {enriched:?}, reference {reference:?}"),
+        }
+        enriched
+    }
+
     fn stored(enriched: &EnrichedMessage) -> Value {
         serde_json::from_slice(&enriched.json).unwrap()
     }
 
     #[test]
     fn enriches_a_track_message() {
-        let message = object(json!({"userId": "u1", "event": "Signed Up", "writeKey": "secret"}));
-        let enriched = enrich_message(message, Some(MessageKind::Track), &context()).unwrap();
+        let message = json!({"userId": "u1", "event": "Signed Up", "writeKey": "secret"});
+        let enriched = enrich(&message, Some(MessageKind::Track), &context()).unwrap();
         let stored = stored(&enriched);
         assert_eq!(stored["type"], "track");
         assert_eq!(stored["projectId"], "prj_1");
@@ -587,13 +708,13 @@ mod tests {
     #[test]
     fn corrects_client_clock_skew_with_sent_at() {
         // The client clock is 1 hour ahead; the event happened 2 s before the client sent it.
-        let message = object(json!({
+        let message = json!({
             "anonymousId": "a1",
             "event": "Clicked",
             "timestamp": "2026-11-24T06:12:24.678Z",
             "sentAt": "2026-11-24T06:12:26.678Z",
-        }));
-        let enriched = enrich_message(message, Some(MessageKind::Track), &context()).unwrap();
+        });
+        let enriched = enrich(&message, Some(MessageKind::Track), &context()).unwrap();
         let stored = stored(&enriched);
         assert_eq!(stored["timestamp"], "2026-11-24T05:12:24.678Z");
         assert_eq!(stored["originalTimestamp"], "2026-11-24T06:12:24.678Z");
@@ -606,29 +727,23 @@ mod tests {
             batch_sent_at: Some("2026-11-24T05:12:27.678+00:00"),
             ..context()
         };
-        let message = object(json!({"userId": "u", "timestamp": "2026-11-24T05:12:25.678+00:00"}));
-        let stored_value = stored(
-            &enrich_message(
-                message.clone(),
-                Some(MessageKind::Identify),
-                &with_batch_sent_at,
-            )
-            .unwrap(),
-        );
+        let message = json!({"userId": "u", "timestamp": "2026-11-24T05:12:25.678+00:00"});
+        let stored_value =
+            stored(&enrich(&message, Some(MessageKind::Identify), &with_batch_sent_at).unwrap());
         assert_eq!(stored_value["timestamp"], "2026-11-24T05:12:24.678Z");
         assert_eq!(stored_value["sentAt"], "2026-11-24T05:12:27.678+00:00");
 
         let stored_value =
-            stored(&enrich_message(message, Some(MessageKind::Identify), &context()).unwrap());
+            stored(&enrich(&message, Some(MessageKind::Identify), &context()).unwrap());
         assert_eq!(stored_value["timestamp"], "2026-11-24T05:12:25.678Z");
     }
 
     #[test]
     fn replaces_impossible_timestamps_with_received_at() {
         for far_off in ["2099-01-01T00:00:00Z", "1960-01-01T00:00:00Z"] {
-            let message = object(json!({"userId": "u", "timestamp": far_off}));
+            let message = json!({"userId": "u", "timestamp": far_off});
             let stored_value =
-                stored(&enrich_message(message, Some(MessageKind::Identify), &context()).unwrap());
+                stored(&enrich(&message, Some(MessageKind::Identify), &context()).unwrap());
             assert_eq!(stored_value["timestamp"], "2026-11-24T05:12:26.678Z");
             assert_eq!(stored_value["originalTimestamp"], far_off);
         }
@@ -643,16 +758,16 @@ mod tests {
             batch_integrations: Some(&batch_integrations),
             ..context()
         };
-        let message = object(json!({"type": "page", "userId": "u", "context": {"ip": "5.6.7.8"}}));
-        let stored_value = stored(&enrich_message(message, None, &ctx).unwrap());
+        let message = json!({"type": "page", "userId": "u", "context": {"ip": "5.6.7.8"}});
+        let stored_value = stored(&enrich(&message, None, &ctx).unwrap());
         assert_eq!(
             stored_value["context"],
             json!({"ip": "5.6.7.8", "locale": "en-US"})
         );
         assert_eq!(stored_value["integrations"], json!({"All": false}));
 
-        let message = object(json!({"type": "page", "userId": "u", "context": null}));
-        let stored_value = stored(&enrich_message(message, None, &ctx).unwrap());
+        let message = json!({"type": "page", "userId": "u", "context": null});
+        let stored_value = stored(&enrich(&message, None, &ctx).unwrap());
         assert_eq!(
             stored_value["context"],
             json!({"ip": "1.2.3.4", "locale": "en-US"})
@@ -661,8 +776,8 @@ mod tests {
 
     #[test]
     fn keeps_client_message_id_and_stringifies_numeric_ids() {
-        let message = object(json!({"type": "identify", "userId": 42, "messageId": "m-1"}));
-        let enriched = enrich_message(message, None, &context()).unwrap();
+        let message = json!({"type": "identify", "userId": 42, "messageId": "m-1"});
+        let enriched = enrich(&message, None, &context()).unwrap();
         assert_eq!(enriched.message_id, "m-1");
         assert_eq!(enriched.user_id.as_deref(), Some("42"));
         assert_eq!(stored(&enriched)["userId"], "42");
@@ -728,7 +843,7 @@ mod tests {
         ];
         for (message, expected_code) in cases {
             let description = message.to_string();
-            let rejection = enrich_message(object(message), None, &context()).unwrap_err();
+            let rejection = enrich(&message, None, &context()).unwrap_err();
             assert_eq!(rejection.code, expected_code, "{description}");
             assert!(!rejection.message.is_empty());
         }
@@ -757,6 +872,89 @@ mod tests {
                 .unwrap_err()
                 .code,
             RejectCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn raw_enrichment_stores_what_the_map_enrichment_stored() {
+        let batch_context = object(json!({"ip": "1.2.3.4", "library": {"name": "batch"}}));
+        let with_batch = EnrichmentContext {
+            batch_context: Some(&batch_context),
+            batch_sent_at: Some("2026-11-24T05:12:27.678Z"),
+            ..context()
+        };
+        let texts: [&[u8]; 12] = [
+            // Pretty-printed, as some clients send: stored on one line.
+            b"{\n\t\"type\": \"track\",\r\n\t\"userId\": \"u\",\n\t\"event\": \"E\",\n\t\"properties\": {\n\t\t\"a\": [1,\n 2]\n\t}\n}",
+            // Duplicate keys: the last one counts, at the top level and nested.
+            br#"{"type":"identify","userId":"first","userId":"second","traits":{"a":1,"a":2}}"#,
+            // Escapes in keys and values, unicode, a key that sorts before every other.
+            br#"{"type":"track","userId":"\u00fcser \"q\"","event":"caf\u00e9 \ud83d\ude00","\u0041":"\n","!":1}"#,
+            // Numbers as identifiers, a float spelled differently from how serde_json writes it.
+            br#"{"type":"group","userId":1.50,"groupId":-0,"messageId":12345678901234567890,"properties":{"p":1.50e0}}"#,
+            br#"{"type":"alias","userId":"u","previousId":7}"#,
+            // Fields enrichment sets, sent by the client: overwritten.
+            br#"{"type":"page","anonymousId":"a","projectId":"other","region":"us-east-1","receivedAt":"x","writeKey":"k"}"#,
+            // A context to merge with the batch's, one missing, one null.
+            br#"{"type":"screen","userId":"u","context":{"ip":"9.9.9.9","locale":"de"}}"#,
+            br#"{"type":"screen","userId":"u"}"#,
+            br#"{"type":"screen","userId":"u","context":null,"integrations":null}"#,
+            // Timestamps with and without the client's sentAt.
+            br#"{"type":"track","userId":"u","event":"E","timestamp":"2026-11-24T06:12:24.678+01:00","sentAt":"2026-11-24T06:12:26.678+01:00"}"#,
+            br#"{"type":"track","userId":"u","event":"E","timestamp":"2026-11-24T05:12:20Z"}"#,
+            // Rejected: both must refuse with the same code.
+            br#"{"type":"track","userId":{"id":1},"event":""}"#,
+        ];
+        for text in texts {
+            for context in [&context(), &with_batch] {
+                let _ = enrich_text(text, None, context);
+                let _ = enrich_text(text, Some(MessageKind::Track), context);
+            }
+        }
+    }
+
+    #[test]
+    fn raw_enrichment_matches_the_map_enrichment_on_every_recorded_sdk_request() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/sdk-requests");
+        let mut messages_checked = 0;
+        for file in ["py.jsonl", "node.jsonl", "browser.jsonl", "posthog.jsonl"] {
+            let lines = std::fs::read_to_string(fixtures.join(file)).unwrap();
+            for line in lines.lines().filter(|line| !line.trim().is_empty()) {
+                let request: Value = serde_json::from_str(line).unwrap();
+                let Some(body) = request["body"].as_str() else {
+                    continue;
+                };
+                let Ok(Value::Object(body_object)) = serde_json::from_str::<Value>(body) else {
+                    continue;
+                };
+                if !body_object.contains_key("batch") {
+                    let path = request["path"].as_str().unwrap_or("");
+                    let implied_kind = MessageKind::ALL.into_iter().find(|kind| {
+                        path == format!("/v1/{}", kind.as_str())
+                            || path == format!("/v1/{}", &kind.as_str()[..1])
+                    });
+                    let _ = enrich_text(body.as_bytes(), implied_kind, &context());
+                    messages_checked += 1;
+                    continue;
+                }
+                let envelope: BatchEnvelope<'_> = serde_json::from_str(body).unwrap();
+                let batch_context = envelope.context.as_ref().and_then(Value::as_object);
+                let batch_sent_at = envelope.sent_at.as_ref().and_then(Value::as_str);
+                let with_batch = EnrichmentContext {
+                    batch_context,
+                    batch_sent_at,
+                    ..context()
+                };
+                for raw_message in &envelope.batch.kept {
+                    let _ = enrich_text(raw_message.get().as_bytes(), None, &with_batch);
+                    messages_checked += 1;
+                }
+            }
+        }
+        assert!(
+            messages_checked >= 20,
+            "only {messages_checked} messages in the fixtures"
         );
     }
 

@@ -13,13 +13,13 @@ use bytes::Bytes;
 use flate2::read::MultiGzDecoder;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use meridian_catalog::ResolvedKey;
-use meridian_core::message::parse_raw_message;
+use meridian_core::message::{RawMessage, parse_raw_message};
 use meridian_core::timestamp::now_unix_ms;
 use meridian_core::{
     BatchEnvelope, EnrichmentContext, MessageKind, MessageRejection, RejectCode, enrich_message,
 };
 use meridian_queue::{QueueError, RecordBatch};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::warn;
 
 use crate::error::{ApiError, ApiPath};
@@ -425,9 +425,9 @@ async fn ingest(
                     ),
                 ));
             }
-            let message: Map<String, Value> = serde_json::from_slice(&body)
-                .map_err(|error| json_error_to_api_error(&error, false))?;
-            let body_key = write_key_from_value(message.get("writeKey"));
+            let message =
+                RawMessage::parse(&body).map_err(|error| json_error_to_api_error(&error, false))?;
+            let body_key = message.non_empty_string("writeKey");
             let resolved = authorize(&state, header_key.or(body_key))?;
             enforce_rate_limit(&state, &resolved, 1)?;
             let outcome = process_messages(
@@ -545,8 +545,8 @@ async fn ingest(
     Ok(response)
 }
 
-enum MessagesToProcess {
-    Single(MessageKind, Map<String, Value>),
+enum MessagesToProcess<'a> {
+    Single(MessageKind, RawMessage<'a>),
     Batch,
 }
 
@@ -554,7 +554,7 @@ fn process_messages(
     state: &AppState,
     resolved: &ResolvedKey,
     received_at_ms: i64,
-    messages: MessagesToProcess,
+    messages: MessagesToProcess<'_>,
     envelope: Option<&BatchEnvelope<'_>>,
 ) -> Result<Outcome, ApiError> {
     let queue = state.queues.get(&resolved.region).ok_or_else(|| {
@@ -626,7 +626,7 @@ fn process_messages(
             .map(|feed| (feed, Vec::new())),
     };
     let mut handle = |index: usize,
-                      parsed: Result<Map<String, Value>, MessageRejection>,
+                      parsed: Result<RawMessage<'_>, MessageRejection>,
                       implied: Option<MessageKind>| {
         let enriched = parsed.and_then(|message| enrich_message(message, implied, &context));
         match enriched {
