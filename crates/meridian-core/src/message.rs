@@ -237,7 +237,7 @@ pub fn parse_raw_message<'a>(
             ),
         ));
     }
-    RawMessage::parse(text.as_bytes()).map_err(|error| match error.classify() {
+    RawMessage::parse_str(text).map_err(|error| match error.classify() {
         serde_json::error::Category::Data => MessageRejection::new(
             RejectCode::InvalidMessage,
             "each message must be a JSON object",

@@ -101,10 +101,23 @@ impl<'a> RawMessage<'a> {
     /// syntax error, a number out of range or nesting past serde_json's recursion limit is a
     /// syntax error; valid JSON that is not an object is a data error.
     pub fn parse(text: &'a [u8]) -> Result<RawMessage<'a>, serde_json::Error> {
+        match std::str::from_utf8(text) {
+            Ok(text) => RawMessage::parse_str(text),
+            // Let serde_json say where and why, as a parse of the bytes would.
+            Err(_) => match serde_json::from_slice::<ValidJson>(text) {
+                Err(error) => Err(error),
+                Ok(ValidJson) => Err(serde::de::Error::custom("the text is not UTF-8")),
+            },
+        }
+    }
+
+    /// [`RawMessage::parse`] of text already known to be UTF-8, which serde_json then does not
+    /// check again for every string and raw value.
+    pub fn parse_str(text: &'a str) -> Result<RawMessage<'a>, serde_json::Error> {
         // Pass 1 checks the whole text as a `Value` parse would, allocating nothing.
-        serde_json::from_slice::<ValidJson>(text)?;
+        serde_json::from_str::<ValidJson>(text)?;
         // Pass 2 splits the object into its fields, borrowing every value's text.
-        let FieldList(mut fields) = serde_json::from_slice::<FieldList<'a>>(text)?;
+        let FieldList(mut fields) = serde_json::from_str::<FieldList<'a>>(text)?;
         // The stable sort keeps duplicates in text order: the last of each run is the one kept.
         fields.sort_by(|left, right| left.key.cmp(&right.key));
         let mut kept: Vec<RawField<'a>> = Vec::with_capacity(fields.len());
