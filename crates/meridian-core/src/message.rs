@@ -411,11 +411,10 @@ fn read_identifier(
     message: &RawMessage<'_>,
     field: &str,
 ) -> Result<Option<Identifier>, MessageRejection> {
-    let Some(value) = message.get(field) else {
+    let Some(value) = non_null_field(message, field) else {
         return Ok(None);
     };
     match json_type(value) {
-        JsonType::Null => Ok(None),
         JsonType::String => {
             let text = string_value(value)?;
             Ok((!text.is_empty()).then_some(Identifier {
@@ -437,6 +436,13 @@ fn read_identifier(
             format!("`{field}` must be a string or a number"),
         )),
     }
+}
+
+/// The field's value unless it is absent or `null` (both mean "not sent").
+fn non_null_field<'a>(message: &RawMessage<'a>, field: &str) -> Option<&'a RawValue> {
+    message
+        .get(field)
+        .filter(|value| json_type(value) != JsonType::Null)
 }
 
 fn string_value(value: &RawValue) -> Result<String, MessageRejection> {
@@ -526,11 +532,10 @@ fn optional_timestamp<'a>(
     message: &RawMessage<'a>,
     field: &str,
 ) -> Result<Option<(&'a RawValue, i64)>, MessageRejection> {
-    let Some(value) = message.get(field) else {
+    let Some(value) = non_null_field(message, field) else {
         return Ok(None);
     };
     match json_type(value) {
-        JsonType::Null => Ok(None),
         JsonType::String => {
             let text = string_value(value)?;
             match parse_timestamp_ms(&text) {
