@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Write};
 
 use flate2::Compression;
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use meridian_core::timestamp::{parse_timestamp_ms, utc_day_start_ms};
 use serde::Deserialize;
@@ -61,9 +61,10 @@ pub fn encode_object<'a>(
     encoder.finish()
 }
 
-/// The messages of a gzip NDJSON object, one `Vec<u8>` per line.
+/// The messages of a gzip NDJSON object (one gzip member or several in a row, as the sink writes
+/// them), one `Vec<u8>` per line.
 pub fn decode_object(key: &str, gzip_body: &[u8]) -> Result<Vec<Vec<u8>>, ArchiveError> {
-    let reader = BufReader::new(GzDecoder::new(gzip_body));
+    let reader = BufReader::new(MultiGzDecoder::new(gzip_body));
     let mut lines = Vec::new();
     for line in reader.split(b'\n') {
         let line = line.map_err(|error| ArchiveError::BadObject {

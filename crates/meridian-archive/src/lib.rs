@@ -5,6 +5,7 @@
 //! objects instead of duplicating messages. Stores: a local directory (the embedded default) and
 //! S3 (a regional bucket, or a project's own bucket reached through STS AssumeRole).
 
+mod batch;
 pub mod customer;
 mod error;
 pub mod layout;

@@ -1,6 +1,6 @@
 //! The archive sink: turns a queue batch into one object per (project, received day).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,17 +12,15 @@ use futures_util::future::join_all;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use meridian_core::ErasureFilter;
-use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms, utc_day_start_ms};
-use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
-use tracing::{error, info, warn};
+use meridian_queue::{BatchEncoder, BatchLimits, DeliveryBatch, Sink, SinkError};
+use tracing::{info, warn};
 
+use crate::batch::{ArchiveBatch, without_erased};
 use crate::error::ArchiveError;
-use crate::layout::{ArchivedMessage, encode_object, object_key};
+use crate::layout::object_key;
 use crate::spool::Spool;
 use crate::store::ObjectStore;
 
-/// Where a message goes when its routing fields cannot be read (never expected: we wrote it).
-const UNROUTABLE_PROJECT: &str = "_unroutable";
 const CONCURRENT_PUTS: usize = 8;
 
 #[derive(Clone, Debug)]
@@ -100,40 +98,6 @@ pub const CUSTOMER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed lookup is remembered (its project's objects are spooled without asking).
 pub const FAILED_LOOKUP_MEMORY: Duration = Duration::from_secs(30);
 
-/// The records of one (project, day) group, by index into the batch.
-type Groups = BTreeMap<(String, i64), Vec<usize>>;
-
-/// Groups records by (project, received day), leaving out messages a GDPR deletion erased.
-/// Returns the groups and how many messages were left out.
-fn group_records(records: &[Record], erasures: &dyn ErasureFilter) -> (Groups, u64) {
-    let mut groups: Groups = BTreeMap::new();
-    let mut erased = 0;
-    for (index, record) in records.iter().enumerate() {
-        let key = match serde_json::from_slice::<ArchivedMessage<'_>>(&record.payload) {
-            Ok(message) => {
-                let received_at_ms = parse_timestamp_ms(&message.received_at).unwrap_or(0);
-                if let Some(user_id) = &message.user_id
-                    && erasures.is_erased(&message.project_id, user_id, received_at_ms)
-                {
-                    erased += 1;
-                    continue;
-                }
-                let day_ms = message.received_day_ms();
-                (message.project_id.into_owned(), day_ms)
-            }
-            Err(parse_error) => {
-                error!(offset = record.offset, error = %parse_error, "queued message lacks projectId/receivedAt; archiving it under {UNROUTABLE_PROJECT}");
-                (
-                    UNROUTABLE_PROJECT.to_string(),
-                    utc_day_start_ms(now_unix_ms()),
-                )
-            }
-        };
-        groups.entry(key).or_default().push(index);
-    }
-    (groups, erased)
-}
-
 /// One object to write, and where it goes if it is a customer's and the write fails.
 struct Put {
     store: Arc<dyn ObjectStore>,
@@ -195,7 +159,7 @@ impl ArchiveSink {
     /// endpoint cannot add its timeout to every batch of the region.
     async fn customer_targets(
         &self,
-        encoded: &[(String, i64, Vec<u8>)],
+        encoded: &[(String, i64, Bytes)],
     ) -> HashMap<String, Result<Option<CustomerTarget>, String>> {
         let projects: BTreeSet<&str> = encoded
             .iter()
@@ -306,7 +270,7 @@ impl ArchiveSink {
                     "filtering a spooled object panicked: {error}"
                 )))
             });
-            let body = match filtered {
+            let body = match filtered.map(|filtered| filtered.body) {
                 Ok(Some(body)) => body,
                 Ok(None) => {
                     // Every message in it was erased meanwhile: nothing to upload.
@@ -342,6 +306,15 @@ impl ArchiveSink {
             info!(region = %self.region, objects = drained, "customer spool drained");
         }
         drained
+    }
+
+    /// An empty archive batch, folding records as this sink would archive them.
+    fn new_batch(&self) -> ArchiveBatch {
+        ArchiveBatch::new(
+            Arc::clone(&self.erasures),
+            Arc::clone(&self.erased_messages),
+            self.config.gzip_level,
+        )
     }
 
     pub fn regional_store(&self) -> Arc<dyn ObjectStore> {
@@ -394,35 +367,50 @@ impl Sink for ArchiveSink {
         }
     }
 
+    fn batch_encoder(&self) -> Option<Box<dyn BatchEncoder>> {
+        Some(Box::new(self.new_batch()))
+    }
+
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+        let encoded = match &batch.encoded {
+            Some(encoded) => Some(
+                Arc::clone(encoded)
+                    .into_any()
+                    .downcast::<ArchiveBatch>()
+                    .map_err(|_| {
+                        SinkError::Transient(
+                            "the batch was encoded by another sink's encoder".to_string(),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let records = Arc::clone(&batch.records);
-        let level = self.config.gzip_level;
-        let erasures = Arc::clone(&self.erasures);
-        let erased_counter = Arc::clone(&self.erased_messages);
-        let encoded = tokio::task::spawn_blocking(
-            move || -> Result<Vec<(String, i64, Vec<u8>)>, std::io::Error> {
-                let (groups, erased) = group_records(&records, erasures.as_ref());
-                erased_counter.fetch_add(erased, Ordering::Relaxed);
-                let mut objects = Vec::with_capacity(groups.len());
-                for ((project_id, day_ms), indexes) in groups {
-                    let messages = indexes
-                        .iter()
-                        .map(|index| records[*index].payload.as_slice());
-                    objects.push((project_id, day_ms, encode_object(messages, level)?));
-                }
-                Ok(objects)
-            },
-        )
-        .await
-        .map_err(|error| SinkError::Transient(format!("archive encoder panicked: {error}")))?
-        .map_err(|error| SinkError::Transient(format!("gzip encoding failed: {error}")))?;
+        let records_batch = self.new_batch();
+        // Encoding (a batch of records) and asking the erasure filter about every user of the
+        // batch is CPU work.
+        let encoded =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, i64, Bytes)>, String> {
+                let sealed = match encoded {
+                    Some(sealed) => sealed,
+                    None => {
+                        let mut records_batch = records_batch;
+                        records_batch.absorb(&records)?;
+                        records_batch.seal()?;
+                        Arc::new(records_batch)
+                    }
+                };
+                sealed.objects_now().map_err(|error| error.to_string())
+            })
+            .await
+            .map_err(|error| SinkError::Transient(format!("archive encoder panicked: {error}")))?
+            .map_err(SinkError::Transient)?;
 
         let batch_name = batch.name();
         let targets = self.customer_targets(&encoded).await;
         let mut puts = Vec::with_capacity(encoded.len());
         let mut to_spool: Vec<(String, String, Bytes)> = Vec::new();
         for (project_id, day_ms, body) in encoded {
-            let body = Bytes::from(body);
             // Unprefixed: the prefix of the store it finally lands in is applied then.
             let bare_key = object_key(None, &project_id, day_ms, &batch_name);
             let target = targets
@@ -520,50 +508,12 @@ impl Sink for ArchiveSink {
     }
 }
 
-/// The object's messages without those erased since it was spooled; `None` when none is left.
-/// CPU work: call it from a blocking thread.
-fn without_erased(
-    erasures: &dyn ErasureFilter,
-    key: &str,
-    body: &[u8],
-    gzip_level: u32,
-) -> Result<Option<Vec<u8>>, ArchiveError> {
-    let lines = crate::layout::decode_object(key, body)?;
-    let kept: Vec<&Vec<u8>> = lines
-        .iter()
-        .filter(
-            |line| match serde_json::from_slice::<ArchivedMessage<'_>>(line) {
-                Ok(message) => !message.user_id.as_ref().is_some_and(|user_id| {
-                    erasures.is_erased(
-                        &message.project_id,
-                        user_id,
-                        parse_timestamp_ms(&message.received_at).unwrap_or(0),
-                    )
-                }),
-                Err(_) => true,
-            },
-        )
-        .collect();
-    if kept.is_empty() {
-        return Ok(None);
-    }
-    if kept.len() == lines.len() {
-        return Ok(Some(body.to_vec()));
-    }
-    encode_object(kept.iter().map(|line| line.as_slice()), gzip_level)
-        .map(Some)
-        .map_err(|error| ArchiveError::BadObject {
-            key: key.to_string(),
-            message: error.to_string(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::decode_object;
+    use crate::layout::{decode_object, encode_object};
     use crate::local::LocalDirStore;
-    use meridian_queue::OffsetRange;
+    use meridian_queue::{OffsetRange, Record};
 
     fn record(offset: u64, project: &str, received_at: &str) -> Record {
         Record {
@@ -588,16 +538,16 @@ mod tests {
             ArchiveSinkConfig::default(),
             Arc::new(meridian_core::NoErasures),
         );
-        let batch = DeliveryBatch {
-            source: Arc::from(SOURCE),
-            range: OffsetRange { start: 10, end: 14 },
-            records: Arc::new(vec![
+        let batch = DeliveryBatch::of_records(
+            Arc::from(SOURCE),
+            OffsetRange { start: 10, end: 14 },
+            vec![
                 record(10, "p1", "2026-11-24T23:59:59.999Z"),
                 record(11, "p2", "2026-11-24T10:00:00.000Z"),
                 record(12, "p1", "2026-11-25T00:00:00.000Z"),
                 record(13, "p1", "2026-11-24T01:00:00.000Z"),
-            ]),
-        };
+            ],
+        );
         sink.deliver(&batch).await.unwrap();
         sink.deliver(&batch).await.unwrap();
         let keys = store.list("segment-logs/").await.unwrap();
@@ -615,11 +565,11 @@ mod tests {
                 ),
             ]
         );
-        let other_node = DeliveryBatch {
-            source: Arc::from("q11111111111111111111111111111111"),
-            range: batch.range,
-            records: Arc::clone(&batch.records),
-        };
+        let other_node = DeliveryBatch::of_records(
+            Arc::from("q11111111111111111111111111111111"),
+            batch.range,
+            batch.records.to_vec(),
+        );
         sink.deliver(&other_node).await.unwrap();
         assert_eq!(
             store.list("segment-logs/").await.unwrap().len(),
@@ -631,6 +581,58 @@ mod tests {
         assert_eq!(lines.len(), 2, "offsets 10 and 13, in order");
         assert!(String::from_utf8_lossy(&lines[0]).contains(r#""n":10"#));
         assert!(String::from_utf8_lossy(&lines[1]).contains(r#""n":13"#));
+    }
+
+    #[tokio::test]
+    async fn a_batch_encoded_as_it_was_read_writes_the_objects_its_records_would() {
+        let records = vec![
+            record(10, "p1", "2026-11-24T23:59:59.999Z"),
+            record(11, "p2", "2026-11-24T10:00:00.000Z"),
+            record(12, "p1", "2026-11-25T00:00:00.000Z"),
+            record(13, "p1", "2026-11-24T01:00:00.000Z"),
+        ];
+        let range = OffsetRange { start: 10, end: 14 };
+        let mut stores = Vec::new();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for (index, dir) in dirs.iter().enumerate() {
+            let store = Arc::new(LocalDirStore::new(dir.path()));
+            let sink = ArchiveSink::new(
+                "eu-west-1",
+                store.clone(),
+                Arc::new(NoCustomerStorage),
+                ArchiveSinkConfig::default(),
+                Arc::new(meridian_core::NoErasures),
+            );
+            let batch = if index == 0 {
+                DeliveryBatch::of_records(Arc::from(SOURCE), range, records.clone())
+            } else {
+                let mut encoder = sink
+                    .batch_encoder()
+                    .expect("the archive encodes as it reads");
+                encoder.absorb(&records[..1]).unwrap();
+                encoder.absorb(&records[1..]).unwrap();
+                encoder.seal().unwrap();
+                DeliveryBatch {
+                    source: Arc::from(SOURCE),
+                    range,
+                    records: Arc::new(Vec::new()),
+                    encoded: Some(Arc::from(encoder)),
+                    payload_bytes: 0,
+                }
+            };
+            sink.deliver(&batch).await.unwrap();
+            stores.push(store);
+        }
+        let keys = stores[0].list("segment-logs/").await.unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(stores[1].list("segment-logs/").await.unwrap(), keys);
+        for key in &keys {
+            assert_eq!(
+                stores[0].get(key).await.unwrap(),
+                stores[1].get(key).await.unwrap(),
+                "{key}"
+            );
+        }
     }
 
     /// Erases user "gone" of project p1 for messages received up to the end of 2026-11-24.
@@ -660,15 +662,15 @@ mod tests {
             )
             .into_bytes(),
         };
-        let batch = DeliveryBatch {
-            source: Arc::from(SOURCE),
-            range: OffsetRange { start: 0, end: 3 },
-            records: Arc::new(vec![
+        let batch = DeliveryBatch::of_records(
+            Arc::from(SOURCE),
+            OffsetRange { start: 0, end: 3 },
+            vec![
                 message(0, "gone", "2026-11-24T10:00:00.000Z"),
                 message(1, "kept", "2026-11-24T10:00:00.000Z"),
                 message(2, "gone", "2026-11-25T10:00:00.000Z"),
-            ]),
-        };
+            ],
+        );
         sink.deliver(&batch).await.unwrap();
         let mut lines = Vec::new();
         for key in store.list("segment-logs/").await.unwrap() {
@@ -747,14 +749,14 @@ mod tests {
                 record(start + index as u64, project, "2026-11-24T10:00:00.000Z")
             })
             .collect();
-        DeliveryBatch {
-            source: Arc::from(SOURCE),
-            range: OffsetRange {
+        DeliveryBatch::of_records(
+            Arc::from(SOURCE),
+            OffsetRange {
                 start,
                 end: start + projects.len() as u64,
             },
-            records: Arc::new(records),
-        }
+            records,
+        )
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,28 +37,68 @@ pub struct BatchLimits {
     pub max_age: Duration,
 }
 
-/// One contiguous range of the queue, handed to a sink.
-#[derive(Debug)]
+/// What a sink keeps of a batch while the runner gathers it: the sink's own encoding, built
+/// chunk by chunk as records are read, so that a batch's raw records never sit in memory whole
+/// (the archive holds gzip, a tenth of the raw size, instead of up to `flush_max_bytes` raw).
+pub trait BatchEncoder: Send + Sync + 'static {
+    /// Folds the next records (in offset order, after those already folded) into the batch.
+    /// CPU work: the runner calls it on a blocking thread.
+    fn absorb(&mut self, records: &[Record]) -> Result<(), String>;
+    /// Ends the batch (once, after the last `absorb`, before delivery). CPU work, as `absorb`.
+    fn seal(&mut self) -> Result<(), String>;
+    /// For the sink to find its own encoder type back in [`DeliveryBatch::encoded`]
+    /// (`Arc::downcast`).
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+}
+
+/// One contiguous range of the queue, handed to a sink: its records, or (for a sink with a
+/// [`Sink::batch_encoder`]) the sink's encoding of them.
 pub struct DeliveryBatch {
     /// The identity of the log the range belongs to (the queue's incarnation): together with the
     /// range it names the batch uniquely across every node and every life of a region's queues.
     pub source: Arc<str>,
     pub range: OffsetRange,
     /// Shared so that a sink can move the records into `spawn_blocking` for CPU-heavy encoding.
+    /// Empty when the records were encoded as they were read (`encoded` holds them then).
     pub records: Arc<Vec<Record>>,
+    /// The sink's sealed encoding of the range's records, when it encodes as they are read.
+    pub encoded: Option<Arc<dyn BatchEncoder>>,
+    /// The records' payload bytes (counted before encoding).
+    pub payload_bytes: usize,
+}
+
+impl std::fmt::Debug for DeliveryBatch {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DeliveryBatch")
+            .field("source", &self.source)
+            .field("range", &self.range)
+            .field("records", &self.records.len())
+            .field("encoded", &self.encoded.is_some())
+            .field("payload_bytes", &self.payload_bytes)
+            .finish()
+    }
 }
 
 impl DeliveryBatch {
+    /// A batch handing the sink the records themselves.
+    pub fn of_records(source: Arc<str>, range: OffsetRange, records: Vec<Record>) -> DeliveryBatch {
+        let payload_bytes = records.iter().map(|record| record.payload.len()).sum();
+        DeliveryBatch {
+            source,
+            range,
+            records: Arc::new(records),
+            encoded: None,
+            payload_bytes,
+        }
+    }
+
     /// `<source>-<start:020>-<end:020>`: unique per batch in the region, the same on a retry.
     pub fn name(&self) -> String {
         format!(
             "{}-{:020}-{:020}",
             self.source, self.range.start, self.range.end
         )
-    }
-
-    pub fn payload_bytes(&self) -> usize {
-        self.records.iter().map(|record| record.payload.len()).sum()
     }
 }
 
@@ -82,6 +122,14 @@ pub trait Sink: Send + Sync + 'static {
     /// Writes the batch. Must be idempotent for a given range: the same range may be delivered
     /// again after a crash or a failed attempt.
     async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError>;
+    /// A fresh encoder for the next batch, for a sink that encodes records as they are read
+    /// (the runner then hands it the batch's records chunk by chunk and the sink gets the sealed
+    /// encoding in [`DeliveryBatch::encoded`]); `None`, the default, hands the sink the records.
+    /// A sink with an encoder must still accept batches of records (a redelivery after a restart
+    /// is one).
+    fn batch_encoder(&self) -> Option<Box<dyn BatchEncoder>> {
+        None
+    }
     /// Sink-specific counters for `/metrics` (exported as `meridian_sink_<name>_total`).
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
@@ -204,9 +252,121 @@ pub struct DeliveryRunner {
 
 /// What the accumulation step decided.
 enum Gathered {
-    Batch(Vec<Record>),
+    Batch(Gathering),
     /// Drained: nothing left to deliver and shutdown was asked.
     Finished,
+}
+
+/// How many payload bytes the runner reads at a time for a sink that encodes records as they
+/// are read: about the most raw bytes of a batch it holds at once.
+const ENCODED_READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// A batch being gathered: its records, or the sink's encoding of them.
+struct Gathering {
+    /// Empty when the sink encodes as the records are read.
+    records: Vec<Record>,
+    encoder: Option<Box<dyn BatchEncoder>>,
+    first_offset: Option<u64>,
+    last_offset: Option<u64>,
+    record_count: usize,
+    payload_bytes: usize,
+}
+
+impl Gathering {
+    fn new(encoder: Option<Box<dyn BatchEncoder>>) -> Gathering {
+        Gathering {
+            records: Vec::new(),
+            encoder,
+            first_offset: None,
+            last_offset: None,
+            record_count: 0,
+            payload_bytes: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.record_count == 0
+    }
+
+    /// The most payload bytes the next read should hand out, with `limit` the batch's limit.
+    fn next_read_bytes(&self, limit: usize) -> usize {
+        let remaining = limit.saturating_sub(self.payload_bytes).max(1);
+        if self.encoder.is_some() {
+            remaining.min(ENCODED_READ_CHUNK_BYTES)
+        } else {
+            remaining
+        }
+    }
+
+    /// Adds records read from the log: in offset order, past those gathered.
+    async fn add(&mut self, chunk: Vec<Record>) -> Result<(), AttemptFailure> {
+        let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+            return Ok(());
+        };
+        debug_assert!(
+            self.last_offset
+                .is_none_or(|gathered| first.offset > gathered)
+                && chunk.windows(2).all(|pair| pair[0].offset < pair[1].offset),
+            "a batch is one range, its records in order"
+        );
+        self.first_offset.get_or_insert(first.offset);
+        self.last_offset = Some(last.offset);
+        self.record_count += chunk.len();
+        self.payload_bytes += chunk
+            .iter()
+            .map(|record| record.payload.len())
+            .sum::<usize>();
+        let Some(mut encoder) = self.encoder.take() else {
+            self.records.extend(chunk);
+            return Ok(());
+        };
+        let (encoder, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = encoder.absorb(&chunk);
+            (encoder, outcome)
+        })
+        .await
+        .map_err(|error| AttemptFailure::Encode(format!("the sink's encoder panicked: {error}")))?;
+        outcome.map_err(AttemptFailure::Encode)?;
+        self.encoder = Some(encoder);
+        Ok(())
+    }
+
+    /// The gathered batch, its encoding sealed; `None` when nothing was gathered.
+    async fn into_batch(self, source: &Arc<str>) -> Result<Option<DeliveryBatch>, AttemptFailure> {
+        let (Some(first_offset), Some(last_offset)) = (self.first_offset, self.last_offset) else {
+            return Ok(None);
+        };
+        let range = OffsetRange {
+            start: first_offset,
+            end: last_offset + 1,
+        };
+        debug_assert!(
+            self.record_count as u64 <= range.len(),
+            "a batch is one range"
+        );
+        let encoded = match self.encoder {
+            None => None,
+            Some(mut encoder) => {
+                let (encoder, outcome) = tokio::task::spawn_blocking(move || {
+                    let outcome = encoder.seal();
+                    (encoder, outcome)
+                })
+                .await
+                .map_err(|error| {
+                    AttemptFailure::Encode(format!("the sink's encoder panicked: {error}"))
+                })?;
+                outcome.map_err(AttemptFailure::Encode)?;
+                Some(Arc::from(encoder))
+            }
+        };
+        Ok(Some(DeliveryBatch {
+            source: Arc::clone(source),
+            range,
+            records: Arc::new(self.records),
+            encoded,
+            payload_bytes: self.payload_bytes,
+        }))
+    }
 }
 
 /// Why one attempt of the runner ended before shutdown.
@@ -220,6 +380,8 @@ enum AttemptFailure {
     Read(QueueError),
     #[error("persisting the sink's cursor failed: {0}")]
     PersistCursor(QueueError),
+    #[error("encoding a batch for the sink failed (its records stay queued): {0}")]
+    Encode(String),
 }
 
 impl DeliveryRunner {
@@ -317,33 +479,16 @@ impl DeliveryRunner {
         loop {
             let gathered = self
                 .gather(&mut consumer, &mut end_changes, &mut drain)
-                .await
-                .map_err(AttemptFailure::Read)?;
-            let records = match gathered {
-                Gathered::Batch(records) => records,
+                .await?;
+            let gathering = match gathered {
+                Gathered::Batch(gathering) => gathering,
                 Gathered::Finished => {
                     consumer.release().await;
                     return Ok(());
                 }
             };
-            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            let Some(batch) = gathering.into_batch(&self.source).await? else {
                 continue;
-            };
-            let range = OffsetRange {
-                start: first.offset,
-                end: last.offset + 1,
-            };
-            debug_assert!(
-                records.len() as u64 <= range.len()
-                    && records
-                        .windows(2)
-                        .all(|pair| pair[0].offset < pair[1].offset),
-                "a batch is one range, its records in order"
-            );
-            let batch = DeliveryBatch {
-                source: Arc::clone(&self.source),
-                range,
-                records: Arc::new(records),
             };
             self.deliver_and_commit(&mut consumer, batch, &mut drain)
                 .await
@@ -364,12 +509,9 @@ impl DeliveryRunner {
             return Ok(());
         };
         info!(region = %self.region, partition = %self.partition, sink = self.sink.name(), start = range.start, end = range.end, "redelivering the batch that was in flight at the last stop");
+        // Handed over as records (the range is read whole, once per start).
         let records = consumer.read_range(range).await?;
-        let batch = DeliveryBatch {
-            source: Arc::clone(&self.source),
-            range,
-            records: Arc::new(records),
-        };
+        let batch = DeliveryBatch::of_records(Arc::clone(&self.source), range, records);
         self.deliver_and_commit(consumer, batch, drain).await
     }
 
@@ -379,29 +521,29 @@ impl DeliveryRunner {
         consumer: &mut Box<dyn LogCursor>,
         end_changes: &mut watch::Receiver<u64>,
         drain: &mut watch::Receiver<bool>,
-    ) -> Result<Gathered, QueueError> {
+    ) -> Result<Gathered, AttemptFailure> {
         let limits = self.sink.batch_limits();
-        let mut records: Vec<Record> = Vec::new();
-        let mut payload_bytes = 0usize;
+        let mut gathering = Gathering::new(self.sink.batch_encoder());
         let mut first_seen: Option<Instant> = None;
         loop {
             let position = consumer.state().next_offset;
             // Past the last record gathered (a replicated log's positions may have gaps, e.g.
             // messages an operator removed; the local log's have none).
-            let from = records
-                .last()
-                .map_or(position, |record: &Record| record.offset + 1);
+            let from = gathering
+                .last_offset
+                .map_or(position, |last_offset| last_offset + 1);
             let available = self.log.durable_end().saturating_sub(from);
-            let is_full = records.len() >= limits.max_records || payload_bytes >= limits.max_bytes;
+            let is_full = gathering.record_count >= limits.max_records
+                || gathering.payload_bytes >= limits.max_bytes;
             if available > 0 && !is_full {
-                let max_records = limits.max_records - records.len();
-                let max_bytes = limits.max_bytes.saturating_sub(payload_bytes).max(1);
+                let max_records = limits.max_records - gathering.record_count;
+                let max_bytes = gathering.next_read_bytes(limits.max_bytes);
                 match consumer.read(from, max_records, max_bytes).await {
                     Ok(chunk) if chunk.is_empty() => {
                         // The log announced records it cannot hand out yet (a replicated
                         // log's reader catching up): deliver what is gathered, or look again.
-                        if !records.is_empty() {
-                            return Ok(Gathered::Batch(records));
+                        if !gathering.is_empty() {
+                            return Ok(Gathered::Batch(gathering));
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -420,11 +562,7 @@ impl DeliveryRunner {
                                 .oldest_pending_since_ms
                                 .store(meridian_core::timestamp::now_unix_ms(), Ordering::Relaxed);
                         }
-                        payload_bytes += chunk
-                            .iter()
-                            .map(|record| record.payload.len())
-                            .sum::<usize>();
-                        records.extend(chunk);
+                        gathering.add(chunk).await?;
                         continue;
                     }
                     Err(QueueError::Damaged {
@@ -432,18 +570,19 @@ impl DeliveryRunner {
                         missing,
                         reason,
                     }) => {
-                        if !records.is_empty() {
-                            return Ok(Gathered::Batch(records));
+                        if !gathering.is_empty() {
+                            return Ok(Gathered::Batch(gathering));
                         }
                         self.skip_damaged_records(consumer, &path, missing, &reason)
-                            .await?;
+                            .await
+                            .map_err(AttemptFailure::Read)?;
                         continue;
                     }
                     Err(QueueError::Corrupt {
                         path,
                         position,
                         reason,
-                    }) if records.is_empty() => {
+                    }) if gathering.is_empty() => {
                         // Damage with nothing intact after it yet, in the active segment.
                         warn!(region = %self.region, sink = self.sink.name(), segment = %path.display(), offset = position, %reason, "unreadable record in the active queue segment; retrying");
                         self.status
@@ -454,8 +593,8 @@ impl DeliveryRunner {
                         }
                         continue;
                     }
-                    Err(QueueError::Corrupt { .. }) => return Ok(Gathered::Batch(records)),
-                    Err(QueueError::Encryption(reason)) if records.is_empty() => {
+                    Err(QueueError::Corrupt { .. }) => return Ok(Gathered::Batch(gathering)),
+                    Err(QueueError::Encryption(reason)) if gathering.is_empty() => {
                         // A key is missing from the key file: wait for it (SIGHUP reloads the file).
                         error!(region = %self.region, sink = self.sink.name(), offset = from, %reason, "cannot open a queued record; delivery waits for the key");
                         self.status
@@ -466,29 +605,29 @@ impl DeliveryRunner {
                         }
                         continue;
                     }
-                    Err(QueueError::Encryption(_)) => return Ok(Gathered::Batch(records)),
-                    Err(other) => return Err(other),
+                    Err(QueueError::Encryption(_)) => return Ok(Gathered::Batch(gathering)),
+                    Err(other) => return Err(AttemptFailure::Read(other)),
                 }
             }
             if is_full {
-                return Ok(Gathered::Batch(records));
+                return Ok(Gathered::Batch(gathering));
             }
             let draining = *drain.borrow();
             if draining {
-                return Ok(if records.is_empty() {
+                return Ok(if gathering.is_empty() {
                     Gathered::Finished
                 } else {
-                    Gathered::Batch(records)
+                    Gathered::Batch(gathering)
                 });
             }
             match first_seen {
                 Some(started) => {
                     let deadline = started + limits.max_age;
                     if Instant::now() >= deadline {
-                        return Ok(Gathered::Batch(records));
+                        return Ok(Gathered::Batch(gathering));
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep_until(deadline.into()) => return Ok(Gathered::Batch(records)),
+                        _ = tokio::time::sleep_until(deadline.into()) => return Ok(Gathered::Batch(gathering)),
                         _ = end_changes.changed() => {}
                         _ = drain.changed() => {}
                     }
@@ -564,7 +703,7 @@ impl DeliveryRunner {
                     status.delivered_batches.fetch_add(1, Ordering::Relaxed);
                     status
                         .delivered_bytes
-                        .fetch_add(batch.payload_bytes() as u64, Ordering::Relaxed);
+                        .fetch_add(batch.payload_bytes as u64, Ordering::Relaxed);
                     status.consecutive_failures.store(0, Ordering::Relaxed);
                     if consecutive_failures > 0 {
                         info!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempts = consecutive_failures + 1, "delivery succeeded after retries");
@@ -738,6 +877,121 @@ mod tests {
         assert_eq!(status.restarts.load(Ordering::Relaxed), 2);
         drain_sender.send(true).unwrap();
         task.await.unwrap();
+        queue.close();
+    }
+
+    /// Remembers what it was fed, chunk by chunk.
+    #[derive(Default)]
+    struct RecordingEncoder {
+        offsets: Vec<u64>,
+        chunks: usize,
+        largest_chunk_bytes: usize,
+        sealed: bool,
+    }
+
+    impl BatchEncoder for RecordingEncoder {
+        fn absorb(&mut self, records: &[Record]) -> Result<(), String> {
+            assert!(!self.sealed, "absorbed after sealing");
+            self.chunks += 1;
+            let bytes = records.iter().map(|record| record.payload.len()).sum();
+            self.largest_chunk_bytes = self.largest_chunk_bytes.max(bytes);
+            self.offsets
+                .extend(records.iter().map(|record| record.offset));
+            Ok(())
+        }
+        fn seal(&mut self) -> Result<(), String> {
+            assert!(!self.sealed, "sealed twice");
+            self.sealed = true;
+            Ok(())
+        }
+        fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+            self
+        }
+    }
+
+    /// Encodes as the runner reads; fails its first `failures` attempts.
+    struct EncodingSink {
+        failures: AtomicUsize,
+        delivered: Mutex<Vec<(OffsetRange, Arc<RecordingEncoder>, usize)>>,
+    }
+
+    #[async_trait]
+    impl Sink for EncodingSink {
+        fn name(&self) -> &str {
+            "encoding"
+        }
+        fn batch_limits(&self) -> BatchLimits {
+            BatchLimits {
+                max_records: 1_000_000,
+                max_bytes: 64 << 20,
+                max_age: Duration::from_millis(50),
+            }
+        }
+        fn batch_encoder(&self) -> Option<Box<dyn BatchEncoder>> {
+            Some(Box::new(RecordingEncoder::default()))
+        }
+        async fn deliver(&self, batch: &DeliveryBatch) -> Result<(), SinkError> {
+            assert!(batch.records.is_empty(), "the records were encoded instead");
+            let encoder = Arc::clone(batch.encoded.as_ref().expect("encoded"))
+                .into_any()
+                .downcast::<RecordingEncoder>()
+                .expect("this sink's encoder");
+            assert!(encoder.sealed, "sealed before delivery");
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(SinkError::Transient("injected failure".into()));
+            }
+            self.delivered
+                .lock()
+                .unwrap()
+                .push((batch.range, encoder, batch.payload_bytes));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_encodes_as_it_reads_gets_each_batch_in_chunks_of_a_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let sink = Arc::new(EncodingSink {
+            failures: AtomicUsize::new(1),
+            delivered: Mutex::new(Vec::new()),
+        });
+        let mut batch = RecordBatch::default();
+        let payload = vec![b'x'; 1_000];
+        for _ in 0..3_000 {
+            batch.push(&payload).unwrap();
+        }
+        queue.append(batch).await.unwrap();
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
+            .with_retry_policy(fast_retries());
+        let (drain_sender, drain) = watch::channel(false);
+        drain_sender.send(true).unwrap();
+        runner.run(drain).await;
+
+        let delivered = sink.delivered.lock().unwrap();
+        assert_eq!(
+            delivered.len(),
+            1,
+            "one batch, delivered on its second attempt"
+        );
+        let (range, encoder, payload_bytes) = &delivered[0];
+        assert_eq!(
+            *range,
+            OffsetRange {
+                start: 0,
+                end: 3_000
+            }
+        );
+        assert_eq!(encoder.offsets, (0..3_000).collect::<Vec<u64>>());
+        assert_eq!(*payload_bytes, 3_000_000);
+        assert!(
+            // A read stops once it reached its byte limit: past it by at most one record.
+            encoder.chunks >= 3 && encoder.largest_chunk_bytes < ENCODED_READ_CHUNK_BYTES + 1_000,
+            "3 MB read a mebibyte at a time: {} chunks, the largest {} bytes",
+            encoder.chunks,
+            encoder.largest_chunk_bytes
+        );
         queue.close();
     }
 

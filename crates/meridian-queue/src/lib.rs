@@ -38,7 +38,8 @@ mod writer;
 pub use backend::{BackendSample, DeliveryLog, LogCursor, QueueBackend};
 pub use consumer::{Consumer, CursorState, Record};
 pub use delivery::{
-    BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink, SinkError,
+    BatchEncoder, BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink,
+    SinkError,
 };
 pub use error::QueueError;
 pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
