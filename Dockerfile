@@ -20,8 +20,11 @@ RUN apt-get update \
     && chown 10001 /var/lib/meridian
 COPY --from=build /src/target/release/meridian /usr/local/bin/meridian
 COPY config/meridian.toml /etc/meridian/meridian.toml
+# MIMALLOC_ALLOW_THP=0: no transparent huge pages for the allocator's arenas, also on hosts whose
+# THP setting is `always` (they doubled the resident set under load; see ARCHITECTURE.md).
 ENV MERIDIAN_LISTEN=0.0.0.0:8080 \
-    MERIDIAN_DATA_DIR=/var/lib/meridian
+    MERIDIAN_DATA_DIR=/var/lib/meridian \
+    MIMALLOC_ALLOW_THP=0
 USER 10001
 VOLUME ["/var/lib/meridian", "/etc/meridian"]
 EXPOSE 8080

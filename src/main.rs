@@ -13,7 +13,8 @@ use meridian_server::{RunningNode, Settings, termination_signal};
 const DEFAULT_CONFIG_PATH: &str = "config/meridian.toml";
 
 /// mimalloc: measurably faster than glibc malloc on the ingest path's many small allocations, and
-/// keeps RSS from growing through per-thread arena fragmentation.
+/// keeps RSS from growing through per-thread arena fragmentation. Built without transparent huge
+/// pages (`no_thp`): with them the resident set under load doubled (ARCHITECTURE.md).
 #[global_allocator]
 static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
