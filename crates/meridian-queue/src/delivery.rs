@@ -257,14 +257,18 @@ enum Gathered {
     Finished,
 }
 
-/// How many payload bytes the runner reads at a time for a sink that encodes records as they
-/// are read: about the most raw bytes of a batch it holds at once.
+/// For a sink that encodes records as they are read: the runner hands the encoder records once
+/// this many payload bytes are gathered (and the rest when the batch ends), so that it holds
+/// about this much raw at once, and a runner that keeps up with the log, reading a few records
+/// per group commit, does not make a thread hop for each.
 const ENCODED_READ_CHUNK_BYTES: usize = 1 << 20;
 
 /// A batch being gathered: its records, or the sink's encoding of them.
 struct Gathering {
-    /// Empty when the sink encodes as the records are read.
+    /// Every record of the batch, or (when the sink encodes) those not handed to the encoder yet.
     records: Vec<Record>,
+    /// The payload bytes of `records`.
+    records_bytes: usize,
     encoder: Option<Box<dyn BatchEncoder>>,
     first_offset: Option<u64>,
     last_offset: Option<u64>,
@@ -276,6 +280,7 @@ impl Gathering {
     fn new(encoder: Option<Box<dyn BatchEncoder>>) -> Gathering {
         Gathering {
             records: Vec::new(),
+            records_bytes: 0,
             encoder,
             first_offset: None,
             last_offset: None,
@@ -290,12 +295,13 @@ impl Gathering {
 
     /// The most payload bytes the next read should hand out, with `limit` the batch's limit.
     fn next_read_bytes(&self, limit: usize) -> usize {
-        let remaining = limit.saturating_sub(self.payload_bytes).max(1);
-        if self.encoder.is_some() {
-            remaining.min(ENCODED_READ_CHUNK_BYTES)
+        let remaining = limit.saturating_sub(self.payload_bytes);
+        let most = if self.encoder.is_some() {
+            remaining.min(ENCODED_READ_CHUNK_BYTES.saturating_sub(self.records_bytes))
         } else {
             remaining
-        }
+        };
+        most.max(1)
     }
 
     /// Adds records read from the log: in offset order, past those gathered.
@@ -312,16 +318,32 @@ impl Gathering {
         self.first_offset.get_or_insert(first.offset);
         self.last_offset = Some(last.offset);
         self.record_count += chunk.len();
-        self.payload_bytes += chunk
+        let chunk_bytes = chunk
             .iter()
             .map(|record| record.payload.len())
             .sum::<usize>();
+        self.payload_bytes += chunk_bytes;
+        self.records_bytes += chunk_bytes;
+        self.records.extend(chunk);
+        if self.encoder.is_some() && self.records_bytes >= ENCODED_READ_CHUNK_BYTES {
+            self.encode_gathered(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the records gathered so far to the encoder (and seals it, when `seal`), on a
+    /// blocking thread.
+    async fn encode_gathered(&mut self, seal: bool) -> Result<(), AttemptFailure> {
         let Some(mut encoder) = self.encoder.take() else {
-            self.records.extend(chunk);
             return Ok(());
         };
+        let records = std::mem::take(&mut self.records);
+        self.records_bytes = 0;
         let (encoder, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = encoder.absorb(&chunk);
+            let mut outcome = encoder.absorb(&records);
+            if seal && outcome.is_ok() {
+                outcome = encoder.seal();
+            }
             (encoder, outcome)
         })
         .await
@@ -332,7 +354,10 @@ impl Gathering {
     }
 
     /// The gathered batch, its encoding sealed; `None` when nothing was gathered.
-    async fn into_batch(self, source: &Arc<str>) -> Result<Option<DeliveryBatch>, AttemptFailure> {
+    async fn into_batch(
+        mut self,
+        source: &Arc<str>,
+    ) -> Result<Option<DeliveryBatch>, AttemptFailure> {
         let (Some(first_offset), Some(last_offset)) = (self.first_offset, self.last_offset) else {
             return Ok(None);
         };
@@ -344,20 +369,11 @@ impl Gathering {
             self.record_count as u64 <= range.len(),
             "a batch is one range"
         );
-        let encoded = match self.encoder {
-            None => None,
-            Some(mut encoder) => {
-                let (encoder, outcome) = tokio::task::spawn_blocking(move || {
-                    let outcome = encoder.seal();
-                    (encoder, outcome)
-                })
-                .await
-                .map_err(|error| {
-                    AttemptFailure::Encode(format!("the sink's encoder panicked: {error}"))
-                })?;
-                outcome.map_err(AttemptFailure::Encode)?;
-                Some(Arc::from(encoder))
-            }
+        let encoded = if self.encoder.is_some() {
+            self.encode_gathered(true).await?;
+            self.encoder.take().map(Arc::from)
+        } else {
+            None
         };
         Ok(Some(DeliveryBatch {
             source: Arc::clone(source),
@@ -991,6 +1007,42 @@ mod tests {
             "3 MB read a mebibyte at a time: {} chunks, the largest {} bytes",
             encoder.chunks,
             encoder.largest_chunk_bytes
+        );
+        queue.close();
+    }
+
+    #[tokio::test]
+    async fn records_trickling_in_reach_the_encoder_in_one_hand_over_per_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = RegionQueue::open(QueueConfig::new(dir.path())).unwrap();
+        let sink = Arc::new(EncodingSink {
+            failures: AtomicUsize::new(0),
+            delivered: Mutex::new(Vec::new()),
+        });
+        let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
+            .with_retry_policy(fast_retries());
+        let (drain_sender, drain) = watch::channel(false);
+        let task = tokio::spawn(runner.run(drain));
+        for index in 0..40 {
+            let mut batch = RecordBatch::default();
+            batch.push(format!("record {index}").as_bytes()).unwrap();
+            queue.append(batch).await.unwrap();
+        }
+        drain_sender.send(true).unwrap();
+        task.await.unwrap();
+        let delivered = sink.delivered.lock().unwrap();
+        let offsets: Vec<u64> = delivered
+            .iter()
+            .flat_map(|(_, encoder, _)| encoder.offsets.clone())
+            .collect();
+        assert_eq!(offsets, (0..40).collect::<Vec<u64>>());
+        assert!(
+            delivered.iter().all(|(_, encoder, _)| encoder.chunks == 1),
+            "a batch under a mebibyte is handed to its encoder once, however many reads it took: {:?}",
+            delivered
+                .iter()
+                .map(|(_, encoder, _)| encoder.chunks)
+                .collect::<Vec<_>>()
         );
         queue.close();
     }
