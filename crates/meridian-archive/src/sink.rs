@@ -527,17 +527,22 @@ mod tests {
 
     const SOURCE: &str = "q0123456789abcdef0123456789abcdef";
 
+    /// A sink archiving every project into `store`, leaving out what `erasures` erased.
+    fn regional_sink(store: Arc<LocalDirStore>, erasures: Arc<dyn ErasureFilter>) -> ArchiveSink {
+        ArchiveSink::new(
+            "eu-west-1",
+            store,
+            Arc::new(NoCustomerStorage),
+            ArchiveSinkConfig::default(),
+            erasures,
+        )
+    }
+
     #[tokio::test]
     async fn writes_one_object_per_project_and_day_and_rewrites_on_redelivery() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(LocalDirStore::new(dir.path()));
-        let sink = ArchiveSink::new(
-            "eu-west-1",
-            store.clone(),
-            Arc::new(NoCustomerStorage),
-            ArchiveSinkConfig::default(),
-            Arc::new(meridian_core::NoErasures),
-        );
+        let sink = regional_sink(store.clone(), Arc::new(meridian_core::NoErasures));
         let batch = DeliveryBatch::of_records(
             Arc::from(SOURCE),
             OffsetRange { start: 10, end: 14 },
@@ -596,13 +601,7 @@ mod tests {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         for (index, dir) in dirs.iter().enumerate() {
             let store = Arc::new(LocalDirStore::new(dir.path()));
-            let sink = ArchiveSink::new(
-                "eu-west-1",
-                store.clone(),
-                Arc::new(NoCustomerStorage),
-                ArchiveSinkConfig::default(),
-                Arc::new(meridian_core::NoErasures),
-            );
+            let sink = regional_sink(store.clone(), Arc::new(meridian_core::NoErasures));
             let batch = if index == 0 {
                 DeliveryBatch::of_records(Arc::from(SOURCE), range, records.clone())
             } else {
@@ -648,13 +647,7 @@ mod tests {
     async fn erased_users_messages_are_left_out_of_archive_objects() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(LocalDirStore::new(dir.path()));
-        let sink = ArchiveSink::new(
-            "eu-west-1",
-            store.clone(),
-            Arc::new(NoCustomerStorage),
-            ArchiveSinkConfig::default(),
-            Arc::new(EraseGone),
-        );
+        let sink = regional_sink(store.clone(), Arc::new(EraseGone));
         let message = |offset: u64, user: &str, received_at: &str| Record {
             offset,
             payload: format!(
@@ -858,14 +851,7 @@ mod tests {
             saw_the_runtime: std::sync::atomic::AtomicBool::new(false),
         });
         let store = Arc::new(LocalDirStore::new(dir.path().join("regional")));
-        let sink = ArchiveSink::new(
-            "eu-west-1",
-            store.clone(),
-            Arc::new(NoCustomerStorage),
-            ArchiveSinkConfig::default(),
-            filter.clone(),
-        )
-        .with_spool(spool);
+        let sink = regional_sink(store.clone(), filter.clone()).with_spool(spool);
         let watcher = tokio::spawn(async move {
             while !filtering_began.load(Ordering::SeqCst) {
                 tokio::task::yield_now().await;
