@@ -33,12 +33,12 @@ use crate::error::ArchiveError;
 use crate::layout::{ArchivedMessage, decode_object, encode_object};
 
 /// Where a message goes when its routing fields cannot be read (never expected: we wrote it).
-pub(crate) const UNROUTABLE_PROJECT: &str = "_unroutable";
+const UNROUTABLE_PROJECT: &str = "_unroutable";
 /// A group's pending NDJSON is compressed into a member once it holds this many bytes.
-pub(crate) const MEMBER_RAW_BYTES: usize = 1 << 20;
+const MEMBER_RAW_BYTES: usize = 1 << 20;
 /// The most uncompressed bytes all groups of a batch hold together before the largest is
 /// compressed.
-pub(crate) const PENDING_RAW_BUDGET: usize = 4 << 20;
+const PENDING_RAW_BUDGET: usize = 4 << 20;
 
 /// Where one record goes.
 enum Route<'a> {

@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader, Write};
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use meridian_core::timestamp::{parse_timestamp_ms, utc_day_start_ms};
 use serde::Deserialize;
 
 use crate::error::ArchiveError;
@@ -40,12 +39,6 @@ pub struct ArchivedMessage<'a> {
     pub received_at: Cow<'a, str>,
     #[serde(rename = "userId", default, borrow)]
     pub user_id: Option<Cow<'a, str>>,
-}
-
-impl ArchivedMessage<'_> {
-    pub fn received_day_ms(&self) -> i64 {
-        utc_day_start_ms(parse_timestamp_ms(&self.received_at).unwrap_or(0))
-    }
 }
 
 /// Gzips messages as NDJSON (one message per line).
