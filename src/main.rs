@@ -199,15 +199,71 @@ fn init_logging() {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
     let json = std::env::var("MERIDIAN_LOG_FORMAT").is_ok_and(|format| format == "json");
     use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(move || EscapingLine::new(ansi));
     if json {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// One log line on stderr, with the control characters of its text escaped (a newline inside a
+/// field — an admin-supplied string, an error from a peer — cannot forge a line of its own). The
+/// formatter hands over each event whole; it is written when the line is dropped.
+struct EscapingLine {
+    buffer: Vec<u8>,
+    /// The formatter's own colour codes are kept on a terminal.
+    keep_escape_sequences: bool,
+}
+
+impl EscapingLine {
+    fn new(keep_escape_sequences: bool) -> EscapingLine {
+        EscapingLine {
+            buffer: Vec::with_capacity(256),
+            keep_escape_sequences,
+        }
+    }
+}
+
+impl std::io::Write for EscapingLine {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EscapingLine {
+    fn drop(&mut self) {
+        let escaped = escape_line(&self.buffer, self.keep_escape_sequences);
+        use std::io::Write;
+        let _ = std::io::stderr().lock().write_all(&escaped);
+    }
+}
+
+/// A formatted event as one line: its control characters escaped, one newline at its end.
+fn escape_line(formatted: &[u8], keep_escape_sequences: bool) -> Vec<u8> {
+    let line = formatted.strip_suffix(b"\n").unwrap_or(formatted);
+    let mut escaped = Vec::with_capacity(line.len() + 1);
+    for &byte in line {
+        match byte {
+            b'\n' => escaped.extend_from_slice(b"\\n"),
+            b'\r' => escaped.extend_from_slice(b"\\r"),
+            b'\t' => escaped.push(byte),
+            0x1b if keep_escape_sequences => escaped.push(byte),
+            0x00..=0x1f | 0x7f => escaped.extend_from_slice(format!("\\x{byte:02x}").as_bytes()),
+            _ => escaped.push(byte),
+        }
+    }
+    escaped.push(b'\n');
+    escaped
 }
 
 fn print_quick_start(settings: &Settings, host: &str) {
@@ -341,7 +397,7 @@ fn mint_token(
         &settings.data_dir,
     )
     .with_context(|| format!("reading the JWT secret in {}", settings.data_dir.display()))?;
-    let authority = JwtAuthority::new(&secret, settings.jwt_leeway_secs);
+    let authority = JwtAuthority::new(&secret, settings.token_rules());
     authority
         .issue(&sub, org.as_deref(), role, ttl_secs)
         .map_err(|error| anyhow::anyhow!(error.message))
@@ -572,6 +628,12 @@ async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // Everything the service writes (catalog, queue segments, archive objects, spool, secrets)
+    // is private to its user from the first write: files 0600, directories 0700.
+    // SAFETY: umask only sets this process's file mode creation mask; no memory is involved.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

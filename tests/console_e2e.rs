@@ -51,6 +51,7 @@ async fn in_a_browser_the_console_signs_in_creates_a_project_shows_live_events_a
         ))
         .env("BASE_URL", &server.base_url)
         .env("TOKEN", &token)
+        .env("OTHER_TOKEN", server.issue_token("owner", Some("intruder")))
         .env("ARTIFACT_DIR", &artifacts)
         .env("CHROMIUM", &chromium)
         .output()
@@ -66,7 +67,13 @@ async fn in_a_browser_the_console_signs_in_creates_a_project_shows_live_events_a
         "console browser test: {stdout} (screenshots in {})",
         artifacts.display()
     );
-    for page in ["1-overview", "3-live", "5-deletion-done", "9-audit"] {
+    for page in [
+        "1-overview",
+        "3-live",
+        "5-deletion-done",
+        "9-audit",
+        "10-switch-account",
+    ] {
         assert!(
             artifacts.join(format!("{page}.png")).is_file(),
             "{page}.png written"

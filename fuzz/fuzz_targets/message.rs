@@ -65,6 +65,7 @@ fuzz_target!(|body: &[u8]| {
         batch_context: None,
         batch_integrations: None,
         batch_sent_at: None,
+        default_anonymous_id: None,
     };
     if let Ok(envelope) = serde_json::from_slice::<BatchEnvelope<'_>>(body) {
         let batch_context = match &envelope.context {

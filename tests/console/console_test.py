@@ -18,6 +18,7 @@ from playwright.sync_api import sync_playwright
 
 BASE = os.environ["BASE_URL"]
 TOKEN = os.environ["TOKEN"]
+OTHER_TOKEN = os.environ["OTHER_TOKEN"]
 ARTIFACTS = os.environ["ARTIFACT_DIR"]
 CHROMIUM = os.environ["CHROMIUM"]
 os.makedirs(ARTIFACTS, exist_ok=True)
@@ -115,6 +116,19 @@ def run(page):
     audit = page.text_content("#audit")
     assert "project.create" in audit and "suppression" in audit, audit
     shot(page, "9-audit")
+
+    # A link carrying another org's token never silently replaces the session (login CSRF): the
+    # console names both accounts and asks; staying keeps the org.
+    assert "acme" in page.text_content("#account"), page.text_content("#account")
+    page.goto(f"{BASE}/console/#token={OTHER_TOKEN}")
+    page.wait_for_selector("#offered-account")
+    assert "token=" not in page.url, page.url
+    assert "intruder" in page.text_content("#offered-account")
+    assert "acme" in page.text_content("#current-account")
+    shot(page, "10-switch-account")
+    page.click("#keep-account")
+    page.wait_for_selector("#health table")
+    assert "acme" in page.text_content("#account"), page.text_content("#account")
 
 
 with sync_playwright() as playwright:

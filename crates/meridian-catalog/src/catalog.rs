@@ -63,6 +63,8 @@ pub(crate) struct SnapshotRows {
     pub suppressions: Vec<(String, String)>,
     /// `(project id, user ids, created at)` of every deletion.
     pub deletions: Vec<(String, Vec<String>, i64)>,
+    /// Every revoked admin token (control rows only; always every one of them).
+    pub revocations: Vec<crate::token_revocation::TokenRevocation>,
 }
 
 /// The state row every change locks first: it serializes changes (so the audit chain has no
@@ -86,9 +88,12 @@ const MAX_NAME_CHARS: usize = 200;
 
 pub(crate) fn validate_name(name: &str, what: &str) -> Result<String, CatalogError> {
     let trimmed = name.trim();
-    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_CHARS {
+    if trimmed.is_empty()
+        || trimmed.chars().count() > MAX_NAME_CHARS
+        || trimmed.chars().any(char::is_control)
+    {
         return Err(CatalogError::Invalid(format!(
-            "{what} must be 1 to {MAX_NAME_CHARS} characters"
+            "{what} must be 1 to {MAX_NAME_CHARS} characters, without control characters"
         )));
     }
     Ok(trimmed.to_string())

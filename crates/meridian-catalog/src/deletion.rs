@@ -9,6 +9,7 @@ use crate::audit::Actor;
 use crate::catalog::{Catalog, CatalogBackend, Project};
 use crate::error::CatalogError;
 use crate::ids::new_id;
+use crate::keyed_hash::CatalogKey;
 use meridian_core::timestamp::now_unix_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -110,17 +111,49 @@ const DELETION_COLUMNS: &str = "deletion_id, org_id, project_id, region, user_id
      clickhouse_rows_deleted, archive_objects_scanned, archive_objects_rewritten, archive_messages_removed, error, \
      created_at_ms, updated_at_ms, started_at_ms, finished_at_ms, deadline_ms";
 
-fn deletion_from_row(row: &AnyRow) -> Result<Deletion, CatalogError> {
+/// The user ids of a deletion as the catalog keeps them while they may still be needed: sealed
+/// with the catalog key (bound to the deletion's id), never in plaintext, the write-ahead log
+/// included. Once the deletion is done only their keyed hashes are kept.
+pub(crate) fn seal_user_ids(
+    key: &CatalogKey,
+    deletion_id: &str,
+    user_ids: &[String],
+) -> Result<String, CatalogError> {
+    let json = serde_json::to_string(user_ids)
+        .map_err(|error| CatalogError::Invalid(error.to_string()))?;
+    Ok(key.seal(deletion_id, json.as_bytes()))
+}
+
+/// The user ids (or, once done, their hashes) of a stored deletion: sealed, or plain JSON (hashes,
+/// and rows of versions that did not seal).
+pub(crate) fn stored_user_ids(
+    key: &CatalogKey,
+    deletion_id: &str,
+    stored: &str,
+) -> Result<Vec<String>, CatalogError> {
+    let corrupt = |reason: String| {
+        CatalogError::Corrupt(format!("deletion {deletion_id} user ids: {reason}"))
+    };
+    if crate::keyed_hash::is_sealed(stored) {
+        let json = key
+            .open(deletion_id, stored)
+            .ok_or_else(|| corrupt("sealed with another catalog key, or altered".to_string()))?;
+        return serde_json::from_slice(&json).map_err(|error| corrupt(error.to_string()));
+    }
+    serde_json::from_str(stored).map_err(|error| corrupt(error.to_string()))
+}
+
+fn deletion_from_row(key: &CatalogKey, row: &AnyRow) -> Result<Deletion, CatalogError> {
+    let deletion_id: String = row.try_get("deletion_id")?;
     let user_ids_json: String = row.try_get("user_ids_json")?;
     let status_text: String = row.try_get("status")?;
     let stage_text: String = row.try_get("stage")?;
     Ok(Deletion {
-        deletion_id: row.try_get("deletion_id")?,
+        user_ids: stored_user_ids(key, &deletion_id, &user_ids_json)?,
+        deletion_id,
         org_id: row.try_get("org_id")?,
         project_id: row.try_get("project_id")?,
         region: row.try_get("region")?,
-        user_ids: serde_json::from_str(&user_ids_json)
-            .map_err(|error| CatalogError::Corrupt(format!("deletion user ids: {error}")))?,
         status: DeletionStatus::parse(&status_text)
             .ok_or_else(|| CatalogError::Corrupt(format!("deletion status `{status_text}`")))?,
         stage: DeletionStage::parse(&stage_text)
@@ -172,8 +205,7 @@ impl Catalog {
             finished_at_ms: None,
             deadline_ms: now_ms + 30 * 86_400_000,
         };
-        let user_ids_json = serde_json::to_string(&deletion.user_ids)
-            .map_err(|error| CatalogError::Invalid(error.to_string()))?;
+        let user_ids_json = seal_user_ids(&self.key, &deletion.deletion_id, &deletion.user_ids)?;
         sqlx::query(
             "INSERT INTO deletions (deletion_id, org_id, project_id, region, user_ids_json, status, stage,
                 clickhouse_rows_deleted, archive_objects_scanned, archive_objects_rewritten, archive_messages_removed,
@@ -227,7 +259,9 @@ impl Catalog {
         .bind(deletion_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(deletion_from_row).transpose()
+        row.as_ref()
+            .map(|row| deletion_from_row(&self.key, row))
+            .transpose()
     }
 
     /// Claims one unfinished deletion of a region in `regions` for `node_id` until
@@ -275,7 +309,11 @@ impl Catalog {
         .bind(deletion_id)
         .fetch_optional(&mut *transaction)
         .await?;
-        let Some(before) = row.as_ref().map(deletion_from_row).transpose()? else {
+        let Some(before) = row
+            .as_ref()
+            .map(|row| deletion_from_row(&self.key, row))
+            .transpose()?
+        else {
             return Err(CatalogError::NotFound(format!(
                 "deletion `{deletion_id}` does not exist"
             )));
@@ -359,7 +397,11 @@ impl Catalog {
         .bind(deletion_id)
         .fetch_optional(&mut *transaction)
         .await?;
-        let Some(before) = row.as_ref().map(deletion_from_row).transpose()? else {
+        let Some(before) = row
+            .as_ref()
+            .map(|row| deletion_from_row(&self.key, row))
+            .transpose()?
+        else {
             return Err(CatalogError::NotFound(format!(
                 "deletion `{deletion_id}` does not exist"
             )));
@@ -371,8 +413,12 @@ impl Catalog {
         } else {
             before.user_ids.clone()
         };
-        let kept_user_ids_json = serde_json::to_string(&kept_user_ids)
-            .map_err(|error| CatalogError::Invalid(error.to_string()))?;
+        let kept_user_ids_json = if status == DeletionStatus::Done {
+            serde_json::to_string(&kept_user_ids)
+                .map_err(|error| CatalogError::Invalid(error.to_string()))?
+        } else {
+            seal_user_ids(&self.key, deletion_id, &kept_user_ids)?
+        };
         sqlx::query(
             "UPDATE deletions SET status = $1, stage = 'finished', error = $2, finished_at_ms = $3, updated_at_ms = $3,
                 lease_owner = NULL, lease_until_ms = NULL, user_ids_json = $4 WHERE deletion_id = $5",
@@ -436,7 +482,9 @@ impl Catalog {
                 limit,
             )
             .await?;
-        rows.iter().map(deletion_from_row).collect()
+        rows.iter()
+            .map(|row| deletion_from_row(&self.key, row))
+            .collect()
     }
 
     /// The project's deletions that covered `user_id` (found by recomputing its keyed hash for
@@ -455,7 +503,7 @@ impl Catalog {
         .await?;
         let mut found = Vec::new();
         for row in &rows {
-            let deletion = deletion_from_row(row)?;
+            let deletion = deletion_from_row(&self.key, row)?;
             if deletion
                 .user_ids
                 .iter()

@@ -53,12 +53,13 @@ struct ProjectEntry {
     key_hashes: Vec<[u8; 32]>,
 }
 
-/// What the global catalog says: keys and projects.
+/// What the global catalog says: keys, projects and revoked admin tokens.
 #[derive(Clone, Debug, Default)]
 struct ControlSnapshot {
     version: i64,
     keys: HashMap<[u8; 32], KeyEntry>,
     projects: HashMap<Arc<str>, Arc<ProjectEntry>>,
+    revocations: Arc<crate::token_revocation::TokenRevocations>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -104,6 +105,10 @@ impl StoreSnapshot for ControlSnapshot {
     ) -> Self {
         let mut next = base.cloned().unwrap_or_default();
         next.version = rows.version;
+        // Every load carries every revocation.
+        next.revocations = Arc::new(crate::token_revocation::TokenRevocations::from_rows(
+            &rows.revocations,
+        ));
         for project_id in replaced {
             if let Some(project) = next.projects.remove(project_id.as_str()) {
                 for hash in &project.key_hashes {
@@ -395,6 +400,11 @@ impl KeyCache {
             .projects
             .get(project_id)
             .and_then(|project| project.storage.clone())
+    }
+
+    /// Whether an admin token is revoked (checked on every admin request, and by open streams).
+    pub fn is_token_revoked(&self, token: crate::token_revocation::TokenIdentity<'_>) -> bool {
+        self.control.snapshot.load().revocations.revokes(token)
     }
 
     /// The global catalog's version the snapshot is at.

@@ -13,7 +13,11 @@
 //! `<data_dir>/catalog_hash_key`, created on first start. Losing it loses suppression lookups and
 //! audit verification: back it up with the catalog, apart from it.
 
+use std::sync::Arc;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hmac;
+use base64::Engine;
 
 use crate::ids::hex;
 
@@ -24,10 +28,16 @@ pub const USER_HASH_PREFIX: &str = "u1:";
 /// The fewest key bytes accepted.
 pub const MIN_KEY_BYTES: usize = 32;
 
-/// An HMAC-SHA256 key for the catalog's hashes.
+/// The prefix of values sealed with [`CatalogKey::seal`].
+pub const SEALED_PREFIX: &str = "s1:";
+
+/// An HMAC-SHA256 key for the catalog's hashes, and an AES-256-GCM key derived from it that seals
+/// what must be kept in the catalog for a while but never in plaintext (the user ids of a deletion
+/// still under way).
 #[derive(Clone)]
 pub struct CatalogKey {
     key: hmac::Key,
+    sealing: Arc<LessSafeKey>,
 }
 
 impl std::fmt::Debug for CatalogKey {
@@ -42,9 +52,59 @@ impl CatalogKey {
         if bytes.len() < MIN_KEY_BYTES {
             return None;
         }
+        let key = hmac::Key::new(hmac::HMAC_SHA256, bytes);
+        let derived = hmac::sign(&key, b"meridian sealing key v1");
+        let sealing = UnboundKey::new(&AES_256_GCM, derived.as_ref()).ok()?;
         Some(CatalogKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            key,
+            sealing: Arc::new(LessSafeKey::new(sealing)),
         })
+    }
+
+    /// `plaintext` sealed (AES-256-GCM, a random nonce): `s1:<base64 of nonce and ciphertext>`.
+    /// `context` is authenticated with it (a value sealed for one row cannot be moved to another).
+    pub fn seal(&self, context: &str, plaintext: &[u8]) -> String {
+        let mut nonce_bytes = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce_bytes);
+        let mut sealed = plaintext.to_vec();
+        // Sealing only fails for inputs of more than 64 GiB.
+        if self
+            .sealing
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce_bytes),
+                Aad::from(context.as_bytes()),
+                &mut sealed,
+            )
+            .is_err()
+        {
+            sealed.clear();
+        }
+        let mut framed = nonce_bytes.to_vec();
+        framed.extend_from_slice(&sealed);
+        format!(
+            "{SEALED_PREFIX}{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(framed)
+        )
+    }
+
+    /// What [`CatalogKey::seal`] sealed with the same `context`; `None` when it was sealed with
+    /// another key or context, or altered.
+    pub fn open(&self, context: &str, sealed: &str) -> Option<Vec<u8>> {
+        let encoded = sealed.strip_prefix(SEALED_PREFIX)?;
+        let framed = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(encoded)
+            .ok()?;
+        if framed.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce_bytes, ciphertext) = framed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce_bytes).ok()?;
+        let mut buffer = ciphertext.to_vec();
+        let plaintext = self
+            .sealing
+            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buffer)
+            .ok()?;
+        Some(plaintext.to_vec())
     }
 
     /// The keyed hash of a user id within a project: `u1:<64 hex>`.
@@ -72,9 +132,37 @@ pub fn is_user_hash(text: &str) -> bool {
         .is_some_and(|digits| digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// True for strings [`CatalogKey::seal`] made.
+pub fn is_sealed(text: &str) -> bool {
+    text.starts_with(SEALED_PREFIX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_context() {
+        let key = CatalogKey::from_bytes(&[7u8; 32]).unwrap();
+        let sealed = key.seal("del_1", br#"["alice@example.com"]"#);
+        assert!(is_sealed(&sealed));
+        assert!(!sealed.contains("alice"), "{sealed}");
+        assert_ne!(
+            sealed,
+            key.seal("del_1", br#"["alice@example.com"]"#),
+            "a fresh nonce"
+        );
+        assert_eq!(
+            key.open("del_1", &sealed).as_deref(),
+            Some(&br#"["alice@example.com"]"#[..])
+        );
+        assert_eq!(key.open("del_2", &sealed), None, "another row's value");
+        let other = CatalogKey::from_bytes(&[8u8; 32]).unwrap();
+        assert_eq!(other.open("del_1", &sealed), None, "another key");
+        let mut tampered = sealed.clone();
+        tampered.push('A');
+        assert_eq!(key.open("del_1", &tampered), None);
+    }
 
     #[test]
     fn hashes_depend_on_the_key_the_project_and_the_user() {

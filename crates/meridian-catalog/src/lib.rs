@@ -22,6 +22,7 @@ mod retention;
 mod schema;
 mod snapshot_source;
 mod suppression;
+mod token_revocation;
 
 pub use audit::{Actor, AuditChainReport, AuditEntry};
 pub use audit_anchor::AnchorOutcome;
@@ -35,6 +36,7 @@ pub use region_migration::{MigrationProgress, MigrationStatus, RegionMigration};
 pub use regional::{MovedRows, RegionalStore, RegionalStores, move_end_user_rows};
 pub use replay::{Replay, ReplayProgress, ReplayStatus};
 pub use retention::{MAX_RETENTION_DAYS, ProjectRetention, RetentionSetting, RetentionSubject};
+pub use token_revocation::{NewTokenRevocation, TokenIdentity, TokenRevocation, TokenRevocations};
 
 #[cfg(test)]
 mod tests;

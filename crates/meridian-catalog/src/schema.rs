@@ -188,10 +188,25 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "ALTER TABLE projects ADD COLUMN migrated_to TEXT",
         ],
     ),
+    (
+        9,
+        "revoked admin tokens",
+        &["CREATE TABLE IF NOT EXISTS token_revocations (
+                revocation_id TEXT PRIMARY KEY,
+                org_id TEXT,
+                subject TEXT,
+                jti TEXT,
+                issued_before_ms BIGINT,
+                created_at_ms BIGINT NOT NULL,
+                created_by TEXT NOT NULL
+            )"],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).
 const USER_HASHES_VERSION: i64 = 4;
+/// The migration that seals the user ids of deletions not done yet (done in code, with the key).
+const SEALED_DELETION_IDS_VERSION: i64 = 10;
 
 /// Applies every migration not yet applied. On PostgreSQL an advisory lock keeps several nodes
 /// starting at once from running the same migration concurrently.
@@ -209,6 +224,9 @@ pub(crate) async fn migrate(
     let mut outcome = apply_migrations(&mut connection).await;
     if outcome.is_ok() {
         outcome = hash_stored_user_ids(&mut connection, key).await;
+    }
+    if outcome.is_ok() {
+        outcome = seal_pending_deletion_ids(&mut connection, key, is_postgres).await;
     }
     if is_postgres {
         sqlx::query("SELECT pg_advisory_unlock(7262746)")
@@ -343,6 +361,69 @@ async fn hash_stored_user_ids(
         hashed_suppressions,
         hashed_deletions = finished.len(),
         "catalog migration applied: user ids kept as keyed hashes"
+    );
+    Ok(())
+}
+
+/// Migration 10: the user ids of deletions not done yet are sealed with the catalog key (earlier
+/// versions kept them in plaintext until the deletion finished).
+async fn seal_pending_deletion_ids(
+    connection: &mut sqlx::AnyConnection,
+    key: &CatalogKey,
+    is_postgres: bool,
+) -> Result<(), CatalogError> {
+    use sqlx::Connection;
+    let mut transaction = connection.begin().await?;
+    let applied = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+        .bind(SEALED_DELETION_IDS_VERSION)
+        .fetch_optional(&mut *transaction)
+        .await?;
+    if applied.is_some() {
+        return Ok(());
+    }
+    let pending =
+        sqlx::query("SELECT deletion_id, user_ids_json FROM deletions WHERE status <> 'done'")
+            .fetch_all(&mut *transaction)
+            .await?;
+    let mut sealed = 0usize;
+    for row in &pending {
+        let deletion_id: String = row.try_get("deletion_id")?;
+        let stored: String = row.try_get("user_ids_json")?;
+        if crate::keyed_hash::is_sealed(&stored) {
+            continue;
+        }
+        let user_ids = crate::deletion::stored_user_ids(key, &deletion_id, &stored)?;
+        sqlx::query("UPDATE deletions SET user_ids_json = $1 WHERE deletion_id = $2")
+            .bind(crate::deletion::seal_user_ids(
+                key,
+                &deletion_id,
+                &user_ids,
+            )?)
+            .bind(&deletion_id)
+            .execute(&mut *transaction)
+            .await?;
+        sealed += 1;
+    }
+    sqlx::query(
+        "INSERT INTO schema_migrations (version, description, applied_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (version) DO NOTHING",
+    )
+    .bind(SEALED_DELETION_IDS_VERSION)
+    .bind("user ids of pending deletions sealed")
+    .bind(meridian_core::timestamp::now_unix_ms())
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    if sealed > 0 && !is_postgres {
+        // The write-ahead log still holds the pages with the plaintext ids: fold it into the
+        // database (where secure_delete zeroed them) and empty it.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *connection)
+            .await?;
+    }
+    info!(
+        sealed,
+        "catalog migration applied: user ids of pending deletions sealed"
     );
     Ok(())
 }

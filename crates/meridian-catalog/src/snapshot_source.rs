@@ -76,7 +76,8 @@ impl Catalog {
             version: current_version(&mut transaction).await?,
             ..SnapshotRows::default()
         };
-        load_rows(&mut transaction, None, rows_of, &mut rows).await?;
+        load_rows(&mut transaction, &self.key, None, rows_of, &mut rows).await?;
+        load_unscoped_rows(&mut transaction, rows_of, &mut rows).await?;
         transaction.commit().await?;
         Ok(rows)
     }
@@ -110,8 +111,9 @@ impl Catalog {
             ..SnapshotRows::default()
         };
         for chunk in project_ids.chunks(PROJECTS_PER_QUERY) {
-            load_rows(&mut transaction, Some(chunk), rows_of, &mut rows).await?;
+            load_rows(&mut transaction, &self.key, Some(chunk), rows_of, &mut rows).await?;
         }
+        load_unscoped_rows(&mut transaction, rows_of, &mut rows).await?;
         transaction.commit().await?;
         Ok(Some(ChangedRows { project_ids, rows }))
     }
@@ -146,14 +148,28 @@ fn bind_projects<'q>(
 /// Appends the `rows_of` rows of `projects` (every project when `None`) to `rows`.
 async fn load_rows(
     transaction: &mut Transaction<'_, Any>,
+    key: &crate::keyed_hash::CatalogKey,
     projects: Option<&[String]>,
     rows_of: RowsOf,
     rows: &mut SnapshotRows,
 ) -> Result<(), CatalogError> {
     match rows_of {
         RowsOf::Control => load_control_rows(transaction, projects, rows).await,
-        RowsOf::EndUsers => load_end_user_rows(transaction, projects, rows).await,
+        RowsOf::EndUsers => load_end_user_rows(transaction, key, projects, rows).await,
     }
+}
+
+/// The rows that belong to no project, read whole by every load: revoked admin tokens (few, and
+/// every node checks every admin request against all of them).
+async fn load_unscoped_rows(
+    transaction: &mut Transaction<'_, Any>,
+    rows_of: RowsOf,
+    rows: &mut SnapshotRows,
+) -> Result<(), CatalogError> {
+    if rows_of == RowsOf::Control {
+        rows.revocations = crate::token_revocation::load_revocations(transaction).await?;
+    }
+    Ok(())
 }
 
 /// ` AND column IN (...)` for the project filter (nothing without one).
@@ -211,6 +227,7 @@ async fn load_control_rows(
 
 async fn load_end_user_rows(
     transaction: &mut Transaction<'_, Any>,
+    key: &crate::keyed_hash::CatalogKey,
     projects: Option<&[String]>,
     rows: &mut SnapshotRows,
 ) -> Result<(), CatalogError> {
@@ -228,16 +245,16 @@ async fn load_end_user_rows(
     }
 
     let deletion_sql = format!(
-        "SELECT project_id, user_ids_json, created_at_ms FROM deletions WHERE 1 = 1{}",
+        "SELECT deletion_id, project_id, user_ids_json, created_at_ms FROM deletions WHERE 1 = 1{}",
         filter("project_id", 1)
     );
     let deletion_rows = bind_projects(sqlx::query(&deletion_sql), projects)
         .fetch_all(&mut **transaction)
         .await?;
     for row in &deletion_rows {
+        let deletion_id: String = row.try_get("deletion_id")?;
         let user_ids_json: String = row.try_get("user_ids_json")?;
-        let user_ids: Vec<String> = serde_json::from_str(&user_ids_json)
-            .map_err(|error| CatalogError::Corrupt(format!("deletion user ids: {error}")))?;
+        let user_ids = crate::deletion::stored_user_ids(key, &deletion_id, &user_ids_json)?;
         rows.deletions.push((
             row.try_get("project_id")?,
             user_ids,

@@ -12,8 +12,8 @@ pub use message::{
     RejectCode, enrich_message,
 };
 pub use region::RegionId;
-pub use secret::{Secret, redact_url};
-pub use storage::{CustomerStorage, external_id_for};
+pub use secret::{Secret, redact_url, split_url_credentials};
+pub use storage::{CustomerStorage, StorageSettingError, external_id_for};
 
 /// Tells sinks which stored messages a GDPR deletion has erased: a message of `user_id` in
 /// `project_id` received at or before a deletion of that user is never written to a sink.

@@ -209,8 +209,12 @@ pub struct EnrichmentContext<'a> {
     pub batch_context: Option<&'a Map<String, Value>>,
     /// The batch's top-level `integrations`, merged the same way.
     pub batch_integrations: Option<&'a Map<String, Value>>,
-    /// The batch's top-level `sentAt`, used when a message has none of its own.
+    /// The batch's top-level `sentAt` (or, for a single message, the request's `SentAt` header),
+    /// used when a message has none of its own.
     pub batch_sent_at: Option<&'a str>,
+    /// The request's `AnonymousId` header (RudderStack's SDKs send it), used when a message has
+    /// no `anonymousId` of its own.
+    pub default_anonymous_id: Option<&'a str>,
 }
 
 /// A validated message as stored: its JSON text plus the fields the ingress and sinks look at.
@@ -263,7 +267,15 @@ pub fn enrich_message(
 ) -> Result<EnrichedMessage, MessageRejection> {
     let kind = resolve_kind(&message, implied_kind)?;
     let user_id = read_identifier(&message, "userId")?;
-    let anonymous_id = read_identifier(&message, "anonymousId")?;
+    let anonymous_id = read_identifier(&message, "anonymousId")?.or_else(|| {
+        context
+            .default_anonymous_id
+            .filter(|text| !text.is_empty())
+            .map(|text| Identifier {
+                text: text.to_string(),
+                must_be_written: true,
+            })
+    });
     let mut rewritten_identifiers = Vec::new();
     match kind {
         MessageKind::Alias => {
@@ -390,16 +402,16 @@ fn resolve_kind(
     }
 }
 
-/// An identifier as stored: its text, and whether the message spelled it differently (a number,
-/// stored as a string).
+/// An identifier as stored: its text, and whether the message did not spell it so (a number,
+/// stored as a string, or a value the request's headers supplied).
 struct Identifier {
     text: String,
-    is_number: bool,
+    must_be_written: bool,
 }
 
 impl Identifier {
     fn store_in(&self, document: &mut StoredDocument<'_>, field: &'static str) {
-        if self.is_number {
+        if self.must_be_written {
             document.set_string(field, &self.text);
         }
     }
@@ -419,7 +431,7 @@ fn read_identifier(
             let text = string_value(value)?;
             Ok((!text.is_empty()).then_some(Identifier {
                 text,
-                is_number: false,
+                must_be_written: false,
             }))
         }
         JsonType::Number => {
@@ -428,7 +440,7 @@ fn read_identifier(
                 serde_json::from_str(value.get()).map_err(|error| unstorable(&error))?;
             Ok(Some(Identifier {
                 text: number.to_string(),
-                is_number: true,
+                must_be_written: true,
             }))
         }
         _ => Err(MessageRejection::new(
@@ -636,6 +648,7 @@ mod tests {
             batch_context: None,
             batch_integrations: None,
             batch_sent_at: None,
+            default_anonymous_id: None,
         }
     }
 

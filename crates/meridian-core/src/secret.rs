@@ -31,21 +31,60 @@ impl std::fmt::Display for Secret {
     }
 }
 
-/// `url` with the password of its user info replaced by `***` (`postgres://u:***@host/db`), for
-/// printing. A URL without a password is returned as it is.
-pub fn redact_url(url: &str) -> String {
+/// `text` with the password of every URL in it replaced by `***` (`postgres://u:***@host/db`):
+/// the one redaction of configured URLs for printing, whether `text` is a URL or an error message
+/// that quotes some. Text without a URL password is returned as it is.
+pub fn redact_url(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + 3;
+        redacted.push_str(&rest[..authority_start]);
+        let after_scheme = &rest[authority_start..];
+        let authority_end = after_scheme
+            .find(|c: char| {
+                matches!(
+                    c,
+                    '/' | '?' | '#' | '"' | '\'' | '`' | ',' | ')' | '>' | ']'
+                ) || c.is_whitespace()
+            })
+            .unwrap_or(after_scheme.len());
+        let authority = &after_scheme[..authority_end];
+        match authority.rsplit_once('@') {
+            Some((user_info, host)) if user_info.contains(':') => {
+                let user = user_info
+                    .split_once(':')
+                    .map_or(user_info, |(user, _)| user);
+                redacted.push_str(user);
+                redacted.push_str(":***@");
+                redacted.push_str(host);
+            }
+            _ => redacted.push_str(authority),
+        }
+        rest = &after_scheme[authority_end..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+/// A URL's user and password, and the URL without them (`http://u:p@host/` → `(Some(u), Some(p),
+/// http://host/)`). Clients are given the credentials apart, so that the URL they print in errors
+/// and logs holds none.
+pub fn split_url_credentials(url: &str) -> (Option<String>, Option<String>, String) {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return (None, None, url.to_string());
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
     let Some((user_info, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
+        return (None, None, url.to_string());
     };
-    match user_info.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-        None => url.to_string(),
-    }
+    let (user, password) = match user_info.split_once(':') {
+        Some((user, password)) => (user, Some(password.to_string())),
+        None => (user_info, None),
+    };
+    let user = (!user.is_empty()).then(|| user.to_string());
+    (user, password, format!("{scheme}://{host}{path}"))
 }
 
 #[cfg(test)]
@@ -76,5 +115,39 @@ mod tests {
             "sqlite:///var/lib/meridian/catalog.db?mode=rwc"
         );
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn urls_inside_messages_lose_their_passwords() {
+        assert_eq!(
+            redact_url(
+                "http://meridian:PASS@ch-1:8123: connection refused; tried `http://a:b@ch-2:8123/?x=1`"
+            ),
+            "http://meridian:***@ch-1:8123: connection refused; tried `http://a:***@ch-2:8123/?x=1`"
+        );
+        assert_eq!(
+            redact_url("error sending request for url (http://u:p@h/)"),
+            "error sending request for url (http://u:***@h/)"
+        );
+    }
+
+    #[test]
+    fn credentials_come_apart_from_the_url() {
+        assert_eq!(
+            split_url_credentials("http://meridian:s3cr3t@ch:8123/"),
+            (
+                Some("meridian".into()),
+                Some("s3cr3t".into()),
+                "http://ch:8123/".into()
+            )
+        );
+        assert_eq!(
+            split_url_credentials("http://ch:8123"),
+            (None, None, "http://ch:8123".into())
+        );
+        assert_eq!(
+            split_url_credentials("https://reader@ch:8443"),
+            (Some("reader".into()), None, "https://ch:8443".into())
+        );
     }
 }

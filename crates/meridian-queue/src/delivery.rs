@@ -177,11 +177,13 @@ impl DeliveryStatus {
             .clone()
     }
 
+    /// Keeps the error, with the password of any URL in it redacted (it is shown to operators).
     fn set_last_error(&self, message: Option<String>) {
         *self
             .last_error
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = message;
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            message.map(|message| meridian_core::redact_url(&message));
     }
 
     /// Why the runner is down, while it waits to restart; `None` while it runs.
@@ -451,6 +453,7 @@ impl DeliveryRunner {
             }
             consecutive_restarts = consecutive_restarts.saturating_add(1);
             status.restarts.fetch_add(1, Ordering::Relaxed);
+            let failure = meridian_core::redact_url(&failure);
             status.set_last_error(Some(failure.clone()));
             status.set_runner_failure(Some(failure.clone()));
             let wait = runner.retry.backoff(consecutive_restarts, false);
@@ -733,10 +736,11 @@ impl DeliveryRunner {
                     self.status
                         .consecutive_failures
                         .store(u64::from(consecutive_failures), Ordering::Relaxed);
-                    self.status.set_last_error(Some(failure.to_string()));
+                    let failure_text = meridian_core::redact_url(&failure.to_string());
+                    self.status.set_last_error(Some(failure_text.clone()));
                     let blocked = matches!(failure, SinkError::Blocked(_));
                     let wait = self.retry.backoff(consecutive_failures, blocked);
-                    warn!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempt = consecutive_failures, retry_in_ms = wait.as_millis() as u64, error = %failure, "delivery failed; the batch stays queued and will be retried");
+                    warn!(region = %self.region, sink = self.sink.name(), start = range.start, end = range.end, attempt = consecutive_failures, retry_in_ms = wait.as_millis() as u64, error = %failure_text, "delivery failed; the batch stays queued and will be retried");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         // On shutdown retry promptly; the caller bounds how long it waits.

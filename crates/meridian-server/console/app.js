@@ -37,8 +37,7 @@ function say(text, isError) {
 
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
-function claims() {
-  const value = token();
+function claimsOf(value) {
   if (!value) return null;
   try {
     const payload = value.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
@@ -46,6 +45,14 @@ function claims() {
   } catch (_) {
     return null;
   }
+}
+
+function claims() { return claimsOf(token()); }
+
+function describeAccount(accountClaims) {
+  const who = accountClaims.sub || "someone";
+  const where = accountClaims.role === "platform" ? "the platform" : "org " + (accountClaims.org_id || "?");
+  return who + " (" + (accountClaims.role || "?") + ") of " + where;
 }
 
 function org() { return (claims() || {}).org_id || sessionStorage.getItem(ORG_KEY) || ""; }
@@ -101,12 +108,45 @@ function every(milliseconds, work) {
 
 // ---- sign-in ----------------------------------------------------------------------------
 
+// A token offered by a link waits here until its account is accepted (see offeredAccountPage).
+let offeredToken = null;
+
+// A link's token signs a tab in only when nobody is signed in; otherwise the tab asks before it
+// switches accounts (a link from someone else must not silently put you into their org).
 function takeTokenFromLink() {
   const match = location.hash.match(/^#token=([^&]+)/);
   if (!match) return;
-  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
   // The token leaves the address bar (and the history) at once.
   history.replaceState(null, "", location.pathname + "#/");
+  const offered = decodeURIComponent(match[1]);
+  if (!claimsOf(offered)) { say("The link's token is not a token: ignored.", true); return; }
+  if (!token()) { sessionStorage.setItem(TOKEN_KEY, offered); return; }
+  if (offered !== token()) offeredToken = offered;
+}
+
+function offeredAccountPage() {
+  const offered = offeredToken;
+  const stay = () => { offeredToken = null; route(); };
+  show(
+    h("h1", {}, "Switch accounts?"),
+    h("p", {}, "You are signed in as ", h("strong", { id: "current-account" }, describeAccount(claims())), "."),
+    h("p", {}, "The link you opened signs in as ", h("strong", { id: "offered-account" }, describeAccount(claimsOf(offered))),
+      ". Switch only if you meant to: whoever made the link chose that account."),
+    h("button", { type: "button", id: "switch-account", onclick: () => {
+      offeredToken = null;
+      sessionStorage.setItem(TOKEN_KEY, offered);
+      sessionStorage.removeItem(ORG_KEY);
+      route();
+    } }, "Switch to " + describeAccount(claimsOf(offered))),
+    h("button", { type: "button", id: "keep-account", onclick: stay }, "Stay signed in as " + describeAccount(claims())),
+  );
+}
+
+// The header says whose console this is.
+function showAccount() {
+  const account = document.getElementById("account");
+  const current = claims();
+  account.textContent = current ? describeAccount(current) + (org() && current.role === "platform" ? ", viewing org " + org() : "") : "";
 }
 
 function signOut(message) {
@@ -430,8 +470,10 @@ async function route() {
   if (pageAbort) pageAbort.abort();
   pageAbort = new AbortController();
   takeTokenFromLink();
-  if (!token()) { signInPage(); return; }
+  if (!token()) { signInPage(); showAccount(); return; }
   document.getElementById("nav").hidden = false;
+  showAccount();
+  if (offeredToken) { offeredAccountPage(); return; }
   const parts = location.hash.replace(/^#\/?/, "").split("/");
   try {
     if (parts[0] === "signin") signInPage();

@@ -705,26 +705,6 @@ fn validate_storage(
     project_id: &str,
     request: StorageRequest,
 ) -> Result<meridian_core::CustomerStorage, ApiError> {
-    let bucket_ok = (3..=63).contains(&request.bucket.len())
-        && request
-            .bucket
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    if !bucket_ok {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            format!("`{}` is not a valid S3 bucket name", request.bucket),
-        ));
-    }
-    if !request.role_arn.starts_with("arn:") || !request.role_arn.contains(":role/") {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            format!(
-                "`{}` is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
-                request.role_arn
-            ),
-        ));
-    }
     let external_id = meridian_core::external_id_for(project_id);
     if let Some(requested) = &request.external_id
         && requested != &external_id
@@ -736,17 +716,15 @@ fn validate_storage(
             ),
         ));
     }
-    Ok(meridian_core::CustomerStorage {
-        bucket: request.bucket,
-        prefix: request
-            .prefix
-            .map(|prefix| prefix.trim_matches('/').to_string())
-            .filter(|prefix| !prefix.is_empty()),
-        role_arn: request.role_arn,
-        external_id,
-        kms_key_arn: request.kms_key_arn,
-        label: request.label,
-    })
+    meridian_core::CustomerStorage::validated(
+        project_id,
+        request.bucket,
+        request.prefix,
+        request.role_arn,
+        request.kms_key_arn,
+        request.label,
+    )
+    .map_err(|error| ApiError::bad_request("invalid_request", error.to_string()))
 }
 
 /// Local Data Storage: proves access with a test write, then saves; the project's archive goes

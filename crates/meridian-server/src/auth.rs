@@ -1,5 +1,7 @@
 //! Admin authentication: HS256 JWTs signed with the configured secret, `alg` pinned, `exp`
-//! required, a small configurable leeway.
+//! required, `nbf` honoured, `iss` and `aud` required when configured, a small configurable
+//! leeway; and revocation — of one token (`jti`) or of every token issued before a time, to a
+//! user, an org or everyone — checked on every request against the key cache's snapshot.
 
 use std::path::Path;
 
@@ -44,6 +46,28 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// The token's id, for revoking it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// A string or a list of strings (RFC 7519); checked by the validation, kept as it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+}
+
+impl Claims {
+    /// What revocations are matched against.
+    pub fn identity(&self) -> meridian_catalog::TokenIdentity<'_> {
+        meridian_catalog::TokenIdentity {
+            org_id: self.org_id.as_deref(),
+            subject: &self.sub,
+            jti: self.jti.as_deref(),
+            issued_at_secs: self.iat,
+        }
+    }
 }
 
 impl Claims {
@@ -76,23 +100,57 @@ pub fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// What tokens must say beyond a valid signature, from `[auth]`.
+#[derive(Clone, Debug, Default)]
+pub struct TokenRules {
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// When set, tokens must carry this `iss` (and are issued with it).
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud` (and are issued with it).
+    pub audience: Option<String>,
+}
+
 pub struct JwtAuthority {
     encoding_key: EncodingKey,
     decoding_key: DecodingKey,
     validation: Validation,
+    rules: TokenRules,
 }
 
 impl JwtAuthority {
-    pub fn new(secret: &[u8], leeway_secs: u64) -> JwtAuthority {
+    pub fn new(secret: &[u8], rules: TokenRules) -> JwtAuthority {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = leeway_secs;
+        validation.leeway = rules.leeway_secs;
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp"]);
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        match &rules.issuer {
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &rules.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
         JwtAuthority {
             encoding_key: EncodingKey::from_secret(secret),
             decoding_key: DecodingKey::from_secret(secret),
             validation,
+            rules,
         }
+    }
+
+    /// Whether the token is revoked (by its `jti`, or as issued before a revocation's time).
+    pub fn is_revoked(&self, claims: &Claims, keys: &meridian_catalog::KeyCache) -> bool {
+        keys.is_token_revoked(claims.identity())
     }
 
     pub fn issue(
@@ -109,6 +167,10 @@ impl JwtAuthority {
             role,
             exp: now_secs + ttl_secs,
             iat: Some(now_secs),
+            nbf: Some(now_secs),
+            jti: Some(uuid::Uuid::new_v4().simple().to_string()),
+            iss: self.rules.issuer.clone(),
+            aud: self.rules.audience.clone().map(serde_json::Value::String),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding_key)
             .map_err(|error| ApiError::internal(format!("cannot sign a token: {error}")))
@@ -120,9 +182,14 @@ impl JwtAuthority {
                 use jsonwebtoken::errors::ErrorKind;
                 let reason = match error.kind() {
                     ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
                     ErrorKind::InvalidAlgorithm => "the token is not signed with HS256",
                     ErrorKind::InvalidSignature => "the token's signature is invalid",
-                    ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim (exp)",
+                    ErrorKind::InvalidIssuer => "the token's issuer (iss) is not this service's",
+                    ErrorKind::InvalidAudience => "the token's audience (aud) is not this service",
+                    ErrorKind::MissingRequiredClaim(_) => {
+                        "the token lacks a required claim (exp, and iss or aud where configured)"
+                    }
                     _ => "the token is malformed or invalid",
                 };
                 ApiError::unauthorized(reason)
@@ -178,7 +245,11 @@ impl FromRequestParts<AppState> for AdminAuth {
             .ok_or_else(|| {
                 ApiError::unauthorized("send the admin token as Authorization: Bearer <JWT>")
             })?;
-        state.jwt.verify(token.trim()).map(AdminAuth)
+        let claims = state.jwt.verify(token.trim())?;
+        if state.jwt.is_revoked(&claims, &state.keys) {
+            return Err(ApiError::unauthorized("the token has been revoked"));
+        }
+        Ok(AdminAuth(claims))
     }
 }
 
@@ -189,13 +260,83 @@ mod tests {
 
     const SECRET: &[u8] = b"a-test-secret-that-is-long-enough-for-hs256";
 
+    fn claims_of(org: &str, role: Role) -> Claims {
+        Claims {
+            sub: "a".into(),
+            org_id: Some(org.into()),
+            role,
+            exp: 99_999_999_999,
+            iat: None,
+            nbf: None,
+            jti: None,
+            iss: None,
+            aud: None,
+        }
+    }
+
+    fn sign(claims: &Claims) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_is_checked_and_issuer_and_audience_are_required_when_configured() {
+        let authority = JwtAuthority::new(SECRET, TokenRules::default());
+        let now_secs = (now_unix_ms() / 1000) as u64;
+        let future = Claims {
+            nbf: Some(now_secs + 3600),
+            ..claims_of("acme", Role::Owner)
+        };
+        assert!(authority.verify(&sign(&future)).is_err(), "not valid yet");
+        let started = Claims {
+            nbf: Some(now_secs - 10),
+            ..claims_of("acme", Role::Owner)
+        };
+        assert!(authority.verify(&sign(&started)).is_ok());
+
+        let strict = JwtAuthority::new(
+            SECRET,
+            TokenRules {
+                leeway_secs: 0,
+                issuer: Some("https://auth.example.com".into()),
+                audience: Some("meridian".into()),
+            },
+        );
+        assert!(strict.verify(&sign(&started)).is_err(), "no iss or aud");
+        let wrong_audience = Claims {
+            iss: Some("https://auth.example.com".into()),
+            aud: Some(serde_json::json!("another-service")),
+            ..started.clone()
+        };
+        assert!(strict.verify(&sign(&wrong_audience)).is_err());
+        let right = Claims {
+            aud: Some(serde_json::json!(["meridian", "x"])),
+            ..wrong_audience
+        };
+        assert!(strict.verify(&sign(&right)).is_ok());
+        let issued = strict
+            .issue("alice", Some("acme"), Role::Owner, 60)
+            .unwrap();
+        let issued_claims = strict
+            .verify(&issued)
+            .expect("its own tokens carry iss and aud");
+        assert!(
+            issued_claims.jti.is_some(),
+            "issued tokens have an id to revoke"
+        );
+    }
+
     fn b64(bytes: &[u8]) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
     #[test]
     fn accepts_its_own_tokens_and_refuses_forged_expired_and_unsigned_ones() {
-        let authority = JwtAuthority::new(SECRET, 0);
+        let authority = JwtAuthority::new(SECRET, TokenRules::default());
         let token = authority
             .issue("alice", Some("acme"), Role::Owner, 60)
             .unwrap();
@@ -203,15 +344,15 @@ mod tests {
         assert_eq!(claims.org_id.as_deref(), Some("acme"));
         assert_eq!(claims.role, Role::Owner);
 
-        let other = JwtAuthority::new(b"another-secret-that-is-long-enough-for-hs256", 0);
+        let other = JwtAuthority::new(
+            b"another-secret-that-is-long-enough-for-hs256",
+            TokenRules::default(),
+        );
         assert!(other.verify(&token).is_err(), "signed with another secret");
 
         let expired = Claims {
-            sub: "a".into(),
-            org_id: Some("acme".into()),
-            role: Role::Owner,
             exp: 1_000,
-            iat: None,
+            ..claims_of("acme", Role::Owner)
         };
         let expired_token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -245,10 +386,8 @@ mod tests {
     fn roles_are_ordered_and_other_orgs_see_not_found() {
         let claims = Claims {
             sub: "m".into(),
-            org_id: Some("acme".into()),
-            role: Role::Member,
             exp: 0,
-            iat: None,
+            ..claims_of("acme", Role::Member)
         };
         assert!(claims.require("acme", Role::Member, "project").is_ok());
         assert_eq!(

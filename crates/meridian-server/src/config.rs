@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_core::{IngestLimits, RegionId, Secret, redact_url};
@@ -82,6 +83,7 @@ pub struct RetentionConfig {
 pub struct ConsoleConfig {
     pub live_subscribers_per_project: usize,
     pub live_events_per_second: u32,
+    pub max_live_streams: usize,
 }
 
 /// `[migration]`: the executor of region migrations.
@@ -113,13 +115,18 @@ pub struct ReplayConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    pub region: String,
+    /// The region this node belongs to. Set, the node is a member of that region's cluster;
+    /// unset (the playground), its home region is `default_region` and it serves every region.
+    pub region: Option<String>,
     pub serve_regions: Vec<String>,
     pub data_dir: PathBuf,
-    /// True when `node.region` came from the config file or `MERIDIAN_NODE_REGION` rather than
-    /// the embedded defaults: the node is then a member of that region's cluster.
-    #[serde(skip)]
-    pub region_set_explicitly: bool,
+}
+
+impl NodeConfig {
+    /// The node's home region: `node.region`, else the default region.
+    fn home_region<'a>(&'a self, default_region: &'a str) -> &'a str {
+        self.region.as_deref().unwrap_or(default_region)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -138,6 +145,13 @@ pub struct ServerConfig {
     pub request_body_budget_bytes: usize,
     pub max_connection_age_secs: u64,
     pub listen_backlog: u32,
+    pub max_connections: usize,
+    pub max_connections_per_address: u32,
+    pub max_requests_per_address: u32,
+    pub max_concurrent_http2_streams: u32,
+    pub anonymous_body_budget_bytes: usize,
+    pub project_body_budget_bytes: usize,
+    pub trusted_proxies: Vec<String>,
     pub tls: Option<TlsConfig>,
 }
 
@@ -161,6 +175,10 @@ fn default_tls_reload_check_secs() -> u64 {
 pub struct AuthConfig {
     pub jwt_secret: Option<Secret>,
     pub jwt_leeway_secs: u64,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -472,14 +490,26 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub connection_limits: crate::listener::ConnectionLimits,
     pub max_concurrent_requests: usize,
+    /// Requests (HTTP/2 streams included) one client address may have in flight.
+    pub max_requests_per_address: u32,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers).
+    pub trusted_proxies: Arc<[crate::edge::Network]>,
     /// Bytes of request bodies in memory at once, over all requests.
     pub request_body_budget_bytes: usize,
+    /// Of those, what requests without a key in their headers may hold together.
+    pub anonymous_body_budget_bytes: usize,
+    /// Of those, what one project's requests may hold.
+    pub project_body_budget_bytes: usize,
     pub shutdown_timeout: Duration,
     pub body_read_timeout: Duration,
     pub append_timeout: Duration,
     /// `None`: use (or create) `<data_dir>/jwt_secret`.
     pub jwt_secret: Option<Secret>,
     pub jwt_leeway_secs: u64,
+    /// Tokens must carry this `iss` when set.
+    pub jwt_issuer: Option<String>,
+    /// Tokens must carry this `aud` when set.
+    pub jwt_audience: Option<String>,
     /// May carry a password: print it with [`Settings::catalog_url_for_display`].
     pub catalog_url: Secret,
     /// `None`: use (or create) `<data_dir>/catalog_hash_key`.
@@ -506,6 +536,8 @@ pub struct Settings {
     pub live_subscribers_per_project: usize,
     /// Events a project's live feed carries per second at most (the rest are counted as skipped).
     pub live_events_per_second: u32,
+    /// Live event streams open on the node at once (503 beyond).
+    pub max_live_streams: usize,
     /// Messages per second one node's migration copies write at most.
     pub migration_max_messages_per_second: u64,
     /// How often a migration's copy looks for new source objects (dual_write, and after cutover).
@@ -718,12 +750,38 @@ fn validate_clickhouse(
             "{key}.urls must list at least one URL of this region's ClickHouse"
         ));
     }
+    // Credentials written into a URL are taken out of it and given to the client apart, so that
+    // no URL the sink prints (errors, logs, /readyz) carries a password.
+    let mut user = config.user.clone();
+    let mut password = config.password.clone();
+    let mut urls = Vec::with_capacity(config.urls.len());
     for url in &config.urls {
         if !url.starts_with("http://") && !url.starts_with("https://") {
             problems.push(format!(
-                "{key}.urls: `{url}` must start with http:// or https://"
+                "{key}.urls: `{}` must start with http:// or https://",
+                redact_url(url)
             ));
         }
+        let (url_user, url_password, bare_url) = meridian_core::split_url_credentials(url);
+        if let Some(url_user) = url_user {
+            match &user {
+                Some(existing) if *existing != url_user => problems.push(format!(
+                    "{key}: the user in `{}` differs from {key}.user; set it in one place",
+                    redact_url(url)
+                )),
+                _ => user = Some(url_user),
+            }
+        }
+        if let Some(url_password) = url_password {
+            match &password {
+                Some(existing) if existing.expose() != url_password => problems.push(format!(
+                    "{key}: the password in `{}` differs from {key}.password; set it in one place",
+                    redact_url(url)
+                )),
+                _ => password = Some(Secret::new(url_password)),
+            }
+        }
+        urls.push(bare_url);
     }
     let is_identifier = !config.database.is_empty()
         && config
@@ -743,10 +801,10 @@ fn validate_clickhouse(
         problems.push(format!("{key}.batch_max_bytes must be at least 1024"));
     }
     meridian_clickhouse::ClickHouseConfig {
-        urls: config.urls.clone(),
+        urls,
         database: config.database.clone(),
-        user: config.user.clone(),
-        password: config.password.clone(),
+        user,
+        password,
         batch_max_rows: config.batch_max_rows,
         batch_max_bytes: config.batch_max_bytes,
         flush_interval: Duration::from_millis(config.flush_interval_ms),
@@ -796,25 +854,16 @@ impl Config {
                 toml::from_str(text).map_err(|error| ConfigError::Parse(error.to_string()))?;
             merge_toml(&mut merged, overlay);
         }
-        let file_sets_node_region = match file_text {
-            Some(text) => toml::from_str::<toml::Value>(text)
-                .ok()
-                .and_then(|overlay| overlay.get("node")?.get("region").cloned())
-                .is_some(),
-            None => false,
-        };
         let mut config: Config = merged
             .try_into()
             .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
-        config.node.region_set_explicitly = file_sets_node_region;
         for (name, value) in environment {
             match name.as_str() {
                 "MERIDIAN_LISTEN" => config.server.listen = value.clone(),
                 "MERIDIAN_DATA_DIR" => config.node.data_dir = PathBuf::from(value),
                 "MERIDIAN_JWT_SECRET" => config.auth.jwt_secret = Some(Secret::new(value.clone())),
                 "MERIDIAN_NODE_REGION" => {
-                    config.node.region = value.clone();
-                    config.node.region_set_explicitly = true;
+                    config.node.region = Some(value.clone());
                 }
                 "MERIDIAN_SERVE_REGIONS" => {
                     config.node.serve_regions = value
@@ -848,7 +897,7 @@ impl Config {
             .iter()
             .find(|(key, _)| key == "MERIDIAN_REGION_CATALOG_URL")
         {
-            let node_region = config.node.region.clone();
+            let node_region = config.node.home_region(&config.default_region).to_string();
             let Some(region) = config.regions.get_mut(&node_region) else {
                 return Err(ConfigError::Parse(format!(
                     "MERIDIAN_REGION_CATALOG_URL is the store of the node's region, and region `{node_region}` is not configured"
@@ -1029,7 +1078,11 @@ impl Config {
                 }
             }
         };
-        let home_region = known(&self.node.region, "node.region", &mut problems);
+        let home_region = known(
+            self.node.home_region(&self.default_region),
+            "node.region",
+            &mut problems,
+        );
         let default_region = known(&self.default_region, "default_region", &mut problems);
         let catalog_url = self
             .catalog
@@ -1056,9 +1109,10 @@ impl Config {
             ),
             _ => {}
         }
-        // A node of a cluster (shared catalog, or a home region set on purpose) serves its own
-        // region unless told otherwise; only the embedded playground serves every region.
-        let is_cluster_node = catalog_is_shared || self.node.region_set_explicitly;
+        // A node of a cluster (shared catalog, or a region it belongs to) serves its own region
+        // unless told otherwise; the playground (embedded catalog, no node.region) serves every
+        // region.
+        let is_cluster_node = catalog_is_shared || self.node.region.is_some();
         let served_regions: Vec<RegionId> = if !self.node.serve_regions.is_empty() {
             self.node
                 .serve_regions
@@ -1105,7 +1159,7 @@ impl Config {
                     .map(RegionId::as_str)
                     .collect::<Vec<_>>()
                     .join(", "),
-                self.node.region
+                self.node.home_region(&self.default_region)
             ));
         }
         let listen = match self.server.listen.parse::<SocketAddr>() {
@@ -1202,6 +1256,54 @@ impl Config {
         if self.server.max_concurrent_requests == 0 {
             problems.push("server.max_concurrent_requests must be positive".to_string());
         }
+        for (key, value) in [
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "server.max_connections_per_address",
+                u64::from(self.server.max_connections_per_address),
+            ),
+            (
+                "server.max_requests_per_address",
+                u64::from(self.server.max_requests_per_address),
+            ),
+            (
+                "server.max_concurrent_http2_streams",
+                u64::from(self.server.max_concurrent_http2_streams),
+            ),
+        ] {
+            if value == 0 {
+                problems.push(format!("{key} must be positive"));
+            }
+        }
+        for (key, value) in [
+            (
+                "server.anonymous_body_budget_bytes",
+                self.server.anonymous_body_budget_bytes,
+            ),
+            (
+                "server.project_body_budget_bytes",
+                self.server.project_body_budget_bytes,
+            ),
+        ] {
+            if value < self.limits.max_request_bytes
+                || value > self.server.request_body_budget_bytes
+            {
+                problems.push(format!(
+                    "{key} ({value}) must hold at least one request of limits.max_request_bytes ({}) and at most server.request_body_budget_bytes ({})",
+                    self.limits.max_request_bytes, self.server.request_body_budget_bytes
+                ));
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for entry in &self.server.trusted_proxies {
+            match crate::edge::Network::parse(entry) {
+                Some(network) => trusted_proxies.push(network),
+                None => problems.push(format!(
+                    "server.trusted_proxies: `{entry}` is not an address or a network (10.0.0.0/8, fd00::/8)"
+                )),
+            }
+        }
+        let trusted_proxies: Arc<[crate::edge::Network]> = trusted_proxies.into();
         let (Some(home_region), Some(default_region), Some(listen), true) =
             (home_region, default_region, listen, problems.is_empty())
         else {
@@ -1225,9 +1327,16 @@ impl Config {
                 max_header_bytes: self.server.max_header_bytes,
                 tls_handshake_timeout: Duration::from_secs(10),
                 max_connection_age: Duration::from_secs(self.server.max_connection_age_secs.max(1)),
-                max_concurrent_http2_streams: 256,
+                max_concurrent_http2_streams: self.server.max_concurrent_http2_streams,
                 listen_backlog: self.server.listen_backlog.max(1),
+                max_connections: self.server.max_connections,
+                max_connections_per_address: self.server.max_connections_per_address,
+                trusted_proxies: Arc::clone(&trusted_proxies),
             },
+            max_requests_per_address: self.server.max_requests_per_address,
+            trusted_proxies,
+            anonymous_body_budget_bytes: self.server.anonymous_body_budget_bytes,
+            project_body_budget_bytes: self.server.project_body_budget_bytes,
             max_concurrent_requests: self.server.max_concurrent_requests,
             request_body_budget_bytes: self.server.request_body_budget_bytes,
             public_url: self
@@ -1240,6 +1349,12 @@ impl Config {
             append_timeout: Duration::from_secs(self.server.append_timeout_secs.max(1)),
             jwt_secret: self.auth.jwt_secret.clone(),
             jwt_leeway_secs: self.auth.jwt_leeway_secs,
+            jwt_issuer: self.auth.issuer.clone().filter(|issuer| !issuer.is_empty()),
+            jwt_audience: self
+                .auth
+                .audience
+                .clone()
+                .filter(|audience| !audience.is_empty()),
             catalog_url: Secret::new(catalog_url),
             catalog_hash_key: self.catalog.hash_key.clone(),
             catalog_refresh_interval: Duration::from_millis(self.catalog.refresh_interval_ms),
@@ -1303,6 +1418,7 @@ impl Config {
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
             live_subscribers_per_project: self.console.live_subscribers_per_project.max(1),
             live_events_per_second: self.console.live_events_per_second.max(1),
+            max_live_streams: self.console.max_live_streams.max(1),
             migration_max_messages_per_second: self.migration.max_messages_per_second.max(1),
             migration_tail_interval: Duration::from_millis(self.migration.tail_interval_ms.max(10)),
             migration_drain_window: Duration::from_secs(self.migration.drain_window_secs),
@@ -1324,6 +1440,15 @@ impl Config {
 }
 
 impl Settings {
+    /// What admin tokens must say beyond a valid signature.
+    pub fn token_rules(&self) -> crate::auth::TokenRules {
+        crate::auth::TokenRules {
+            leeway_secs: self.jwt_leeway_secs,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        }
+    }
+
     /// The AWS region the buckets of Meridian region `region` must be in (the id itself for a
     /// region without its own mapping, or one this node does not know).
     pub fn aws_region_of(&self, region: &str) -> String {

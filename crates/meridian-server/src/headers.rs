@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -37,7 +37,43 @@ fn acceptable_request_id(value: &HeaderValue) -> Option<&str> {
     is_acceptable.then_some(text)
 }
 
-pub fn add_cors_headers(response: &mut Response) {
+/// The request headers every browser SDK we know sends (a preflight that asks for none is
+/// answered with these): Segment's analytics.js, RudderStack's JavaScript SDK v3.
+const DEFAULT_ALLOWED_HEADERS: &str = "Authorization, Content-Type, X-Retry-Count, AnonymousId, SentAt, Rsa-Retry-Attempt, Rsa-Retry-Reason, Rsa-Since-First-Attempt, Rsa-Since-Last-Attempt, Rsa-Recovered";
+/// A preflight may ask for at most this many bytes of header names; a longer list is answered
+/// with the default list.
+const MAX_REQUESTED_HEADERS_BYTES: usize = 2048;
+
+/// The headers a preflight asked for (`Access-Control-Request-Headers`), when every one is a
+/// valid header name: any browser SDK may send the headers it needs. Unknown headers never change
+/// what a request means, so allowing them costs nothing.
+fn requested_headers(request_headers: &HeaderMap) -> Option<HeaderValue> {
+    let requested = request_headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)?
+        .to_str()
+        .ok()?;
+    if requested.len() > MAX_REQUESTED_HEADERS_BYTES {
+        return None;
+    }
+    let names: Vec<&str> = requested
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    let all_valid = !names.is_empty()
+        && names
+            .iter()
+            .all(|name| HeaderName::from_bytes(name.as_bytes()).is_ok());
+    if !all_valid {
+        return None;
+    }
+    HeaderValue::from_str(&names.join(", ")).ok()
+}
+
+/// CORS on ingest routes: any origin, the headers a preflight asks for (or every browser SDK's),
+/// and `Retry-After` and `X-Region` readable by the page (without them a browser SDK cannot
+/// honour Retry-After).
+pub fn add_cors_headers(response: &mut Response, allowed_headers: Option<HeaderValue>) {
     let headers = response.headers_mut();
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -45,7 +81,7 @@ pub fn add_cors_headers(response: &mut Response) {
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type, X-Retry-Count"),
+        allowed_headers.unwrap_or(HeaderValue::from_static(DEFAULT_ALLOWED_HEADERS)),
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -59,6 +95,15 @@ pub fn add_cors_headers(response: &mut Response) {
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("86400"),
     );
+    headers.append(
+        header::VARY,
+        HeaderValue::from_static("Access-Control-Request-Headers"),
+    );
+}
+
+/// Routes browsers call from other origins: the ingest API and RudderStack's beacon.
+fn is_ingest_path(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/beacon/")
 }
 
 /// Stamps every response; answers CORS preflights of ingest routes.
@@ -79,18 +124,22 @@ pub async fn stamp_responses(
     request
         .extensions_mut()
         .insert(RequestId(Arc::clone(&request_id)));
-    let is_ingest_route = request.uri().path().starts_with("/v1/");
+    let is_ingest_route = is_ingest_path(request.uri().path());
     let is_preflight = request.method() == Method::OPTIONS && is_ingest_route;
 
     let mut response = if is_preflight {
-        axum::http::StatusCode::NO_CONTENT.into_response()
+        let allowed_headers = requested_headers(request.headers());
+        let mut response = axum::http::StatusCode::NO_CONTENT.into_response();
+        add_cors_headers(&mut response, allowed_headers);
+        response
     } else {
-        next.run(request).await
+        let mut response = next.run(request).await;
+        if is_ingest_route {
+            add_cors_headers(&mut response, None);
+        }
+        response
     };
 
-    if is_ingest_route {
-        add_cors_headers(&mut response);
-    }
     let headers = response.headers_mut();
     if !headers.contains_key(X_REGION)
         && let Ok(value) = HeaderValue::from_str(state.settings.home_region.as_str())
@@ -140,31 +189,71 @@ pub async fn method_not_allowed_fallback() -> ApiError {
     )
 }
 
-/// Caps the requests handled at once (503 + Retry-After beyond; health, readiness and metrics are
-/// exempt so operators can still see the node) and bounds every request's time (408).
+/// The client a request comes from (its TCP peer, or the client a trusted proxy names), put on
+/// each request by [`limit_requests`].
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+/// Caps the requests handled at once, on the node and per client address (HTTP/2 streams are
+/// requests): 503 or 429 + Retry-After beyond; health, readiness and metrics are exempt so
+/// operators can still see the node. A request holds its places until its response body is
+/// finished, so streams (the live feed) count for as long as they last. Bounds every request's
+/// time to its response head (408).
 pub async fn limit_requests(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let is_exempt = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
-    let _slot = if is_exempt {
-        None
-    } else {
-        match Arc::clone(&state.request_slots).try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                return ApiError::unavailable(
-                    "overloaded",
-                    "this node is handling as many requests as it may; retry shortly",
-                    1,
-                )
-                .into_response();
+    if is_exempt {
+        return next.run(request).await;
+    }
+    let client = request
+        .extensions()
+        .get::<crate::edge::PeerAddress>()
+        .map(|peer| {
+            crate::edge::client_address(peer.0, request.headers(), &state.settings.trusted_proxies)
+        });
+    let address_slot = match client {
+        Some(client) => {
+            request.extensions_mut().insert(ClientAddress(client));
+            match state.requests_per_address.try_acquire(client) {
+                Some(slot) => Some(slot),
+                None => {
+                    state.metrics.edge_refused("requests_address");
+                    return ApiError::too_many_requests(
+                        "too_many_concurrent_requests",
+                        "this client has as many requests in flight on this node as one client may; wait for their answers or retry shortly",
+                        1,
+                    )
+                    .into_response();
+                }
             }
+        }
+        None => None,
+    };
+    let node_slot = match Arc::clone(&state.request_slots).try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            state.metrics.edge_refused("requests_node");
+            return ApiError::unavailable(
+                "overloaded",
+                "this node is handling as many requests as it may; retry shortly",
+                1,
+            )
+            .into_response();
         }
     };
     match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
-        Ok(response) => response,
+        Ok(response) => {
+            let held = (node_slot, address_slot);
+            response.map(move |body| {
+                axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                    let _held_until_the_body_ends = &held;
+                    frame
+                }))
+            })
+        }
         Err(_) => ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             "request_timeout",

@@ -5,13 +5,13 @@ use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use flate2::read::MultiGzDecoder;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use meridian_catalog::ResolvedKey;
 use meridian_core::message::{RawMessage, parse_raw_message};
 use meridian_core::timestamp::now_unix_ms;
@@ -22,6 +22,7 @@ use meridian_queue::{QueueError, RecordBatch};
 use serde_json::{Value, json};
 use tracing::warn;
 
+use crate::edge::{BodyCharge, BodyOwner, BudgetRefusal};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::X_REGION;
 use crate::routes::ApiRoutes;
@@ -30,11 +31,18 @@ use crate::state::AppState;
 pub fn routes() -> ApiRoutes {
     let single = |kind: MessageKind| {
         move |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
-            ingest(state, Some(kind), headers, body).await
+            ingest(state, Some(kind), KeySource::Headers, headers, body).await
         }
     };
     let batch = |State(state): State<AppState>, headers: HeaderMap, body: Body| async move {
-        ingest(state, None, headers, body).await
+        ingest(state, None, KeySource::Headers, headers, body).await
+    };
+    let beacon = |State(state): State<AppState>,
+                  RawQuery(query): RawQuery,
+                  headers: HeaderMap,
+                  body: Body| async move {
+        let key = query.as_deref().and_then(write_key_from_query);
+        ingest(state, None, KeySource::Query(key), headers, body).await
     };
     let mut routes = ApiRoutes::new();
     for (path, short_path, kind) in [
@@ -55,6 +63,7 @@ pub fn routes() -> ApiRoutes {
         .add(Method::POST, "/v1/batch", batch)
         .add(Method::POST, "/v1/import", batch)
         .add(Method::POST, "/v1/b", batch)
+        .add(Method::POST, "/beacon/v1/batch", beacon)
         .add(Method::POST, "/v1/m", client_metrics)
         .add(
             Method::GET,
@@ -63,10 +72,53 @@ pub fn routes() -> ApiRoutes {
         )
 }
 
-/// A request body, with its share of the node's body budget (released when dropped).
+/// Where a request's write key may come from before its body is read.
+enum KeySource {
+    /// `Authorization: Basic` or `Bearer` (else `writeKey` in the body).
+    Headers,
+    /// The query string's `writeKey` (beacons cannot set headers); else `writeKey` in the body.
+    Query(Option<String>),
+}
+
+/// `writeKey` of a query string, percent-decoded. Never logged: it is a credential in a URL.
+fn write_key_from_query(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "writeKey")
+        .and_then(|(_, value)| percent_decode(value))
+        .filter(|key| !key.is_empty())
+}
+
+/// `%XX` and `+` of a query value decoded; `None` for malformed escapes or text that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let hex = text.get(index + 1..index + 3)?;
+                decoded.push(u8::from_str_radix(hex, 16).ok()?);
+                index += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+/// A request body, with its charge on the node's body budget (released when dropped).
 struct ReadBody {
     bytes: Bytes,
-    _budget: tokio::sync::OwnedSemaphorePermit,
+    _charge: BodyCharge,
 }
 
 impl std::ops::Deref for ReadBody {
@@ -77,39 +129,36 @@ impl std::ops::Deref for ReadBody {
     }
 }
 
-/// Takes the body's share of the node-wide body budget before a byte is read: its declared
-/// length, or the request limit when the length is unknown or the body is gzip (it may inflate to
-/// the limit). Over budget: 503 + Retry-After at once, so that many large requests together can
-/// never exceed the memory the budget was sized for.
-fn take_body_budget(
-    state: &AppState,
-    declared_length: Option<usize>,
-    is_gzip: bool,
-) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let limit = state.settings.limits.max_request_bytes;
-    let charge = match declared_length {
-        Some(length) if !is_gzip => length,
-        _ => limit,
-    }
-    .clamp(1, u32::MAX as usize) as u32;
-    std::sync::Arc::clone(&state.body_budget)
-        .try_acquire_many_owned(charge)
-        .map_err(|_| {
-            state.metrics.body_budget_refused();
-            ApiError::unavailable(
-                "overloaded",
-                "the node holds as many request bodies as its memory budget allows; retry shortly",
-                1,
-            )
-        })
+fn body_budget_refusal(state: &AppState, refusal: BudgetRefusal, owner: &BodyOwner) -> ApiError {
+    state.metrics.body_budget_refused();
+    let (reason, message) = match (refusal, owner) {
+        (BudgetRefusal::Node, _) => (
+            "body_node",
+            "the node holds as many request bodies as its memory budget allows; retry shortly",
+        ),
+        (BudgetRefusal::Share, BodyOwner::Project(_)) => (
+            "body_project",
+            "this project's requests hold as much of the node's memory as one project may; retry shortly",
+        ),
+        (BudgetRefusal::Share, BodyOwner::Anonymous) => (
+            "body_anonymous",
+            "requests without a key in their headers hold as much of the node's memory as they may; send the write key in the Authorization header, or retry shortly",
+        ),
+    };
+    state.metrics.edge_refused(reason);
+    ApiError::unavailable("overloaded", message, 1)
 }
 
 /// Reads the body within the size limit and time limit, inflating gzip without ever inflating
-/// past the limit, holding its share of the body budget from before the first byte is read.
+/// past the limit, charging it to `owner`'s share of the node's body budget: a body of declared
+/// length before its first byte is read, any other as its bytes arrive (so a slow upload holds
+/// what it sent, never the request limit). Over budget: 503 + Retry-After, so that requests
+/// together never exceed the memory the budget was sized for and no sender can take all of it.
 async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    owner: &BodyOwner,
 ) -> Result<ReadBody, ApiError> {
     let limit = state.settings.limits.max_request_bytes;
     let too_large = || {
@@ -139,68 +188,102 @@ async fn read_body(
             ));
         }
     };
-    let budget = take_body_budget(state, declared_length, is_gzip)?;
-    let collected = tokio::time::timeout(
-        state.settings.body_read_timeout,
-        Limited::new(body, limit).collect(),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "the request body did not arrive in time",
-        )
-    })?;
-    let raw = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(failure) if failure.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(too_large());
+    let mut charge = state.body_budgets.charge_for(owner);
+    if let Some(length) = declared_length {
+        charge
+            .add(length)
+            .map_err(|refusal| body_budget_refusal(state, refusal, owner))?;
+    }
+    let read = async {
+        let mut collected = bytes::BytesMut::with_capacity(declared_length.unwrap_or(0));
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|failure| {
+                ApiError::bad_request(
+                    "unreadable_body",
+                    format!("the request body could not be read: {failure}"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if collected.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            let uncharged = (collected.len() + data.len()).saturating_sub(charge.bytes());
+            charge
+                .add(uncharged)
+                .map_err(|refusal| body_budget_refusal(state, refusal, owner))?;
+            collected.extend_from_slice(&data);
         }
-        Err(failure) => {
-            return Err(ApiError::bad_request(
-                "unreadable_body",
-                format!("the request body could not be read: {failure}"),
-            ));
-        }
+        Ok(collected.freeze())
     };
+    let raw = tokio::time::timeout(state.settings.body_read_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )
+        })??;
     if !is_gzip {
         return Ok(ReadBody {
             bytes: raw,
-            _budget: budget,
+            _charge: charge,
         });
     }
+    // The inflated body is charged as it grows; the compressed bytes stay charged until the end.
     let raw_length = raw.len();
-    let inflate = move || -> std::io::Result<Vec<u8>> {
-        let mut inflated = Vec::with_capacity((raw.len() * 4).min(limit));
-        MultiGzDecoder::new(&raw[..])
-            .take(limit as u64 + 1)
-            .read_to_end(&mut inflated)?;
-        Ok(inflated)
+    let inflate = move |mut charge: BodyCharge| -> Result<(Vec<u8>, BodyCharge), InflateFailure> {
+        let mut inflated = Vec::new();
+        let mut decoder = MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
+        let mut chunk = vec![0u8; INFLATE_CHUNK_BYTES];
+        loop {
+            let read = decoder.read(&mut chunk).map_err(InflateFailure::Gzip)?;
+            if read == 0 {
+                return Ok((inflated, charge));
+            }
+            charge.add(read).map_err(InflateFailure::Budget)?;
+            inflated.extend_from_slice(&chunk[..read]);
+        }
     };
     // Inflating up to the 4 MiB limit takes milliseconds of CPU: small bodies inline, larger
     // ones on a blocking thread so the runtime's threads keep serving.
     let inflated = if raw_length <= INLINE_INFLATE_MAX_BYTES {
-        inflate()
+        inflate(charge)
     } else {
-        tokio::task::spawn_blocking(inflate)
+        tokio::task::spawn_blocking(move || inflate(charge))
             .await
-            .unwrap_or_else(|error| Err(std::io::Error::other(error.to_string())))
-    }
-    .map_err(|error| {
-        ApiError::bad_request(
+            .unwrap_or_else(|error| {
+                Err(InflateFailure::Gzip(std::io::Error::other(
+                    error.to_string(),
+                )))
+            })
+    };
+    let (inflated, charge) = inflated.map_err(|failure| match failure {
+        InflateFailure::Gzip(error) => ApiError::bad_request(
             "invalid_gzip",
             format!("the body is not valid gzip: {error}"),
-        )
+        ),
+        InflateFailure::Budget(refusal) => body_budget_refusal(state, refusal, owner),
     })?;
     if inflated.len() > limit {
         return Err(too_large());
     }
     Ok(ReadBody {
         bytes: Bytes::from(inflated),
-        _budget: budget,
+        _charge: charge,
     })
 }
+
+enum InflateFailure {
+    Gzip(std::io::Error),
+    Budget(BudgetRefusal),
+}
+
+/// Gzip bodies are inflated (and charged) this much at a time.
+const INFLATE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Compressed bodies up to this size are inflated on the request's task; larger ones on a
 /// blocking thread.
@@ -297,15 +380,11 @@ fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey,
     Ok(resolved)
 }
 
-fn enforce_rate_limit(
-    state: &AppState,
+fn rate_limit_error(
+    decision: crate::rate_limit::Decision,
     resolved: &ResolvedKey,
-    messages: u64,
 ) -> Result<(), ApiError> {
-    match state
-        .rate_limiter
-        .check(&resolved.project_id, messages.max(1))
-    {
+    match decision {
         crate::rate_limit::Decision::Allowed => Ok(()),
         crate::rate_limit::Decision::Limited {
             retry_after_secs,
@@ -315,6 +394,31 @@ fn enforce_rate_limit(
                 .in_region(resolved.region.clone()))
         }
     }
+}
+
+/// Authorizes a key and checks, before anything of the body is read, that its project may send.
+fn admit(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
+    let resolved = authorize(state, write_key)?;
+    rate_limit_error(state.rate_limiter.admit(&resolved.project_id), &resolved)?;
+    Ok(resolved)
+}
+
+/// The request's `SentAt` header, when it is a timestamp (RudderStack's SDKs send it).
+fn sent_at_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("sentat")
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|text| meridian_core::timestamp::parse_timestamp_ms(text).is_some())
+}
+
+/// The request's `AnonymousId` header (RudderStack's SDKs send it), when it is plain text.
+fn anonymous_id_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("anonymousid")
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|text| !text.is_empty() && text.len() <= 256)
 }
 
 /// At most this many rejected messages are listed in an answer; the rest are only counted
@@ -405,70 +509,107 @@ impl Rejections {
 async fn ingest(
     state: AppState,
     kind: Option<MessageKind>,
+    key_source: KeySource,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let received_at_ms = now_unix_ms();
-    let body = read_body(&state, &headers, body).await?;
-    let header_key = write_key_from_headers(&headers)?;
+    // Admission before a byte of the body is read: a key the request carries outside its body is
+    // resolved, its region checked and its project's rate consulted; a request without one reads
+    // its body on the small keyless budget.
+    let outside_key = match key_source {
+        KeySource::Headers => write_key_from_headers(&headers)?,
+        KeySource::Query(key) => key,
+    };
+    let admitted = outside_key
+        .map(|key| admit(&state, Some(key)))
+        .transpose()?;
+    let owner = match &admitted {
+        Some(resolved) => BodyOwner::Project(Arc::clone(&resolved.project_id)),
+        None => BodyOwner::Anonymous,
+    };
+    // Errors after admission carry the project's region.
+    let admitted_region = admitted.as_ref().map(|resolved| resolved.region.clone());
+    let in_admitted_region = |failure: ApiError| match &admitted_region {
+        Some(region) => failure.in_region(region.clone()),
+        None => failure,
+    };
+    let body = read_body(&state, &headers, body, &owner)
+        .await
+        .map_err(in_admitted_region)?;
     let limits = state.settings.limits;
+    let header_hints = HeaderHints {
+        sent_at: sent_at_header(&headers),
+        anonymous_id: anonymous_id_header(&headers),
+    };
 
     let (resolved, outcome) = match kind {
         Some(kind) => {
             if body.len() > limits.max_message_bytes {
-                return Err(ApiError::payload_too_large(
+                return Err(in_admitted_region(ApiError::payload_too_large(
                     "message_too_large",
                     format!(
                         "the message is {} bytes; the limit is {} bytes",
                         body.len(),
                         limits.max_message_bytes
                     ),
-                ));
+                )));
             }
-            let message =
-                RawMessage::parse(&body).map_err(|error| json_error_to_api_error(&error, false))?;
-            let body_key = message.non_empty_string("writeKey");
-            let resolved = authorize(&state, header_key.or(body_key))?;
-            enforce_rate_limit(&state, &resolved, 1)?;
+            let message = RawMessage::parse(&body)
+                .map_err(|error| in_admitted_region(json_error_to_api_error(&error, false)))?;
+            let resolved = match admitted {
+                Some(resolved) => resolved,
+                None => admit(&state, message.non_empty_string("writeKey"))?,
+            };
             let outcome = process_messages(
                 &state,
                 &resolved,
                 received_at_ms,
                 MessagesToProcess::Single(kind, message),
                 None,
+                header_hints,
             );
             (resolved, outcome)
         }
         None => {
             let envelope: BatchEnvelope<'_> = serde_json::from_slice(&body)
-                .map_err(|error| json_error_to_api_error(&error, true))?;
+                .map_err(|error| in_admitted_region(json_error_to_api_error(&error, true)))?;
             let far_past_limit = limits
                 .max_batch_messages
                 .saturating_mul(FAR_PAST_BATCH_LIMIT_FACTOR);
             if envelope.batch.total > far_past_limit {
-                return Err(ApiError::payload_too_large(
+                return Err(in_admitted_region(ApiError::payload_too_large(
                     "batch_too_large",
                     format!(
                         "the batch has {} elements; a batch holds at most {} messages: split it into requests of at most that many",
                         envelope.batch.total, limits.max_batch_messages
                     ),
-                ));
+                )));
             }
-            let body_key = write_key_from_value(envelope.write_key.as_ref());
-            let resolved = authorize(&state, header_key.or(body_key))?;
-            enforce_rate_limit(&state, &resolved, envelope.batch.total as u64)?;
+            let resolved = match admitted {
+                Some(resolved) => resolved,
+                None => admit(&state, write_key_from_value(envelope.write_key.as_ref()))?,
+            };
             let outcome = process_messages(
                 &state,
                 &resolved,
                 received_at_ms,
                 MessagesToProcess::Batch,
                 Some(&envelope),
+                header_hints,
             );
             (resolved, outcome)
         }
     };
     let region = resolved.region.clone();
     let mut outcome = outcome.map_err(|failure| failure.in_region(region.clone()))?;
+    // The rate limit charges what was accepted, never what was refused or never read.
+    rate_limit_error(
+        state
+            .rate_limiter
+            .charge(&resolved.project_id, outcome.accepted + outcome.suppressed),
+        &resolved,
+    )?;
     // Rejections are final whatever happens next: the live debugger shows them now.
     if let Some((feed, _)) = &outcome.live {
         for (index, rejection) in &outcome.rejections.listed {
@@ -550,12 +691,20 @@ enum MessagesToProcess<'a> {
     Batch,
 }
 
+/// What a request's headers say about its messages, used where the body does not.
+#[derive(Clone, Copy)]
+struct HeaderHints<'a> {
+    sent_at: Option<&'a str>,
+    anonymous_id: Option<&'a str>,
+}
+
 fn process_messages(
     state: &AppState,
     resolved: &ResolvedKey,
     received_at_ms: i64,
     messages: MessagesToProcess<'_>,
     envelope: Option<&BatchEnvelope<'_>>,
+    header_hints: HeaderHints<'_>,
 ) -> Result<Outcome, ApiError> {
     let queue = state.queues.get(&resolved.region).ok_or_else(|| {
         ApiError::unavailable(
@@ -591,7 +740,7 @@ fn process_messages(
         }
     };
     let batch_sent_at = match envelope.and_then(|envelope| envelope.sent_at.as_ref()) {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => header_hints.sent_at,
         Some(Value::String(text))
             if meridian_core::timestamp::parse_timestamp_ms(text).is_some() =>
         {
@@ -612,6 +761,7 @@ fn process_messages(
         batch_context,
         batch_integrations,
         batch_sent_at,
+        default_anonymous_id: header_hints.anonymous_id,
     };
     let check_suppressions = state.keys.has_suppressions(&resolved.project_id);
     let mut outcome = Outcome {
@@ -781,7 +931,7 @@ async fn client_metrics(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    read_body(&state, &headers, body).await?;
+    read_body(&state, &headers, body, &BodyOwner::Anonymous).await?;
     state.metrics.client_metrics_report();
     Ok(ok_response())
 }

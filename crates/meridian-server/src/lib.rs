@@ -9,6 +9,7 @@ pub mod background;
 pub mod catalog_key;
 pub mod config;
 pub mod console;
+pub mod edge;
 pub mod error;
 pub mod gdpr;
 pub mod headers;
@@ -31,6 +32,7 @@ pub mod secret_file;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod token_revocation;
 pub mod volume;
 
 pub use config::{Config, ConfigError, Settings};

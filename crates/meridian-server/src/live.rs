@@ -240,6 +240,15 @@ async fn live_events(
             5,
         ));
     }
+    // Node-wide cap on open streams; the permit lives as long as the stream.
+    let Ok(stream_permit) = Arc::clone(&state.live_streams).try_acquire_owned() else {
+        state.metrics.edge_refused("live_streams_node");
+        return Err(ApiError::unavailable(
+            "too_many_streams",
+            "this node has as many live streams open as it may; retry shortly",
+            5,
+        ));
+    };
     let Some(subscription) = state.live.subscribe(&project_id) else {
         return Err(ApiError::too_many_requests(
             "too_many_subscribers",
@@ -250,18 +259,78 @@ async fn live_events(
             5,
         ));
     };
-    let stream = futures_util::stream::unfold(subscription, |mut subscription| async move {
-        let event = match subscription.receiver.recv().await {
-            Ok(event) => event,
-            // Too slow: what it missed is counted, never waited for.
-            Err(broadcast::error::RecvError::Lagged(missed)) => LiveEvent::Skipped(missed),
-            Err(broadcast::error::RecvError::Closed) => return None,
+    let authorization = StreamAuthorization {
+        state: state.clone(),
+        claims,
+    };
+    let watch = Watch {
+        subscription,
+        authorization,
+        _stream_permit: stream_permit,
+        recheck: tokio::time::interval_at(
+            tokio::time::Instant::now() + AUTHORIZATION_RECHECK,
+            AUTHORIZATION_RECHECK,
+        ),
+    };
+    let stream = futures_util::stream::unfold(watch, |mut watch| async move {
+        let expires = tokio::time::sleep_until(watch.authorization.expiry());
+        tokio::pin!(expires);
+        let event = loop {
+            tokio::select! {
+                received = watch.subscription.receiver.recv() => match received {
+                    Ok(event) => break event,
+                    // Too slow: what it missed is counted, never waited for.
+                    Err(broadcast::error::RecvError::Lagged(missed)) => break LiveEvent::Skipped(missed),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                // Authorization ends when the token does: the stream closes at its expiry.
+                _ = &mut expires => return None,
+                // ... or when the token is revoked.
+                _ = watch.recheck.tick() => {
+                    if !watch.authorization.still_holds() {
+                        return None;
+                    }
+                }
+            }
         };
-        Some((Ok::<Event, Infallible>(sse_event(event)), subscription))
+        Some((Ok::<Event, Infallible>(sse_event(event)), watch))
     });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// How often an open stream checks that its token still holds (revocations, role changes).
+const AUTHORIZATION_RECHECK: Duration = Duration::from_secs(5);
+
+/// What an open stream holds: its place in the feed, its place among the node's streams, and the
+/// authorization it must keep.
+struct Watch {
+    subscription: Subscription,
+    authorization: StreamAuthorization,
+    _stream_permit: tokio::sync::OwnedSemaphorePermit,
+    recheck: tokio::time::Interval,
+}
+
+/// The token a stream was opened with.
+struct StreamAuthorization {
+    state: AppState,
+    claims: crate::auth::Claims,
+}
+
+impl StreamAuthorization {
+    /// When the token expires (its `exp`; the leeway is not extended to open streams).
+    fn expiry(&self) -> tokio::time::Instant {
+        let now_secs = (meridian_core::timestamp::now_unix_ms() / 1000).max(0) as u64;
+        let remaining = self.claims.exp.saturating_sub(now_secs);
+        tokio::time::Instant::now() + Duration::from_secs(remaining)
+    }
+
+    /// Whether the token is still valid: not expired, not revoked.
+    fn still_holds(&self) -> bool {
+        let now_secs = (meridian_core::timestamp::now_unix_ms() / 1000).max(0) as u64;
+        self.claims.exp > now_secs && !self.state.jwt.is_revoked(&self.claims, &self.state.keys)
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,23 @@ struct JobLabels {
     job: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why the edge refuses connections and requests (`meridian_edge_refusals_total{reason}`).
+pub const EDGE_REFUSAL_REASONS: [&str; 8] = [
+    "connections_node",
+    "connections_address",
+    "requests_node",
+    "requests_address",
+    "body_node",
+    "body_project",
+    "body_anonymous",
+    "live_streams_node",
+];
+
 fn request_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
@@ -58,6 +75,7 @@ pub struct Metrics {
     queue_full: Family<RegionLabels, Counter>,
     client_metrics: Counter,
     body_budget_refusals: Counter,
+    edge_refusals: Family<ReasonLabels, Counter>,
     retention_runs: Family<RegionOutcomeLabels, Counter>,
     background_restarts: Family<JobLabels, Counter>,
     retention_archive_objects: Family<RegionLabels, Counter>,
@@ -124,6 +142,15 @@ impl Metrics {
             "Requests answered 503 because the node's request body budget was in use",
             body_budget_refusals.clone(),
         );
+        let edge_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "edge_refusals",
+            "Connections and requests the edge refused, by the limit they met (node-wide, per client address, per project, keyless)",
+            edge_refusals.clone(),
+        );
+        for reason in EDGE_REFUSAL_REASONS {
+            let _ = edge_refusals.get_or_create(&ReasonLabels { reason });
+        }
         let retention_runs = Family::<RegionOutcomeLabels, Counter>::default();
         registry.register(
             "retention_runs",
@@ -151,6 +178,7 @@ impl Metrics {
         Metrics {
             background_restarts,
             body_budget_refusals,
+            edge_refusals,
             retention_runs,
             retention_archive_objects,
             retention_warehouse_rows,
@@ -252,6 +280,14 @@ impl Metrics {
 
     pub fn body_budget_refused(&self) {
         self.body_budget_refusals.inc();
+    }
+
+    /// The edge refused a connection or request for `reason` (one of [`EDGE_REFUSAL_REASONS`]).
+    pub fn edge_refused(&self, reason: &'static str) {
+        debug_assert!(EDGE_REFUSAL_REASONS.contains(&reason), "{reason}");
+        self.edge_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn messages_suppressed(&self, region: &str, count: u64) {

@@ -145,6 +145,18 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
         ),
         (
             Method::POST,
+            "/beacon/v1/batch",
+            Operation {
+                summary: "Record a batch sent as a beacon (RudderStack's sendBeacon mode): the write key in the `writeKey` query parameter, a text/plain JSON body",
+                tag: "ingest",
+                security: Security::Open,
+                request: Some("Batch"),
+                success: (200, Some("IngestAccepted")),
+                errors: INGEST_ERRORS,
+            },
+        ),
+        (
+            Method::POST,
             "/v1/m",
             Operation {
                 summary: "analytics.js client metrics (counted, never stored)",
@@ -174,6 +186,33 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
                 "List the configured regions",
                 None,
                 (200, Some("RegionList")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/node/status",
+            admin(
+                "This node's state in detail: queues, each sink's position, restarts and last error (platform token)",
+                None,
+                (200, Some("NodeStatus")),
+            ),
+        ),
+        (
+            Method::POST,
+            "/admin/token-revocations",
+            admin(
+                "Revoke admin tokens: one by its jti, or every token issued before a time, of a user, an org (owner of the org) or everyone (platform)",
+                Some("TokenRevocationRequest"),
+                (201, Some("TokenRevocation")),
+            ),
+        ),
+        (
+            Method::GET,
+            "/admin/token-revocations",
+            admin(
+                "The token revocations of an org (owner; ?org_id=) or of every org (platform)",
+                None,
+                (200, Some("TokenRevocationList")),
             ),
         ),
         (
@@ -542,6 +581,7 @@ fn reference(name: &str) -> Value {
 
 fn schemas() -> Value {
     let string = json!({"type": "string"});
+    let nullable_string = json!({"type": ["string", "null"]});
     let retention_setting = json!({"oneOf": [
         {"type": "integer", "minimum": 1, "maximum": meridian_catalog::MAX_RETENTION_DAYS},
         {"type": "null", "description": "kept for good"},
@@ -677,8 +717,17 @@ fn schemas() -> Value {
             "region": string, "scanned_at": string, "clean": {"type": "boolean"},
             "stores": {"type": "array", "items": string}, "projects": {"type": "object"},
             "findings": {"type": "array", "items": {"type": "object"}}}},
+        "TokenRevocationRequest": {"type": "object", "properties": {
+            "org_id": string, "sub": string, "jti": string,
+            "issued_before": {"type": "string", "description": "\"now\" or an RFC 3339 time"}}},
+        "TokenRevocation": {"type": "object", "required": ["revocation_id", "created_at", "created_by"], "properties": {
+            "revocation_id": string, "org_id": nullable_string, "sub": nullable_string, "jti": nullable_string,
+            "issued_before": nullable_string, "created_at": string, "created_by": string}},
+        "TokenRevocationList": {"type": "object", "required": ["revocations"], "properties": {
+            "revocations": {"type": "array", "items": reference("TokenRevocation")}}},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": string}},
-        "Readiness": {"type": "object", "required": ["ready", "regions"], "properties": {"ready": {"type": "boolean"}, "regions": {"type": "object"}}},
+        "Readiness": {"type": "object", "required": ["ready", "failing", "regions"], "properties": {"ready": {"type": "boolean"}, "failing": {"type": "array", "items": string}, "regions": {"type": "object"}}},
+        "NodeStatus": {"type": "object", "required": ["ready", "failing", "node_id", "regions"], "properties": {"ready": {"type": "boolean"}, "failing": {"type": "array", "items": string}, "node_id": string, "catalog_version": {"type": "integer"}, "regions": {"type": "object"}}},
     })
 }
 

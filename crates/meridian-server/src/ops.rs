@@ -16,6 +16,7 @@ pub fn routes() -> ApiRoutes {
     ApiRoutes::new()
         .add(Method::GET, "/healthz", healthz)
         .add(Method::GET, "/readyz", readyz)
+        .add(Method::GET, "/admin/node/status", node_status)
         .add(Method::GET, "/metrics", metrics)
 }
 
@@ -50,40 +51,82 @@ fn sink_problem(sink: &SinkHandle) -> Option<String> {
 }
 
 /// Ready when the catalog snapshot is loaded, every served region's queue is writable and every
-/// sink's runner is running and healthy.
+/// sink's runner is running and healthy. For anyone (load balancers): ready or not, and which part
+/// fails — never an error text, a host or a bucket; those are in [`node_status`] (platform token)
+/// and in `/metrics`.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let mut ready = state.keys.version() >= 0;
+    let readiness = Readiness::of(&state);
+    let regions: serde_json::Map<String, serde_json::Value> = readiness
+        .regions
+        .iter()
+        .map(|region| {
+            let sinks: Vec<_> = region
+                .sinks
+                .iter()
+                .map(|sink| {
+                    json!({
+                        "sink": sink.handle.sink,
+                        "partition": sink.handle.partition,
+                        "running": sink.running,
+                        "healthy": sink.problem.is_none(),
+                    })
+                })
+                .collect();
+            (
+                region.region.to_string(),
+                json!({"queue_writable": region.queue_writable, "sinks": sinks}),
+            )
+        })
+        .collect();
+    let body = json!({
+        "ready": readiness.is_ready(),
+        "failing": readiness.failing_parts(),
+        "degraded": readiness.degraded_parts(),
+        "regions": regions,
+    });
+    readiness.respond(body)
+}
+
+/// The node's state in detail, for operators (platform token): queue figures, each sink's
+/// position, restarts, last error (URLs redacted) and why it is unhealthy.
+async fn node_status(
+    State(state): State<AppState>,
+    crate::auth::AdminAuth(claims): crate::auth::AdminAuth,
+) -> Result<Response, crate::error::ApiError> {
+    if claims.role != crate::auth::Role::Platform {
+        return Err(crate::error::ApiError::forbidden(
+            "the node's status needs a platform token (role: platform)",
+        ));
+    }
+    let readiness = Readiness::of(&state);
     let mut regions = serde_json::Map::new();
-    for (region, queue) in state.queues.iter() {
+    for region in &readiness.regions {
+        let Some(queue) = state.queues.get(&region.region) else {
+            continue;
+        };
         let stats = queue.stats();
-        let writable = queue.is_writable();
-        ready &= writable;
-        let mut sinks_healthy = true;
-        let sinks: Vec<_> = state
+        let sinks: Vec<_> = region
             .sinks
             .iter()
-            .filter(|sink| &sink.region == region)
             .map(|sink| {
-                let problem = sink_problem(sink);
-                sinks_healthy &= problem.is_none();
+                let status = &sink.handle.status;
                 json!({
-                    "sink": sink.sink,
-                    "partition": sink.partition,
-                    "standby": sink.status.standby.load(Ordering::Relaxed),
-                    "running": sink.status.runner_failure().is_none(),
-                    "restarts": sink.status.restarts.load(Ordering::Relaxed),
-                    "position": sink.status.position.load(Ordering::Relaxed),
-                    "last_error": sink.status.last_error(),
-                    "problem": problem,
+                    "sink": sink.handle.sink,
+                    "partition": sink.handle.partition,
+                    "standby": status.standby.load(Ordering::Relaxed),
+                    "running": sink.running,
+                    "restarts": status.restarts.load(Ordering::Relaxed),
+                    "position": status.position.load(Ordering::Relaxed),
+                    "last_error": status.last_error().map(|error| meridian_core::redact_url(&error)),
+                    "problem": sink.problem.as_deref().map(meridian_core::redact_url),
                 })
             })
             .collect();
-        ready &= sinks_healthy;
         regions.insert(
-            region.to_string(),
+            region.region.to_string(),
             json!({
                 "queue_backend": queue.kind(),
-                "queue_writable": writable,
+                "queue_writable": region.queue_writable,
                 "queue_incarnation": stats.incarnation,
                 "queue_bytes": stats.disk_bytes,
                 "disk_budget_bytes": stats.disk_budget_bytes,
@@ -94,24 +137,144 @@ async fn readyz(State(state): State<AppState>) -> Response {
             }),
         );
     }
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     let body = json!({
-        "ready": ready,
+        "ready": readiness.is_ready(),
+        "failing": readiness.failing_parts(),
+        "degraded": readiness.degraded_parts(),
         "node_id": state.node_id,
         "catalog_version": state.keys.version(),
         "regions": regions,
     });
-    let mut response = (status, axum::Json(body)).into_response();
-    if !ready {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// What readiness is made of, read once per request.
+struct Readiness<'a> {
+    catalog_loaded: bool,
+    regions: Vec<RegionReadiness<'a>>,
+}
+
+struct RegionReadiness<'a> {
+    region: meridian_core::RegionId,
+    queue_writable: bool,
+    sinks: Vec<SinkReadiness<'a>>,
+}
+
+struct SinkReadiness<'a> {
+    handle: &'a SinkHandle,
+    running: bool,
+    problem: Option<String>,
+}
+
+impl<'a> Readiness<'a> {
+    fn of(state: &'a AppState) -> Readiness<'a> {
+        let regions = state
+            .queues
+            .iter()
+            .map(|(region, queue)| RegionReadiness {
+                region: region.clone(),
+                queue_writable: queue.is_writable(),
+                sinks: state
+                    .sinks
+                    .iter()
+                    .filter(|sink| &sink.region == region)
+                    .map(|handle| SinkReadiness {
+                        handle,
+                        running: handle.status.runner_failure().is_none(),
+                        problem: sink_problem(handle),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Readiness {
+            catalog_loaded: state.keys.version() >= 0,
+            regions,
+        }
     }
-    response
+
+    fn is_ready(&self) -> bool {
+        self.catalog_loaded
+            && self.regions.iter().all(|region| {
+                region.queue_writable && region.sinks.iter().all(|sink| sink.problem.is_none())
+            })
+    }
+
+    /// The failing parts, named by region and sink only.
+    fn failing_parts(&self) -> Vec<String> {
+        let mut failing = Vec::new();
+        if !self.catalog_loaded {
+            failing.push("catalog: not loaded".to_string());
+        }
+        for region in &self.regions {
+            if !region.queue_writable {
+                failing.push(format!("{} queue: not writable", region.region));
+            }
+            for sink in &region.sinks {
+                let partition = sink
+                    .handle
+                    .partition
+                    .as_deref()
+                    .map(|partition| format!(" {partition}"))
+                    .unwrap_or_default();
+                let state = if !sink.running {
+                    "not running (restarting)"
+                } else if sink.problem.is_some() {
+                    "unhealthy"
+                } else {
+                    continue;
+                };
+                failing.push(format!(
+                    "{} {} sink{partition}: {state}",
+                    region.region, sink.handle.sink
+                ));
+            }
+        }
+        failing
+    }
+
+    /// Parts that fail without keeping the node from taking traffic: sinks whose deliveries keep
+    /// failing (their data stays queued), named by region and sink only.
+    fn degraded_parts(&self) -> Vec<String> {
+        let mut degraded = Vec::new();
+        for region in &self.regions {
+            for sink in &region.sinks {
+                let failures = sink
+                    .handle
+                    .status
+                    .consecutive_failures
+                    .load(Ordering::Relaxed);
+                if sink.running && failures > 0 {
+                    let partition = sink
+                        .handle
+                        .partition
+                        .as_deref()
+                        .map(|partition| format!(" {partition}"))
+                        .unwrap_or_default();
+                    degraded.push(format!(
+                        "{} {} sink{partition}: delivery failing ({failures} attempts in a row; the data stays queued)",
+                        region.region, sink.handle.sink
+                    ));
+                }
+            }
+        }
+        degraded
+    }
+
+    fn respond(&self, body: serde_json::Value) -> Response {
+        let ready = self.is_ready();
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if !ready {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        response
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -203,7 +366,47 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "body_budget_available_bytes",
         &[],
-        state.body_budget.available_permits() as f64,
+        state.body_budgets.node_available() as f64,
+    );
+    writer.declare(
+        "anonymous_body_budget_available_bytes",
+        "gauge",
+        "Bytes of the keyless requests' share of the body budget not held now",
+    );
+    writer.sample(
+        "anonymous_body_budget_available_bytes",
+        &[],
+        state.body_budgets.anonymous_available() as f64,
+    );
+    writer.declare(
+        "open_connections",
+        "gauge",
+        "Connections open on the node, over every listener",
+    );
+    writer.sample(
+        "open_connections",
+        &[],
+        state.connections.open_connections() as f64,
+    );
+    writer.declare(
+        "connected_addresses",
+        "gauge",
+        "Client addresses (IPv6: /64 prefixes) holding a connection now",
+    );
+    writer.sample(
+        "connected_addresses",
+        &[],
+        state.connections.connected_addresses() as f64,
+    );
+    writer.declare(
+        "live_streams",
+        "gauge",
+        "Live event streams open on the node",
+    );
+    writer.sample(
+        "live_streams",
+        &[],
+        (state.settings.max_live_streams - state.live_streams.available_permits()) as f64,
     );
     writer.declare(
         "queue_abandoned_appends_total",

@@ -55,6 +55,7 @@ pub fn api_routes() -> crate::routes::ApiRoutes {
         .merge(crate::console::routes())
         .merge(crate::volume::routes())
         .merge(crate::ops::routes())
+        .merge(crate::token_revocation::routes())
 }
 
 pub fn router(state: AppState) -> Router {
@@ -156,6 +157,16 @@ impl RunningNode {
             path: settings.data_dir.display().to_string(),
             message: error.to_string(),
         })?;
+        // Only the service's user may enter the data directory (files an earlier version made
+        // readable to others included).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&settings.data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|error| ServerError::DataDir {
+                    path: settings.data_dir.display().to_string(),
+                    message: format!("cannot make it private (0700): {error}"),
+                })?;
+        }
         let (jwt_secret, generated) = load_or_create_secret(
             settings.jwt_secret.as_ref().map(Secret::expose),
             &settings.data_dir,
@@ -260,16 +271,17 @@ impl RunningNode {
             }
             None => None,
         };
-        let leeway = settings.jwt_leeway_secs;
+        let token_rules = settings.token_rules();
         let settings = Arc::new(settings);
+        let metrics = Arc::new(Metrics::new());
         let state = AppState::new(AppStateInner {
             settings: Arc::clone(&settings),
             catalog,
             stores,
             keys,
             queues: Arc::new(queues),
-            metrics: Arc::new(Metrics::new()),
-            jwt: Arc::new(JwtAuthority::new(&jwt_secret, leeway)),
+            metrics: Arc::clone(&metrics),
+            jwt: Arc::new(JwtAuthority::new(&jwt_secret, token_rules)),
             sinks: Arc::new(sink_handles),
             customer_stores,
             region_services: Arc::new(region_services),
@@ -289,11 +301,20 @@ impl RunningNode {
             request_slots: Arc::new(tokio::sync::Semaphore::new(
                 settings.max_concurrent_requests,
             )),
-            body_budget: Arc::new(tokio::sync::Semaphore::new(
-                settings
-                    .request_body_budget_bytes
-                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            requests_per_address: crate::edge::AddressCounters::new(
+                settings.max_requests_per_address,
+            ),
+            body_budgets: Arc::new(crate::edge::BodyBudgets::new(
+                settings.request_body_budget_bytes,
+                settings.anonymous_body_budget_bytes,
+                settings.project_body_budget_bytes,
             )),
+            connections: crate::listener::ConnectionGate::new(
+                &settings.connection_limits,
+                settings.home_region.as_str(),
+                metrics,
+            ),
+            live_streams: Arc::new(tokio::sync::Semaphore::new(settings.max_live_streams)),
         });
         for region in state.queues.keys() {
             state.metrics.initialize_region(region.as_str());
@@ -374,6 +395,7 @@ impl RunningNode {
                 app.clone(),
                 None,
                 limits.clone(),
+                Arc::clone(&state.connections),
                 listening.clone(),
                 settings.shutdown_timeout,
             )));
@@ -384,6 +406,7 @@ impl RunningNode {
                 app,
                 Some(acceptor),
                 limits,
+                Arc::clone(&state.connections),
                 listening,
                 settings.shutdown_timeout,
             )));

@@ -106,8 +106,14 @@ pub struct AppStateInner {
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Requests handled at once; beyond, 503.
     pub request_slots: Arc<tokio::sync::Semaphore>,
-    /// Bytes of request bodies in memory at once (one permit a byte); beyond, 503.
-    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per client address; beyond, 429.
+    pub requests_per_address: Arc<crate::edge::AddressCounters>,
+    /// Bytes of request bodies in memory at once, and each sender's share; beyond, 503.
+    pub body_budgets: Arc<crate::edge::BodyBudgets>,
+    /// Connections open, node-wide and per client address (the listeners' gate).
+    pub connections: Arc<crate::listener::ConnectionGate>,
+    /// Live event streams open at once; beyond, 503.
+    pub live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a served region's data lives in, built from that region's settings only.

@@ -24,7 +24,13 @@ pub fn enrich_message_reference(
     message.remove("writeKey");
 
     let user_id = normalize_identifier(&mut message, "userId")?;
-    let anonymous_id = normalize_identifier(&mut message, "anonymousId")?;
+    let mut anonymous_id = normalize_identifier(&mut message, "anonymousId")?;
+    if anonymous_id.is_none()
+        && let Some(default) = context.default_anonymous_id.filter(|text| !text.is_empty())
+    {
+        message.insert("anonymousId".into(), Value::String(default.to_string()));
+        anonymous_id = Some(default.to_string());
+    }
     match kind {
         MessageKind::Alias => {
             if user_id.is_none() {
