@@ -414,18 +414,16 @@ async fn a_full_dead_letter_file_keeps_the_batch_queued_until_there_is_room() {
         json!({"type": "track", "userId": "u", "event": "__poison__", "messageId": "poison"}),
     );
     assert_eq!(post_batch(&server, &key, batch).await, 200);
-    let readyz_url = server.url("/readyz");
-    let refused = wait_until(Duration::from_secs(60), || {
-        let url = readyz_url.clone();
-        async move {
-            let Ok(response) = reqwest::get(&url).await else {
-                return false;
-            };
-            response
-                .text()
+    let refused = wait_until(Duration::from_secs(60), || async {
+        let ready = reqwest::get(server.url("/readyz"))
+            .await
+            .is_ok_and(|response| response.status() == 503);
+        ready
+            && server
+                .node_status()
                 .await
-                .is_ok_and(|text| text.contains("dead-letter file is full"))
-        }
+                .to_string()
+                .contains("dead-letter file is full")
     })
     .await;
     assert!(refused, "the sink reports the full dead-letter file");

@@ -396,15 +396,7 @@ async fn suppression_drops_new_messages_within_a_second_and_lifting_it_restores_
         vec!["dave-1"],
         "the suppressed user's message never reached the queue"
     );
-    let stats: Value = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = server.node_status().await;
     assert_eq!(stats["regions"]["eu-west-1"]["pending_records"], 0);
     assert_eq!(
         server

@@ -538,7 +538,11 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
     server.spawn().await;
 
     let failing_seen = wait_until(Duration::from_secs(10), || async {
-        let (status, body) = readiness(&server).await;
+        let (status, ready_body) = readiness(&server).await;
+        let names_the_runner = ready_body["failing"]
+            .to_string()
+            .contains("eu-west-1 archive sink");
+        let body = server.node_status().await;
         let sinks = &body["regions"]["eu-west-1"]["sinks"];
         let archive_down = sinks.as_array().is_some_and(|sinks| {
             sinks.iter().any(|sink| {
@@ -549,7 +553,7 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
                     })
             })
         });
-        status == 503 && archive_down
+        status == 503 && names_the_runner && archive_down
     })
     .await;
     assert!(
@@ -667,10 +671,13 @@ async fn configured_secrets_never_appear_in_logs_errors_or_check_config() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    // /readyz shows each sink's last error.
+    // The node's status shows each sink's last error; /readyz only names the failing parts.
     let (_, readiness) = readiness(&server).await;
-    assert!(readiness.to_string().contains("last_error"));
+    assert!(!readiness.to_string().contains("last_error"));
     assert_no_secret("/readyz", &readiness.to_string());
+    let status = server.node_status().await;
+    assert!(status.to_string().contains("last_error"));
+    assert_no_secret("/admin/node/status", &status.to_string());
     server.kill_hard();
     assert_no_secret("the node's log", &server.log());
 

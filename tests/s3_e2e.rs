@@ -251,8 +251,10 @@ async fn a_bucket_in_another_region_is_refused_and_its_data_stays_queued() {
             .unwrap();
         let status = response.status();
         let body: Value = response.json().await.unwrap();
+        let detail = server.node_status().await;
         status == 503
-            && body["regions"]["us-east-1"]["sinks"][0]["problem"]
+            && body["failing"].to_string().contains("us-east-1 archive")
+            && detail["regions"]["us-east-1"]["sinks"][0]["problem"]
                 .as_str()
                 .is_some_and(|problem| problem.contains("eu-west-1"))
     })

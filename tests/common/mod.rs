@@ -387,6 +387,17 @@ impl TestServer {
         archived_messages_in(&self.data_dir.join("archive").join(region))
     }
 
+    /// The node's detailed status (`GET /admin/node/status`, a platform token): queue figures,
+    /// each sink's position, last error and problem.
+    pub async fn node_status(&self) -> Value {
+        let token = self.issue_token("platform", None);
+        let (status, body) = self
+            .admin(reqwest::Method::GET, "/admin/node/status", &token, None)
+            .await;
+        assert_eq!(status, 200, "node status: {body}");
+        body
+    }
+
     /// The `/metrics` text now.
     pub async fn metrics_text(&self) -> String {
         self.client

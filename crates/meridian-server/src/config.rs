@@ -1285,12 +1285,10 @@ impl Config {
                 self.server.project_body_budget_bytes,
             ),
         ] {
-            if value < self.limits.max_request_bytes
-                || value > self.server.request_body_budget_bytes
-            {
+            if value < self.limits.max_request_bytes {
                 problems.push(format!(
-                    "{key} ({value}) must hold at least one request of limits.max_request_bytes ({}) and at most server.request_body_budget_bytes ({})",
-                    self.limits.max_request_bytes, self.server.request_body_budget_bytes
+                    "{key} ({value}) must hold at least one request of limits.max_request_bytes ({})",
+                    self.limits.max_request_bytes
                 ));
             }
         }
@@ -1335,8 +1333,15 @@ impl Config {
             },
             max_requests_per_address: self.server.max_requests_per_address,
             trusted_proxies,
-            anonymous_body_budget_bytes: self.server.anonymous_body_budget_bytes,
-            project_body_budget_bytes: self.server.project_body_budget_bytes,
+            // A share is at most the whole budget.
+            anonymous_body_budget_bytes: self
+                .server
+                .anonymous_body_budget_bytes
+                .min(self.server.request_body_budget_bytes),
+            project_body_budget_bytes: self
+                .server
+                .project_body_budget_bytes
+                .min(self.server.request_body_budget_bytes),
             max_concurrent_requests: self.server.max_concurrent_requests,
             request_body_budget_bytes: self.server.request_body_budget_bytes,
             public_url: self
