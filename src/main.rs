@@ -70,6 +70,33 @@ enum Command {
         #[command(subcommand)]
         command: ConsoleCommand,
     },
+    /// Projects, written to the catalog directly (the admin API does the same over HTTP).
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Create a project pinned to a region forever, with its first write key. Prints the project
+    /// as JSON (the write key is shown once), or only the key with --key-only. A running node
+    /// picks it up within catalog.refresh_interval_ms.
+    Create {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The org the project belongs to (it must exist).
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+        /// The region the project's data stays in (default: default_region).
+        #[arg(long)]
+        region: Option<String>,
+        /// Print only the write key.
+        #[arg(long)]
+        key_only: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -513,6 +540,63 @@ async fn anchor_audit(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn create_project(
+    config: Option<PathBuf>,
+    org: String,
+    name: String,
+    region: Option<String>,
+    key_only: bool,
+) -> anyhow::Result<()> {
+    let settings = load_settings(config.as_deref())?;
+    let region = match region {
+        Some(text) => meridian_core::RegionId::parse(&text)?,
+        None => settings.default_region.clone(),
+    };
+    let Some(region_settings) = settings.regions.get(&region) else {
+        bail!(
+            "region `{region}` is not configured; configured: {}",
+            settings
+                .regions
+                .keys()
+                .map(meridian_core::RegionId::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    if !region_settings.available {
+        bail!("region `{region}` is unavailable for new projects");
+    }
+    let catalog = connect_catalog(&settings).await?;
+    let actor = meridian_catalog::Actor {
+        subject: "cli".to_string(),
+        request_id: format!("cli-{}", std::process::id()),
+    };
+    let created = catalog
+        .create_project(
+            &org,
+            meridian_catalog::NewProject {
+                name,
+                region: region.clone(),
+            },
+            &actor,
+        )
+        .await;
+    catalog.close().await;
+    let (project, write_key) = created?;
+    if key_only {
+        println!("{write_key}");
+    } else {
+        println!(
+            "{}",
+            serde_json::json!({
+                "project_id": project.project_id, "org_id": project.org_id, "name": project.name,
+                "region": project.region, "write_key": write_key,
+            })
+        );
+    }
+    Ok(())
+}
+
 /// Opens the catalog for a command: the key must exist already (tools never create one).
 async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog::Catalog> {
     let key_file = meridian_server::catalog_key::key_file(&settings.data_dir);
@@ -694,6 +778,18 @@ fn main() -> ExitCode {
             } => console_login(config, org, role, ttl, sub)
                 .await
                 .map(|()| true),
+            Command::Project {
+                command:
+                    ProjectCommand::Create {
+                        config,
+                        org,
+                        name,
+                        region,
+                        key_only,
+                    },
+            } => create_project(config, org, name, region, key_only)
+                .await
+                .map(|()| true),
         }
     });
     match outcome {
@@ -709,6 +805,22 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_line_keeps_its_control_characters_inside() {
+        assert_eq!(
+            escape_line(b"WARN role=arn:x\nERROR forged\r\x07 end\n", false),
+            b"WARN role=arn:x\\nERROR forged\\r\\x07 end\n".to_vec()
+        );
+        assert_eq!(
+            escape_line(b"\x1b[31mred\n", false),
+            b"\\x1b[31mred\n".to_vec()
+        );
+        assert_eq!(
+            escape_line(b"\x1b[31mred\ttab\n", true),
+            b"\x1b[31mred\ttab\n".to_vec()
+        );
+    }
 
     #[test]
     fn ttls_parse_with_units() {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
@@ -607,4 +607,163 @@ async fn bad_envelope_fields_never_cost_the_messages_of_a_batch() {
             .iter()
             .any(|message| message["messageId"] == "env-1")
     );
+}
+
+#[tokio::test]
+async fn a_preflight_allows_the_headers_a_browser_sdk_asks_for() {
+    let server = TestServer::start(&test_config(""), &[]).await;
+    let preflight = |requested: &'static str| {
+        let server = &server;
+        async move {
+            let response = server
+                .client
+                .request(reqwest::Method::OPTIONS, server.url("/v1/track"))
+                .header("Origin", "https://shop.example.com")
+                .header("Access-Control-Request-Method", "POST")
+                .header("Access-Control-Request-Headers", requested)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 204);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|value| value.to_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            (
+                header("access-control-allow-headers").to_ascii_lowercase(),
+                header("vary"),
+                header("access-control-expose-headers"),
+            )
+        }
+    };
+    // What RudderStack's JavaScript SDK v3 asks for on a retry.
+    let (allowed, vary, exposed) = preflight(
+        "anonymousid,authorization,content-type,rsa-retry-attempt,rsa-retry-reason,rsa-since-first-attempt,rsa-since-last-attempt,sentat",
+    )
+    .await;
+    for name in [
+        "anonymousid",
+        "authorization",
+        "rsa-retry-attempt",
+        "rsa-since-last-attempt",
+        "sentat",
+    ] {
+        assert!(allowed.contains(name), "{name} in {allowed}");
+    }
+    assert!(vary.contains("Access-Control-Request-Headers"), "{vary}");
+    assert!(exposed.contains("Retry-After") && exposed.contains("X-Region"));
+    // A list with an invalid name is not reflected: the SDKs' known headers are allowed instead.
+    let (allowed, _, _) = preflight("content-type, bad header(x)").await;
+    assert!(!allowed.contains("bad header"), "{allowed}");
+    assert!(allowed.contains("rsa-recovered") && allowed.contains("x-retry-count"));
+}
+
+#[tokio::test]
+async fn beacons_carry_the_key_in_the_query_and_are_stored_like_batches() {
+    let server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("beacons").await;
+    let (_, key) = server.create_project("beacons", "us-east-1").await;
+    // What navigator.sendBeacon sends: text/plain, no Authorization header.
+    let beacon = |key: &str, body: Value| {
+        let url = server.url(&format!("/beacon/v1/batch?writeKey={key}"));
+        let client = server.client.clone();
+        async move {
+            let response = client
+                .post(url)
+                .header("Content-Type", "text/plain;charset=UTF-8")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let region = response
+                .headers()
+                .get("x-region")
+                .map(|value| value.to_str().unwrap().to_string());
+            (response.status().as_u16(), region)
+        }
+    };
+    let batch = json!({"batch": [
+        {"type": "track", "anonymousId": "a1", "event": "Beaconed", "messageId": "beacon-1"},
+        {"type": "page", "anonymousId": "a1", "name": "Home", "messageId": "beacon-2"},
+    ], "sentAt": "2026-12-07T10:00:00.000Z"});
+    assert_eq!(
+        beacon(&key, batch.clone()).await,
+        (200, Some("us-east-1".to_string()))
+    );
+    assert_eq!(beacon("wk_not_a_key", batch.clone()).await.0, 401);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    let archived = count_by_message_id(&server.archived_messages("us-east-1"));
+    assert_eq!(archived.get("beacon-1"), Some(&1));
+    assert_eq!(archived.get("beacon-2"), Some(&1));
+    assert!(
+        !server.log().contains(&key),
+        "a key in a URL never reaches the log"
+    );
+}
+
+#[tokio::test]
+async fn the_anonymous_id_and_sent_at_headers_fill_what_the_body_lacks() {
+    let server = TestServer::start(&test_config(""), &[]).await;
+    server.create_org("headers").await;
+    let (_, key) = server.create_project("headers", "eu-west-1").await;
+    let send = |body: Value, anonymous_id: &'static str| {
+        let request = server
+            .client
+            .post(server.url("/v1/track"))
+            .header("Authorization", basic_auth(&key))
+            .header("AnonymousId", anonymous_id)
+            .header("SentAt", "2026-12-07T10:00:10.000Z")
+            .header("X-Some-Unknown-Header", "ignored")
+            .json(&body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // No anonymousId or userId in the body: the header supplies the anonymousId.
+    assert_eq!(
+        send(
+            json!({"event": "Header Only", "messageId": "hdr-1", "timestamp": "2026-12-07T10:00:00.000Z"}),
+            "anon-from-header"
+        )
+        .await,
+        200
+    );
+    // The body's own anonymousId wins.
+    assert_eq!(
+        send(
+            json!({"event": "Body Wins", "anonymousId": "anon-from-body", "messageId": "hdr-2"}),
+            "anon-from-header"
+        )
+        .await,
+        200
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(30))
+            .await
+    );
+    let archived: BTreeMap<String, Value> = server
+        .archived_messages("eu-west-1")
+        .into_iter()
+        .map(|message| (message["messageId"].as_str().unwrap().to_string(), message))
+        .collect();
+    let header_only = &archived["hdr-1"];
+    assert_eq!(header_only["anonymousId"], "anon-from-header");
+    // The SentAt header corrects the clock skew: timestamp = receivedAt - (sentAt - timestamp).
+    assert_eq!(header_only["sentAt"], "2026-12-07T10:00:10.000Z");
+    let received =
+        meridian_core::timestamp::parse_timestamp_ms(header_only["receivedAt"].as_str().unwrap())
+            .unwrap();
+    let corrected =
+        meridian_core::timestamp::parse_timestamp_ms(header_only["timestamp"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(received - corrected, 10_000, "{header_only}");
+    assert_eq!(archived["hdr-2"]["anonymousId"], "anon-from-body");
 }

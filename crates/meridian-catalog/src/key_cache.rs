@@ -305,7 +305,17 @@ pub struct KeyCache {
     /// One per distinct regional store of the served regions.
     end_users: Vec<Source<EndUserSnapshot>>,
     key: CatalogKey,
+    /// Asks the refresher for a refresh now (a key the snapshot did not know).
+    refresh_wanted: tokio::sync::Notify,
+    /// Refreshes the refresher has started, and (watched) completed, one after another.
+    refreshes_started: AtomicU64,
+    refreshes_completed: watch::Sender<u64>,
 }
+
+/// Keys the snapshot does not know make the refresher run at most this often.
+const MISS_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest a key's first request waits for that refresh.
+const MISS_REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A full reload runs this often even without changes, as a safety net.
 const FORCED_RELOAD_EVERY: Duration = Duration::from_secs(600);
@@ -331,6 +341,9 @@ impl KeyCache {
             key: control.key.clone(),
             control: Source::new(control),
             end_users: regional_stores.into_iter().map(Source::new).collect(),
+            refresh_wanted: tokio::sync::Notify::new(),
+            refreshes_started: AtomicU64::new(0),
+            refreshes_completed: watch::channel(0).0,
         };
         cache.reload().await?;
         Ok(Arc::new(cache))
@@ -347,6 +360,26 @@ impl KeyCache {
             return None;
         }
         Some(entry.resolved.clone())
+    }
+
+    /// [`KeyCache::resolve`], and for a key the snapshot does not know, once more after the next
+    /// refresh that starts after the request arrived — so a key made a moment ago (by another
+    /// node, or the CLI) works from its first request. Misses share the refresher's runs: however
+    /// many unknown keys arrive, it refreshes at most every [`MISS_REFRESH_INTERVAL`]. Without a
+    /// running refresher a miss waits [`MISS_REFRESH_TIMEOUT`] and is answered from the snapshot.
+    pub async fn resolve_or_refresh(&self, write_key: &str) -> Option<ResolvedKey> {
+        if let Some(resolved) = self.resolve(write_key) {
+            return Some(resolved);
+        }
+        let mut completed = self.refreshes_completed.subscribe();
+        let started_before = self.refreshes_started.load(Ordering::SeqCst);
+        self.refresh_wanted.notify_one();
+        let _ = tokio::time::timeout(
+            MISS_REFRESH_TIMEOUT,
+            completed.wait_for(|done| *done > started_before),
+        )
+        .await;
+        self.resolve(write_key)
     }
 
     /// The project's end-user entries in the regional stores. A project is in one region, so
@@ -405,6 +438,11 @@ impl KeyCache {
     /// Whether an admin token is revoked (checked on every admin request, and by open streams).
     pub fn is_token_revoked(&self, token: crate::token_revocation::TokenIdentity<'_>) -> bool {
         self.control.snapshot.load().revocations.revokes(token)
+    }
+
+    /// Refreshes the refresher has run (periodic, and for unknown keys).
+    pub fn refresh_runs(&self) -> u64 {
+        self.refreshes_started.load(Ordering::Relaxed)
     }
 
     /// The global catalog's version the snapshot is at.
@@ -486,12 +524,23 @@ impl KeyCache {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut last_full_reload = tokio::time::Instant::now();
+        let mut last_started = tokio::time::Instant::now();
         let mut in_outage = false;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+            let wanted = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                _ = self.refresh_wanted.notified() => true,
                 _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            if wanted {
+                // An unknown key: refresh now, but no more often than the misses' interval.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(last_started + MISS_REFRESH_INTERVAL) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
             }
+            last_started = tokio::time::Instant::now();
+            self.refreshes_started.fetch_add(1, Ordering::SeqCst);
             let full_reload_due = last_full_reload.elapsed() >= FORCED_RELOAD_EVERY;
             let outcome = if full_reload_due {
                 last_full_reload = tokio::time::Instant::now();
@@ -511,6 +560,7 @@ impl KeyCache {
                         Err(CatalogError::Invalid("catalog refresh timed out".into()))
                     })
             };
+            self.refreshes_completed.send_modify(|done| *done += 1);
             match outcome {
                 Ok(_) => {
                     if in_outage {

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_core::RegionId;
@@ -1287,4 +1288,61 @@ async fn end_user_rows_move_into_their_regions_store_and_only_theirs() {
             None
         );
     }
+}
+
+#[tokio::test]
+async fn a_key_made_a_moment_ago_resolves_on_its_first_request_and_misses_share_refreshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = sqlite_catalog(&dir).await;
+    catalog
+        .create_org("acme", "Acme", &region("eu-west-1"), &actor())
+        .await
+        .unwrap();
+    let cache = KeyCache::load(catalog.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // A refresher that would not run on its own for an hour: only misses wake it.
+    let refresher =
+        tokio::spawn(Arc::clone(&cache).run_refresher(Duration::from_secs(3600), stopped));
+    let (project, key) = catalog
+        .create_project(
+            "acme",
+            NewProject {
+                name: "Made by the CLI".into(),
+                region: region("us-east-1"),
+            },
+            &actor(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        cache.resolve(&key).is_none(),
+        "the snapshot does not know it yet"
+    );
+    let resolved = cache
+        .resolve_or_refresh(&key)
+        .await
+        .expect("found after one refresh");
+    assert_eq!(&*resolved.project_id, project.project_id.as_str());
+    // Many unknown keys at once wait for the same refreshes, not one each.
+    let before = cache.refresh_runs();
+    let misses: Vec<_> = (0..50)
+        .map(|index| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                cache
+                    .resolve_or_refresh(&format!("wk_unknown_{index}"))
+                    .await
+            })
+        })
+        .collect();
+    for miss in misses {
+        assert!(miss.await.unwrap().is_none());
+    }
+    let runs = cache.refresh_runs() - before;
+    assert!(
+        (1..=3).contains(&runs),
+        "50 misses at once share the refresher's runs: {runs}"
+    );
+    let _ = stop.send(true);
+    refresher.await.unwrap();
 }

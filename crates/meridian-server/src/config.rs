@@ -1744,6 +1744,11 @@ mod tests {
             4,
             "the embedded playground serves all four"
         );
+        assert_eq!(
+            served(Some(EMBEDDED_DEFAULTS), &[]).0.len(),
+            4,
+            "config/meridian.toml as a file gives the same playground as the embedded defaults"
+        );
         assert!(playground_warnings.is_empty());
 
         let (several, warnings) = served(

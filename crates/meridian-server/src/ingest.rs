@@ -344,7 +344,7 @@ fn json_error_to_api_error(error: &serde_json::Error, is_batch: bool) -> ApiErro
 }
 
 /// Resolves the key and checks that this node serves the project's region.
-fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
+async fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
     let write_key = write_key.ok_or_else(|| {
         ApiError::invalid_api_key(
             "no write key: send Authorization: Basic base64(<writeKey>:) or `writeKey` in the body",
@@ -352,7 +352,8 @@ fn authorize(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey,
     })?;
     let resolved = state
         .keys
-        .resolve(&write_key)
+        .resolve_or_refresh(&write_key)
+        .await
         .ok_or_else(|| ApiError::invalid_api_key("unknown or revoked write key"))?;
     if !state.settings.serves(&resolved.region) {
         let home = &state.settings.home_region;
@@ -397,8 +398,8 @@ fn rate_limit_error(
 }
 
 /// Authorizes a key and checks, before anything of the body is read, that its project may send.
-fn admit(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
-    let resolved = authorize(state, write_key)?;
+async fn admit(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
+    let resolved = authorize(state, write_key).await?;
     rate_limit_error(state.rate_limiter.admit(&resolved.project_id), &resolved)?;
     Ok(resolved)
 }
@@ -521,9 +522,10 @@ async fn ingest(
         KeySource::Headers => write_key_from_headers(&headers)?,
         KeySource::Query(key) => key,
     };
-    let admitted = outside_key
-        .map(|key| admit(&state, Some(key)))
-        .transpose()?;
+    let admitted = match outside_key {
+        Some(key) => Some(admit(&state, Some(key)).await?),
+        None => None,
+    };
     let owner = match &admitted {
         Some(resolved) => BodyOwner::Project(Arc::clone(&resolved.project_id)),
         None => BodyOwner::Anonymous,
@@ -559,7 +561,7 @@ async fn ingest(
                 .map_err(|error| in_admitted_region(json_error_to_api_error(&error, false)))?;
             let resolved = match admitted {
                 Some(resolved) => resolved,
-                None => admit(&state, message.non_empty_string("writeKey"))?,
+                None => admit(&state, message.non_empty_string("writeKey")).await?,
             };
             let outcome = process_messages(
                 &state,
@@ -588,7 +590,7 @@ async fn ingest(
             }
             let resolved = match admitted {
                 Some(resolved) => resolved,
-                None => admit(&state, write_key_from_value(envelope.write_key.as_ref()))?,
+                None => admit(&state, write_key_from_value(envelope.write_key.as_ref())).await?,
             };
             let outcome = process_messages(
                 &state,
@@ -942,7 +944,7 @@ async fn browser_settings(
     ApiPath(write_key): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let resolved = authorize(&state, Some(write_key.clone()))?;
+    let resolved = authorize(&state, Some(write_key.clone())).await?;
     let (scheme, host) = match &state.settings.public_url {
         Some(url) => {
             let (scheme, host) = url.split_once("://").unwrap_or(("https", url.as_str()));
