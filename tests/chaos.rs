@@ -356,7 +356,15 @@ async fn chaos_a_thousand_connections_slow_clients_and_resets() {
                 "POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            // A thousand clients: spread over 8 loopback addresses, as clients on the internet
+            // come from many (one address may hold server.max_connections_per_address).
+            let source = std::net::SocketAddr::from(([127, 0, 1, (index % 8) as u8 + 1], 0));
+            let connected = async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(source)?;
+                socket.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await
+            };
+            let Ok(mut stream) = connected.await else {
                 return (id, None);
             };
             let _ = stream.write_all(head.as_bytes()).await;
