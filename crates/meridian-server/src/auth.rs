@@ -100,16 +100,7 @@ pub fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// What tokens must say beyond a valid signature, from `[auth]`.
-#[derive(Clone, Debug, Default)]
-pub struct TokenRules {
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
-    pub leeway_secs: u64,
-    /// When set, tokens must carry this `iss` (and are issued with it).
-    pub issuer: Option<String>,
-    /// When set, tokens must carry this `aud` (and are issued with it).
-    pub audience: Option<String>,
-}
+pub use meridian_node::config::TokenRules;
 
 pub struct JwtAuthority {
     encoding_key: EncodingKey,

@@ -24,62 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddress(pub IpAddr);
 
-/// A network of trusted proxies: an address and a prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    address: IpAddr,
-    prefix_length: u8,
-}
-
-impl Network {
-    /// `10.0.0.0/8`, `fd00::/8`, or a single address.
-    pub fn parse(text: &str) -> Option<Network> {
-        let (address_text, prefix_text) = match text.split_once('/') {
-            Some((address, prefix)) => (address, Some(prefix)),
-            None => (text, None),
-        };
-        let address: IpAddr = address_text.trim().parse().ok()?;
-        let max_length = if address.is_ipv4() { 32 } else { 128 };
-        let prefix_length = match prefix_text {
-            Some(prefix) => prefix.trim().parse::<u8>().ok()?,
-            None => max_length,
-        };
-        (prefix_length <= max_length).then_some(Network {
-            address,
-            prefix_length,
-        })
-    }
-
-    pub fn contains(&self, candidate: IpAddr) -> bool {
-        match (self.address, canonical(candidate)) {
-            (IpAddr::V4(network), IpAddr::V4(candidate)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix_length))
-                    .unwrap_or(0);
-                u32::from(network) & mask == u32::from(candidate) & mask
-            }
-            (IpAddr::V6(network), IpAddr::V6(candidate)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix_length))
-                    .unwrap_or(0);
-                u128::from(network) & mask == u128::from(candidate) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4 addresses mapped into IPv6 (`::ffff:a.b.c.d`, what a dual-stack socket reports) are
-/// IPv4 addresses.
-fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
+pub use meridian_node::config::{Network, canonical_address as canonical};
 
 /// What limits count by: an IPv4 address, or the /64 of an IPv6 address.
 pub fn limit_key(address: IpAddr) -> IpAddr {

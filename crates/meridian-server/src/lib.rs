@@ -7,7 +7,6 @@ pub mod audit_log;
 pub mod auth;
 pub mod background;
 pub mod catalog_key;
-pub mod config;
 pub mod console;
 pub mod edge;
 pub mod error;
@@ -35,5 +34,6 @@ pub mod tls;
 pub mod token_revocation;
 pub mod volume;
 
-pub use config::{Config, ConfigError, Settings};
+pub use meridian_node::config;
+pub use meridian_node::config::{Config, ConfigError, Settings};
 pub use server::{RunningNode, ServerError, termination_signal};

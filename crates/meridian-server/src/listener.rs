@@ -21,30 +21,12 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::edge::{AddressCounters, AddressSlot, Network, PeerAddress};
+use crate::edge::{AddressCounters, AddressSlot, PeerAddress};
 use crate::headers::X_REGION;
 use crate::metrics::Metrics;
+use meridian_node::config::Network;
 
-#[derive(Clone, Debug)]
-pub struct ConnectionLimits {
-    /// A request's headers must arrive within this (also closes idle keep-alive connections).
-    pub header_read_timeout: Duration,
-    /// Largest request head (request line + headers) in bytes.
-    pub max_header_bytes: usize,
-    pub tls_handshake_timeout: Duration,
-    /// A connection is asked to close (gracefully) after this long.
-    pub max_connection_age: Duration,
-    pub max_concurrent_http2_streams: u32,
-    /// The listen backlog (capped by the kernel at `net.core.somaxconn`).
-    pub listen_backlog: u32,
-    /// Connections open at once on the node (every listener); beyond, 503 + Retry-After.
-    pub max_connections: usize,
-    /// Connections one client address may hold open; beyond, 429 + Retry-After.
-    pub max_connections_per_address: u32,
-    /// Peers whose `X-Forwarded-For` names the client (load balancers); exempt from the
-    /// per-address connection cap.
-    pub trusted_proxies: Arc<[Network]>,
-}
+pub use meridian_node::config::ConnectionLimits;
 
 /// Refused connections being answered at once; beyond, a refused connection is closed unanswered.
 const MAX_CONNECTIONS_BEING_REFUSED: usize = 256;

@@ -18,12 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Messages per second and the burst a project may send.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Limit {
-    pub per_second: f64,
-    pub burst: f64,
-}
+pub use meridian_node::config::RateLimit as Limit;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
