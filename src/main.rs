@@ -432,7 +432,7 @@ fn mint_token(
 
 async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_server::catalog_key::connect_catalog(&settings)
+    let catalog = meridian_node::catalog_key::connect_catalog(&settings)
         .await
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
@@ -473,7 +473,7 @@ async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Res
     if settings.catalog_hash_key.is_none() {
         println!(
             "keep a copy of {} apart from the backup: the catalog's suppressions and audit log need it",
-            meridian_server::catalog_key::key_file(&settings.data_dir).display()
+            meridian_node::catalog_key::key_file(&settings.data_dir).display()
         );
     }
     Ok(())
@@ -486,7 +486,7 @@ async fn backup_regional_stores(
     catalog: &meridian_catalog::Catalog,
     output: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let stores = meridian_server::regional_stores::connect_regional_stores(
+    let stores = meridian_node::regional_stores::connect_regional_stores(
         settings,
         catalog,
         &settings.served_regions,
@@ -599,7 +599,7 @@ async fn create_project(
 
 /// Opens the catalog for a command: the key must exist already (tools never create one).
 async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog::Catalog> {
-    let key_file = meridian_server::catalog_key::key_file(&settings.data_dir);
+    let key_file = meridian_node::catalog_key::key_file(&settings.data_dir);
     if settings.catalog_hash_key.is_none() && !key_file.exists() {
         bail!(
             "no catalog key: set catalog.hash_key (MERIDIAN_CATALOG_HASH_KEY) or run this where {} exists",
@@ -607,7 +607,7 @@ async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog
         );
     }
     let (key, _) =
-        meridian_server::catalog_key::load_catalog_key(settings).map_err(anyhow::Error::msg)?;
+        meridian_node::catalog_key::load_catalog_key(settings).map_err(anyhow::Error::msg)?;
     meridian_catalog::Catalog::connect(settings.catalog_url.expose(), key)
         .await
         .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))
@@ -631,28 +631,25 @@ async fn residency_report(
         None => settings.served_regions.clone(),
     };
     let regional_stores =
-        meridian_server::regional_stores::connect_regional_stores(&settings, &catalog, &regions)
+        meridian_node::regional_stores::connect_regional_stores(&settings, &catalog, &regions)
             .await
             .map_err(anyhow::Error::msg)?;
     let keys =
         meridian_catalog::KeyCache::load_from(catalog.clone(), regional_stores.catalogs()).await?;
-    let queue_encryption = meridian_server::server::load_queue_encryption(&settings)
+    let queue_encryption = meridian_node::node::load_queue_encryption(&settings)
         .map_err(anyhow::Error::msg)?
         .map(std::sync::Arc::new);
     let mut clean = true;
     let mut reports = Vec::new();
     for region in &regions {
-        let Some(services) = meridian_server::region::region_services_for_tools(
+        let services = meridian_node::region::region_services_for_tools(
             &settings,
             region,
             &keys,
             &customer_stores,
         )
-        .await
-        else {
-            bail!("region {region} is not configured");
-        };
-        let report = meridian_server::residency::scan_region(
+        .await?;
+        let report = meridian_node::residency::scan_region(
             &settings,
             &keys,
             &customer_stores,
@@ -680,7 +677,7 @@ async fn residency_report(
 async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let settings = load_settings(config.as_deref())?;
     let catalog = connect_catalog(&settings).await?;
-    let regional_stores = meridian_server::regional_stores::connect_regional_stores(
+    let regional_stores = meridian_node::regional_stores::connect_regional_stores(
         &settings,
         &catalog,
         &settings.served_regions,

@@ -24,6 +24,13 @@ use crate::error::QueueError;
 use crate::queue::{OffsetRange, QueueStats, RecordBatch, RegionQueue};
 
 /// A region's queue, whatever holds its data.
+/// One run of a queue's maintenance task (see [`QueueBackend::maintenance`]).
+pub type QueueMaintenance = Box<
+    dyn Fn(watch::Receiver<bool>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 #[async_trait]
 pub trait QueueBackend: Send + Sync + 'static {
     /// `local` or `jetstream`.
@@ -55,6 +62,13 @@ pub trait QueueBackend: Send + Sync + 'static {
         Vec::new()
     }
     /// Stops taking appends after those already sent are stored. Blocking for the local log.
+    /// A task the queue needs run for as long as it is open (the JetStream monitor), started by
+    /// the queue's owner (the node's supervisor, which restarts it if it fails): a function that
+    /// makes one run of it, ending when `stop` becomes true. `None` for a queue that needs none.
+    fn maintenance(&self) -> Option<QueueMaintenance> {
+        None
+    }
+
     fn close(&self);
 }
 

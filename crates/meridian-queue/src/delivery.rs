@@ -9,9 +9,10 @@
 //! A range is named by the batch's `source` (the queue's incarnation) and its offsets: offsets
 //! alone repeat across the nodes of a region and across lives of one queue.
 //!
-//! The runner is supervised: whatever stops a delivery attempt (a cursor that cannot be opened or
-//! persisted, a read failure, a panicking sink) is logged, counted, shown as `failed` in its
-//! status, and the attempt restarts after a capped backoff. Only shutdown ends a runner.
+//! A runner's life is one [`DeliveryRunner::attempt`]: whatever stops it (a cursor that cannot be
+//! opened or persisted, a read failure, a panicking sink) is logged, counted, shown as `failed` in
+//! its status and returned; the node's supervisor starts another attempt after the sink's retry
+//! back-off. Only shutdown (drained) ends a runner.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -402,6 +403,11 @@ enum AttemptFailure {
     Encode(String),
 }
 
+/// Why an attempt of a runner stopped (recorded in its status, URLs redacted).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct DeliveryFailure(pub String);
+
 impl DeliveryRunner {
     pub fn new(
         region: &str,
@@ -429,43 +435,36 @@ impl DeliveryRunner {
         Arc::clone(&self.status)
     }
 
-    /// Runs until `drain` becomes true and everything durable at that point is delivered (or the
-    /// caller gives up waiting, leaving the rest queued for the next start). Supervises itself: an
-    /// attempt that fails (or panics) is restarted after a backoff, for as long as the node runs.
-    pub async fn run(self, mut drain: watch::Receiver<bool>) {
-        let runner = Arc::new(self);
-        let mut consecutive_restarts = 0u32;
-        loop {
-            let delivered_before = runner.status.delivered_batches.load(Ordering::Relaxed);
-            let attempt = tokio::spawn(Arc::clone(&runner).run_attempt(drain.clone()));
-            let failure = match attempt.await {
-                Ok(Ok(())) => return,
-                Ok(Err(failure)) => failure.to_string(),
-                Err(join_error) if join_error.is_panic() => {
-                    format!("the delivery task panicked: {join_error}")
-                }
-                Err(join_error) => format!("the delivery task was cancelled: {join_error}"),
-            };
-            let status = &runner.status;
-            if status.delivered_batches.load(Ordering::Relaxed) > delivered_before {
-                // This attempt had delivered: the backoff starts over.
-                consecutive_restarts = 0;
+    /// The restart policy its owner should apply between attempts: the sink's retry back-off.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// One life of the runner, until `drain` becomes true and everything durable at that point is
+    /// delivered (`Ok`), or until something stops it: a cursor that cannot be opened or
+    /// persisted, a read failure, a panicking sink. A failure is recorded in the runner's status
+    /// (restarts, last error, shown as failed until an attempt delivers again) and returned, for
+    /// the runner's owner — the node's supervisor — to start another attempt after a pause. Its
+    /// data stays queued meanwhile; nothing is skipped.
+    pub async fn attempt(
+        self: Arc<Self>,
+        drain: watch::Receiver<bool>,
+    ) -> Result<(), DeliveryFailure> {
+        let failure = match tokio::spawn(Arc::clone(&self).run_attempt(drain)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(failure)) => failure.to_string(),
+            Err(join_error) if join_error.is_panic() => {
+                format!("the delivery task panicked: {join_error}")
             }
-            consecutive_restarts = consecutive_restarts.saturating_add(1);
-            status.restarts.fetch_add(1, Ordering::Relaxed);
-            let failure = meridian_core::redact_url(&failure);
-            status.set_last_error(Some(failure.clone()));
-            status.set_runner_failure(Some(failure.clone()));
-            let wait = runner.retry.backoff(consecutive_restarts, false);
-            error!(region = %runner.region, sink = runner.sink.name(), error = %failure, restarts = status.restarts.load(Ordering::Relaxed), restart_in_ms = wait.as_millis() as u64, "sink runner failed; restarting it after a backoff (its data stays queued)");
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = drain.wait_for(|stop| *stop) => {
-                    warn!(region = %runner.region, sink = runner.sink.name(), "shutting down while the sink runner is failed; its backlog stays queued for the next start");
-                    return;
-                }
-            }
-        }
+            Err(join_error) => format!("the delivery task was cancelled: {join_error}"),
+        };
+        let status = &self.status;
+        status.restarts.fetch_add(1, Ordering::Relaxed);
+        let failure = meridian_core::redact_url(&failure);
+        status.set_last_error(Some(failure.clone()));
+        status.set_runner_failure(Some(failure.clone()));
+        error!(region = %self.region, sink = self.sink.name(), error = %failure, restarts = status.restarts.load(Ordering::Relaxed), "sink runner failed; it is started again after a pause (its data stays queued)");
+        Err(DeliveryFailure(failure))
     }
 
     /// One life of the runner: open the cursor, redeliver what was in flight, then deliver batch
@@ -802,6 +801,18 @@ mod tests {
         }
     }
 
+    /// Starts attempts of the runner until one ends drained, pausing the runner's retry back-off
+    /// after each failure: what the node's supervisor does, for these tests.
+    async fn run(runner: DeliveryRunner, drain: watch::Receiver<bool>) {
+        let runner = Arc::new(runner);
+        let retry = runner.retry_policy();
+        let mut restarts = 0;
+        while Arc::clone(&runner).attempt(drain.clone()).await.is_err() {
+            restarts += 1;
+            tokio::time::sleep(retry.backoff(restarts, false)).await;
+        }
+    }
+
     async fn wait_for(mut condition: impl FnMut() -> bool) {
         for _ in 0..1000 {
             if condition() {
@@ -826,7 +837,7 @@ mod tests {
             .with_retry_policy(fast_retries());
         let status = runner.status();
         let (drain_sender, drain) = watch::channel(false);
-        let task = tokio::spawn(runner.run(drain));
+        let task = tokio::spawn(run(runner, drain));
         wait_for(|| status.restarts.load(Ordering::Relaxed) >= 2).await;
         let failure = status.runner_failure().expect("shown as failed while down");
         assert!(failure.contains("cursor"), "{failure}");
@@ -884,7 +895,7 @@ mod tests {
             .with_retry_policy(fast_retries());
         let status = runner.status();
         let (drain_sender, drain) = watch::channel(false);
-        let task = tokio::spawn(runner.run(drain));
+        let task = tokio::spawn(run(runner, drain));
         let mut batch = RecordBatch::default();
         for index in 0..5 {
             batch.push(format!("r{index}").as_bytes()).unwrap();
@@ -987,7 +998,7 @@ mod tests {
             .with_retry_policy(fast_retries());
         let (drain_sender, drain) = watch::channel(false);
         drain_sender.send(true).unwrap();
-        runner.run(drain).await;
+        run(runner, drain).await;
 
         let delivered = sink.delivered.lock().unwrap();
         assert_eq!(
@@ -1026,7 +1037,7 @@ mod tests {
         let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone())
             .with_retry_policy(fast_retries());
         let (drain_sender, drain) = watch::channel(false);
-        let task = tokio::spawn(runner.run(drain));
+        let task = tokio::spawn(run(runner, drain));
         for index in 0..40 {
             let mut batch = RecordBatch::default();
             batch.push(format!("record {index}").as_bytes()).unwrap();
@@ -1062,7 +1073,7 @@ mod tests {
         let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone());
         let status = runner.status();
         let (drain_sender, drain) = watch::channel(false);
-        let task = tokio::spawn(runner.run(drain));
+        let task = tokio::spawn(run(runner, drain));
         for index in 0..30 {
             let mut batch = RecordBatch::default();
             batch.push(format!("record {index}").as_bytes()).unwrap();
@@ -1121,7 +1132,7 @@ mod tests {
         let status = runner.status();
         let (drain_sender, drain) = watch::channel(true);
         drop(drain_sender);
-        runner.run(drain).await;
+        run(runner, drain).await;
         let stored = sink.stored.lock().unwrap();
         let delivered: Vec<String> = stored
             .iter()
@@ -1165,7 +1176,7 @@ mod tests {
         let runner = DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone());
         let (drain_sender, drain) = watch::channel(true);
         drop(drain_sender);
-        runner.run(drain).await;
+        run(runner, drain).await;
         let stored = sink.stored.lock().unwrap();
         assert_eq!(
             stored[0].0,
@@ -1219,7 +1230,7 @@ mod tests {
             DeliveryRunner::new("eu-west-1", queue.clone(), sink.clone()).with_retry_policy(policy);
         let status = runner.status();
         let (drain_sender, drain) = watch::channel(false);
-        let task = tokio::spawn(runner.run(drain));
+        let task = tokio::spawn(run(runner, drain));
         let mut batch = RecordBatch::default();
         batch.push(b"delivered in the end").unwrap();
         queue.append(batch).await.unwrap();

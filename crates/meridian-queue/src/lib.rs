@@ -35,7 +35,7 @@ mod queue;
 pub mod segment;
 mod writer;
 
-pub use backend::{BackendSample, DeliveryLog, LogCursor, QueueBackend};
+pub use backend::{BackendSample, DeliveryLog, LogCursor, QueueBackend, QueueMaintenance};
 pub use consumer::{Consumer, CursorState, Record};
 pub use delivery::{
     BatchEncoder, BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink,

@@ -154,12 +154,13 @@ impl PageQuery {
 fn configured_region(state: &AppState, text: &str) -> Result<RegionId, ApiError> {
     let region = RegionId::parse(text)
         .map_err(|error| ApiError::bad_request("unknown_region", error.to_string()))?;
-    if !state.settings.regions.contains_key(&region) {
+    if !state.node.settings.regions.contains_key(&region) {
         return Err(ApiError::bad_request(
             "unknown_region",
             format!(
                 "region `{text}` is not configured; available: {}",
                 state
+                    .node
                     .settings
                     .regions
                     .keys()
@@ -203,6 +204,7 @@ pub async fn authorized_project(
 ) -> Result<Project, ApiError> {
     let not_found = || ApiError::not_found(format!("project `{project_id}` does not exist"));
     let project = state
+        .node
         .catalog
         .get_project(project_id)
         .await?
@@ -223,7 +225,7 @@ async fn residency_report(
         ));
     }
     let region = configured_region(&state, &region)?;
-    let Some(services) = state.region_services.get(&region) else {
+    let Some(services) = state.node.services(&region) else {
         return Err(ApiError::unavailable(
             "region_not_served",
             format!("this node does not serve {region}: ask a node of that region"),
@@ -231,25 +233,26 @@ async fn residency_report(
         ));
     };
     let queue_encryption = state
-        .queues
-        .get(&region)
+        .node
+        .queue(&region)
         .and_then(|queue| queue.encryption());
-    let report = crate::residency::scan_region(
-        &state.settings,
-        &state.keys,
-        &state.customer_stores,
+    let report = meridian_node::residency::scan_region(
+        &state.node.settings,
+        &state.node.keys,
+        &state.node.customer_stores,
         &region,
         services,
         queue_encryption,
-        state.stores.store_of_region(&region),
+        state.node.stores.store_of_region(&region),
     )
     .await
-    .map_err(|message| ApiError::unavailable("residency_scan_failed", message, 5))?;
-    Ok(axum::Json(report.to_json(&state.keys)).into_response())
+    .map_err(|failure| ApiError::unavailable("residency_scan_failed", failure.to_string(), 5))?;
+    Ok(axum::Json(report.to_json(&state.node.keys)).into_response())
 }
 
 async fn list_regions(State(state): State<AppState>, AdminAuth(_claims): AdminAuth) -> Response {
     let regions: Vec<Value> = state
+        .node
         .settings
         .regions
         .values()
@@ -258,7 +261,7 @@ async fn list_regions(State(state): State<AppState>, AdminAuth(_claims): AdminAu
                 "id": region.id,
                 "display_name": region.display_name,
                 "status": if region.available { "available" } else { "unavailable" },
-                "default": region.id == state.settings.default_region,
+                "default": region.id == state.node.settings.default_region,
             })
         })
         .collect();
@@ -286,9 +289,10 @@ async fn create_org(
     let request: CreateOrg = parse_body(&body)?;
     let region = match &request.primary_region {
         Some(text) => configured_region(&state, text)?,
-        None => state.settings.default_region.clone(),
+        None => state.node.settings.default_region.clone(),
     };
     let org = state
+        .node
         .catalog
         .create_org(
             &request.org_id,
@@ -312,6 +316,7 @@ pub async fn require_org(
 ) -> Result<meridian_catalog::Org, ApiError> {
     claims.require(org_id, minimum, &format!("org `{org_id}`"))?;
     state
+        .node
         .catalog
         .get_org(org_id)
         .await?
@@ -328,6 +333,7 @@ async fn org_regions(
     let mut cursor: Option<String> = None;
     loop {
         let page = state
+            .node
             .catalog
             .list_projects(&org_id, 1000, cursor.as_deref())
             .await?;
@@ -361,6 +367,7 @@ async fn assign_region(
     let request: AssignRegion = parse_body(&body)?;
     let region = configured_region(&state, &request.region)?;
     let org = state
+        .node
         .catalog
         .set_primary_region(&org_id, &region, &actor(&claims, &request_id))
         .await?;
@@ -387,9 +394,10 @@ async fn create_project(
     let request: CreateProject = parse_body(&body)?;
     let region = match &request.region {
         Some(text) => configured_region(&state, text)?,
-        None => state.settings.default_region.clone(),
+        None => state.node.settings.default_region.clone(),
     };
     if state
+        .node
         .settings
         .regions
         .get(&region)
@@ -401,6 +409,7 @@ async fn create_project(
         ));
     }
     let (project, write_key) = state
+        .node
         .catalog
         .create_project(
             &org_id,
@@ -411,7 +420,7 @@ async fn create_project(
             &actor(&claims, &request_id),
         )
         .await?;
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     let body = json!({
         "project_id": project.project_id,
         "name": project.name,
@@ -430,6 +439,7 @@ async fn list_projects(
     claims.require(&org_id, Role::Member, &format!("org `{org_id}`"))?;
     let limit = page.limit(100, 1000)?;
     let listed = state
+        .node
         .catalog
         .list_projects(&org_id, limit, page.cursor.as_deref())
         .await?;
@@ -455,11 +465,11 @@ async fn project_with_retention_json(
     state: &AppState,
     project: &Project,
 ) -> Result<Value, ApiError> {
-    let keys = state.catalog.list_keys(&project.project_id).await?;
-    let retention = state.catalog.retention_of(&project.project_id).await?;
+    let keys = state.node.catalog.list_keys(&project.project_id).await?;
+    let retention = state.node.catalog.retention_of(&project.project_id).await?;
     let mut body = project_json(project, &keys);
     body["retention"] =
-        crate::retention::retention_json(&state.settings, &project.region, retention);
+        crate::retention::retention_json(&state.node.settings, &project.region, retention);
     Ok(body)
 }
 
@@ -495,7 +505,7 @@ async fn update_project(
     let retention_change = match request.get("retention") {
         None => None,
         Some(change) => {
-            let current = state.catalog.retention_of(&project_id).await?;
+            let current = state.node.catalog.retention_of(&project_id).await?;
             Some(crate::retention::parse_retention_change(current, change)?)
         }
     };
@@ -503,6 +513,7 @@ async fn update_project(
         None => project,
         Some(Value::String(name)) => {
             state
+                .node
                 .catalog
                 .rename_project(&project_id, name, &actor(&claims, &request_id))
                 .await?
@@ -516,10 +527,11 @@ async fn update_project(
     };
     if let Some(retention) = retention_change {
         state
+            .node
             .catalog
             .set_retention(&project_id, retention, &actor(&claims, &request_id))
             .await?;
-        state.retention_changed.notify_one();
+        state.node.wakers.retention_changed.notify_one();
     }
     Ok(axum::Json(project_with_retention_json(&state, &project).await?).into_response())
 }
@@ -550,6 +562,7 @@ async fn rotate_key(
         ));
     }
     let rotated = state
+        .node
         .catalog
         .rotate_key(
             &project_id,
@@ -557,7 +570,7 @@ async fn rotate_key(
             &actor(&claims, &request_id),
         )
         .await?;
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     Ok(axum::Json(json!({
         "write_key": rotated.write_key,
         "previous_key_expires_at": format_rfc3339_ms(rotated.previous_key_expires_at_ms),
@@ -597,6 +610,7 @@ async fn list_suppressions(
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let limit = page.limit(1000, 5000)?;
     let listed = state
+        .node
         .stores
         .of_project(&project)?
         .list_suppressions(&project_id, limit, page.cursor.as_deref())
@@ -618,11 +632,12 @@ async fn suppress_many(
     let request: UserIds = parse_body(&body)?;
     validate_user_ids(&request.user_ids)?;
     let added = state
+        .node
         .stores
         .of_project(&project)?
         .suppress_users(&project, &request.user_ids, &actor(&claims, &request_id))
         .await?;
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     Ok(
         axum::Json(json!({"suppressed": request.user_ids.len(), "newly_suppressed": added}))
             .into_response(),
@@ -639,11 +654,12 @@ async fn suppress_one(
     let user_ids = vec![user_id.clone()];
     validate_user_ids(&user_ids)?;
     state
+        .node
         .stores
         .of_project(&project)?
         .suppress_users(&project, &user_ids, &actor(&claims, &request_id))
         .await?;
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     Ok(
         axum::Json(json!({"project_id": project_id, "user_id": user_id, "suppressed": true}))
             .into_response(),
@@ -659,12 +675,13 @@ async fn suppression_of_user(
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let suppressed = state
+        .node
         .stores
         .of_project(&project)?
         .is_user_suppressed(&project_id, &user_id)
         .await?;
     Ok(axum::Json(json!({"project_id": project_id, "user_id": user_id,
-        "user_hash": state.catalog.key().user_hash(&project_id, &user_id), "suppressed": suppressed}))
+        "user_hash": state.node.catalog.key().user_hash(&project_id, &user_id), "suppressed": suppressed}))
     .into_response())
 }
 
@@ -676,6 +693,7 @@ async fn unsuppress_one(
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let removed = state
+        .node
         .stores
         .of_project(&project)?
         .unsuppress_user(&project, &user_id, &actor(&claims, &request_id))
@@ -685,7 +703,7 @@ async fn unsuppress_one(
             "user `{user_id}` is not suppressed in project {project_id}"
         )));
     }
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -740,9 +758,9 @@ async fn set_storage(
     let storage = validate_storage(&project_id, parse_body(&body)?)?;
     let verification = tokio::time::timeout(
         Duration::from_secs(60),
-        state.customer_stores.verify(
+        state.node.customer_stores.verify(
             &project_id,
-            &state.settings.aws_region_of(&project.region),
+            &state.node.settings.aws_region_of(&project.region),
             &storage,
         ),
     )
@@ -755,11 +773,12 @@ async fn set_storage(
         ));
     }
     let project = state
+        .node
         .catalog
         .set_storage(&project_id, Some(&storage), &actor(&claims, &request_id))
         .await?;
-    state.keys.refresh().await.ok();
-    let keys = state.catalog.list_keys(&project_id).await?;
+    state.node.keys.refresh().await.ok();
+    let keys = state.node.catalog.list_keys(&project_id).await?;
     Ok(axum::Json(project_json(&project, &keys)).into_response())
 }
 
@@ -776,9 +795,10 @@ async fn clear_storage(
         )));
     }
     state
+        .node
         .catalog
         .set_storage(&project_id, None, &actor(&claims, &request_id))
         .await?;
-    state.keys.refresh().await.ok();
+    state.node.keys.refresh().await.ok();
     Ok(StatusCode::NO_CONTENT.into_response())
 }

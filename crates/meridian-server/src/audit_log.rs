@@ -21,8 +21,8 @@ const GLOBAL_STORE: &str = "global";
 /// The stores whose entries an org listing merges: the global catalog first, then each served
 /// region's own store (regions kept in the global catalog add nothing).
 fn audit_stores(state: &AppState) -> Vec<(String, Catalog)> {
-    let mut stores = vec![(GLOBAL_STORE.to_string(), state.catalog.clone())];
-    for store in state.stores.stores() {
+    let mut stores = vec![(GLOBAL_STORE.to_string(), state.node.catalog.clone())];
+    for store in state.node.stores.stores() {
         if !store.is_global {
             stores.push((store.region_names().join("+"), store.catalog.clone()));
         }

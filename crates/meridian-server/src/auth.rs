@@ -201,7 +201,7 @@ pub fn load_or_create_secret(
     if let Some(secret) = configured {
         return Ok((secret.as_bytes().to_vec(), false));
     }
-    let (secret, _) = crate::secret_file::read_or_create(data_dir, "jwt_secret")?;
+    let (secret, _) = meridian_node::secret_file::read_or_create(data_dir, "jwt_secret")?;
     if secret.len() < 32 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -236,8 +236,8 @@ impl FromRequestParts<AppState> for AdminAuth {
             .ok_or_else(|| {
                 ApiError::unauthorized("send the admin token as Authorization: Bearer <JWT>")
             })?;
-        let claims = state.jwt.verify(token.trim())?;
-        if state.jwt.is_revoked(&claims, &state.keys) {
+        let claims = state.http.jwt.verify(token.trim())?;
+        if state.http.jwt.is_revoked(&claims, &state.node.keys) {
             return Err(ApiError::unauthorized("the token has been revoked"));
         }
         Ok(AdminAuth(claims))

@@ -142,7 +142,7 @@ pub async fn stamp_responses(
 
     let headers = response.headers_mut();
     if !headers.contains_key(X_REGION)
-        && let Ok(value) = HeaderValue::from_str(state.settings.home_region.as_str())
+        && let Ok(value) = HeaderValue::from_str(state.node.settings.home_region.as_str())
     {
         headers.insert(X_REGION, value);
     }
@@ -155,6 +155,7 @@ pub async fn stamp_responses(
         .map(|label| label.0.as_str())
         .unwrap_or("unmatched");
     state
+        .node
         .metrics
         .observe_request(route, response.status().as_u16(), started.elapsed());
     response
@@ -212,15 +213,19 @@ pub async fn limit_requests(
         .extensions()
         .get::<crate::edge::PeerAddress>()
         .map(|peer| {
-            crate::edge::client_address(peer.0, request.headers(), &state.settings.trusted_proxies)
+            crate::edge::client_address(
+                peer.0,
+                request.headers(),
+                &state.node.settings.trusted_proxies,
+            )
         });
     let address_slot = match client {
         Some(client) => {
             request.extensions_mut().insert(ClientAddress(client));
-            match state.requests_per_address.try_acquire(client) {
+            match state.http.requests_per_address.try_acquire(client) {
                 Some(slot) => Some(slot),
                 None => {
-                    state.metrics.edge_refused("requests_address");
+                    state.node.metrics.edge_refused("requests_address");
                     return ApiError::too_many_requests(
                         "too_many_concurrent_requests",
                         "this client has as many requests in flight on this node as one client may; wait for their answers or retry shortly",
@@ -232,10 +237,10 @@ pub async fn limit_requests(
         }
         None => None,
     };
-    let node_slot = match Arc::clone(&state.request_slots).try_acquire_owned() {
+    let node_slot = match Arc::clone(&state.http.request_slots).try_acquire_owned() {
         Ok(slot) => slot,
         Err(_) => {
-            state.metrics.edge_refused("requests_node");
+            state.node.metrics.edge_refused("requests_node");
             return ApiError::unavailable(
                 "overloaded",
                 "this node is handling as many requests as it may; retry shortly",
@@ -244,7 +249,7 @@ pub async fn limit_requests(
             .into_response();
         }
     };
-    match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
+    match tokio::time::timeout(state.node.settings.request_timeout, next.run(request)).await {
         Ok(response) => {
             let held = (node_slot, address_slot);
             response.map(move |body| {

@@ -130,7 +130,7 @@ impl std::ops::Deref for ReadBody {
 }
 
 fn body_budget_refusal(state: &AppState, refusal: BudgetRefusal, owner: &BodyOwner) -> ApiError {
-    state.metrics.body_budget_refused();
+    state.node.metrics.body_budget_refused();
     let (reason, message) = match (refusal, owner) {
         (BudgetRefusal::Node, _) => (
             "body_node",
@@ -145,7 +145,7 @@ fn body_budget_refusal(state: &AppState, refusal: BudgetRefusal, owner: &BodyOwn
             "requests without a key in their headers hold as much of the node's memory as they may; send the write key in the Authorization header, or retry shortly",
         ),
     };
-    state.metrics.edge_refused(reason);
+    state.node.metrics.edge_refused(reason);
     ApiError::unavailable("overloaded", message, 1)
 }
 
@@ -160,7 +160,7 @@ async fn read_body(
     body: Body,
     owner: &BodyOwner,
 ) -> Result<ReadBody, ApiError> {
-    let limit = state.settings.limits.max_request_bytes;
+    let limit = state.node.settings.limits.max_request_bytes;
     let too_large = || {
         ApiError::payload_too_large(
             "request_too_large",
@@ -188,7 +188,7 @@ async fn read_body(
             ));
         }
     };
-    let mut charge = state.body_budgets.charge_for(owner);
+    let mut charge = state.http.body_budgets.charge_for(owner);
     if let Some(length) = declared_length {
         charge
             .add(length)
@@ -218,7 +218,7 @@ async fn read_body(
         }
         Ok(collected.freeze())
     };
-    let raw = tokio::time::timeout(state.settings.body_read_timeout, read)
+    let raw = tokio::time::timeout(state.node.settings.body_read_timeout, read)
         .await
         .map_err(|_| {
             ApiError::new(
@@ -351,12 +351,13 @@ async fn authorize(state: &AppState, write_key: Option<String>) -> Result<Resolv
         )
     })?;
     let resolved = state
+        .node
         .keys
         .resolve_or_refresh(&write_key)
         .await
         .ok_or_else(|| ApiError::invalid_api_key("unknown or revoked write key"))?;
-    if !state.settings.serves(&resolved.region) {
-        let home = &state.settings.home_region;
+    if !state.node.settings.serves(&resolved.region) {
+        let home = &state.node.settings.home_region;
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "wrong_region",
@@ -400,7 +401,10 @@ fn rate_limit_error(
 /// Authorizes a key and checks, before anything of the body is read, that its project may send.
 async fn admit(state: &AppState, write_key: Option<String>) -> Result<ResolvedKey, ApiError> {
     let resolved = authorize(state, write_key).await?;
-    rate_limit_error(state.rate_limiter.admit(&resolved.project_id), &resolved)?;
+    rate_limit_error(
+        state.http.rate_limiter.admit(&resolved.project_id),
+        &resolved,
+    )?;
     Ok(resolved)
 }
 
@@ -539,7 +543,7 @@ async fn ingest(
     let body = read_body(&state, &headers, body, &owner)
         .await
         .map_err(in_admitted_region)?;
-    let limits = state.settings.limits;
+    let limits = state.node.settings.limits;
     let header_hints = HeaderHints {
         sent_at: sent_at_header(&headers),
         anonymous_id: anonymous_id_header(&headers),
@@ -608,6 +612,7 @@ async fn ingest(
     // The rate limit charges what was accepted, never what was refused or never read.
     rate_limit_error(
         state
+            .http
             .rate_limiter
             .charge(&resolved.project_id, outcome.accepted + outcome.suppressed),
         &resolved,
@@ -625,6 +630,7 @@ async fn ingest(
     let live = outcome.live.take();
     for (code, count) in &outcome.rejections.by_code {
         state
+            .node
             .metrics
             .messages_rejected(region.as_str(), code, *count);
     }
@@ -655,10 +661,12 @@ async fn ingest(
         }
     }
     state
+        .node
         .metrics
         .messages_accepted(region.as_str(), outcome.accepted);
     if outcome.suppressed > 0 {
         state
+            .node
             .metrics
             .messages_suppressed(region.as_str(), outcome.suppressed);
     }
@@ -708,14 +716,14 @@ fn process_messages(
     envelope: Option<&BatchEnvelope<'_>>,
     header_hints: HeaderHints<'_>,
 ) -> Result<Outcome, ApiError> {
-    let queue = state.queues.get(&resolved.region).ok_or_else(|| {
+    let queue = state.node.queue(&resolved.region).ok_or_else(|| {
         ApiError::unavailable(
             "region_unavailable",
             format!("region {} has no queue on this node", resolved.region),
             5,
         )
     })?;
-    let limits = state.settings.limits;
+    let limits = state.node.settings.limits;
     // A bad envelope field never costs the messages (SDKs drop a batch answered 400): they are
     // stored without it and the answer names the problem.
     let mut envelope_problems: Vec<EnvelopeProblem> = Vec::new();
@@ -765,7 +773,7 @@ fn process_messages(
         batch_sent_at,
         default_anonymous_id: header_hints.anonymous_id,
     };
-    let check_suppressions = state.keys.has_suppressions(&resolved.project_id);
+    let check_suppressions = state.node.keys.has_suppressions(&resolved.project_id);
     let mut outcome = Outcome {
         accepted: 0,
         suppressed: 0,
@@ -773,6 +781,7 @@ fn process_messages(
         envelope_problems,
         records: queue.new_batch(),
         live: state
+            .http
             .live
             .feed_of(&resolved.project_id)
             .map(|feed| (feed, Vec::new())),
@@ -785,7 +794,7 @@ fn process_messages(
             Ok(enriched) => {
                 let is_suppressed = check_suppressions
                     && enriched.user_id.as_deref().is_some_and(|user_id| {
-                        state.keys.is_suppressed(&resolved.project_id, user_id)
+                        state.node.keys.is_suppressed(&resolved.project_id, user_id)
                     });
                 // Copied for the live debugger only when its feed has room this second.
                 let watched = outcome
@@ -851,7 +860,7 @@ async fn append_durably(
     records: RecordBatch,
 ) -> Result<(), ApiError> {
     let region = &resolved.region;
-    let Some(queue) = state.queues.get(region) else {
+    let Some(queue) = state.node.queue(region) else {
         return Err(ApiError::unavailable(
             "region_unavailable",
             format!("region {region} has no queue on this node"),
@@ -859,15 +868,18 @@ async fn append_durably(
         )
         .in_region(region.clone()));
     };
-    let appended =
-        tokio::time::timeout(state.settings.append_timeout, queue.append_batch(records)).await;
+    let appended = tokio::time::timeout(
+        state.node.settings.append_timeout,
+        queue.append_batch(records),
+    )
+    .await;
     match appended {
         Ok(Ok(())) => Ok(()),
         Ok(Err(QueueError::Full {
             used_bytes,
             budget_bytes,
         })) => {
-            state.metrics.queue_full(region.as_str());
+            state.node.metrics.queue_full(region.as_str());
             Err(ApiError::unavailable(
                 "queue_full",
                 format!("region {region} is at its disk budget ({used_bytes} of {budget_bytes} bytes) while its sinks catch up; retry later"),
@@ -879,7 +891,7 @@ async fn append_durably(
             free_bytes,
             reserve_bytes,
         })) => {
-            state.metrics.queue_full(region.as_str());
+            state.node.metrics.queue_full(region.as_str());
             Err(ApiError::unavailable(
                 "disk_full",
                 format!("region {region} is out of disk space on this node ({free_bytes} bytes free, {reserve_bytes} kept for its sinks); retry later"),
@@ -906,7 +918,7 @@ async fn append_durably(
             .in_region(region.clone()))
         }
         Err(_) => {
-            warn!(region = %region, timeout_ms = state.settings.append_timeout.as_millis() as u64, "queue append timed out");
+            warn!(region = %region, timeout_ms = state.node.settings.append_timeout.as_millis() as u64, "queue append timed out");
             Err(ApiError::unavailable(
                 "region_unavailable",
                 format!("region {region} is slow to store messages; retry later"),
@@ -934,7 +946,7 @@ async fn client_metrics(
     body: Body,
 ) -> Result<Response, ApiError> {
     read_body(&state, &headers, body, &BodyOwner::Anonymous).await?;
-    state.metrics.client_metrics_report();
+    state.node.metrics.client_metrics_report();
     Ok(ok_response())
 }
 
@@ -945,7 +957,7 @@ async fn browser_settings(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let resolved = authorize(&state, Some(write_key.clone())).await?;
-    let (scheme, host) = match &state.settings.public_url {
+    let (scheme, host) = match &state.node.settings.public_url {
         Some(url) => {
             let (scheme, host) = url.split_once("://").unwrap_or(("https", url.as_str()));
             (scheme.to_string(), host.to_string())
@@ -982,7 +994,7 @@ async fn browser_settings(
     // With a configured public URL every client gets the same answer: shared caches may keep it.
     // Without one the answer reflects the request's Host and X-Forwarded-Proto, so a shared cache
     // must not serve one client's answer to another (cache poisoning).
-    let cache_control = if state.settings.public_url.is_some() {
+    let cache_control = if state.node.settings.public_url.is_some() {
         "public, max-age=60"
     } else {
         response.headers_mut().insert(

@@ -1,12 +1,11 @@
 #![recursion_limit = "512"]
-//! The HTTP face of Meridian: the Segment-compatible ingest API, the admin API, operations
-//! routes, configuration, and the assembly of a running node. Only this crate knows HTTP.
+//! The HTTP face of a Meridian node: the Segment-compatible ingest API, the admin API, the
+//! operations routes, the console, the listeners and TLS, over [`meridian_node::Node`] (which
+//! knows everything else). Only this crate knows HTTP.
 
 pub mod admin;
 pub mod audit_log;
 pub mod auth;
-pub mod background;
-pub mod catalog_key;
 pub mod console;
 pub mod edge;
 pub mod error;
@@ -15,19 +14,13 @@ pub mod headers;
 pub mod ingest;
 pub mod listener;
 pub mod live;
-pub mod metrics;
 pub mod migration;
 pub mod openapi;
 pub mod ops;
-pub mod project_archive;
 pub mod rate_limit;
-pub mod region;
-pub mod regional_stores;
 pub mod replay;
-pub mod residency;
 pub mod retention;
 pub mod routes;
-pub mod secret_file;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -23,8 +23,8 @@ use tracing::{debug, warn};
 
 use crate::edge::{AddressCounters, AddressSlot, PeerAddress};
 use crate::headers::X_REGION;
-use crate::metrics::Metrics;
 use meridian_node::config::Network;
+use meridian_node::metrics::Metrics;
 
 pub use meridian_node::config::ConnectionLimits;
 

@@ -229,7 +229,7 @@ async fn live_events(
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
     let served = meridian_core::RegionId::parse(&project.region)
-        .is_ok_and(|region| state.queues.contains_key(&region));
+        .is_ok_and(|region| state.node.serves(&region));
     if !served {
         return Err(ApiError::unavailable(
             "region_not_served",
@@ -241,20 +241,20 @@ async fn live_events(
         ));
     }
     // Node-wide cap on open streams; the permit lives as long as the stream.
-    let Ok(stream_permit) = Arc::clone(&state.live_streams).try_acquire_owned() else {
-        state.metrics.edge_refused("live_streams_node");
+    let Ok(stream_permit) = Arc::clone(&state.http.live_streams).try_acquire_owned() else {
+        state.node.metrics.edge_refused("live_streams_node");
         return Err(ApiError::unavailable(
             "too_many_streams",
             "this node has as many live streams open as it may; retry shortly",
             5,
         ));
     };
-    let Some(subscription) = state.live.subscribe(&project_id) else {
+    let Some(subscription) = state.http.live.subscribe(&project_id) else {
         return Err(ApiError::too_many_requests(
             "too_many_subscribers",
             format!(
                 "project {project_id} already has {} live subscribers on this node; close one",
-                state.settings.live_subscribers_per_project
+                state.node.settings.live_subscribers_per_project
             ),
             5,
         ));
@@ -329,7 +329,12 @@ impl StreamAuthorization {
     /// Whether the token is still valid: not expired, not revoked.
     fn still_holds(&self) -> bool {
         let now_secs = (meridian_core::timestamp::now_unix_ms() / 1000).max(0) as u64;
-        self.claims.exp > now_secs && !self.state.jwt.is_revoked(&self.claims, &self.state.keys)
+        self.claims.exp > now_secs
+            && !self
+                .state
+                .http
+                .jwt
+                .is_revoked(&self.claims, &self.state.node.keys)
     }
 }
 

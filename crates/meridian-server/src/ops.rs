@@ -8,9 +8,10 @@ use axum::response::{IntoResponse, Response};
 use meridian_core::timestamp::now_unix_ms;
 use serde_json::json;
 
-use crate::metrics::{TextWriter, process_figures};
 use crate::routes::ApiRoutes;
-use crate::state::{AppState, SinkHandle};
+use crate::state::AppState;
+use meridian_node::metrics::{TextWriter, process_figures};
+use meridian_node::region::SinkHandle;
 
 pub fn routes() -> ApiRoutes {
     ApiRoutes::new()
@@ -24,8 +25,8 @@ pub fn routes() -> ApiRoutes {
 /// operator can tell the nodes of a region, and the lives of their queues, apart).
 async fn healthz(State(state): State<AppState>) -> Response {
     let queues: serde_json::Map<String, serde_json::Value> = state
-        .queues
-        .iter()
+        .node
+        .queues()
         .map(|(region, queue)| {
             (
                 region.to_string(),
@@ -33,7 +34,8 @@ async fn healthz(State(state): State<AppState>) -> Response {
             )
         })
         .collect();
-    axum::Json(json!({"status": "ok", "node_id": state.node_id, "queues": queues})).into_response()
+    axum::Json(json!({"status": "ok", "node_id": state.node.node_id, "queues": queues}))
+        .into_response()
 }
 
 /// Why a sink of a served region keeps the node from being ready: its runner is down after a
@@ -101,7 +103,7 @@ async fn node_status(
     let readiness = Readiness::of(&state);
     let mut regions = serde_json::Map::new();
     for region in &readiness.regions {
-        let Some(queue) = state.queues.get(&region.region) else {
+        let Some(queue) = state.node.queue(&region.region) else {
             continue;
         };
         let stats = queue.stats();
@@ -141,8 +143,8 @@ async fn node_status(
         "ready": readiness.is_ready(),
         "failing": readiness.failing_parts(),
         "degraded": readiness.degraded_parts(),
-        "node_id": state.node_id,
-        "catalog_version": state.keys.version(),
+        "node_id": state.node.node_id,
+        "catalog_version": state.node.keys.version(),
         "regions": regions,
     });
     Ok((StatusCode::OK, axum::Json(body)).into_response())
@@ -169,25 +171,26 @@ struct SinkReadiness<'a> {
 impl<'a> Readiness<'a> {
     fn of(state: &'a AppState) -> Readiness<'a> {
         let regions = state
-            .queues
-            .iter()
+            .node
+            .queues()
             .map(|(region, queue)| RegionReadiness {
                 region: region.clone(),
                 queue_writable: queue.is_writable(),
                 sinks: state
-                    .sinks
-                    .iter()
+                    .node
+                    .sinks()
                     .filter(|sink| &sink.region == region)
                     .map(|handle| SinkReadiness {
                         handle,
-                        running: handle.status.runner_failure().is_none(),
+                        running: handle.status.runner_failure().is_none()
+                            && !state.node.supervisor.is_down(&handle.task),
                         problem: sink_problem(handle),
                     })
                     .collect(),
             })
             .collect();
         Readiness {
-            catalog_loaded: state.keys.version() >= 0,
+            catalog_loaded: state.node.keys.version() >= 0,
             regions,
         }
     }
@@ -279,7 +282,7 @@ impl<'a> Readiness<'a> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut output = String::with_capacity(16 * 1024);
-    state.metrics.encode_registry(&mut output);
+    state.node.metrics.encode_registry(&mut output);
     let mut writer = TextWriter::new(&mut output);
 
     writer.declare(
@@ -287,7 +290,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Bytes of queue segments on disk, by region",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_bytes",
             &[("region", region.as_str())],
@@ -299,7 +302,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Disk budget of the region's queue",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_disk_budget_bytes",
             &[("region", region.as_str())],
@@ -311,7 +314,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Records not yet delivered by the slowest sink, by region",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_pending_records",
             &[("region", region.as_str())],
@@ -323,7 +326,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "counter",
         "Records ever appended to the region's queue",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_appended_records_total",
             &[("region", region.as_str())],
@@ -335,14 +338,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "counter",
         "fdatasync calls of the region's queue writer (group commit)",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_syncs_total",
             &[("region", region.as_str())],
             queue.stats().sync_count as f64,
         );
     }
-    let (full_reloads, incremental_refreshes) = state.keys.reload_counts();
+    let (full_reloads, incremental_refreshes) = state.node.keys.reload_counts();
     writer.declare(
         "key_cache_reloads_total",
         "counter",
@@ -366,7 +369,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "body_budget_available_bytes",
         &[],
-        state.body_budgets.node_available() as f64,
+        state.http.body_budgets.node_available() as f64,
     );
     writer.declare(
         "anonymous_body_budget_available_bytes",
@@ -376,7 +379,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "anonymous_body_budget_available_bytes",
         &[],
-        state.body_budgets.anonymous_available() as f64,
+        state.http.body_budgets.anonymous_available() as f64,
     );
     writer.declare(
         "open_connections",
@@ -386,7 +389,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "open_connections",
         &[],
-        state.connections.open_connections() as f64,
+        state.http.connections.open_connections() as f64,
     );
     writer.declare(
         "connected_addresses",
@@ -396,7 +399,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "connected_addresses",
         &[],
-        state.connections.connected_addresses() as f64,
+        state.http.connections.connected_addresses() as f64,
     );
     writer.declare(
         "live_streams",
@@ -406,14 +409,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
     writer.sample(
         "live_streams",
         &[],
-        (state.settings.max_live_streams - state.live_streams.available_permits()) as f64,
+        (state.node.settings.max_live_streams - state.http.live_streams.available_permits()) as f64,
     );
     writer.declare(
         "queue_abandoned_appends_total",
         "counter",
         "Appends the queue dropped unwritten because their request had given up (timeout, client gone)",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_abandoned_appends_total",
             &[("region", region.as_str())],
@@ -425,7 +428,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "counter",
         "Queued records lost to damaged segment bytes (their bytes are quarantined; every intact record around them is kept)",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_damaged_records_total",
             &[("region", region.as_str())],
@@ -437,7 +440,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "counter",
         "Damaged queue segment bytes copied to the queue's quarantine directory",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_quarantined_bytes_total",
             &[("region", region.as_str())],
@@ -449,7 +452,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Free bytes on the filesystem of the region's queue (appends are refused below queue.min_free_disk_bytes)",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         if let Some(free_bytes) = queue.disk_free_bytes() {
             writer.sample(
                 "queue_disk_free_bytes",
@@ -463,7 +466,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "1 when the region's queue accepts appends",
     );
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         writer.sample(
             "queue_writable",
             &[("region", region.as_str())],
@@ -475,7 +478,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         &'static str,
         Vec<(&str, meridian_queue::BackendSample)>,
     > = Default::default();
-    for (region, queue) in state.queues.iter() {
+    for (region, queue) in state.node.queues() {
         for sample in queue.backend_samples() {
             backend_samples
                 .entry(sample.name)
@@ -536,7 +539,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ];
     for (name, help, read) in sink_counters {
         writer.declare(name, "counter", help);
-        for sink in state.sinks.iter() {
+        for sink in state.node.sinks() {
             writer.sample(name, &sink.labels(), read(&sink.status));
         }
     }
@@ -545,7 +548,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "counter",
         "Time spent in successful deliveries",
     );
-    for sink in state.sinks.iter() {
+    for sink in state.node.sinks() {
         let seconds = sink.status.delivery_micros.load(Ordering::Relaxed) as f64 / 1e6;
         writer.sample("sink_delivery_seconds_total", &sink.labels(), seconds);
     }
@@ -555,8 +558,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "0 when the sink needs an operator (e.g. its bucket is in another region)",
     );
     for sink in state
-        .sinks
-        .iter()
+        .node
+        .sinks()
         .filter(|sink| sink.reports_sink_figures())
     {
         let healthy = if sink.implementation.health().is_none() {
@@ -585,7 +588,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ];
     for (name, help, read) in runner_gauges {
         writer.declare(name, "gauge", help);
-        for sink in state.sinks.iter() {
+        for sink in state.node.sinks() {
             writer.sample(name, &sink.labels(), read(&sink.status));
         }
     }
@@ -594,7 +597,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "gauge",
         "Age of the oldest record the sink has read but not yet delivered",
     );
-    for sink in state.sinks.iter() {
+    for sink in state.node.sinks() {
         let since_ms = sink.status.oldest_pending_since_ms.load(Ordering::Relaxed);
         let lag = if since_ms > 0 {
             (now_ms - since_ms).max(0) as f64 / 1000.0
@@ -610,8 +613,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     // A runner on standby (another node delivers its partition) has no backlog of its own.
     for sink in state
-        .sinks
-        .iter()
+        .node
+        .sinks()
         .filter(|sink| !sink.status.standby.load(Ordering::Relaxed))
     {
         let end = sink.log.durable_end();
@@ -626,8 +629,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let mut sink_specific: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
         Default::default();
     for sink in state
-        .sinks
-        .iter()
+        .node
+        .sinks()
         .filter(|sink| sink.reports_sink_figures())
     {
         for (name, value) in sink.implementation.counters() {
@@ -649,8 +652,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let mut sink_levels: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
         Default::default();
     for sink in state
-        .sinks
-        .iter()
+        .node
+        .sinks()
         .filter(|sink| sink.reports_sink_figures())
     {
         for (name, value) in sink.implementation.gauges() {

@@ -1,49 +1,35 @@
-//! Assembles a node: catalog, key cache, one queue and its sinks per served region, the HTTP
-//! router; and takes it down gracefully.
+//! The HTTP server of a node: the router over every route, the listeners (plain and TLS) and a
+//! graceful stop — stop accepting, finish the requests in flight, then stop the node
+//! ([`meridian_node::Node::shutdown`]: its queues flushed to their sinks within the deadline).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use meridian_archive::ArchiveSink;
-use meridian_archive::customer::CustomerStores;
-use meridian_archive::s3::GuardedS3Store;
-use meridian_catalog::{Catalog, KeyCache, RegionalStores};
-use meridian_core::{RegionId, Secret};
+use meridian_core::Secret;
+use meridian_node::tasks::{Phase, RestartPolicy};
+use meridian_node::{Node, NodeError, Settings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::auth::{JwtAuthority, load_or_create_secret};
-use crate::config::Settings;
 use crate::headers::{
     label_route, method_not_allowed_fallback, not_found_fallback, stamp_responses,
 };
-use crate::metrics::Metrics;
-use crate::state::{AppState, AppStateInner};
+use crate::state::{AppState, HttpParts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot open the catalog at {url}: {message}")]
-    Catalog { url: String, message: String },
-    #[error("cannot prepare the data directory {path}: {message}")]
-    DataDir { path: String, message: String },
-    #[error("cannot open the queue of region {region}: {message}")]
-    Queue { region: String, message: String },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("the admin token secret in {path}: {message}")]
+    Secret { path: String, message: String },
     #[error("cannot listen on {address}: {message}")]
     Listen { address: String, message: String },
-    #[error("the HTTP server failed: {0}")]
-    Serve(String),
 }
 
 /// Every route of the service, registered once: the router and the OpenAPI document read it.
-/// A background job loop, boxed so that loops of different types share one supervisor list.
-type BoxedJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-/// Starts a background job loop on the node's state, until the stop signal.
-type StartJob = fn(AppState, watch::Receiver<bool>) -> BoxedJob;
-
 pub fn api_routes() -> crate::routes::ApiRoutes {
     crate::ingest::routes()
         .merge(crate::admin::routes())
@@ -89,152 +75,29 @@ pub struct RunningNode {
     state: AppState,
     listener: Option<TcpListener>,
     tls_listener: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
-    runners: Vec<JoinHandle<()>>,
-    drain: watch::Sender<bool>,
-    stop_background: watch::Sender<bool>,
-}
-
-/// The global catalog, the regional stores of the served regions, and the key cache over both.
-async fn open_catalog(
-    settings: &Settings,
-) -> Result<(Catalog, RegionalStores, Arc<KeyCache>), ServerError> {
-    let failure = |message: String| ServerError::Catalog {
-        url: settings.catalog_url_for_display(),
-        message,
-    };
-    let catalog = tokio::time::timeout(
-        Duration::from_secs(30),
-        crate::catalog_key::connect_catalog(settings),
-    )
-    .await
-    .map_err(|_| failure("timed out after 30 s".into()))?
-    .map_err(failure)?;
-    let stores = crate::regional_stores::open_regional_stores(settings, &catalog)
-        .await
-        .map_err(failure)?;
-    let keys = KeyCache::load_from(catalog.clone(), stores.catalogs())
-        .await
-        .map_err(|error| failure(error.to_string()))?;
-    Ok((catalog, stores, keys))
-}
-
-/// Retries uploading a region's spooled customer objects every `interval`.
-async fn run_spool_drainer(
-    sink: Arc<ArchiveSink>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-        sink.drain_spool().await;
-    }
-}
-
-/// Checks every guarded bucket's location at start and then every `interval`.
-async fn run_residency_guards(
-    guards: Vec<Arc<GuardedS3Store>>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        for guard in &guards {
-            guard.check().await;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-    }
 }
 
 impl RunningNode {
-    /// Opens everything and binds the listener; nothing is served until [`RunningNode::serve`].
+    /// Builds the node, binds the listeners and starts the node's tasks; nothing is served until
+    /// [`RunningNode::serve`].
     pub async fn start(settings: Settings) -> Result<RunningNode, ServerError> {
-        std::fs::create_dir_all(&settings.data_dir).map_err(|error| ServerError::DataDir {
-            path: settings.data_dir.display().to_string(),
-            message: error.to_string(),
-        })?;
-        // Only the service's user may enter the data directory (files an earlier version made
-        // readable to others included).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&settings.data_dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|error| ServerError::DataDir {
-                    path: settings.data_dir.display().to_string(),
-                    message: format!("cannot make it private (0700): {error}"),
-                })?;
-        }
+        let secret_failure = |message: String| ServerError::Secret {
+            path: settings.data_dir.join("jwt_secret").display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|error| secret_failure(error.to_string()))?;
         let (jwt_secret, generated) = load_or_create_secret(
             settings.jwt_secret.as_ref().map(Secret::expose),
             &settings.data_dir,
         )
-        .map_err(|error| ServerError::DataDir {
-            path: settings.data_dir.display().to_string(),
-            message: format!("jwt secret: {error}"),
-        })?;
+        .map_err(|error| secret_failure(error.to_string()))?;
         if generated {
             warn!(path = %settings.data_dir.join("jwt_secret").display(), "no auth.jwt_secret configured: using the secret generated in the data dir (set MERIDIAN_JWT_SECRET for clusters)");
         }
-        let (catalog, stores, keys) = open_catalog(&settings).await?;
-        let node_id =
-            load_or_create_node_id(&settings.data_dir).map_err(|error| ServerError::DataDir {
-                path: settings.data_dir.display().to_string(),
-                message: format!("node id: {error}"),
-            })?;
-
-        info!(node_id = %node_id, home_region = %settings.home_region, served_regions = ?settings.served_regions.iter().map(RegionId::as_str).collect::<Vec<_>>(), "node starting");
-        let queue_encryption = match &settings.queue_key_file {
-            Some(path) => Some(Arc::new(load_queue_keys(path)?)),
-            None => None,
-        };
-        let (drain, drain_receiver) = watch::channel(false);
-        let customer_stores = Arc::new(CustomerStores::new(settings.customer_access.clone()));
-        let regions = crate::region::assemble_served_regions(
-            &settings,
-            &keys,
-            &customer_stores,
-            queue_encryption.as_ref(),
-            &node_id,
-            &drain_receiver,
-        )
-        .await?;
-        let crate::region::ServedRegions {
-            queues,
-            sink_handles,
-            runners,
-            guards,
-            spool_drainers,
-            region_services,
-        } = regions;
-
-        let (stop_background, stop_receiver) = watch::channel(false);
-        if let (Some(path), Some(encryption)) = (&settings.queue_key_file, &queue_encryption) {
-            tokio::spawn(reload_queue_keys_on_hangup(
-                path.clone(),
-                Arc::clone(encryption),
-                stop_receiver.clone(),
-            ));
-        }
-        for archive_sink in spool_drainers {
-            tokio::spawn(run_spool_drainer(
-                archive_sink,
-                settings.spool_retry,
-                stop_receiver.clone(),
-            ));
-        }
-        if !guards.is_empty() {
-            tokio::spawn(run_residency_guards(
-                guards,
-                settings.location_check_interval,
-                stop_receiver.clone(),
-            ));
-        }
-        tokio::spawn(
-            Arc::clone(&keys).run_refresher(settings.catalog_refresh_interval, stop_receiver),
-        );
+        let (node, node_tasks) = Node::build(settings).await?;
+        let node = Arc::new(node);
+        let settings = Arc::clone(&node.settings);
 
         let backlog = settings.connection_limits.listen_backlog;
         let bind = |address: SocketAddr| async move {
@@ -249,21 +112,28 @@ impl RunningNode {
         };
         let tls_listener = match &settings.tls {
             Some(tls) => {
+                let listen_failure = |message: String| ServerError::Listen {
+                    address: tls.listen.to_string(),
+                    message,
+                };
                 let certificate =
-                    crate::tls::ReloadingCertificate::load(&tls.cert_path, &tls.key_path).map_err(
-                        |error| ServerError::Listen {
-                            address: tls.listen.to_string(),
-                            message: error.to_string(),
-                        },
-                    )?;
-                let config =
-                    crate::tls::server_config(Arc::clone(&certificate)).map_err(|error| {
-                        ServerError::Listen {
-                            address: tls.listen.to_string(),
-                            message: error.to_string(),
+                    crate::tls::ReloadingCertificate::load(&tls.cert_path, &tls.key_path)
+                        .map_err(|error| listen_failure(error.to_string()))?;
+                let config = crate::tls::server_config(Arc::clone(&certificate))
+                    .map_err(|error| listen_failure(error.to_string()))?;
+                let reload_check = tls.reload_check;
+                node.supervisor.spawn(
+                    "tls certificate watcher",
+                    Phase::Background,
+                    RestartPolicy::default(),
+                    move |context| {
+                        let certificate = Arc::clone(&certificate);
+                        async move {
+                            certificate.watch(reload_check, context.stop_signal()).await;
+                            Ok(())
                         }
-                    })?;
-                tokio::spawn(certificate.watch(tls.reload_check, stop_background.subscribe()));
+                    },
+                );
                 Some((
                     bind(tls.listen).await?,
                     tokio_rustls::TlsAcceptor::from(config),
@@ -271,25 +141,8 @@ impl RunningNode {
             }
             None => None,
         };
-        let token_rules = settings.token_rules();
-        let settings = Arc::new(settings);
-        let metrics = Arc::new(Metrics::new());
-        let state = AppState::new(AppStateInner {
-            settings: Arc::clone(&settings),
-            catalog,
-            stores,
-            keys,
-            queues: Arc::new(queues),
-            metrics: Arc::clone(&metrics),
-            jwt: Arc::new(JwtAuthority::new(&jwt_secret, token_rules)),
-            sinks: Arc::new(sink_handles),
-            customer_stores,
-            region_services: Arc::new(region_services),
-            node_id: node_id.clone(),
-            deletion_requested: Arc::new(tokio::sync::Notify::new()),
-            replay_requested: Arc::new(tokio::sync::Notify::new()),
-            retention_changed: Arc::new(tokio::sync::Notify::new()),
-            migration_requested: Arc::new(tokio::sync::Notify::new()),
+        let http = HttpParts {
+            jwt: Arc::new(JwtAuthority::new(&jwt_secret, settings.token_rules())),
             live: Arc::new(crate::live::LiveHub::new(
                 settings.live_subscribers_per_project,
                 settings.live_events_per_second,
@@ -312,43 +165,15 @@ impl RunningNode {
             connections: crate::listener::ConnectionGate::new(
                 &settings.connection_limits,
                 settings.home_region.as_str(),
-                metrics,
+                Arc::clone(&node.metrics),
             ),
             live_streams: Arc::new(tokio::sync::Semaphore::new(settings.max_live_streams)),
-        });
-        for region in state.queues.keys() {
-            state.metrics.initialize_region(region.as_str());
-        }
-        let supervised_jobs: [(&'static str, StartJob); 4] = [
-            ("gdpr-deletions", |state, stop| {
-                Box::pin(crate::gdpr::run_deletion_executor(state, stop))
-            }),
-            ("replays", |state, stop| {
-                Box::pin(crate::replay::run_replay_executor(state, stop))
-            }),
-            ("retention", |state, stop| {
-                Box::pin(crate::retention::run_retention_janitor(state, stop))
-            }),
-            ("migrations", |state, stop| {
-                Box::pin(crate::migration::run_migration_executor(state, stop))
-            }),
-        ];
-        for (job, run) in supervised_jobs {
-            let job_state = state.clone();
-            crate::background::supervise(
-                job,
-                Arc::clone(&state.metrics),
-                stop_background.subscribe(),
-                move |stop| run(job_state.clone(), stop),
-            );
-        }
+        };
+        node.start(node_tasks);
         Ok(RunningNode {
-            state,
+            state: AppState::new(node, http),
             listener,
             tls_listener,
-            runners,
-            drain,
-            stop_background,
         })
     }
 
@@ -370,8 +195,8 @@ impl RunningNode {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, then drains: stops accepting, finishes requests in
-    /// flight, flushes every queue to its sinks within the shutdown timeout, closes the queues.
+    /// Serves until `shutdown` completes, then stops: stops accepting, finishes requests in flight,
+    /// and stops the node (its queues flushed to their sinks) within the shutdown timeout.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -380,146 +205,62 @@ impl RunningNode {
             state,
             listener,
             tls_listener,
-            runners,
-            drain,
-            stop_background,
         } = self;
-        let settings = Arc::clone(&state.settings);
+        let node = Arc::clone(&state.node);
+        let settings = Arc::clone(&node.settings);
         let app = router(state.clone());
         let (stop_listening, listening) = watch::channel(false);
         let limits = settings.connection_limits.clone();
-        let mut listeners = Vec::new();
+        // The accept loops run here, joined below: they end when the listeners stop.
+        let mut accept_loops = Vec::new();
         if let Some(listener) = listener {
-            listeners.push(tokio::spawn(crate::listener::serve(
+            accept_loops.push(crate::listener::serve(
                 listener,
                 app.clone(),
                 None,
                 limits.clone(),
-                Arc::clone(&state.connections),
+                Arc::clone(&state.http.connections),
                 listening.clone(),
                 settings.shutdown_timeout,
-            )));
+            ));
         }
         if let Some((listener, acceptor)) = tls_listener {
-            listeners.push(tokio::spawn(crate::listener::serve(
+            accept_loops.push(crate::listener::serve(
                 listener,
                 app,
                 Some(acceptor),
                 limits,
-                Arc::clone(&state.connections),
+                Arc::clone(&state.http.connections),
                 listening,
                 settings.shutdown_timeout,
-            )));
+            ));
         }
-
-        shutdown.await;
+        let accepting = futures_util::future::join_all(accept_loops);
+        tokio::pin!(accepting);
+        let listeners_ended = tokio::select! {
+            _ = shutdown => false,
+            _ = &mut accepting => true,
+        };
+        if listeners_ended {
+            error!("the listeners stopped on their own; shutting down");
+        }
         info!(
             timeout_secs = settings.shutdown_timeout.as_secs(),
             "shutting down: finishing requests in flight and flushing queues"
         );
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
         let _ = stop_listening.send(true);
-        for listener in listeners {
-            if tokio::time::timeout_at(deadline, listener).await.is_err() {
-                warn!("requests still in flight at the shutdown deadline were cut off");
-            }
+        if !listeners_ended
+            && tokio::time::timeout_at(deadline, &mut accepting)
+                .await
+                .is_err()
+        {
+            warn!("requests still in flight at the shutdown deadline were cut off");
         }
-        let _ = drain.send(true);
-        for runner in runners {
-            if tokio::time::timeout_at(deadline, runner).await.is_err() {
-                warn!(
-                    "a sink did not finish flushing before the shutdown deadline; its backlog stays queued for the next start"
-                );
-                break;
-            }
-        }
-        let _ = stop_background.send(true);
-        let queues = Arc::clone(&state.queues);
-        let _ = tokio::task::spawn_blocking(move || {
-            for queue in queues.values() {
-                queue.close();
-            }
-        })
-        .await;
-        for store in state.stores.stores() {
-            if !store.is_global {
-                store.catalog.close().await;
-            }
-        }
-        state.catalog.close().await;
+        node.shutdown(deadline).await;
         info!("shutdown complete");
         Ok(())
     }
-}
-
-/// The queue's encryption keys as configured (`None`: records are not encrypted).
-pub fn load_queue_encryption(
-    settings: &Settings,
-) -> Result<Option<meridian_queue::encryption::QueueEncryption>, String> {
-    settings
-        .queue_key_file
-        .as_deref()
-        .map(load_queue_keys)
-        .transpose()
-        .map_err(|error| error.to_string())
-}
-
-fn load_queue_keys(
-    path: &std::path::Path,
-) -> Result<meridian_queue::encryption::QueueEncryption, ServerError> {
-    let failure = |message: String| ServerError::DataDir {
-        path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| failure(format!("queue key file: {error}")))?;
-    let keyring = meridian_queue::encryption::parse_key_file(&text)
-        .map_err(|error| failure(error.to_string()))?;
-    info!(key_file = %path.display(), active_key = keyring.active_key_id(), "queue records are encrypted at rest");
-    Ok(meridian_queue::encryption::QueueEncryption::new(keyring))
-}
-
-/// Re-reads the queue key file on SIGHUP (key rotation without downtime).
-async fn reload_queue_keys_on_hangup(
-    path: std::path::PathBuf,
-    encryption: Arc<meridian_queue::encryption::QueueEncryption>,
-    mut stop: watch::Receiver<bool>,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = hangups.recv() => {
-                match std::fs::read_to_string(&path).map_err(|error| error.to_string()).and_then(|text| {
-                    meridian_queue::encryption::parse_key_file(&text).map_err(|error| error.to_string())
-                }) {
-                    Ok(keyring) => {
-                        info!(active_key = keyring.active_key_id(), "queue key file reloaded");
-                        encryption.replace_keyring(keyring);
-                    }
-                    Err(error) => error!(%error, "queue key file reload failed; keeping the current keys"),
-                }
-            }
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// This node's identity, kept in `<data_dir>/node_id` so that a restarted node resumes the work
-/// it had leased (GDPR deletions) without waiting for its leases to lapse.
-fn load_or_create_node_id(data_dir: &std::path::Path) -> std::io::Result<String> {
-    let path = data_dir.join("node_id");
-    match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-        Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error),
-    }
-    let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
-    std::fs::write(&path, &node_id)?;
-    Ok(node_id)
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the

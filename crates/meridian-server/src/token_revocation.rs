@@ -110,6 +110,7 @@ async fn revoke_tokens(
         }
     }
     let revocation = state
+        .node
         .catalog
         .revoke_tokens(
             NewTokenRevocation {
@@ -144,9 +145,9 @@ async fn list_revocations(
     let revocations = match query.org_id.as_deref() {
         Some(org_id) => {
             claims.require(org_id, Role::Owner, &format!("org `{org_id}`"))?;
-            state.catalog.token_revocations(Some(org_id)).await?
+            state.node.catalog.token_revocations(Some(org_id)).await?
         }
-        None if claims.role == Role::Platform => state.catalog.token_revocations(None).await?,
+        None if claims.role == Role::Platform => state.node.catalog.token_revocations(None).await?,
         None => {
             return Err(ApiError::bad_request(
                 "invalid_request",

@@ -30,6 +30,7 @@ async fn org_volume(
 ) -> Result<Response, ApiError> {
     require_org(&state, &claims, &org_id, Role::Member).await?;
     let projects = state
+        .node
         .catalog
         .list_projects(&org_id, 1000, None)
         .await?
@@ -47,7 +48,7 @@ async fn org_volume(
     for (region, project_ids) in by_region {
         let clickhouse = RegionId::parse(&region)
             .ok()
-            .and_then(|region| state.region_services.get(&region))
+            .and_then(|region| state.node.services(&region))
             .and_then(|services| services.clickhouse.clone());
         let Some(clickhouse) = clickhouse else {
             unavailable.push(

@@ -44,7 +44,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod cursor;
@@ -179,7 +178,6 @@ struct Shared {
     problem: Mutex<Option<String>>,
     closed: AtomicBool,
     publish: PublishFigures,
-    monitor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -282,13 +280,7 @@ impl JetStreamQueue {
             problem: Mutex::new(None),
             closed: AtomicBool::new(false),
             publish: PublishFigures::default(),
-            monitor: Mutex::new(None),
         });
-        let monitor = tokio::spawn(monitor(Arc::downgrade(&shared)));
-        *shared
-            .monitor
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(monitor);
         Ok(JetStreamQueue { shared })
     }
 
@@ -441,11 +433,15 @@ async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, Que
     .await
 }
 
-/// Reads each stream's state (end, bytes; no answer: not writable) and purges delivered data.
-async fn monitor(shared: std::sync::Weak<Shared>) {
+/// Reads each stream's state (end, bytes; no answer: not writable) and purges delivered data,
+/// until the queue is closed or `stop`. Run by the queue's owner ([`QueueBackend::maintenance`]).
+async fn monitor(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>) {
     let mut round = 0u64;
     loop {
-        tokio::time::sleep(MONITOR_INTERVAL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(MONITOR_INTERVAL) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -653,17 +649,15 @@ impl QueueBackend for JetStreamQueue {
             .collect()
     }
 
+    fn maintenance(&self) -> Option<crate::backend::QueueMaintenance> {
+        let shared = Arc::downgrade(&self.shared);
+        Some(Box::new(move |stop| {
+            Box::pin(monitor(shared.clone(), stop))
+        }))
+    }
+
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        if let Some(monitor) = self
-            .shared
-            .monitor
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-        {
-            monitor.abort();
-        }
     }
 }
 

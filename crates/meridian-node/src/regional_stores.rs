@@ -9,29 +9,29 @@ use meridian_core::{RegionId, redact_url};
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::error::NodeError;
 
 /// How long connecting to (and migrating) one store may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The stores of the served regions, each opened once, with what the global catalog still kept
-/// of them moved in (a node's start). Errors are sentences.
+/// of them moved in (a node's start).
 pub async fn open_regional_stores(
     settings: &Settings,
     global: &Catalog,
-) -> Result<RegionalStores, String> {
+) -> Result<RegionalStores, NodeError> {
     let stores = connect_regional_stores(settings, global, &settings.served_regions).await?;
     move_into_regional_stores(global, &stores).await?;
     Ok(stores)
 }
 
 /// The stores of `regions`, each opened once (regions configured with the same URL share it; a
-/// region without a store of its own uses `global`); nothing is moved (tools). Errors are
-/// sentences.
+/// region without a store of its own uses `global`); nothing is moved (tools).
 pub async fn connect_regional_stores(
     settings: &Settings,
     global: &Catalog,
     regions: &[RegionId],
-) -> Result<RegionalStores, String> {
+) -> Result<RegionalStores, NodeError> {
     let mut stores: Vec<(Option<String>, RegionalStore)> = Vec::new();
     for region in regions {
         let url = settings
@@ -70,25 +70,25 @@ pub async fn connect_regional_stores(
 
 /// Moves into each regional store what the global catalog kept of its regions (see
 /// [`move_end_user_rows`]).
-pub async fn move_into_regional_stores(
+async fn move_into_regional_stores(
     global: &Catalog,
     stores: &RegionalStores,
-) -> Result<(), String> {
+) -> Result<(), NodeError> {
     for store in stores.stores() {
+        let failure = |message: String| NodeError::Catalog {
+            url: store.display_url.clone(),
+            message,
+        };
         let moved =
             tokio::time::timeout(Duration::from_secs(600), move_end_user_rows(global, store))
                 .await
                 .map_err(|_| {
-                    format!(
-                        "moving end-user rows into the regional store {} timed out",
-                        store.display_url
-                    )
+                    failure("moving end-user rows into the regional store timed out".into())
                 })?
                 .map_err(|error| {
-                    format!(
-                        "cannot move end-user rows into the regional store {}: {error}",
-                        store.display_url
-                    )
+                    failure(format!(
+                        "cannot move end-user rows into the regional store: {error}"
+                    ))
                 })?;
         let total: u64 = moved.iter().map(|(_, count)| count).sum();
         if total > 0 {
@@ -98,12 +98,10 @@ pub async fn move_into_regional_stores(
     Ok(())
 }
 
-async fn connect(url: &str, region: &RegionId, global: &Catalog) -> Result<Catalog, String> {
-    let failure = |message: String| {
-        format!(
-            "cannot open the regional store of {region} at {}: {message}",
-            redact_url(url)
-        )
+async fn connect(url: &str, region: &RegionId, global: &Catalog) -> Result<Catalog, NodeError> {
+    let failure = |message: String| NodeError::Catalog {
+        url: redact_url(url),
+        message: format!("the regional store of {region}: {}", redact_url(&message)),
     };
     tokio::time::timeout(CONNECT_TIMEOUT, Catalog::connect(url, global.key().clone()))
         .await

@@ -20,7 +20,8 @@ use meridian_queue::encryption::QueueEncryption;
 use serde_json::{Value, json};
 
 use crate::config::Settings;
-use crate::state::RegionServices;
+use crate::error::StepError;
+use crate::region::RegionServices;
 
 /// Data found where it does not belong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,7 +145,7 @@ pub async fn scan_region(
     services: &RegionServices,
     queue_encryption: Option<Arc<QueueEncryption>>,
     regional_store: Option<&meridian_catalog::RegionalStore>,
-) -> Result<ResidencyReport, String> {
+) -> Result<ResidencyReport, StepError> {
     let mut report = ResidencyReport {
         region: region.clone(),
         scanned_at_ms: now_unix_ms(),

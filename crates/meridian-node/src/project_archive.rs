@@ -7,7 +7,9 @@ use std::time::Duration;
 use meridian_archive::ObjectStore;
 use meridian_core::RegionId;
 
-use crate::state::{AppState, RegionServices};
+use crate::error::StepError;
+use crate::node::Node;
+use crate::region::RegionServices;
 
 /// How long one archive read, listing or deletion may take.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,13 +43,13 @@ pub struct ProjectStore {
 pub async fn bounded<T, E: std::fmt::Display>(
     what: &str,
     work: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
+) -> Result<T, StepError> {
     match tokio::time::timeout(STORE_TIMEOUT, work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{what}: {error}")),
-        Err(_) => Err(format!(
-            "{what}: timed out after {} s",
-            STORE_TIMEOUT.as_secs()
+        Ok(Err(error)) => Err(StepError::of(what, error)),
+        Err(_) => Err(StepError::of(
+            what,
+            format!("timed out after {} s", STORE_TIMEOUT.as_secs()),
         )),
     }
 }
@@ -55,26 +57,28 @@ pub async fn bounded<T, E: std::fmt::Display>(
 /// The stores of the project's archive: the region's, then the project's own bucket if it has
 /// one (reached through its role, as the archive sink reaches it).
 pub async fn stores_of_project(
-    state: &AppState,
+    node: &Node,
     region: &RegionId,
     services: &RegionServices,
     project_id: &str,
-) -> Result<Vec<ProjectStore>, String> {
+) -> Result<Vec<ProjectStore>, StepError> {
     let mut stores = vec![ProjectStore {
         kind: StoreKind::Regional,
         store: Arc::clone(&services.archive_store),
         prefix: services.archive_prefix.clone(),
     }];
-    if let Some(storage) = state.keys.customer_storage(project_id) {
-        let (store, prefix) = state
+    if let Some(storage) = node.keys.customer_storage(project_id) {
+        let (store, prefix) = node
             .customer_stores
             .store_for(
-                &state.settings.aws_region_of(region.as_str()),
+                &node.settings.aws_region_of(region.as_str()),
                 project_id,
                 &storage,
             )
             .await
-            .map_err(|error| format!("customer bucket {}: {error}", storage.bucket))?;
+            .map_err(|error| {
+                StepError::of(&format!("customer bucket {}", storage.bucket), error)
+            })?;
         stores.push(ProjectStore {
             kind: StoreKind::Customer,
             store,

@@ -7,6 +7,7 @@ use meridian_catalog::{Actor, Catalog, CatalogKey};
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::error::NodeError;
 
 /// The name of the file, in the data directory, that holds a generated key.
 const KEY_FILE_NAME: &str = "catalog_hash_key";
@@ -17,18 +18,25 @@ pub fn key_file(data_dir: &Path) -> PathBuf {
 }
 
 /// The key, and whether it was created just now (the catalog then cannot hold anything written
-/// with it yet). Errors are sentences.
-pub fn load_catalog_key(settings: &Settings) -> Result<(CatalogKey, bool), String> {
+/// with it yet).
+pub fn load_catalog_key(settings: &Settings) -> Result<(CatalogKey, bool), NodeError> {
     if let Some(configured) = &settings.catalog_hash_key {
-        let key = CatalogKey::from_bytes(configured.expose().as_bytes())
-            .ok_or_else(|| "catalog.hash_key is too short (at least 32 bytes)".to_string())?;
+        let key = CatalogKey::from_bytes(configured.expose().as_bytes()).ok_or_else(|| {
+            NodeError::CatalogKey("catalog.hash_key is too short (at least 32 bytes)".to_string())
+        })?;
         return Ok((key, false));
     }
     let path = key_file(&settings.data_dir);
     let (text, created) = crate::secret_file::read_or_create(&settings.data_dir, KEY_FILE_NAME)
-        .map_err(|error| format!("cannot read or create {}: {error}", path.display()))?;
-    let key = CatalogKey::from_bytes(text.as_bytes())
-        .ok_or_else(|| format!("{} holds no valid key (at least 32 bytes)", path.display()))?;
+        .map_err(|error| {
+            NodeError::CatalogKey(format!("cannot read or create {}: {error}", path.display()))
+        })?;
+    let key = CatalogKey::from_bytes(text.as_bytes()).ok_or_else(|| {
+        NodeError::CatalogKey(format!(
+            "{} holds no valid key (at least 32 bytes)",
+            path.display()
+        ))
+    })?;
     Ok((key, created))
 }
 
@@ -36,20 +44,21 @@ pub fn load_catalog_key(settings: &Settings) -> Result<(CatalogKey, bool), Strin
 /// now, nothing in the catalog can have been written with it, so an audit log found there predates
 /// keyed hashes (a database writer cannot cause this): it is anchored. Otherwise an unanchored log
 /// is reported, for an operator to anchor (`meridian audit anchor`).
-pub async fn connect_catalog(settings: &Settings) -> Result<Catalog, String> {
+pub async fn connect_catalog(settings: &Settings) -> Result<Catalog, NodeError> {
+    let failure = |error: meridian_catalog::CatalogError| NodeError::Catalog {
+        url: settings.catalog_url_for_display(),
+        message: meridian_core::redact_url(&error.to_string()),
+    };
     let (key, key_created) = load_catalog_key(settings)?;
     let catalog = Catalog::connect(settings.catalog_url.expose(), key)
         .await
-        .map_err(|error| error.to_string())?;
-    let anchored = catalog
-        .audit_chain_is_anchored()
-        .await
-        .map_err(|error| error.to_string())?;
+        .map_err(failure)?;
+    let anchored = catalog.audit_chain_is_anchored().await.map_err(failure)?;
     if !anchored && key_created {
         let outcome = catalog
             .anchor_audit_chain(&Actor::system("catalog-key-created"))
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(failure)?;
         info!(?outcome, "audit log anchored with the new catalog key");
     } else if !anchored {
         warn!(

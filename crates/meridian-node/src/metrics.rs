@@ -40,8 +40,8 @@ struct RegionOutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct JobLabels {
-    job: String,
+struct TaskLabels {
+    task: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,7 +77,7 @@ pub struct Metrics {
     body_budget_refusals: Counter,
     edge_refusals: Family<ReasonLabels, Counter>,
     retention_runs: Family<RegionOutcomeLabels, Counter>,
-    background_restarts: Family<JobLabels, Counter>,
+    task_restarts: Family<TaskLabels, Counter>,
     retention_archive_objects: Family<RegionLabels, Counter>,
     retention_warehouse_rows: Family<RegionLabels, Counter>,
 }
@@ -169,14 +169,14 @@ impl Metrics {
             "ClickHouse rows deleted because they were received before the project's retention",
             retention_warehouse_rows.clone(),
         );
-        let background_restarts = Family::<JobLabels, Counter>::default();
+        let task_restarts = Family::<TaskLabels, Counter>::default();
         registry.register(
-            "background_restarts",
-            "Background job loops (deletions, replays, retention, migrations) started again after a panic",
-            background_restarts.clone(),
+            "task_restarts",
+            "The node's long-lived tasks (delivery runners, job loops, refreshers, guards) started again after they panicked or failed",
+            task_restarts.clone(),
         );
         Metrics {
-            background_restarts,
+            task_restarts,
             body_budget_refusals,
             edge_refusals,
             retention_runs,
@@ -206,18 +206,18 @@ impl Metrics {
         let _ = self.retention_warehouse_rows.get_or_create(&labels);
     }
 
-    /// Creates a background job's restart counter at zero (a series from the start).
-    pub fn initialize_background_job(&self, job: &str) {
-        let _ = self.background_restarts.get_or_create(&JobLabels {
-            job: job.to_string(),
+    /// Creates a task's restart counter at zero (a series from the start).
+    pub fn initialize_task(&self, task: &str) {
+        let _ = self.task_restarts.get_or_create(&TaskLabels {
+            task: task.to_string(),
         });
     }
 
-    /// A background job loop panicked and is started again.
-    pub fn background_restarted(&self, job: &str) {
-        self.background_restarts
-            .get_or_create(&JobLabels {
-                job: job.to_string(),
+    /// A task panicked or failed and is started again.
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts
+            .get_or_create(&TaskLabels {
+                task: task.to_string(),
             })
             .inc();
     }

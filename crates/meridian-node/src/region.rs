@@ -1,8 +1,9 @@
-//! The assembly of the regions a node serves: for each, its queue, its sinks (built from that
-//! region's settings only) and one supervised delivery runner per sink. `RunningNode::start`
-//! asks for the whole set and wires the result into the HTTP state; nothing here knows HTTP.
+//! One served region: its queue, its sinks (built from that region's settings only) with one
+//! delivery runner per delivery log and sink, and its stores. [`Region::assemble`] builds
+//! everything and starts nothing: the runners, the residency guards and the spool drainers are
+//! handed to the node, which runs them under its supervisor.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,92 +18,156 @@ use meridian_clickhouse::ClickHouseSink;
 use meridian_core::{ErasureFilter, RegionId};
 use meridian_queue::encryption::QueueEncryption;
 use meridian_queue::jetstream::{JetStreamQueue, JetStreamSettings};
-use meridian_queue::{DeliveryRunner, QueueBackend, QueueConfig, RegionQueue, Sink};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use meridian_queue::{
+    DeliveryLog, DeliveryRunner, DeliveryStatus, QueueBackend, QueueConfig, RegionQueue, Sink,
+};
 use tracing::{info, warn};
 
 use crate::config::{ArchiveTarget, Settings};
-use crate::server::ServerError;
-use crate::state::{RegionServices, SinkHandle};
+use crate::error::NodeError;
 
-/// Everything the served regions run, by region.
-pub struct ServedRegions {
-    /// One queue per served region; no other region's queue exists on this node.
-    pub queues: BTreeMap<RegionId, Arc<dyn QueueBackend>>,
-    pub sink_handles: Vec<SinkHandle>,
-    /// The supervised delivery runners; each ends only after `drain` (see `DeliveryRunner::run`).
-    pub runners: Vec<JoinHandle<()>>,
-    /// S3 stores whose bucket location is checked periodically (residency guard).
-    pub guards: Vec<Arc<GuardedS3Store>>,
-    /// Archive sinks whose spooled customer objects are retried periodically.
-    pub spool_drainers: Vec<Arc<ArchiveSink>>,
-    pub region_services: BTreeMap<RegionId, RegionServices>,
+/// A running sink of a region, for metrics and readiness.
+#[derive(Clone)]
+pub struct SinkHandle {
+    pub region: RegionId,
+    pub sink: String,
+    /// The partition of the region's queue this runner delivers (`None`: the region has one log).
+    pub partition: Option<String>,
+    /// The runner's name among the node's tasks.
+    pub task: String,
+    /// The log the runner delivers from (its durable end tells the runner's backlog).
+    pub log: Arc<dyn DeliveryLog>,
+    pub status: Arc<DeliveryStatus>,
+    pub implementation: Arc<dyn Sink>,
 }
 
-/// Opens the queue of every served region, builds its sinks and starts their runners.
-pub async fn assemble_served_regions(
-    settings: &Settings,
-    keys: &Arc<KeyCache>,
-    customer_stores: &Arc<CustomerStores>,
-    queue_encryption: Option<&Arc<QueueEncryption>>,
-    node_id: &str,
-    drain: &watch::Receiver<bool>,
-) -> Result<ServedRegions, ServerError> {
-    let mut served = ServedRegions {
-        queues: BTreeMap::new(),
-        sink_handles: Vec::new(),
-        runners: Vec::new(),
-        guards: Vec::new(),
-        spool_drainers: Vec::new(),
-        region_services: BTreeMap::new(),
-    };
-    for region in &settings.served_regions {
-        let Some(region_settings) = settings.regions.get(region) else {
-            continue;
-        };
+impl SinkHandle {
+    /// Metric labels of this runner: region, sink, and the partition when the region has several.
+    pub fn labels(&self) -> Vec<(&'static str, &str)> {
+        let mut labels = vec![
+            ("region", self.region.as_str()),
+            ("sink", self.sink.as_str()),
+        ];
+        if let Some(partition) = &self.partition {
+            labels.push(("partition", partition.as_str()));
+        }
+        labels
+    }
+
+    /// Metric labels of the sink itself (shared by its runners of every partition).
+    pub fn sink_labels(&self) -> [(&'static str, &str); 2] {
+        [
+            ("region", self.region.as_str()),
+            ("sink", self.sink.as_str()),
+        ]
+    }
+
+    /// True for one runner per sink: where the sink's own figures are reported.
+    pub fn reports_sink_figures(&self) -> bool {
+        self.partition
+            .as_deref()
+            .is_none_or(|partition| partition == "p0")
+    }
+}
+
+/// What a served region's data lives in, built from that region's settings only.
+#[derive(Clone)]
+pub struct RegionServices {
+    pub archive_store: Arc<dyn ObjectStore>,
+    pub archive_prefix: Option<String>,
+    pub gzip_level: u32,
+    pub clickhouse: Option<Arc<ClickHouseSink>>,
+}
+
+/// A served region, assembled.
+pub struct Region {
+    pub id: RegionId,
+    /// The region's queue on this node; no other region's queue exists here.
+    pub queue: Arc<dyn QueueBackend>,
+    pub sinks: Vec<SinkHandle>,
+    pub services: RegionServices,
+}
+
+/// What a region runs, built and not started.
+pub struct RegionTasks {
+    pub region: RegionId,
+    /// `(task name, runner)`: one per delivery log and sink.
+    pub runners: Vec<(String, DeliveryRunner)>,
+    /// S3 stores whose bucket location is checked periodically (residency guard).
+    pub guards: Vec<Arc<GuardedS3Store>>,
+    /// The archive sink whose spooled customer objects are retried periodically.
+    pub spool_drainer: Option<Arc<ArchiveSink>>,
+}
+
+impl Region {
+    /// Opens the region's queue and builds its sinks and their runners, from the region's
+    /// settings only.
+    pub async fn assemble(
+        settings: &Settings,
+        region: &RegionId,
+        keys: &Arc<KeyCache>,
+        customer_stores: &Arc<CustomerStores>,
+        queue_encryption: Option<&Arc<QueueEncryption>>,
+        node_id: &str,
+    ) -> Result<(Region, RegionTasks), NodeError> {
+        let region_settings = settings
+            .regions
+            .get(region)
+            .ok_or_else(|| NodeError::Region {
+                region: region.to_string(),
+                message: "the region is not configured".to_string(),
+            })?;
         // A replicated queue keeps nothing of its own on the node; so must the archive: with
         // it, objects for a failing customer bucket wait in the queue instead of a local spool.
         let node_local_spool = region_settings.jetstream.is_none();
-        let Some((sinks, services)) = build_sinks(
-            settings,
-            region,
-            keys,
-            customer_stores,
-            node_local_spool,
-            &mut served.guards,
-            &mut served.spool_drainers,
-        )
-        .await
-        else {
-            let queue = open_queue(settings, region, queue_encryption, node_id, &[]).await?;
-            served.queues.insert(region.clone(), queue);
-            continue;
-        };
-        let sink_names: Vec<String> = sinks.iter().map(|sink| sink.name().to_string()).collect();
+        let built = build_sinks(settings, region, keys, customer_stores, node_local_spool).await?;
+        let sink_names: Vec<String> = built
+            .sinks
+            .iter()
+            .map(|sink| sink.name().to_string())
+            .collect();
         let queue = open_queue(settings, region, queue_encryption, node_id, &sink_names).await?;
-        warn_about_cursors_without_a_sink(region, queue.as_ref(), &sinks);
+        warn_about_cursors_without_a_sink(region, queue.as_ref(), &built.sinks);
         info!(region = %region, backend = queue.kind(), identity = %queue.identity(), sinks = ?sink_names, "region assembled");
-        served.region_services.insert(region.clone(), services);
+        let mut sinks = Vec::new();
+        let mut runners = Vec::new();
         for log in queue.delivery_logs() {
-            for sink in &sinks {
+            for sink in &built.sinks {
                 let runner =
                     DeliveryRunner::new(region.as_str(), Arc::clone(&log), Arc::clone(sink))
                         .with_retry_policy(settings.retry);
-                served.sink_handles.push(SinkHandle {
+                let partition = log.partition();
+                let task = match &partition {
+                    Some(partition) => format!("delivery {region} {} {partition}", sink.name()),
+                    None => format!("delivery {region} {}", sink.name()),
+                };
+                sinks.push(SinkHandle {
                     region: region.clone(),
                     sink: sink.name().to_string(),
-                    partition: log.partition(),
+                    partition,
+                    task: task.clone(),
                     log: Arc::clone(&log),
                     status: runner.status(),
                     implementation: Arc::clone(sink),
                 });
-                served.runners.push(tokio::spawn(runner.run(drain.clone())));
+                runners.push((task, runner));
             }
         }
-        served.queues.insert(region.clone(), queue);
+        Ok((
+            Region {
+                id: region.clone(),
+                queue,
+                sinks,
+                services: built.services,
+            },
+            RegionTasks {
+                region: region.clone(),
+                runners,
+                guards: built.guards,
+                spool_drainer: built.spool_drainer,
+            },
+        ))
     }
-    Ok(served)
 }
 
 /// Opens a served region's queue on the configured backend.
@@ -112,8 +177,8 @@ async fn open_queue(
     queue_encryption: Option<&Arc<QueueEncryption>>,
     node_id: &str,
     sink_names: &[String],
-) -> Result<Arc<dyn QueueBackend>, ServerError> {
-    let failure = |message: String| ServerError::Queue {
+) -> Result<Arc<dyn QueueBackend>, NodeError> {
+    let failure = |message: String| NodeError::Queue {
         region: region.to_string(),
         message,
     };
@@ -275,20 +340,18 @@ pub async fn region_services_for_tools(
     region: &RegionId,
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
-) -> Option<RegionServices> {
-    let mut guards = Vec::new();
-    let mut spool_drainers = Vec::new();
-    build_sinks(
-        settings,
-        region,
-        keys,
-        customer_stores,
-        true,
-        &mut guards,
-        &mut spool_drainers,
-    )
-    .await
-    .map(|(_, services)| services)
+) -> Result<RegionServices, NodeError> {
+    build_sinks(settings, region, keys, customer_stores, true)
+        .await
+        .map(|built| built.services)
+}
+
+/// A region's sinks, the stores behind them, and the tasks they need.
+struct BuiltSinks {
+    sinks: Vec<Arc<dyn Sink>>,
+    services: RegionServices,
+    guards: Vec<Arc<GuardedS3Store>>,
+    spool_drainer: Option<Arc<ArchiveSink>>,
 }
 
 /// Builds a region's sinks from that region's settings only.
@@ -298,11 +361,16 @@ async fn build_sinks(
     keys: &Arc<KeyCache>,
     customer_stores: &Arc<CustomerStores>,
     node_local_spool: bool,
-    guards: &mut Vec<Arc<GuardedS3Store>>,
-    spool_drainers: &mut Vec<Arc<ArchiveSink>>,
-) -> Option<(Vec<Arc<dyn Sink>>, RegionServices)> {
-    let region_settings = settings.regions.get(region)?;
+) -> Result<BuiltSinks, NodeError> {
+    let region_settings = settings
+        .regions
+        .get(region)
+        .ok_or_else(|| NodeError::Region {
+            region: region.to_string(),
+            message: "the region is not configured".to_string(),
+        })?;
     let archive = &region_settings.archive;
+    let mut guards = Vec::new();
     let store: Arc<dyn ObjectStore> = match &archive.target {
         ArchiveTarget::Dir(dir) => Arc::new(LocalDirStore::new(dir.clone())),
         ArchiveTarget::S3 {
@@ -336,15 +404,14 @@ async fn build_sinks(
         },
         Arc::clone(keys) as Arc<dyn ErasureFilter>,
     );
-    let archive_sink = if node_local_spool {
+    let (archive_sink, spool_drainer) = if node_local_spool {
         let archive_sink = Arc::new(archive_sink.with_spool(Spool::new(
             settings.data_dir.join("spool").join(region.as_str()),
             settings.spool_budget_bytes,
         )));
-        spool_drainers.push(Arc::clone(&archive_sink));
-        archive_sink
+        (Arc::clone(&archive_sink), Some(archive_sink))
     } else {
-        Arc::new(archive_sink)
+        (Arc::new(archive_sink), None)
     };
     let mut sinks: Vec<Arc<dyn Sink>> = vec![archive_sink];
     let clickhouse = region_settings.clickhouse.as_ref().map(|clickhouse| {
@@ -358,11 +425,15 @@ async fn build_sinks(
     if let Some(clickhouse) = &clickhouse {
         sinks.push(Arc::clone(clickhouse) as Arc<dyn Sink>);
     }
-    let services = RegionServices {
-        archive_store: store,
-        archive_prefix: archive.prefix.clone(),
-        gzip_level: archive.gzip_level,
-        clickhouse,
-    };
-    Some((sinks, services))
+    Ok(BuiltSinks {
+        sinks,
+        services: RegionServices {
+            archive_store: store,
+            archive_prefix: archive.prefix.clone(),
+            gzip_level: archive.gzip_level,
+            clickhouse,
+        },
+        guards,
+        spool_drainer,
+    })
 }
