@@ -13,48 +13,8 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-
-fn make_certificate(dir: &Path, common_name: &str) -> CertificateDer<'static> {
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("key.pem.new"))
-        .arg("-out")
-        .arg(dir.join("cert.pem.new"))
-        .args([
-            "-subj",
-            &format!("/CN={common_name}"),
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .args([
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs");
-    assert!(status.success());
-    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
-    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
-    CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap()
-}
 
 /// Connects with rustls trusting `trusted`, offering `alpn`; returns the stream and the
 /// certificate the server presented.
@@ -541,7 +501,7 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
         let (status, ready_body) = readiness(&server).await;
         let names_the_runner = ready_body["failing"]
             .to_string()
-            .contains("eu-west-1 archive sink");
+            .contains("delivery eu-west-1 archive");
         let body = server.node_status().await;
         let sinks = &body["regions"]["eu-west-1"]["sinks"];
         let archive_down = sinks.as_array().is_some_and(|sinks| {

@@ -253,7 +253,9 @@ async fn a_bucket_in_another_region_is_refused_and_its_data_stays_queued() {
         let body: Value = response.json().await.unwrap();
         let detail = server.node_status().await;
         status == 503
-            && body["failing"].to_string().contains("us-east-1 archive")
+            && body["failing"]
+                .to_string()
+                .contains("delivery us-east-1 archive")
             && detail["regions"]["us-east-1"]["sinks"][0]["problem"]
                 .as_str()
                 .is_some_and(|problem| problem.contains("eu-west-1"))

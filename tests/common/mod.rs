@@ -648,3 +648,48 @@ impl Load {
         (accepted, self.refused.load(Ordering::Relaxed))
     }
 }
+
+/// A self-signed certificate for localhost / 127.0.0.1 made with openssl: `cert.pem` and
+/// `key.pem` in `dir` (replaced atomically), returned as DER.
+pub fn make_certificate(
+    dir: &Path,
+    common_name: &str,
+) -> rustls_pki_types::CertificateDer<'static> {
+    use rustls_pki_types::pem::PemObject;
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem.new"))
+        .arg("-out")
+        .arg(dir.join("cert.pem.new"))
+        .args([
+            "-subj",
+            &format!("/CN={common_name}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
+    rustls_pki_types::CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap()
+}

@@ -8,12 +8,12 @@
 //! Tasks stop in two phases: first those that deliver the queues (`Phase::Deliver`: they are told
 //! to drain, and finish what is durable), then every other (`Phase::Background`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -104,6 +104,8 @@ pub struct Supervisor {
     background_stop: watch::Sender<bool>,
     states: Arc<Mutex<BTreeMap<String, TaskState>>>,
     tasks: Mutex<Vec<Registered>>,
+    /// Per task: notified, its current run panics (see [`Supervisor::inject_panic`]).
+    faults: Mutex<HashMap<String, Arc<Notify>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -114,7 +116,25 @@ impl Supervisor {
             background_stop: watch::channel(false).0,
             states: Arc::new(Mutex::new(BTreeMap::new())),
             tasks: Mutex::new(Vec::new()),
+            faults: Mutex::new(HashMap::new()),
             metrics,
+        }
+    }
+
+    /// Makes the current run of task `name` panic, as a bug in it would: for the supervision
+    /// tests, which check that every task is restarted, counted and shown while down. `false`
+    /// when there is no such task.
+    pub fn inject_panic(&self, name: &str) -> bool {
+        let faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match faults.get(name) {
+            Some(fault) => {
+                fault.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -144,6 +164,11 @@ impl Supervisor {
         };
         let states = Arc::clone(&self.states);
         let metrics = Arc::clone(&self.metrics);
+        let fault = Arc::new(Notify::new());
+        self.faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(name.clone(), Arc::clone(&fault));
         metrics.initialize_task(&name);
         Self::set_state(&states, &name, TaskState::Running);
         let task_name = name.clone();
@@ -154,7 +179,15 @@ impl Supervisor {
             let mut restarts = 0u64;
             loop {
                 let started = tokio::time::Instant::now();
-                let run = tokio::spawn(start(TaskContext { stop: stop.clone() }));
+                let this_run = start(TaskContext { stop: stop.clone() });
+                let fault = Arc::clone(&fault);
+                let fault_name = name.clone();
+                let run = tokio::spawn(async move {
+                    tokio::select! {
+                        outcome = this_run => outcome,
+                        _ = fault.notified() => panic!("a panic injected into {fault_name}"),
+                    }
+                });
                 let reason = match run.await {
                     Ok(Ok(())) => break,
                     Ok(Err(failure)) => failure.0,

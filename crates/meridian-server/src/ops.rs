@@ -154,6 +154,15 @@ async fn node_status(
 struct Readiness<'a> {
     catalog_loaded: bool,
     regions: Vec<RegionReadiness<'a>>,
+    /// The node's tasks other than delivery runners that are down, waiting to start again:
+    /// `(name, keeps the node from being ready)`.
+    down_tasks: Vec<(String, bool)>,
+}
+
+/// Whether a task being down keeps the node from taking traffic: the queue's maintenance (a
+/// replicated queue's writable flag) and the key cache's refresher (new keys, suppressions).
+fn task_is_critical(name: &str) -> bool {
+    name.starts_with("queue maintenance") || name == "key cache refresher"
 }
 
 struct RegionReadiness<'a> {
@@ -189,14 +198,29 @@ impl<'a> Readiness<'a> {
                     .collect(),
             })
             .collect();
+        let runner_tasks: std::collections::BTreeSet<&str> =
+            state.node.sinks().map(|sink| sink.task.as_str()).collect();
+        let down_tasks = state
+            .node
+            .supervisor
+            .down_tasks()
+            .into_iter()
+            .filter(|(name, _)| !runner_tasks.contains(name.as_str()))
+            .map(|(name, _)| {
+                let critical = task_is_critical(&name);
+                (name, critical)
+            })
+            .collect();
         Readiness {
             catalog_loaded: state.node.keys.version() >= 0,
             regions,
+            down_tasks,
         }
     }
 
     fn is_ready(&self) -> bool {
         self.catalog_loaded
+            && self.down_tasks.iter().all(|(_, critical)| !critical)
             && self.regions.iter().all(|region| {
                 region.queue_writable && region.sinks.iter().all(|sink| sink.problem.is_none())
             })
@@ -208,17 +232,14 @@ impl<'a> Readiness<'a> {
         if !self.catalog_loaded {
             failing.push("catalog: not loaded".to_string());
         }
+        for (name, _) in self.down_tasks.iter().filter(|(_, critical)| *critical) {
+            failing.push(format!("{name}: not running (restarting)"));
+        }
         for region in &self.regions {
             if !region.queue_writable {
                 failing.push(format!("{} queue: not writable", region.region));
             }
             for sink in &region.sinks {
-                let partition = sink
-                    .handle
-                    .partition
-                    .as_deref()
-                    .map(|partition| format!(" {partition}"))
-                    .unwrap_or_default();
                 let state = if !sink.running {
                     "not running (restarting)"
                 } else if sink.problem.is_some() {
@@ -226,10 +247,7 @@ impl<'a> Readiness<'a> {
                 } else {
                     continue;
                 };
-                failing.push(format!(
-                    "{} {} sink{partition}: {state}",
-                    region.region, sink.handle.sink
-                ));
+                failing.push(format!("{}: {state}", sink.handle.task));
             }
         }
         failing
@@ -238,7 +256,12 @@ impl<'a> Readiness<'a> {
     /// Parts that fail without keeping the node from taking traffic: sinks whose deliveries keep
     /// failing (their data stays queued), named by region and sink only.
     fn degraded_parts(&self) -> Vec<String> {
-        let mut degraded = Vec::new();
+        let mut degraded: Vec<String> = self
+            .down_tasks
+            .iter()
+            .filter(|(_, critical)| !critical)
+            .map(|(name, _)| format!("{name}: not running (restarting)"))
+            .collect();
         for region in &self.regions {
             for sink in &region.sinks {
                 let failures = sink
@@ -247,15 +270,9 @@ impl<'a> Readiness<'a> {
                     .consecutive_failures
                     .load(Ordering::Relaxed);
                 if sink.running && failures > 0 {
-                    let partition = sink
-                        .handle
-                        .partition
-                        .as_deref()
-                        .map(|partition| format!(" {partition}"))
-                        .unwrap_or_default();
                     degraded.push(format!(
-                        "{} {} sink{partition}: delivery failing ({failures} attempts in a row; the data stays queued)",
-                        region.region, sink.handle.sink
+                        "{}: delivery failing ({failures} attempts in a row; the data stays queued)",
+                        sink.handle.task
                     ));
                 }
             }

@@ -54,7 +54,7 @@ pub trait LeasedJob: Send + Sync + 'static {
     const NAME: &'static str;
     const AFTER_WORK: AfterWork;
 
-    /// Whether this node has anything to do for this kind of job at all.
+    /// Whether this node has anything to do for this kind of job at all (else no loop runs).
     fn applies_to(&self, node: &Node) -> bool;
     /// Claims work of the node's regions until `lease_until_ms`.
     async fn claim(&self, node: &Node, lease_until_ms: i64)
@@ -77,9 +77,6 @@ pub async fn run_leased_loop<J: LeasedJob>(
     node: Arc<Node>,
     mut context: TaskContext,
 ) -> Result<(), TaskFailure> {
-    if !job.applies_to(&node) {
-        return Ok(());
-    }
     loop {
         let lease_until_ms = now_unix_ms() + LEASE.as_millis() as i64;
         let claimed = tokio::select! {
@@ -127,7 +124,11 @@ pub fn start_all(node: &Arc<Node>) {
     spawn_job(node, migration::MigrationCopies);
 }
 
+/// Hands a job loop to the supervisor, unless this node has nothing to do for it.
 fn spawn_job<J: LeasedJob>(node: &Arc<Node>, job: J) {
+    if !job.applies_to(node) {
+        return;
+    }
     let job = Arc::new(job);
     let loop_node = Arc::clone(node);
     node.supervisor.spawn(
