@@ -692,6 +692,7 @@ async fn every_admin_route_on_sqlite() {
     exercise_every_admin_route(&server).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn every_admin_route_on_postgresql() {
     let Some(catalog_url) = fresh_postgres_catalog().await else {
@@ -702,6 +703,7 @@ async fn every_admin_route_on_postgresql() {
     exercise_every_admin_route(&server).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_one_postgresql_catalog() {
     let Some(catalog_url) = fresh_postgres_catalog().await else {

@@ -86,8 +86,9 @@ async fn chaos_kill_9_every_few_seconds_under_load() {
     let load = Load::start(&server, &keys, 8, "kill");
     let deadline = Instant::now() + disturbance();
     let mut kills = 0;
+    let mut schedule = kill_schedule("chaos_kill_9_every_few_seconds_under_load");
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(700..2500))).await;
+        tokio::time::sleep(Duration::from_millis(schedule.random_range(700..2500))).await;
         server.kill_hard();
         kills += 1;
         server.spawn().await;
@@ -438,6 +439,7 @@ async fn chaos_a_thousand_connections_slow_clients_and_resets() {
     });
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_two_nodes_one_bucket_with_kill_9() {
     let Some(mut cluster) = common::cluster::Cluster::start(2, "eu-west-1", "").await else {
@@ -448,9 +450,10 @@ async fn chaos_two_nodes_one_bucket_with_kill_9() {
     let load = cluster.load(&key, 8, "two", Spread::Random, Duration::from_millis(2));
     let deadline = Instant::now() + disturbance();
     let mut kills = 0;
+    let mut schedule = kill_schedule("chaos_two_nodes_one_bucket_with_kill_9");
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(700..2500))).await;
-        let victim = rand::rng().random_range(0..cluster.nodes.len());
+        tokio::time::sleep(Duration::from_millis(schedule.random_range(700..2500))).await;
+        let victim = schedule.random_range(0..cluster.nodes.len());
         cluster.nodes[victim].kill_hard();
         kills += 1;
         cluster.nodes[victim].spawn().await;

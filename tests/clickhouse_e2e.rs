@@ -70,6 +70,7 @@ fn count_sql(database: &str, project_id: &str) -> String {
     format!("SELECT count() FROM {database}.events FINAL WHERE project_id = '{project_id}'")
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_regions_clickhouse_holds_exactly_its_projects_messages() {
     let (Some(eu_url), Some(us_url)) = (
@@ -201,6 +202,7 @@ async fn a_thirty_second_clickhouse_outage_under_load_delays_but_loses_nothing()
     assert_eq!(stored_ids, accepted);
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn a_region_with_its_first_replica_down_inserts_into_the_second() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -235,6 +237,7 @@ async fn a_region_with_its_first_replica_down_inserts_into_the_second() {
     assert!(failovers >= 1.0, "the failover was counted");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_inserts_keeps_clickhouse_counts_exact() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -302,6 +305,7 @@ async fn kill_9_during_inserts_keeps_clickhouse_counts_exact() {
     assert!(accepted.len() > 100);
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_of_its_batch_stored() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -386,6 +390,7 @@ async fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_of_its_batch_sto
     );
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn a_full_dead_letter_file_keeps_the_batch_queued_until_there_is_room() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -464,6 +469,7 @@ async fn a_full_dead_letter_file_keeps_the_batch_queued_until_there_is_room() {
     assert!(dead_letters.contains("poison"));
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn stored_columns_round_trip() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -579,6 +585,7 @@ async fn stored_columns_round_trip() {
     }
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_timestamp_crosses_midnight_or_a_month_counts_once() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -645,6 +652,7 @@ async fn a_retry_whose_timestamp_crosses_midnight_or_a_month_counts_once() {
     );
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
@@ -736,6 +744,7 @@ async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() 
     assert_eq!(kept.trim(), "a\nb\nc");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_residency_report_finds_data_of_a_project_pinned_elsewhere() {
     let (Some(eu_url), Some(us_url)) = (

@@ -44,7 +44,9 @@ async fn load_then_terminate(
 
 /// Single-message requests (as browsers send them) a few times a second per client: most archive
 /// flushes hold one or two records, so every node writes many small objects over the same offset
-/// ranges as its peers — the case where offsets alone collided (SERVICES.md: 47% lost).
+/// ranges as its peers — the case where offsets alone collided (measured before batches were
+/// named by queue incarnation: 47% of acknowledged messages overwritten; ARCHITECTURE.md,
+/// invariant 2).
 async fn at_a_low_rate(nodes: usize) {
     let Some(cluster) = Cluster::start(nodes, REGION, "").await else {
         return;
@@ -79,26 +81,31 @@ async fn at_a_high_rate(nodes: usize) {
     .await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_at_a_low_rate_store_every_message_exactly_once() {
     at_a_low_rate(2).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_at_a_high_rate_store_every_message_exactly_once() {
     at_a_high_rate(2).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_at_a_low_rate_store_every_message_exactly_once() {
     at_a_low_rate(3).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_at_a_high_rate_store_every_message_exactly_once() {
     at_a_high_rate(3).await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_node_at_random_moments_loses_and_duplicates_nothing() {
     let Some(mut cluster) = Cluster::start(3, REGION, "").await else {
@@ -108,14 +115,15 @@ async fn kill_9_of_one_node_at_random_moments_loses_and_duplicates_nothing() {
     cluster.wait_for_key_everywhere(&key).await;
     let load = cluster.load(&key, 6, "k", Spread::Random, Duration::from_millis(5));
     let mut kills = BTreeMap::new();
+    let mut schedule = kill_schedule("cluster kill -9");
     for _ in 0..5 {
-        let wait = rand::rng().random_range(300..1500);
+        let wait = schedule.random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        let victim = rand::rng().random_range(0..cluster.nodes.len());
+        let victim = schedule.random_range(0..cluster.nodes.len());
         cluster.nodes[victim].kill_hard();
         *kills.entry(victim).or_insert(0) += 1;
         // The others serve on while it is down.
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(100..600))).await;
+        tokio::time::sleep(Duration::from_millis(schedule.random_range(100..600))).await;
         cluster.nodes[victim].spawn().await;
     }
     let (mut accepted, refused) = load.finish().await;
@@ -131,6 +139,7 @@ async fn kill_9_of_one_node_at_random_moments_loses_and_duplicates_nothing() {
         .await;
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_queue_directory_never_overwrites_an_object_of_its_previous_life() {
     let Some(mut cluster) = Cluster::start(1, REGION, "").await else {

@@ -17,6 +17,7 @@ fn console_config(extra: &str) -> String {
     ))
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_browser_the_console_signs_in_creates_a_project_shows_live_events_and_privacy_requests()
  {
@@ -346,6 +347,7 @@ async fn the_live_feed_is_for_the_org_only_limited_and_a_subscriber_that_never_r
     );
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orgs_volume_counts_each_projects_last_hour_from_its_regions_warehouse() {
     let Some(clickhouse) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {

@@ -16,6 +16,7 @@ fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[test]
 fn the_dockerfile_passes_hadolint_and_has_the_essentials() {
     let dockerfile = std::fs::read_to_string(repository().join("Dockerfile")).unwrap();
@@ -108,6 +109,7 @@ fn image_defaults() -> (Vec<String>, Vec<(String, String)>, PathBuf) {
     (args, environment, repository().join(source))
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn the_release_binary_starts_with_the_images_default_config() {
     let Some(binary) = shared_service("MERIDIAN_TEST_RELEASE_BIN") else {
@@ -214,6 +216,7 @@ fn metric_names_in(text: &str) -> BTreeSet<String> {
     names
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn dashboards_and_alerts_only_use_metrics_the_service_exports() {
     // With a ClickHouse sink, so that its own series (dead letters) exist too.

@@ -26,12 +26,13 @@ async fn every_acknowledged_message_survives_repeated_kill_9_exactly_once() {
     ];
     let mut accepted_by_region: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let rounds = 6;
+    let mut schedule = kill_schedule("durability kill -9");
     for round in 0..rounds {
         if round > 0 {
             server.spawn().await;
         }
         let load = Load::start(&server, &keys, 8, &format!("r{round}"));
-        let alive_for = Duration::from_millis(rand::rng().random_range(300..900));
+        let alive_for = Duration::from_millis(schedule.random_range(300..900));
         tokio::time::sleep(alive_for).await;
         server.kill_hard();
         let (accepted, _refused_while_killed) = load.finish().await;

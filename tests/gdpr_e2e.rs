@@ -82,6 +82,7 @@ async fn etags_by_key(client: &aws_sdk_s3::Client, bucket: &str) -> BTreeMap<Str
         .collect()
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_user_clears_clickhouse_and_the_archive_including_queued_messages() {
     let (Some(clickhouse), Some(s3)) = (
@@ -417,6 +418,7 @@ async fn suppression_drops_new_messages_within_a_second_and_lifting_it_restores_
     assert_eq!(ids, vec!["after-lifting", "dave-1"]);
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
     let (Some(eu_clickhouse), Some(us_clickhouse), Some(s3)) = (
@@ -519,6 +521,7 @@ async fn a_deletion_in_us_east_1_sends_nothing_to_eu_west_1() {
     assert_eq!(us_archived.len(), 4);
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_also_removes_the_users_dead_lettered_messages() {
     let Some(clickhouse) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {

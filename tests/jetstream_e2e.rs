@@ -33,21 +33,22 @@ async fn kill_nats_servers_and_nodes(partitions: u32, tag: &str) -> Option<(Clus
     cluster.wait_for_key_everywhere(&key).await;
     let load = cluster.load(&key, 4, tag, Spread::Random, Duration::from_millis(5));
     let mut disturbances = Vec::new();
+    let mut schedule = kill_schedule("jetstream kills");
     for round in 0..6 {
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1200))).await;
+        tokio::time::sleep(Duration::from_millis(schedule.random_range(300..1200))).await;
         if round % 2 == 0 {
-            let victim = rand::rng().random_range(0..nats.size());
+            let victim = schedule.random_range(0..nats.size());
             nats.kill_hard(victim);
             disturbances.push(format!("nats n{victim}"));
-            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1500))).await;
+            tokio::time::sleep(Duration::from_millis(schedule.random_range(300..1500))).await;
             nats.restart(victim).await;
         } else {
-            let victim = rand::rng().random_range(0..cluster.nodes.len());
+            let victim = schedule.random_range(0..cluster.nodes.len());
             let node = &mut cluster.nodes[victim];
             node.kill_hard();
             std::fs::remove_dir_all(&node.data_dir).expect("the node's data directory deleted");
             disturbances.push(format!("meridian node {victim} and its disk"));
-            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(100..600))).await;
+            tokio::time::sleep(Duration::from_millis(schedule.random_range(100..600))).await;
             node.spawn().await;
         }
     }
@@ -66,6 +67,7 @@ async fn kill_nats_servers_and_nodes(partitions: u32, tag: &str) -> Option<(Clus
     Some((cluster, project_id))
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_nats_servers_and_of_nodes_with_their_disks_loses_and_duplicates_nothing() {
     let Some((mut cluster, _)) = kill_nats_servers_and_nodes(1, "js1").await else {
@@ -74,6 +76,7 @@ async fn kill_9_of_nats_servers_and_of_nodes_with_their_disks_loses_and_duplicat
     cluster.terminate_all();
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_three_partitions_the_same_kills_end_exact_and_every_partition_is_delivered() {
     let Some((mut cluster, project_id)) = kill_nats_servers_and_nodes(3, "js3").await else {
@@ -137,6 +140,7 @@ async fn post_track(server: &TestServer, key: &str, message_id: &str) -> reqwest
         .expect("POST /v1/track answered")
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_ingest_answers_503_and_recovers_by_itself() {
     let Some(mut nats) = NatsCluster::start("eu", 3).await else {
@@ -185,6 +189,7 @@ async fn without_a_quorum_ingest_answers_503_and_recovers_by_itself() {
     assert_eq!(archived.get("after"), Some(&1));
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_retry_of_a_stored_message_is_stored_once() {
     let Some(nats) = NatsCluster::start("eu", 3).await else {
@@ -268,6 +273,7 @@ async fn projects_seen(
     seen
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_regions_cluster_holds_only_that_regions_projects() {
     let (Some(eu), Some(us)) = (
@@ -345,6 +351,7 @@ async fn each_regions_cluster_holds_only_that_regions_projects() {
     assert!(us_archived.keys().all(|id| id.starts_with("us-")));
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_residency_report_reads_the_regions_streams_and_flags_a_foreign_project_in_them() {
     let (Some(eu), Some(us)) = (
@@ -432,6 +439,7 @@ async fn wait_for_metric(server: &TestServer, series: &str, expected: f64) -> bo
     .await
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_sink_never_purges_what_that_sink_has_not_delivered() {
     let Some(nats) = NatsCluster::start("eu", 1).await else {
@@ -483,6 +491,7 @@ async fn a_node_without_a_sink_never_purges_what_that_sink_has_not_delivered() {
     assert_eq!(held, 10, "nothing ClickHouse has not delivered was purged");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_larger_than_the_servers_take_gets_413_and_nothing_of_its_request_is_stored() {
     let Some(nats) = NatsCluster::start_with_max_payload("eu", 1, "4KB").await else {
@@ -517,6 +526,7 @@ async fn a_message_larger_than_the_servers_take_gets_413_and_nothing_of_its_requ
     assert_eq!(archived.get("after"), Some(&1));
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_answers_503_queue_full_and_keeps_what_it_acknowledged() {
     let Some(nats) = NatsCluster::start("eu", 1).await else {

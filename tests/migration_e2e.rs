@@ -120,6 +120,7 @@ async fn two_regions(copy_messages_per_second: u64) -> Option<TwoRegions> {
     })
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_under_load_with_a_kill_in_the_copy_moves_every_message_exactly_once() {
     // Copies go at 600 messages a second, the load at about half that: the copy catches up, and
@@ -436,6 +437,7 @@ async fn deletion_done(server: &TestServer, token: &str, deletion_id: &str) -> b
     .await
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_deleted_from_the_source_during_a_migration_is_deleted_from_the_target_too() {
     let Some(setup) = two_regions(20_000).await else {

@@ -552,6 +552,7 @@ async fn a_sink_runner_that_cannot_open_its_cursor_is_restarted_and_readyz_is_50
     assert!(restarts >= 1.0, "restarts counted: {restarts}");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_secrets_never_appear_in_logs_errors_or_check_config() {
     let Some(catalog_url) = common::cluster::fresh_postgres_database("secrets").await else {

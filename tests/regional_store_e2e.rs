@@ -141,6 +141,7 @@ async fn time_until_suppressed(
     suppressed.then(|| since.elapsed())
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn end_user_data_of_each_region_lives_only_in_its_regional_store() {
     let Some(global_url) = fresh_postgres_database("global").await else {
@@ -316,6 +317,7 @@ async fn end_user_data_of_each_region_lives_only_in_its_regional_store() {
 
 /// A deployment from before regional stores: one PostgreSQL catalog held everything. Restarted
 /// with a store for its region, the node moves that region's rows in and loses nothing.
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test]
 async fn a_single_catalog_deployment_upgraded_in_place_keeps_everything() {
     let Some(global_url) = fresh_postgres_database("single").await else {

@@ -168,6 +168,7 @@ impl Setup {
     }
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_restores_lost_rows_exactly_once_and_a_second_replay_changes_nothing() {
     let Some(setup) = setup("").await else {
@@ -244,6 +245,7 @@ async fn a_replay_restores_lost_rows_exactly_once_and_a_second_replay_changes_no
     assert!(actions.contains(&"replay.done"), "{actions:?}");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_killed_in_the_middle_resumes_after_its_last_object_and_ends_exact() {
     // 20 messages a second: the replay of 12 objects of 5 takes about 3 s.
@@ -287,6 +289,7 @@ async fn a_replay_killed_in_the_middle_resumes_after_its_last_object_and_ends_ex
     );
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_never_brings_back_a_deleted_user() {
     let Some(setup) = setup("").await else {
@@ -346,6 +349,7 @@ async fn a_replay_never_brings_back_a_deleted_user() {
     );
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_requests_are_checked_and_a_pending_replay_can_be_cancelled() {
     let Some(setup) = setup("[replay]\nmax_messages_per_second = 1").await else {

@@ -127,6 +127,7 @@ async fn panic_every_task_in_turn(started: Started, expected_tasks: &[&str]) -> 
     names
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_task_of_a_local_node_is_restarted_counted_shown_and_joined() {
     let Some(s3_endpoint) = shared_service("MERIDIAN_TEST_S3_ENDPOINT") else {
@@ -178,6 +179,7 @@ async fn every_task_of_a_local_node_is_restarted_counted_shown_and_joined() {
     eprintln!("tasks panicked, restarted and joined: {names:?}");
 }
 
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jetstream_monitor_is_restarted_counted_shown_and_joined() {
     let Some(urls) = shared_service("MERIDIAN_TEST_NATS_URLS") else {

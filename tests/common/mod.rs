@@ -693,3 +693,16 @@ pub fn make_certificate(
     std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
     rustls_pki_types::CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap()
 }
+
+/// The random source of a kill schedule (which node, when): seeded from `MERIDIAN_TEST_SEED`
+/// when set, else at random, and the seed printed (a failing test shows it) so that a schedule
+/// that found a bug can be replayed.
+pub fn kill_schedule(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("MERIDIAN_TEST_SEED")
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("{test}: kill schedule seed {seed} (replay it with MERIDIAN_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}

@@ -6,10 +6,31 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 pub const MILLIS_PER_DAY: i64 = 86_400_000;
 
-/// The current time in unix milliseconds.
+/// The current time in unix milliseconds (shifted by [`TEST_CLOCK_OFFSET_VARIABLE`] when set).
 pub fn now_unix_ms() -> i64 {
+    system_now_unix_ms() + clock_offset_ms()
+}
+
+/// The system's time in unix milliseconds, never shifted: for what other parties check against
+/// their own clocks (the `iat`, `nbf` and `exp` of tokens).
+pub fn system_now_unix_ms() -> i64 {
     let now = OffsetDateTime::now_utc();
     (now.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A process's clock can be shifted by this many milliseconds, read once from the environment:
+/// for tests whose expectations depend on the time of day (a retention cutoff is a UTC day start)
+/// and must not depend on when they run. Never set it in production.
+pub const TEST_CLOCK_OFFSET_VARIABLE: &str = "MERIDIAN_TEST_CLOCK_OFFSET_MS";
+
+fn clock_offset_ms() -> i64 {
+    static OFFSET_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET_MS.get_or_init(|| {
+        std::env::var(TEST_CLOCK_OFFSET_VARIABLE)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// Parses an ISO 8601 / RFC 3339 timestamp the way SDKs send them: `Z` or `+hh:mm` offsets,

@@ -2,8 +2,13 @@
 //! queue and sink figures are read from their live state at scrape time. Labels are low
 //! cardinality: route templates, status codes, regions, sinks and reject codes, never project ids.
 
-use std::fmt::Write;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -318,53 +323,111 @@ impl Metrics {
             output.push('\n');
         }
     }
-}
 
-/// Writes scrape-time figures in Prometheus text format.
-pub struct TextWriter<'a> {
-    output: &'a mut String,
-}
-
-impl<'a> TextWriter<'a> {
-    pub fn new(output: &'a mut String) -> TextWriter<'a> {
-        TextWriter { output }
+    /// The registry's metrics and the scrape's `figures`, in OpenMetrics text.
+    pub fn encode_with(&self, figures: Figures) -> String {
+        let mut output = String::with_capacity(16 * 1024);
+        self.encode_registry(&mut output);
+        let mut scrape = Registry::with_prefix("meridian");
+        scrape.register_collector(Box::new(figures));
+        if prometheus_client::encoding::text::encode(&mut output, &scrape).is_err() {
+            output.push_str("# EOF\n");
+        }
+        output
     }
+}
 
-    /// Declares a metric; `kind` is `gauge` or `counter`. Counter samples end in `_total`, and
-    /// (as OpenMetrics wants) the family name is declared without that suffix.
+/// Figures read at scrape time (queues, sinks, the edge): declared and sampled as the scrape
+/// walks the node, then encoded by prometheus-client (a [`Collector`]) with the registry's
+/// metrics. Families keep the order they were declared in.
+#[derive(Debug, Default)]
+pub struct Figures {
+    families: Vec<FigureFamily>,
+}
+
+#[derive(Debug)]
+struct FigureFamily {
+    /// The name without the `meridian_` prefix (and, for counters, without `_total`).
+    name: String,
+    kind: MetricType,
+    help: String,
+    samples: Vec<(Vec<(String, String)>, f64)>,
+}
+
+impl Figures {
+    /// Declares a metric; `kind` is `gauge` or `counter`. Counters are named with their `_total`
+    /// suffix, as their samples are.
     pub fn declare(&mut self, name: &str, kind: &str, help: &str) {
         debug_assert!(
             kind != "counter" || name.ends_with("_total"),
             "counter {name} must end in _total"
         );
-        let family = if kind == "counter" {
-            name.trim_end_matches("_total")
-        } else {
-            name
+        let (name, kind) = match kind {
+            "counter" => (name.trim_end_matches("_total"), MetricType::Counter),
+            _ => (name, MetricType::Gauge),
         };
-        let _ = writeln!(self.output, "# HELP meridian_{family} {help}");
-        let _ = writeln!(self.output, "# TYPE meridian_{family} {kind}");
+        if self.families.iter().any(|family| family.name == name) {
+            return;
+        }
+        self.families.push(FigureFamily {
+            name: name.to_string(),
+            kind,
+            help: help.to_string(),
+            samples: Vec::new(),
+        });
     }
 
+    /// A sample of the family declared as `name`.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let rendered: Vec<String> = labels
-            .iter()
-            .map(|(key, value)| {
-                format!(
-                    "{key}=\"{}\"",
-                    value.replace('\\', "\\\\").replace('"', "\\\"")
-                )
-            })
-            .collect();
-        if rendered.is_empty() {
-            let _ = writeln!(self.output, "meridian_{name} {value}");
-        } else {
-            let _ = writeln!(
-                self.output,
-                "meridian_{name}{{{}}} {value}",
-                rendered.join(",")
-            );
+        let family_name = name.strip_suffix("_total").unwrap_or(name);
+        let family = self
+            .families
+            .iter_mut()
+            .find(|family| family.name == family_name || family.name == name);
+        debug_assert!(family.is_some(), "{name} sampled before it was declared");
+        if let Some(family) = family {
+            family.samples.push((
+                labels
+                    .iter()
+                    .map(|(key, value)| (key.to_string(), value.to_string()))
+                    .collect(),
+                value,
+            ));
         }
+    }
+}
+
+impl Collector for Figures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for family in &self.families {
+            let mut metric =
+                encoder.encode_descriptor(&family.name, &family.help, None, family.kind)?;
+            if let [(labels, value)] = family.samples.as_slice()
+                && labels.is_empty()
+            {
+                encode_value(family.kind, *value, metric)?;
+                continue;
+            }
+            for (labels, value) in &family.samples {
+                let labels: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect();
+                encode_value(family.kind, *value, metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_value(
+    kind: MetricType,
+    value: f64,
+    encoder: prometheus_client::encoding::MetricEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(encoder),
+        _ => ConstGauge::new(value).encode(encoder),
     }
 }
 
@@ -384,4 +447,339 @@ pub fn process_figures() -> (Option<u64>, Option<u64>) {
         .ok()
         .map(|entries| entries.count() as u64);
     (resident_bytes, open_fds)
+}
+
+/// The node's figures read at scrape time: each served region's queue, each delivery runner and
+/// sink, the key cache.
+pub fn node_figures(node: &crate::node::Node) -> Figures {
+    use std::sync::atomic::Ordering;
+
+    use crate::region::SinkHandle;
+
+    let mut figures = Figures::default();
+
+    figures.declare(
+        "queue_bytes",
+        "gauge",
+        "Bytes of queue segments on disk, by region",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_bytes",
+            &[("region", region.as_str())],
+            queue.stats().disk_bytes as f64,
+        );
+    }
+    figures.declare(
+        "queue_disk_budget_bytes",
+        "gauge",
+        "Disk budget of the region's queue",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_disk_budget_bytes",
+            &[("region", region.as_str())],
+            queue.stats().disk_budget_bytes as f64,
+        );
+    }
+    figures.declare(
+        "queue_pending_records",
+        "gauge",
+        "Records not yet delivered by the slowest sink, by region",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_pending_records",
+            &[("region", region.as_str())],
+            queue.stats().pending_records() as f64,
+        );
+    }
+    figures.declare(
+        "queue_appended_records_total",
+        "counter",
+        "Records ever appended to the region's queue",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_appended_records_total",
+            &[("region", region.as_str())],
+            queue.stats().end_offset as f64,
+        );
+    }
+    figures.declare(
+        "queue_syncs_total",
+        "counter",
+        "fdatasync calls of the region's queue writer (group commit)",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_syncs_total",
+            &[("region", region.as_str())],
+            queue.stats().sync_count as f64,
+        );
+    }
+    let (full_reloads, incremental_refreshes) = node.keys.reload_counts();
+    figures.declare(
+        "key_cache_reloads_total",
+        "counter",
+        "Key cache reloads from the catalog: full (start, many changes, the ten-minute safety net) or incremental (only the projects changed)",
+    );
+    figures.sample(
+        "key_cache_reloads_total",
+        &[("kind", "full")],
+        full_reloads as f64,
+    );
+    figures.sample(
+        "key_cache_reloads_total",
+        &[("kind", "incremental")],
+        incremental_refreshes as f64,
+    );
+    figures.declare(
+        "queue_abandoned_appends_total",
+        "counter",
+        "Appends the queue dropped unwritten because their request had given up (timeout, client gone)",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_abandoned_appends_total",
+            &[("region", region.as_str())],
+            queue.stats().abandoned_appends as f64,
+        );
+    }
+    figures.declare(
+        "queue_damaged_records_total",
+        "counter",
+        "Queued records lost to damaged segment bytes (their bytes are quarantined; every intact record around them is kept)",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_damaged_records_total",
+            &[("region", region.as_str())],
+            queue.stats().damaged_records as f64,
+        );
+    }
+    figures.declare(
+        "queue_quarantined_bytes_total",
+        "counter",
+        "Damaged queue segment bytes copied to the queue's quarantine directory",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_quarantined_bytes_total",
+            &[("region", region.as_str())],
+            queue.stats().quarantined_bytes as f64,
+        );
+    }
+    figures.declare(
+        "queue_disk_free_bytes",
+        "gauge",
+        "Free bytes on the filesystem of the region's queue (appends are refused below queue.min_free_disk_bytes)",
+    );
+    for (region, queue) in node.queues() {
+        if let Some(free_bytes) = queue.disk_free_bytes() {
+            figures.sample(
+                "queue_disk_free_bytes",
+                &[("region", region.as_str())],
+                free_bytes as f64,
+            );
+        }
+    }
+    figures.declare(
+        "queue_writable",
+        "gauge",
+        "1 when the region's queue accepts appends",
+    );
+    for (region, queue) in node.queues() {
+        figures.sample(
+            "queue_writable",
+            &[("region", region.as_str())],
+            if queue.is_writable() { 1.0 } else { 0.0 },
+        );
+    }
+
+    let mut backend_samples: std::collections::BTreeMap<
+        &'static str,
+        Vec<(&str, meridian_queue::BackendSample)>,
+    > = Default::default();
+    for (region, queue) in node.queues() {
+        for sample in queue.backend_samples() {
+            backend_samples
+                .entry(sample.name)
+                .or_default()
+                .push((region.as_str(), sample));
+        }
+    }
+    for (name, samples) in &backend_samples {
+        let Some((_, first)) = samples.first() else {
+            continue;
+        };
+        figures.declare(name, first.kind, first.help);
+        for (region, sample) in samples {
+            let mut labels: Vec<(&str, &str)> = vec![("region", region)];
+            labels.extend(
+                sample
+                    .labels
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str())),
+            );
+            figures.sample(name, &labels, sample.value);
+        }
+    }
+
+    let now_ms = meridian_core::timestamp::now_unix_ms();
+    type ReadFigure = fn(&meridian_queue::DeliveryStatus) -> f64;
+    let sink_counters: [(&str, &str, ReadFigure); 6] = [
+        (
+            "sink_delivered_records_total",
+            "Records delivered to the sink",
+            |s| s.delivered_records.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_delivered_batches_total",
+            "Batches delivered to the sink",
+            |s| s.delivered_batches.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_delivered_bytes_total",
+            "Payload bytes delivered to the sink",
+            |s| s.delivered_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_failed_attempts_total",
+            "Failed delivery attempts (each retried)",
+            |s| s.failed_attempts.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_runner_restarts_total",
+            "Times the sink's runner was restarted by its supervisor after a failure",
+            |s| s.restarts.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "sink_skipped_corrupt_records_total",
+            "Records skipped because their queue segment was corrupt",
+            |s| s.skipped_corrupt_records.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, read) in sink_counters {
+        figures.declare(name, "counter", help);
+        for sink in node.sinks() {
+            figures.sample(name, &sink.labels(), read(&sink.status));
+        }
+    }
+    figures.declare(
+        "sink_delivery_seconds_total",
+        "counter",
+        "Time spent in successful deliveries",
+    );
+    for sink in node.sinks() {
+        let seconds = sink.status.delivery_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        figures.sample("sink_delivery_seconds_total", &sink.labels(), seconds);
+    }
+    figures.declare(
+        "sink_healthy",
+        "gauge",
+        "0 when the sink needs an operator (e.g. its bucket is in another region)",
+    );
+    for sink in node.sinks().filter(|sink| sink.reports_sink_figures()) {
+        let healthy = if sink.implementation.health().is_none() {
+            1.0
+        } else {
+            0.0
+        };
+        figures.sample("sink_healthy", &sink.sink_labels(), healthy);
+    }
+    let runner_gauges: [(&str, &str, ReadFigure); 3] = [
+        (
+            "sink_runner_up",
+            "1 while the sink's runner runs; 0 while it is down after a failure, waiting to restart",
+            |s| f64::from(u8::from(s.runner_failure().is_none())),
+        ),
+        (
+            "sink_standby",
+            "1 while the runner waits for the right to deliver its partition (another node of the region delivers it)",
+            |s| f64::from(u8::from(s.standby.load(Ordering::Relaxed))),
+        ),
+        (
+            "sink_consecutive_failures",
+            "Failed attempts since the sink's last success",
+            |s| s.consecutive_failures.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, read) in runner_gauges {
+        figures.declare(name, "gauge", help);
+        for sink in node.sinks() {
+            figures.sample(name, &sink.labels(), read(&sink.status));
+        }
+    }
+    figures.declare(
+        "sink_lag_seconds",
+        "gauge",
+        "Age of the oldest record the sink has read but not yet delivered",
+    );
+    for sink in node.sinks() {
+        let since_ms = sink.status.oldest_pending_since_ms.load(Ordering::Relaxed);
+        let lag = if since_ms > 0 {
+            (now_ms - since_ms).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        figures.sample("sink_lag_seconds", &sink.labels(), lag);
+    }
+    figures.declare(
+        "sink_pending_records",
+        "gauge",
+        "Records appended but not yet delivered by this sink",
+    );
+    // A runner on standby (another node delivers its partition) has no backlog of its own.
+    for sink in node
+        .sinks()
+        .filter(|sink| !sink.status.standby.load(Ordering::Relaxed))
+    {
+        let end = sink.log.durable_end();
+        let position = sink.status.position.load(Ordering::Relaxed);
+        figures.sample(
+            "sink_pending_records",
+            &sink.labels(),
+            end.saturating_sub(position) as f64,
+        );
+    }
+
+    let mut sink_specific: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
+        Default::default();
+    for sink in node.sinks().filter(|sink| sink.reports_sink_figures()) {
+        for (name, value) in sink.implementation.counters() {
+            sink_specific.entry(name).or_default().push((sink, value));
+        }
+    }
+    for (name, samples) in sink_specific {
+        let metric = format!("sink_{name}_total");
+        figures.declare(
+            &metric,
+            "counter",
+            &format!("Sink counter: {}", name.replace('_', " ")),
+        );
+        for (sink, value) in samples {
+            figures.sample(&metric, &sink.sink_labels(), value as f64);
+        }
+    }
+
+    let mut sink_levels: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
+        Default::default();
+    for sink in node.sinks().filter(|sink| sink.reports_sink_figures()) {
+        for (name, value) in sink.implementation.gauges() {
+            sink_levels.entry(name).or_default().push((sink, value));
+        }
+    }
+    for (name, samples) in sink_levels {
+        let metric = format!("sink_{name}");
+        figures.declare(
+            &metric,
+            "gauge",
+            &format!("Sink level: {}", name.replace('_', " ")),
+        );
+        for (sink, value) in samples {
+            figures.sample(&metric, &sink.sink_labels(), value as f64);
+        }
+    }
+    figures
 }

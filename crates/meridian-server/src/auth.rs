@@ -9,7 +9,6 @@ use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use meridian_core::timestamp::now_unix_ms;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -151,7 +150,7 @@ impl JwtAuthority {
         role: Role,
         ttl_secs: u64,
     ) -> Result<String, ApiError> {
-        let now_secs = (now_unix_ms() / 1000) as u64;
+        let now_secs = (meridian_core::timestamp::system_now_unix_ms() / 1000) as u64;
         let claims = Claims {
             sub: subject.to_string(),
             org_id: org_id.map(str::to_string),
@@ -277,7 +276,7 @@ mod tests {
     #[test]
     fn nbf_is_checked_and_issuer_and_audience_are_required_when_configured() {
         let authority = JwtAuthority::new(SECRET, TokenRules::default());
-        let now_secs = (now_unix_ms() / 1000) as u64;
+        let now_secs = (meridian_core::timestamp::system_now_unix_ms() / 1000) as u64;
         let future = Claims {
             nbf: Some(now_secs + 3600),
             ..claims_of("acme", Role::Owner)

@@ -234,8 +234,8 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let builder = Arc::new(builder(&limits));
-    let open_connections = Arc::new(tokio::sync::Semaphore::new(0));
-    let mut accepted_total: u32 = 0;
+    // Every connection's task, so that a stop waits for the requests in flight.
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -259,7 +259,6 @@ pub async fn serve(
                 continue;
             }
         };
-        accepted_total = accepted_total.wrapping_add(1);
         let peer_address = PeerAddress(peer.ip());
         let service = TowerToHyperService::new(app.clone().map_request(
             move |mut request: Request<hyper::body::Incoming>| {
@@ -271,10 +270,7 @@ pub async fn serve(
         let tls = tls.clone();
         let limits = limits.clone();
         let connection_shutdown = shutdown.clone();
-        let open_connections = Arc::clone(&open_connections);
-        tokio::spawn(async move {
-            // One permit is released per finished connection; serve() waits for all of them.
-            let _finished = ConnectionDone(open_connections);
+        connections.spawn(async move {
             let _admission = admission;
             let max_age = limits.max_connection_age;
             match tls {
@@ -301,8 +297,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let finished =
-        tokio::time::timeout(drain_timeout, open_connections.acquire_many(accepted_total)).await;
+    connections.close();
+    let finished = tokio::time::timeout(drain_timeout, connections.wait()).await;
     if finished.is_err() {
         warn!("connections still open at the drain deadline were cut off");
     }
@@ -369,12 +365,4 @@ fn refuse_connection(
         };
         let _ = tokio::time::timeout(REFUSAL_TIMEOUT, served).await;
     });
-}
-
-struct ConnectionDone(Arc<tokio::sync::Semaphore>);
-
-impl Drop for ConnectionDone {
-    fn drop(&mut self) {
-        self.0.add_permits(1);
-    }
 }

@@ -321,14 +321,14 @@ struct StreamAuthorization {
 impl StreamAuthorization {
     /// When the token expires (its `exp`; the leeway is not extended to open streams).
     fn expiry(&self) -> tokio::time::Instant {
-        let now_secs = (meridian_core::timestamp::now_unix_ms() / 1000).max(0) as u64;
+        let now_secs = (meridian_core::timestamp::system_now_unix_ms() / 1000).max(0) as u64;
         let remaining = self.claims.exp.saturating_sub(now_secs);
         tokio::time::Instant::now() + Duration::from_secs(remaining)
     }
 
     /// Whether the token is still valid: not expired, not revoked.
     fn still_holds(&self) -> bool {
-        let now_secs = (meridian_core::timestamp::now_unix_ms() / 1000).max(0) as u64;
+        let now_secs = (meridian_core::timestamp::system_now_unix_ms() / 1000).max(0) as u64;
         self.claims.exp > now_secs
             && !self
                 .state

@@ -5,12 +5,11 @@ use std::sync::atomic::Ordering;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meridian_core::timestamp::now_unix_ms;
 use serde_json::json;
 
 use crate::routes::ApiRoutes;
 use crate::state::AppState;
-use meridian_node::metrics::{TextWriter, process_figures};
+use meridian_node::metrics::{Figures, process_figures};
 use meridian_node::region::SinkHandle;
 
 pub fn routes() -> ApiRoutes {
@@ -298,419 +297,86 @@ impl<'a> Readiness<'a> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut output = String::with_capacity(16 * 1024);
-    state.node.metrics.encode_registry(&mut output);
-    let mut writer = TextWriter::new(&mut output);
-
-    writer.declare(
-        "queue_bytes",
-        "gauge",
-        "Bytes of queue segments on disk, by region",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_bytes",
-            &[("region", region.as_str())],
-            queue.stats().disk_bytes as f64,
-        );
-    }
-    writer.declare(
-        "queue_disk_budget_bytes",
-        "gauge",
-        "Disk budget of the region's queue",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_disk_budget_bytes",
-            &[("region", region.as_str())],
-            queue.stats().disk_budget_bytes as f64,
-        );
-    }
-    writer.declare(
-        "queue_pending_records",
-        "gauge",
-        "Records not yet delivered by the slowest sink, by region",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_pending_records",
-            &[("region", region.as_str())],
-            queue.stats().pending_records() as f64,
-        );
-    }
-    writer.declare(
-        "queue_appended_records_total",
-        "counter",
-        "Records ever appended to the region's queue",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_appended_records_total",
-            &[("region", region.as_str())],
-            queue.stats().end_offset as f64,
-        );
-    }
-    writer.declare(
-        "queue_syncs_total",
-        "counter",
-        "fdatasync calls of the region's queue writer (group commit)",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_syncs_total",
-            &[("region", region.as_str())],
-            queue.stats().sync_count as f64,
-        );
-    }
-    let (full_reloads, incremental_refreshes) = state.node.keys.reload_counts();
-    writer.declare(
-        "key_cache_reloads_total",
-        "counter",
-        "Key cache reloads from the catalog: full (start, many changes, the ten-minute safety net) or incremental (only the projects changed)",
-    );
-    writer.sample(
-        "key_cache_reloads_total",
-        &[("kind", "full")],
-        full_reloads as f64,
-    );
-    writer.sample(
-        "key_cache_reloads_total",
-        &[("kind", "incremental")],
-        incremental_refreshes as f64,
-    );
-    writer.declare(
-        "body_budget_available_bytes",
-        "gauge",
-        "Bytes of the node's request body budget not held by requests in flight",
-    );
-    writer.sample(
-        "body_budget_available_bytes",
-        &[],
-        state.http.body_budgets.node_available() as f64,
-    );
-    writer.declare(
-        "anonymous_body_budget_available_bytes",
-        "gauge",
-        "Bytes of the keyless requests' share of the body budget not held now",
-    );
-    writer.sample(
-        "anonymous_body_budget_available_bytes",
-        &[],
-        state.http.body_budgets.anonymous_available() as f64,
-    );
-    writer.declare(
-        "open_connections",
-        "gauge",
-        "Connections open on the node, over every listener",
-    );
-    writer.sample(
-        "open_connections",
-        &[],
-        state.http.connections.open_connections() as f64,
-    );
-    writer.declare(
-        "connected_addresses",
-        "gauge",
-        "Client addresses (IPv6: /64 prefixes) holding a connection now",
-    );
-    writer.sample(
-        "connected_addresses",
-        &[],
-        state.http.connections.connected_addresses() as f64,
-    );
-    writer.declare(
-        "live_streams",
-        "gauge",
-        "Live event streams open on the node",
-    );
-    writer.sample(
-        "live_streams",
-        &[],
-        (state.node.settings.max_live_streams - state.http.live_streams.available_permits()) as f64,
-    );
-    writer.declare(
-        "queue_abandoned_appends_total",
-        "counter",
-        "Appends the queue dropped unwritten because their request had given up (timeout, client gone)",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_abandoned_appends_total",
-            &[("region", region.as_str())],
-            queue.stats().abandoned_appends as f64,
-        );
-    }
-    writer.declare(
-        "queue_damaged_records_total",
-        "counter",
-        "Queued records lost to damaged segment bytes (their bytes are quarantined; every intact record around them is kept)",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_damaged_records_total",
-            &[("region", region.as_str())],
-            queue.stats().damaged_records as f64,
-        );
-    }
-    writer.declare(
-        "queue_quarantined_bytes_total",
-        "counter",
-        "Damaged queue segment bytes copied to the queue's quarantine directory",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_quarantined_bytes_total",
-            &[("region", region.as_str())],
-            queue.stats().quarantined_bytes as f64,
-        );
-    }
-    writer.declare(
-        "queue_disk_free_bytes",
-        "gauge",
-        "Free bytes on the filesystem of the region's queue (appends are refused below queue.min_free_disk_bytes)",
-    );
-    for (region, queue) in state.node.queues() {
-        if let Some(free_bytes) = queue.disk_free_bytes() {
-            writer.sample(
-                "queue_disk_free_bytes",
-                &[("region", region.as_str())],
-                free_bytes as f64,
-            );
-        }
-    }
-    writer.declare(
-        "queue_writable",
-        "gauge",
-        "1 when the region's queue accepts appends",
-    );
-    for (region, queue) in state.node.queues() {
-        writer.sample(
-            "queue_writable",
-            &[("region", region.as_str())],
-            if queue.is_writable() { 1.0 } else { 0.0 },
-        );
-    }
-
-    let mut backend_samples: std::collections::BTreeMap<
-        &'static str,
-        Vec<(&str, meridian_queue::BackendSample)>,
-    > = Default::default();
-    for (region, queue) in state.node.queues() {
-        for sample in queue.backend_samples() {
-            backend_samples
-                .entry(sample.name)
-                .or_default()
-                .push((region.as_str(), sample));
-        }
-    }
-    for (name, samples) in &backend_samples {
-        let Some((_, first)) = samples.first() else {
-            continue;
-        };
-        writer.declare(name, first.kind, first.help);
-        for (region, sample) in samples {
-            let mut labels: Vec<(&str, &str)> = vec![("region", region)];
-            labels.extend(
-                sample
-                    .labels
-                    .iter()
-                    .map(|(key, value)| (*key, value.as_str())),
-            );
-            writer.sample(name, &labels, sample.value);
-        }
-    }
-
-    let now_ms = now_unix_ms();
-    type ReadFigure = fn(&meridian_queue::DeliveryStatus) -> f64;
-    let sink_counters: [(&str, &str, ReadFigure); 6] = [
-        (
-            "sink_delivered_records_total",
-            "Records delivered to the sink",
-            |s| s.delivered_records.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "sink_delivered_batches_total",
-            "Batches delivered to the sink",
-            |s| s.delivered_batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "sink_delivered_bytes_total",
-            "Payload bytes delivered to the sink",
-            |s| s.delivered_bytes.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "sink_failed_attempts_total",
-            "Failed delivery attempts (each retried)",
-            |s| s.failed_attempts.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "sink_runner_restarts_total",
-            "Times the sink's runner was restarted by its supervisor after a failure",
-            |s| s.restarts.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "sink_skipped_corrupt_records_total",
-            "Records skipped because their queue segment was corrupt",
-            |s| s.skipped_corrupt_records.load(Ordering::Relaxed) as f64,
-        ),
-    ];
-    for (name, help, read) in sink_counters {
-        writer.declare(name, "counter", help);
-        for sink in state.node.sinks() {
-            writer.sample(name, &sink.labels(), read(&sink.status));
-        }
-    }
-    writer.declare(
-        "sink_delivery_seconds_total",
-        "counter",
-        "Time spent in successful deliveries",
-    );
-    for sink in state.node.sinks() {
-        let seconds = sink.status.delivery_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        writer.sample("sink_delivery_seconds_total", &sink.labels(), seconds);
-    }
-    writer.declare(
-        "sink_healthy",
-        "gauge",
-        "0 when the sink needs an operator (e.g. its bucket is in another region)",
-    );
-    for sink in state
-        .node
-        .sinks()
-        .filter(|sink| sink.reports_sink_figures())
-    {
-        let healthy = if sink.implementation.health().is_none() {
-            1.0
-        } else {
-            0.0
-        };
-        writer.sample("sink_healthy", &sink.sink_labels(), healthy);
-    }
-    let runner_gauges: [(&str, &str, ReadFigure); 3] = [
-        (
-            "sink_runner_up",
-            "1 while the sink's runner runs; 0 while it is down after a failure, waiting to restart",
-            |s| f64::from(u8::from(s.runner_failure().is_none())),
-        ),
-        (
-            "sink_standby",
-            "1 while the runner waits for the right to deliver its partition (another node of the region delivers it)",
-            |s| f64::from(u8::from(s.standby.load(Ordering::Relaxed))),
-        ),
-        (
-            "sink_consecutive_failures",
-            "Failed attempts since the sink's last success",
-            |s| s.consecutive_failures.load(Ordering::Relaxed) as f64,
-        ),
-    ];
-    for (name, help, read) in runner_gauges {
-        writer.declare(name, "gauge", help);
-        for sink in state.node.sinks() {
-            writer.sample(name, &sink.labels(), read(&sink.status));
-        }
-    }
-    writer.declare(
-        "sink_lag_seconds",
-        "gauge",
-        "Age of the oldest record the sink has read but not yet delivered",
-    );
-    for sink in state.node.sinks() {
-        let since_ms = sink.status.oldest_pending_since_ms.load(Ordering::Relaxed);
-        let lag = if since_ms > 0 {
-            (now_ms - since_ms).max(0) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        writer.sample("sink_lag_seconds", &sink.labels(), lag);
-    }
-    writer.declare(
-        "sink_pending_records",
-        "gauge",
-        "Records appended but not yet delivered by this sink",
-    );
-    // A runner on standby (another node delivers its partition) has no backlog of its own.
-    for sink in state
-        .node
-        .sinks()
-        .filter(|sink| !sink.status.standby.load(Ordering::Relaxed))
-    {
-        let end = sink.log.durable_end();
-        let position = sink.status.position.load(Ordering::Relaxed);
-        writer.sample(
-            "sink_pending_records",
-            &sink.labels(),
-            end.saturating_sub(position) as f64,
-        );
-    }
-
-    let mut sink_specific: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
-        Default::default();
-    for sink in state
-        .node
-        .sinks()
-        .filter(|sink| sink.reports_sink_figures())
-    {
-        for (name, value) in sink.implementation.counters() {
-            sink_specific.entry(name).or_default().push((sink, value));
-        }
-    }
-    for (name, samples) in sink_specific {
-        let metric = format!("sink_{name}_total");
-        writer.declare(
-            &metric,
-            "counter",
-            &format!("Sink counter: {}", name.replace('_', " ")),
-        );
-        for (sink, value) in samples {
-            writer.sample(&metric, &sink.sink_labels(), value as f64);
-        }
-    }
-
-    let mut sink_levels: std::collections::BTreeMap<&'static str, Vec<(&SinkHandle, u64)>> =
-        Default::default();
-    for sink in state
-        .node
-        .sinks()
-        .filter(|sink| sink.reports_sink_figures())
-    {
-        for (name, value) in sink.implementation.gauges() {
-            sink_levels.entry(name).or_default().push((sink, value));
-        }
-    }
-    for (name, samples) in sink_levels {
-        let metric = format!("sink_{name}");
-        writer.declare(
-            &metric,
-            "gauge",
-            &format!("Sink level: {}", name.replace('_', " ")),
-        );
-        for (sink, value) in samples {
-            writer.sample(&metric, &sink.sink_labels(), value as f64);
-        }
-    }
-
-    let (resident_bytes, open_fds) = process_figures();
+    // Reading /proc (a directory listing of every open descriptor) is blocking work.
+    let (resident_bytes, open_fds) = tokio::task::spawn_blocking(process_figures)
+        .await
+        .unwrap_or((None, None));
+    let mut figures = meridian_node::metrics::node_figures(&state.node);
+    http_figures(&state, &mut figures);
     if let Some(resident_bytes) = resident_bytes {
-        writer.declare(
+        figures.declare(
             "process_resident_memory_bytes",
             "gauge",
             "Resident memory of the process",
         );
-        writer.sample("process_resident_memory_bytes", &[], resident_bytes as f64);
+        figures.sample("process_resident_memory_bytes", &[], resident_bytes as f64);
     }
     if let Some(open_fds) = open_fds {
-        writer.declare(
+        figures.declare(
             "process_open_fds",
             "gauge",
             "Open file descriptors of the process",
         );
-        writer.sample("process_open_fds", &[], open_fds as f64);
+        figures.sample("process_open_fds", &[], open_fds as f64);
     }
-    output.push_str("# EOF\n");
-    let mut response = output.into_response();
+    let mut response = state.node.metrics.encode_with(figures).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
+}
+
+/// The edge's figures: body budgets, connections, live streams.
+fn http_figures(state: &AppState, figures: &mut Figures) {
+    figures.declare(
+        "body_budget_available_bytes",
+        "gauge",
+        "Bytes of the node's request body budget not held by requests in flight",
+    );
+    figures.sample(
+        "body_budget_available_bytes",
+        &[],
+        state.http.body_budgets.node_available() as f64,
+    );
+    figures.declare(
+        "anonymous_body_budget_available_bytes",
+        "gauge",
+        "Bytes of the keyless requests' share of the body budget not held now",
+    );
+    figures.sample(
+        "anonymous_body_budget_available_bytes",
+        &[],
+        state.http.body_budgets.anonymous_available() as f64,
+    );
+    figures.declare(
+        "open_connections",
+        "gauge",
+        "Connections open on the node, over every listener",
+    );
+    figures.sample(
+        "open_connections",
+        &[],
+        state.http.connections.open_connections() as f64,
+    );
+    figures.declare(
+        "connected_addresses",
+        "gauge",
+        "Client addresses (IPv6: /64 prefixes) holding a connection now",
+    );
+    figures.sample(
+        "connected_addresses",
+        &[],
+        state.http.connections.connected_addresses() as f64,
+    );
+    figures.declare(
+        "live_streams",
+        "gauge",
+        "Live event streams open on the node",
+    );
+    figures.sample(
+        "live_streams",
+        &[],
+        (state.node.settings.max_live_streams - state.http.live_streams.available_permits()) as f64,
+    );
 }

@@ -8,7 +8,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use meridian_catalog::{NewTokenRevocation, TokenRevocation};
-use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms, parse_timestamp_ms};
+use meridian_core::timestamp::{format_rfc3339_ms, parse_timestamp_ms};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -85,7 +85,7 @@ async fn revoke_tokens(
     let jti = bounded_identifier("jti", request.jti)?;
     let issued_before_ms = match request.issued_before.as_deref() {
         None => None,
-        Some("now") => Some(now_unix_ms()),
+        Some("now") => Some(meridian_core::timestamp::system_now_unix_ms()),
         Some(text) => Some(parse_timestamp_ms(text).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_request",
