@@ -9,4 +9,4 @@ mod sink;
 
 pub use row::{EventFields, LegacyEventRow, ModernEventRow};
 pub use schema::{SchemaFlavor, SchemaOptions, ServerVersion};
-pub use sink::{ClickHouseConfig, ClickHouseSink, MigrationReport, ReplayOutcome};
+pub use sink::{ClickHouseConfig, ClickHouseSink, MigrationReport, ReplayOutcome, WarehouseError};

@@ -38,6 +38,12 @@ impl From<meridian_catalog::CatalogError> for StepError {
     }
 }
 
+impl From<meridian_clickhouse::WarehouseError> for StepError {
+    fn from(error: meridian_clickhouse::WarehouseError) -> StepError {
+        StepError::new(error)
+    }
+}
+
 impl From<String> for StepError {
     fn from(reason: String) -> StepError {
         StepError::new(reason)

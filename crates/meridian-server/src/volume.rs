@@ -66,7 +66,9 @@ async fn org_volume(
                     counts.insert(project_id, json!(rows));
                 }
             }
-            Err(error) => unavailable.push(json!({"region": region, "reason": error})),
+            Err(error) => unavailable.push(
+                json!({"region": region, "reason": meridian_core::redact_url(&error.to_string())}),
+            ),
         }
     }
     Ok(axum::Json(json!({
