@@ -26,7 +26,7 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use meridian_core::ErasureFilter;
 use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms, utc_day_start_ms};
-use meridian_queue::{BatchEncoder, Record};
+use meridian_queue::{BatchEncoder, EncodeError, Record};
 use tracing::error;
 
 use crate::error::ArchiveError;
@@ -208,7 +208,7 @@ impl ArchiveBatch {
 }
 
 impl BatchEncoder for ArchiveBatch {
-    fn absorb(&mut self, records: &[Record]) -> Result<(), String> {
+    fn absorb(&mut self, records: &[Record]) -> Result<(), EncodeError> {
         debug_assert!(self.sealed.is_empty(), "nothing is folded in after sealing");
         let erasures = Arc::clone(&self.erasures);
         let gzip_level = self.gzip_level;
@@ -226,7 +226,9 @@ impl BatchEncoder for ArchiveBatch {
                 } => (project_id, day_ms, user),
             };
             let Some(group) = self.group_of(&project_id, day_ms) else {
-                return Err(format!("the group of project {project_id} vanished"));
+                return Err(EncodeError::Inconsistent(format!(
+                    "the group of project {project_id} vanished"
+                )));
             };
             group.pending.extend_from_slice(&record.payload);
             group.pending.push(b'\n');
@@ -242,28 +244,23 @@ impl BatchEncoder for ArchiveBatch {
             }
             let pending_before = group.pending.len();
             let compressed = if pending_before >= MEMBER_RAW_BYTES {
-                group
-                    .compress_pending(gzip_level)
-                    .map_err(|error| format!("gzip encoding failed: {error}"))?
+                group.compress_pending(gzip_level)?
             } else {
                 0
             };
             self.pending_raw_bytes += record.payload.len() + 1;
             self.pending_raw_bytes -= compressed;
-            self.compress_over_budget()
-                .map_err(|error| format!("gzip encoding failed: {error}"))?;
+            self.compress_over_budget()?;
         }
         self.erased_messages.fetch_add(erased, Ordering::Relaxed);
         Ok(())
     }
 
-    fn seal(&mut self) -> Result<(), String> {
+    fn seal(&mut self) -> Result<(), EncodeError> {
         let groups = std::mem::take(&mut self.groups);
         for (project_id, days) in groups {
             for (day_ms, mut group) in days {
-                group
-                    .compress_pending(self.gzip_level)
-                    .map_err(|error| format!("gzip encoding failed: {error}"))?;
+                group.compress_pending(self.gzip_level)?;
                 group.gzip.shrink_to_fit();
                 self.sealed.push(SealedObject {
                     project_id: project_id.clone(),

@@ -13,7 +13,7 @@ use meridian_core::CustomerStorage;
 use tokio::sync::Mutex;
 use tracing::info;
 
-use crate::error::ArchiveError;
+use crate::error::{ArchiveError, StorageVerificationError};
 use crate::s3::{
     Encryption, S3Settings, S3Store, aws_sdk_config, describe_sdk_error, error_code,
     region_of_location_constraint,
@@ -176,7 +176,7 @@ impl CustomerStores {
         project_id: &str,
         region: &str,
         storage: &CustomerStorage,
-    ) -> Result<(), String> {
+    ) -> Result<(), StorageVerificationError> {
         let shared = self.base_config(region).await;
         let sts = aws_sdk_sts::Client::new(&shared);
         let external_id = meridian_core::external_id_for(project_id);
@@ -201,12 +201,13 @@ impl CustomerStores {
                     Some(code) => format!("AssumeRole of {} failed with {code}: {detail}", storage.role_arn),
                     None => format!("could not reach AWS STS to assume {}: {detail}", storage.role_arn),
                 }
-            })?;
+            })
+            .map_err(StorageVerificationError::AssumeRole)?;
         let Some(temporary) = assumed.credentials() else {
-            return Err(format!(
+            return Err(StorageVerificationError::AssumeRole(format!(
                 "AssumeRole of {} returned no credentials",
                 storage.role_arn
-            ));
+            )));
         };
         let credentials = Credentials::new(
             temporary.access_key_id(),
@@ -224,16 +225,19 @@ impl CustomerStores {
                 Some("AccessDenied") => format!("the role cannot read the location of bucket {bucket}: allow s3:GetBucketLocation ({detail})"),
                 _ => format!("could not check bucket {bucket}: {detail}"),
             }
-        })?;
+        }).map_err(StorageVerificationError::Bucket)?;
         let bucket_region = region_of_location_constraint(
             located
                 .location_constraint()
                 .map(|constraint| constraint.as_str()),
         );
         if bucket_region != region {
-            return Err(format!(
-                "bucket {bucket} is in {bucket_region}, but project {project_id} is pinned to {region}: use a bucket in {region} (data never leaves its region)"
-            ));
+            return Err(StorageVerificationError::WrongRegion {
+                bucket: bucket.clone(),
+                bucket_region,
+                project_id: project_id.to_string(),
+                region: region.to_string(),
+            });
         }
         let key = format!(
             "{}segment-logs/.meridian-access-check-{}",
@@ -263,13 +267,13 @@ impl CustomerStores {
                 Some(code) if code.starts_with("KMS") => format!("writing with the KMS key {:?} failed: check the key policy lets the role use it ({detail})", storage.kms_key_arn),
                 _ => format!("the test write to s3://{bucket}/{key} failed: {detail}"),
             }
-        })?;
+        }).map_err(StorageVerificationError::TestWrite)?;
         client.delete_object().bucket(bucket).key(&key).send().await.map_err(|failure| {
             format!(
                 "the role can write but cannot delete in s3://{bucket}: allow s3:DeleteObject (Meridian rewrites archive objects for GDPR deletions) ({})",
                 describe_sdk_error(&failure)
             )
-        })?;
+        }).map_err(StorageVerificationError::TestDelete)?;
         info!(project_id, bucket, role_arn = %storage.role_arn, region, "customer storage verified");
         Ok(())
     }

@@ -22,3 +22,28 @@ impl ArchiveError {
         }
     }
 }
+
+/// Why a customer's bucket failed the access check made before its settings are saved, by step.
+/// Every message is a sentence an admin can act on (which permission, which condition).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageVerificationError {
+    #[error("{0}")]
+    AssumeRole(String),
+    #[error("{0}")]
+    Bucket(String),
+    #[error(
+        "bucket {bucket} is in {bucket_region}, but project {project_id} is pinned to {region}: use a bucket in {region} (data never leaves its region)"
+    )]
+    WrongRegion {
+        bucket: String,
+        bucket_region: String,
+        project_id: String,
+        region: String,
+    },
+    #[error("{0}")]
+    TestWrite(String),
+    #[error("{0}")]
+    TestDelete(String),
+    #[error("verifying access to the bucket timed out after {seconds} s")]
+    TimedOut { seconds: u64 },
+}

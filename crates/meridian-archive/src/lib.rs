@@ -16,7 +16,7 @@ mod sink;
 mod spool;
 mod store;
 
-pub use error::ArchiveError;
+pub use error::{ArchiveError, StorageVerificationError};
 pub use layout::{ArchivedMessage, decode_object, encode_object, object_key};
 pub use local::LocalDirStore;
 pub use sink::{ArchiveSink, ArchiveSinkConfig, CustomerTarget, NoCustomerStorage, StoreResolver};

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::batch::{ArchiveBatch, without_erased};
 use crate::error::ArchiveError;
 use crate::layout::object_key;
-use crate::spool::Spool;
+use crate::spool::{Spool, SpooledObject};
 use crate::store::ObjectStore;
 
 const CONCURRENT_PUTS: usize = 8;
@@ -219,6 +219,24 @@ impl ArchiveSink {
         self
     }
 
+    /// Removes a delivered (or wholly erased) object from the spool, on a blocking thread. A
+    /// failed removal leaves the object to be uploaded again under the same key (harmless: the
+    /// key names the batch) and is logged.
+    async fn remove_from_spool(&self, spool: &Arc<Spool>, object: SpooledObject) {
+        let removing = Arc::clone(spool);
+        let key = object.key.clone();
+        let removed = tokio::task::spawn_blocking(move || removing.remove(&object)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(region = %self.region, %key, %error, "a delivered spooled object could not be removed; it will be uploaded again")
+            }
+            Err(error) => {
+                warn!(region = %self.region, %key, %error, "removing a spooled object panicked")
+            }
+        }
+    }
+
     /// Uploads spooled objects whose bucket works again (or, when the project no longer has
     /// customer storage, to the regional store), leaving out messages erased since. Returns how
     /// many objects left the spool. Failures stay spooled for the next round.
@@ -274,7 +292,7 @@ impl ArchiveSink {
                 Ok(Some(body)) => body,
                 Ok(None) => {
                     // Every message in it was erased meanwhile: nothing to upload.
-                    let _ = spool.remove(&object);
+                    self.remove_from_spool(&spool, object).await;
                     drained += 1;
                     continue;
                 }
@@ -293,7 +311,7 @@ impl ArchiveSink {
             };
             match store.put(&key, Bytes::from(body)).await {
                 Ok(()) => {
-                    let _ = spool.remove(&object);
+                    self.remove_from_spool(&spool, object).await;
                     self.unspooled.fetch_add(1, Ordering::Relaxed);
                     drained += 1;
                 }
@@ -395,8 +413,10 @@ impl Sink for ArchiveSink {
                     Some(sealed) => sealed,
                     None => {
                         let mut records_batch = records_batch;
-                        records_batch.absorb(&records)?;
-                        records_batch.seal()?;
+                        records_batch
+                            .absorb(&records)
+                            .map_err(|error| error.to_string())?;
+                        records_batch.seal().map_err(|error| error.to_string())?;
                         Arc::new(records_batch)
                     }
                 };

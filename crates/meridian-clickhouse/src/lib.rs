@@ -7,6 +7,6 @@ mod row;
 pub mod schema;
 mod sink;
 
-pub use row::{EventFields, LegacyEventRow, ModernEventRow};
+pub use row::{EventFields, LegacyEventRow, ModernEventRow, StoredMessageError};
 pub use schema::{SchemaFlavor, SchemaOptions, ServerVersion};
 pub use sink::{ClickHouseConfig, ClickHouseSink, MigrationReport, ReplayOutcome, WarehouseError};

@@ -53,16 +53,29 @@ fn time(message: &Map<String, Value>, field: &str) -> Option<i64> {
         .and_then(parse_timestamp_ms)
 }
 
+/// Why a stored message cannot become a row (it is dead-lettered with this reason).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoredMessageError {
+    #[error("stored message is not UTF-8")]
+    NotUtf8,
+    #[error("stored message is not a JSON object: {0}")]
+    NotAnObject(String),
+    #[error("stored message lacks receivedAt")]
+    NoReceivedAt,
+}
+
 impl EventFields {
     /// Reads a stored message (the JSON the ingress enriched). Fails only for text that is not
     /// a JSON object or lacks the fields enrichment always sets.
-    pub fn from_stored(payload: &[u8], queue_offset: u64) -> Result<EventFields, String> {
-        let raw = std::str::from_utf8(payload)
-            .map_err(|error| format!("stored message is not UTF-8: {error}"))?;
+    pub fn from_stored(
+        payload: &[u8],
+        queue_offset: u64,
+    ) -> Result<EventFields, StoredMessageError> {
+        let raw = std::str::from_utf8(payload).map_err(|_| StoredMessageError::NotUtf8)?;
         let message: Map<String, Value> = serde_json::from_str(raw)
-            .map_err(|error| format!("stored message is not a JSON object: {error}"))?;
+            .map_err(|error| StoredMessageError::NotAnObject(error.to_string()))?;
         let received_at_ms =
-            time(&message, "receivedAt").ok_or("stored message lacks receivedAt")?;
+            time(&message, "receivedAt").ok_or(StoredMessageError::NoReceivedAt)?;
         let timestamp_ms = time(&message, "timestamp").unwrap_or(received_at_ms);
         let library = message
             .get("context")

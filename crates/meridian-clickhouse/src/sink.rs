@@ -606,7 +606,7 @@ fn build_rows(
                     modern.push((record.offset, ModernEventRow::from_fields(fields)))
                 }
             },
-            Err(reason) => dead.push((record.offset, reason)),
+            Err(reason) => dead.push((record.offset, reason.to_string())),
         }
     }
     let rows = match flavor {

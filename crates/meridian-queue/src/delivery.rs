@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::{DeliveryLog, LogCursor};
 use crate::consumer::Record;
-use crate::error::QueueError;
+use crate::error::{EncodeError, QueueError};
 use crate::queue::OffsetRange;
 
 /// How a sink wants its batches cut.
@@ -44,9 +44,9 @@ pub struct BatchLimits {
 pub trait BatchEncoder: Send + Sync + 'static {
     /// Folds the next records (in offset order, after those already folded) into the batch.
     /// CPU work: the runner calls it on a blocking thread.
-    fn absorb(&mut self, records: &[Record]) -> Result<(), String>;
+    fn absorb(&mut self, records: &[Record]) -> Result<(), EncodeError>;
     /// Ends the batch (once, after the last `absorb`, before delivery). CPU work, as `absorb`.
-    fn seal(&mut self) -> Result<(), String>;
+    fn seal(&mut self) -> Result<(), EncodeError>;
     /// For the sink to find its own encoder type back in [`DeliveryBatch::encoded`]
     /// (`Arc::downcast`).
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
@@ -351,7 +351,7 @@ impl Gathering {
         })
         .await
         .map_err(|error| AttemptFailure::Encode(format!("the sink's encoder panicked: {error}")))?;
-        outcome.map_err(AttemptFailure::Encode)?;
+        outcome.map_err(|error| AttemptFailure::Encode(error.to_string()))?;
         self.encoder = Some(encoder);
         Ok(())
     }
@@ -921,7 +921,7 @@ mod tests {
     }
 
     impl BatchEncoder for RecordingEncoder {
-        fn absorb(&mut self, records: &[Record]) -> Result<(), String> {
+        fn absorb(&mut self, records: &[Record]) -> Result<(), EncodeError> {
             assert!(!self.sealed, "absorbed after sealing");
             self.chunks += 1;
             let bytes = records.iter().map(|record| record.payload.len()).sum();
@@ -930,7 +930,7 @@ mod tests {
                 .extend(records.iter().map(|record| record.offset));
             Ok(())
         }
-        fn seal(&mut self) -> Result<(), String> {
+        fn seal(&mut self) -> Result<(), EncodeError> {
             assert!(!self.sealed, "sealed twice");
             self.sealed = true;
             Ok(())

@@ -69,3 +69,13 @@ impl QueueError {
         }
     }
 }
+
+/// Why a sink's [`crate::BatchEncoder`] could not fold records into its batch. The batch is not
+/// delivered; the runner retries the range later (the records stay in the queue).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("compressing the batch failed: {0}")]
+    Compression(#[from] std::io::Error),
+    #[error("the batch's encoding is inconsistent: {0}")]
+    Inconsistent(String),
+}

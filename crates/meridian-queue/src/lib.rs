@@ -41,7 +41,7 @@ pub use delivery::{
     BatchEncoder, BatchLimits, DeliveryBatch, DeliveryRunner, DeliveryStatus, RetryPolicy, Sink,
     SinkError,
 };
-pub use error::QueueError;
+pub use error::{EncodeError, QueueError};
 pub use queue::{Durability, OffsetRange, QueueConfig, QueueStats, RecordBatch, RegionQueue};
 pub use segment::{MAX_RECORD_BYTES, RECORD_HEADER_BYTES, create_dir_all_durably};
 

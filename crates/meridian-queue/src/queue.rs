@@ -173,10 +173,6 @@ impl RecordBatch {
         self.record_count
     }
 
-    pub fn encoded_bytes(&self) -> usize {
-        self.encoded.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.record_count == 0
     }

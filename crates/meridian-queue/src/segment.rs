@@ -410,28 +410,39 @@ pub fn create_dir_all_durably(directory: &Path) -> io::Result<()> {
     }
 }
 
+/// Why a segment's header does not open the segment its file name promises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderDefect {
+    #[error("torn segment header ({read_bytes} bytes)")]
+    Torn { read_bytes: usize },
+    #[error("bad segment magic")]
+    BadMagic,
+    #[error("segment header names another base offset")]
+    OtherBaseOffset,
+}
+
 /// Reads a segment's header: its format, or why the header is missing or does not match the name.
 pub fn check_segment_header(
     file: &mut File,
     base_offset: u64,
-) -> io::Result<Result<SegmentFormat, String>> {
+) -> io::Result<Result<SegmentFormat, HeaderDefect>> {
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     file.seek(SeekFrom::Start(0))?;
     let read = read_up_to(file, &mut header)?;
     if read < header.len() {
-        return Ok(Err(format!("torn segment header ({read} bytes)")));
+        return Ok(Err(HeaderDefect::Torn { read_bytes: read }));
     }
     let format = if &header[..8] == SEGMENT_MAGIC {
         SegmentFormat::Numbered
     } else if &header[..8] == COUNTED_SEGMENT_MAGIC {
         SegmentFormat::Counted
     } else {
-        return Ok(Err("bad segment magic".to_string()));
+        return Ok(Err(HeaderDefect::BadMagic));
     };
     let mut offset_bytes = [0u8; 8];
     offset_bytes.copy_from_slice(&header[8..]);
     if u64::from_le_bytes(offset_bytes) != base_offset {
-        return Ok(Err("segment header names another base offset".to_string()));
+        return Ok(Err(HeaderDefect::OtherBaseOffset));
     }
     Ok(Ok(format))
 }
@@ -570,7 +581,7 @@ pub fn scan_segment(path: &Path, base_offset: u64) -> Result<SegmentScan, QueueE
                 valid_bytes: 0,
                 file_bytes,
                 damaged_spans: Vec::new(),
-                invalid_reason: Some(reason),
+                invalid_reason: Some(reason.to_string()),
             });
         }
     };

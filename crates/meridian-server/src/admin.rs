@@ -6,6 +6,7 @@ use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use meridian_archive::StorageVerificationError;
 use meridian_catalog::{Actor, NewProject, Project};
 use meridian_core::RegionId;
 use meridian_core::timestamp::format_rfc3339_ms;
@@ -745,6 +746,9 @@ fn validate_storage(
     .map_err(|error| ApiError::bad_request("invalid_request", error.to_string()))
 }
 
+/// How long the access check of a customer bucket (AssumeRole, location, test write) may take.
+const STORAGE_VERIFICATION_SECONDS: u64 = 60;
+
 /// Local Data Storage: proves access with a test write, then saves; the project's archive goes
 /// only to that bucket from then on.
 async fn set_storage(
@@ -757,7 +761,7 @@ async fn set_storage(
     let project = authorized_project(&state, &claims, &project_id, Role::Owner).await?;
     let storage = validate_storage(&project_id, parse_body(&body)?)?;
     let verification = tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(STORAGE_VERIFICATION_SECONDS),
         state.node.customer_stores.verify(
             &project_id,
             &state.node.settings.aws_region_of(&project.region),
@@ -765,11 +769,13 @@ async fn set_storage(
         ),
     )
     .await
-    .unwrap_or_else(|_| Err("verifying access to the bucket timed out after 60 s".to_string()));
-    if let Err(sentence) = verification {
+    .unwrap_or(Err(StorageVerificationError::TimedOut {
+        seconds: STORAGE_VERIFICATION_SECONDS,
+    }));
+    if let Err(failure) = verification {
         return Err(ApiError::bad_request(
             "storage_verification_failed",
-            sentence,
+            failure.to_string(),
         ));
     }
     let project = state

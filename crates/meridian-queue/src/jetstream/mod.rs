@@ -293,10 +293,6 @@ impl JetStreamQueue {
         self.shared.max_payload
     }
 
-    pub fn publish_figures(&self) -> &PublishFigures {
-        &self.shared.publish
-    }
-
     /// Each partition's stream name, end and the position of every sink in it.
     pub fn partition_positions(&self) -> Vec<(String, u64, BTreeMap<String, u64>)> {
         self.shared
