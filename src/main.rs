@@ -1,5 +1,6 @@
-//! The `meridian` command: `serve`, `token issue`, `migrate`, `audit verify`, `audit anchor`,
-//! `catalog backup`.
+//! The `meridian` command: `serve` (a node), `token issue` and `console login` (admin tokens),
+//! and the offline commands of `commands.rs` (`migrate`, `catalog backup`, `audit verify|anchor`,
+//! `residency report`, `project create`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +10,14 @@ use clap::{Parser, Subcommand};
 use meridian_server::auth::{JwtAuthority, Role, load_or_create_secret};
 use meridian_server::config::{Config, process_environment};
 use meridian_server::{RunningNode, Settings, termination_signal};
+
+mod commands;
+mod logging;
+
+use commands::{
+    anchor_audit, backup_catalog, create_project, migrate, residency_report, verify_audit,
+};
+use logging::init_logging;
 
 const DEFAULT_CONFIG_PATH: &str = "config/meridian.toml";
 
@@ -219,80 +228,6 @@ fn parse_ttl(text: &str) -> anyhow::Result<u64> {
     Ok(number * multiplier)
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MERIDIAN_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
-    let json = std::env::var("MERIDIAN_LOG_FORMAT").is_ok_and(|format| format == "json");
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(move || EscapingLine::new(ansi));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// One log line on stderr, with the control characters of its text escaped (a newline inside a
-/// field — an admin-supplied string, an error from a peer — cannot forge a line of its own). The
-/// formatter hands over each event whole; it is written when the line is dropped.
-struct EscapingLine {
-    buffer: Vec<u8>,
-    /// The formatter's own colour codes are kept on a terminal.
-    keep_escape_sequences: bool,
-}
-
-impl EscapingLine {
-    fn new(keep_escape_sequences: bool) -> EscapingLine {
-        EscapingLine {
-            buffer: Vec::with_capacity(256),
-            keep_escape_sequences,
-        }
-    }
-}
-
-impl std::io::Write for EscapingLine {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for EscapingLine {
-    fn drop(&mut self) {
-        let escaped = escape_line(&self.buffer, self.keep_escape_sequences);
-        use std::io::Write;
-        let _ = std::io::stderr().lock().write_all(&escaped);
-    }
-}
-
-/// A formatted event as one line: its control characters escaped, one newline at its end.
-fn escape_line(formatted: &[u8], keep_escape_sequences: bool) -> Vec<u8> {
-    let line = formatted.strip_suffix(b"\n").unwrap_or(formatted);
-    let mut escaped = Vec::with_capacity(line.len() + 1);
-    for &byte in line {
-        match byte {
-            b'\n' => escaped.extend_from_slice(b"\\n"),
-            b'\r' => escaped.extend_from_slice(b"\\r"),
-            b'\t' => escaped.push(byte),
-            0x1b if keep_escape_sequences => escaped.push(byte),
-            0x00..=0x1f | 0x7f => escaped.extend_from_slice(format!("\\x{byte:02x}").as_bytes()),
-            _ => escaped.push(byte),
-        }
-    }
-    escaped.push(b'\n');
-    escaped
-}
-
 fn print_quick_start(settings: &Settings, host: &str) {
     let regions: Vec<&str> = settings
         .served_regions
@@ -430,284 +365,6 @@ fn mint_token(
         .map_err(|error| anyhow::anyhow!(error.message))
 }
 
-async fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let settings = load_settings(config.as_deref())?;
-    let catalog = meridian_node::catalog_key::connect_catalog(&settings)
-        .await
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))?;
-    let versions = catalog.applied_migrations().await?;
-    println!(
-        "catalog schema is at version {}",
-        versions.last().copied().unwrap_or(0)
-    );
-    Ok(())
-}
-
-async fn backup_catalog(config: Option<PathBuf>, output: PathBuf) -> anyhow::Result<()> {
-    let settings = load_settings(config.as_deref())?;
-    if settings.catalog_url.expose().starts_with("postgres") {
-        let status = std::process::Command::new("pg_dump")
-            .args(["--format=custom", "--file"])
-            .arg(&output)
-            .arg(settings.catalog_url.expose())
-            .status()
-            .context("running pg_dump (install the PostgreSQL client tools)")?;
-        if !status.success() {
-            bail!("pg_dump failed with {status}");
-        }
-        println!(
-            "catalog backed up with pg_dump to {} (restore with pg_restore)",
-            output.display()
-        );
-        return Ok(());
-    }
-    let catalog = connect_catalog(&settings).await?;
-    catalog.backup_sqlite(&output).await?;
-    println!(
-        "catalog backed up to {}; to restore, stop the node and put it in place as {}",
-        output.display(),
-        settings.data_dir.join("catalog.db").display()
-    );
-    backup_regional_stores(&settings, &catalog, &output).await?;
-    if settings.catalog_hash_key.is_none() {
-        println!(
-            "keep a copy of {} apart from the backup: the catalog's suppressions and audit log need it",
-            meridian_node::catalog_key::key_file(&settings.data_dir).display()
-        );
-    }
-    Ok(())
-}
-
-/// Backs up each served region's own SQLite store beside `output` (`<output>-<region>.db`); a
-/// PostgreSQL regional store lives in its region and is backed up there.
-async fn backup_regional_stores(
-    settings: &Settings,
-    catalog: &meridian_catalog::Catalog,
-    output: &std::path::Path,
-) -> anyhow::Result<()> {
-    let stores = meridian_node::regional_stores::connect_regional_stores(
-        settings,
-        catalog,
-        &settings.served_regions,
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-    for store in stores.stores() {
-        if store.is_global {
-            continue;
-        }
-        let regions = store.region_names().join("+");
-        if store.catalog.backend() != meridian_catalog::CatalogBackend::Sqlite {
-            println!(
-                "the regional store of {regions} is a PostgreSQL database ({}): back it up in its region with pg_dump",
-                store.display_url
-            );
-            continue;
-        }
-        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-        let store_output = output.with_file_name(format!("{stem}-{regions}.db"));
-        store.catalog.backup_sqlite(&store_output).await?;
-        let live_path = store
-            .display_url
-            .trim_start_matches("sqlite://")
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        println!(
-            "regional store of {regions} backed up to {}; to restore, put it in place as {live_path}",
-            store_output.display()
-        );
-    }
-    Ok(())
-}
-
-async fn anchor_audit(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let settings = load_settings(config.as_deref())?;
-    let catalog = connect_catalog(&settings).await?;
-    match catalog
-        .anchor_audit_chain(&meridian_catalog::Actor::system("meridian-audit-anchor"))
-        .await?
-    {
-        meridian_catalog::AnchorOutcome::AlreadyAnchored => {
-            println!("audit log already anchored (or empty): nothing to do")
-        }
-        meridian_catalog::AnchorOutcome::Anchored { entries } => println!(
-            "audit log anchored: {entries} entries re-hashed with the catalog key, user ids replaced by their keyed hashes"
-        ),
-    }
-    Ok(())
-}
-
-async fn create_project(
-    config: Option<PathBuf>,
-    org: String,
-    name: String,
-    region: Option<String>,
-    key_only: bool,
-) -> anyhow::Result<()> {
-    let settings = load_settings(config.as_deref())?;
-    let region = match region {
-        Some(text) => meridian_core::RegionId::parse(&text)?,
-        None => settings.default_region.clone(),
-    };
-    let Some(region_settings) = settings.regions.get(&region) else {
-        bail!(
-            "region `{region}` is not configured; configured: {}",
-            settings
-                .regions
-                .keys()
-                .map(meridian_core::RegionId::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    };
-    if !region_settings.available {
-        bail!("region `{region}` is unavailable for new projects");
-    }
-    let catalog = connect_catalog(&settings).await?;
-    let actor = meridian_catalog::Actor {
-        subject: "cli".to_string(),
-        request_id: format!("cli-{}", std::process::id()),
-    };
-    let created = catalog
-        .create_project(
-            &org,
-            meridian_catalog::NewProject {
-                name,
-                region: region.clone(),
-            },
-            &actor,
-        )
-        .await;
-    catalog.close().await;
-    let (project, write_key) = created?;
-    if key_only {
-        println!("{write_key}");
-    } else {
-        println!(
-            "{}",
-            serde_json::json!({
-                "project_id": project.project_id, "org_id": project.org_id, "name": project.name,
-                "region": project.region, "write_key": write_key,
-            })
-        );
-    }
-    Ok(())
-}
-
-/// Opens the catalog for a command: the key must exist already (tools never create one).
-async fn connect_catalog(settings: &Settings) -> anyhow::Result<meridian_catalog::Catalog> {
-    let key_file = meridian_node::catalog_key::key_file(&settings.data_dir);
-    if settings.catalog_hash_key.is_none() && !key_file.exists() {
-        bail!(
-            "no catalog key: set catalog.hash_key (MERIDIAN_CATALOG_HASH_KEY) or run this where {} exists",
-            key_file.display()
-        );
-    }
-    let (key, _) =
-        meridian_node::catalog_key::load_catalog_key(settings).map_err(anyhow::Error::msg)?;
-    meridian_catalog::Catalog::connect(settings.catalog_url.expose(), key)
-        .await
-        .with_context(|| format!("catalog {}", settings.catalog_url_for_display()))
-}
-
-async fn residency_report(
-    config: Option<PathBuf>,
-    region: Option<String>,
-    json: bool,
-) -> anyhow::Result<bool> {
-    let settings = load_settings(config.as_deref())?;
-    let catalog = connect_catalog(&settings).await?;
-    let customer_stores = std::sync::Arc::new(meridian_archive::customer::CustomerStores::new(
-        settings.customer_access.clone(),
-    ));
-    let regions = match region {
-        Some(text) => vec![
-            meridian_core::RegionId::parse(&text)
-                .map_err(|error| anyhow::anyhow!("--region {text}: {error:?}"))?,
-        ],
-        None => settings.served_regions.clone(),
-    };
-    let regional_stores =
-        meridian_node::regional_stores::connect_regional_stores(&settings, &catalog, &regions)
-            .await
-            .map_err(anyhow::Error::msg)?;
-    let keys =
-        meridian_catalog::KeyCache::load_from(catalog.clone(), regional_stores.catalogs()).await?;
-    let queue_encryption = meridian_node::node::load_queue_encryption(&settings)
-        .map_err(anyhow::Error::msg)?
-        .map(std::sync::Arc::new);
-    let mut clean = true;
-    let mut reports = Vec::new();
-    for region in &regions {
-        let services = meridian_node::region::region_services_for_tools(
-            &settings,
-            region,
-            &keys,
-            &customer_stores,
-        )
-        .await?;
-        let report = meridian_node::residency::scan_region(
-            &settings,
-            &keys,
-            &customer_stores,
-            region,
-            &services,
-            queue_encryption.clone(),
-            regional_stores.store_of_region(region),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        clean &= report.is_clean();
-        if json {
-            reports.push(report.to_json(&keys));
-        } else {
-            print!("{}", report.to_text());
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-    }
-    Ok(clean)
-}
-
-/// Verifies the global catalog's audit chain and the chain of each served region's own store.
-async fn verify_audit(config: Option<PathBuf>) -> anyhow::Result<bool> {
-    let settings = load_settings(config.as_deref())?;
-    let catalog = connect_catalog(&settings).await?;
-    let regional_stores = meridian_node::regional_stores::connect_regional_stores(
-        &settings,
-        &catalog,
-        &settings.served_regions,
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-    let mut chains = vec![("audit log".to_string(), catalog.clone())];
-    for store in regional_stores.stores() {
-        if !store.is_global {
-            let name = format!("audit log of {}", store.region_names().join(", "));
-            chains.push((name, store.catalog.clone()));
-        }
-    }
-    let mut intact = true;
-    for (name, chain) in chains {
-        let report = chain.verify_audit_chain().await?;
-        match report.first_broken {
-            None => println!("{name} intact: {} entries verified", report.entries_checked),
-            Some((seq, reason)) => {
-                println!(
-                    "{name} TAMPERED at entry {seq}: {reason} ({} entries checked)",
-                    report.entries_checked
-                );
-                intact = false;
-            }
-        }
-    }
-    Ok(intact)
-}
-
 fn main() -> ExitCode {
     // Everything the service writes (catalog, queue segments, archive objects, spool, secrets)
     // is private to its user from the first write: files 0600, directories 0700.
@@ -802,22 +459,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_log_line_keeps_its_control_characters_inside() {
-        assert_eq!(
-            escape_line(b"WARN role=arn:x\nERROR forged\r\x07 end\n", false),
-            b"WARN role=arn:x\\nERROR forged\\r\\x07 end\n".to_vec()
-        );
-        assert_eq!(
-            escape_line(b"\x1b[31mred\n", false),
-            b"\\x1b[31mred\n".to_vec()
-        );
-        assert_eq!(
-            escape_line(b"\x1b[31mred\ttab\n", true),
-            b"\x1b[31mred\ttab\n".to_vec()
-        );
-    }
 
     #[test]
     fn ttls_parse_with_units() {

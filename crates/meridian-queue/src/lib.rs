@@ -31,6 +31,7 @@ pub mod inspect;
 pub mod jetstream;
 pub mod quarantine;
 mod queue;
+mod recovery;
 /// Segment files and record framing (public for the fuzz targets and tools).
 pub mod segment;
 mod writer;

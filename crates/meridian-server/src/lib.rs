@@ -4,28 +4,21 @@
 //! knows everything else). Only this crate knows HTTP.
 
 pub mod admin;
-pub mod audit_log;
 pub mod auth;
 pub mod console;
 pub mod edge;
 pub mod error;
-pub mod gdpr;
 pub mod headers;
 pub mod ingest;
 pub mod listener;
 pub mod live;
-pub mod migration;
 pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
-pub mod replay;
-pub mod retention;
 pub mod routes;
 pub mod server;
 pub mod state;
 pub mod tls;
-pub mod token_revocation;
-pub mod volume;
 
 pub use meridian_node::config;
 pub use meridian_node::config::{Config, ConfigError, Settings};

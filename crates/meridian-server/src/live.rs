@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use crate::admin::authorized_project;
+use crate::admin::access::authorized_project;
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::routes::ApiRoutes;

@@ -33,15 +33,9 @@ pub enum ServerError {
 pub fn api_routes() -> crate::routes::ApiRoutes {
     crate::ingest::routes()
         .merge(crate::admin::routes())
-        .merge(crate::gdpr::routes())
-        .merge(crate::replay::routes())
-        .merge(crate::retention::routes())
-        .merge(crate::migration::routes())
         .merge(crate::live::routes())
         .merge(crate::console::routes())
-        .merge(crate::volume::routes())
         .merge(crate::ops::routes())
-        .merge(crate::token_revocation::routes())
 }
 
 pub fn router(state: AppState) -> Router {

@@ -20,7 +20,7 @@ use meridian_core::timestamp::format_rfc3339_ms;
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::admin::{UserIds, actor, authorized_project, parse_body};
+use super::access::{UserIds, actor, authorized_project, parse_body};
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;
@@ -148,7 +148,7 @@ async fn request_deletion(
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Admin).await?;
     let request: UserIds = parse_body(&body)?;
-    crate::admin::validate_user_ids(&request.user_ids)?;
+    super::access::validate_user_ids(&request.user_ids)?;
     // Projects this one's data was migrated to hold copies of the users' data: the deletion is
     // requested there too (in their regions), before the project's own.
     let mut also_requested = Vec::new();

@@ -19,7 +19,7 @@ use meridian_core::RegionId;
 use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
 use serde_json::{Value, json};
 
-use crate::admin::authorized_project;
+use super::access::authorized_project;
 use crate::auth::{AdminAuth, Role};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiPath};

@@ -12,7 +12,7 @@ use meridian_core::timestamp::{format_rfc3339_ms, parse_timestamp_ms};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::{actor, parse_body};
+use super::access::{actor, parse_body};
 use crate::auth::{AdminAuth, Role};
 use crate::error::ApiError;
 use crate::headers::RequestId;

@@ -5,15 +5,21 @@
 //! (`global:12,eu-west-1:4`); a node lists only the regional stores of the regions it serves.
 
 use axum::extract::State;
+use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use meridian_catalog::{AuditEntry, Catalog};
 use meridian_core::timestamp::format_rfc3339_ms;
 use serde_json::{Value, json};
 
-use crate::admin::PageQuery;
+use super::access::PageQuery;
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
+use crate::routes::ApiRoutes;
 use crate::state::AppState;
+
+pub(super) fn routes() -> ApiRoutes {
+    ApiRoutes::new().add(Method::GET, "/admin/orgs/{org_id}/audit", audit_log)
+}
 
 /// The name of the global catalog's chain in items and cursors.
 const GLOBAL_STORE: &str = "global";

@@ -11,7 +11,7 @@ use meridian_core::RegionId;
 use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
 use serde_json::{Map, Value, json};
 
-use crate::admin::require_org;
+use super::access::require_org;
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::routes::ApiRoutes;

@@ -20,7 +20,7 @@ use meridian_core::timestamp::{
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::admin::{actor, authorized_project, parse_body};
+use super::access::{actor, authorized_project, parse_body};
 use crate::auth::{AdminAuth, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;

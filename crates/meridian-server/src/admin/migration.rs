@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::admin::{actor, parse_body, require_org};
+use super::access::{actor, parse_body, require_org};
 use crate::auth::{AdminAuth, Claims, Role};
 use crate::error::{ApiError, ApiPath};
 use crate::headers::RequestId;
