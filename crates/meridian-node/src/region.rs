@@ -110,13 +110,7 @@ impl Region {
         queue_encryption: Option<&Arc<QueueEncryption>>,
         node_id: &str,
     ) -> Result<(Region, RegionTasks), NodeError> {
-        let region_settings = settings
-            .regions
-            .get(region)
-            .ok_or_else(|| NodeError::Region {
-                region: region.to_string(),
-                message: "the region is not configured".to_string(),
-            })?;
+        let region_settings = settings_of(settings, region)?;
         // A replicated queue keeps nothing of its own on the node; so must the archive: with
         // it, objects for a failing customer bucket wait in the queue instead of a local spool.
         let node_local_spool = region_settings.jetstream.is_none();
@@ -182,9 +176,7 @@ async fn open_queue(
         region: region.to_string(),
         message,
     };
-    let Some(region_settings) = settings.regions.get(region) else {
-        return Err(failure("the region is not configured".to_string()));
-    };
+    let region_settings = settings_of(settings, region)?;
     if let Some(jetstream_settings) =
         jetstream_settings_for(settings, region, queue_encryption, node_id, sink_names)
     {
@@ -346,6 +338,20 @@ pub async fn region_services_for_tools(
         .map(|built| built.services)
 }
 
+/// A region's section of the settings (an error naming the region when it has none).
+fn settings_of<'settings>(
+    settings: &'settings Settings,
+    region: &RegionId,
+) -> Result<&'settings crate::config::RegionSettings, NodeError> {
+    settings
+        .regions
+        .get(region)
+        .ok_or_else(|| NodeError::Region {
+            region: region.to_string(),
+            message: "the region is not configured".to_string(),
+        })
+}
+
 /// A region's sinks, the stores behind them, and the tasks they need.
 struct BuiltSinks {
     sinks: Vec<Arc<dyn Sink>>,
@@ -362,13 +368,7 @@ async fn build_sinks(
     customer_stores: &Arc<CustomerStores>,
     node_local_spool: bool,
 ) -> Result<BuiltSinks, NodeError> {
-    let region_settings = settings
-        .regions
-        .get(region)
-        .ok_or_else(|| NodeError::Region {
-            region: region.to_string(),
-            message: "the region is not configured".to_string(),
-        })?;
+    let region_settings = settings_of(settings, region)?;
     let archive = &region_settings.archive;
     let mut guards = Vec::new();
     let store: Arc<dyn ObjectStore> = match &archive.target {

@@ -93,6 +93,7 @@ pub struct RegionRetention {
 #[serde(deny_unknown_fields)]
 pub struct ReplayConfig {
     pub max_messages_per_second: u64,
+    pub poll_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -72,6 +72,8 @@ pub struct Settings {
     pub gdpr_poll_interval: Duration,
     /// Messages per second this node's replays insert at most.
     pub replay_max_messages_per_second: u64,
+    /// How often this node looks for replays to carry out.
+    pub replay_poll_interval: Duration,
     /// Live debugger subscribers one project may have on a node at once (429 beyond).
     pub live_subscribers_per_project: usize,
     /// Events a project's live feed carries per second at most (the rest are counted as skipped).

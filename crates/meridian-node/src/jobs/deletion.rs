@@ -18,7 +18,7 @@ use meridian_core::timestamp::now_unix_ms;
 use tokio::sync::Notify;
 use tracing::info;
 
-use super::{AfterWork, JobLabel, LEASE, LeasedJob};
+use super::{AfterWork, JobLabel, LEASE, LeasedJob, claim_from_first_store};
 use crate::error::StepError;
 use crate::node::Node;
 
@@ -36,16 +36,12 @@ impl LeasedJob for Deletions {
     }
 
     async fn claim(&self, node: &Node, lease_until_ms: i64) -> Result<Vec<Deletion>, CatalogError> {
-        for store in node.stores.stores() {
-            if let Some(deletion) = store
-                .catalog
-                .claim_deletion(&node.node_id, &store.region_names(), lease_until_ms)
-                .await?
-            {
-                return Ok(vec![deletion]);
-            }
-        }
-        Ok(Vec::new())
+        claim_from_first_store(node, |catalog, regions| async move {
+            catalog
+                .claim_deletion(&node.node_id, &regions, lease_until_ms)
+                .await
+        })
+        .await
     }
 
     fn label_of(deletion: &Deletion) -> JobLabel {

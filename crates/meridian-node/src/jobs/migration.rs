@@ -12,7 +12,7 @@ use bytes::Bytes;
 use meridian_archive::ObjectStore;
 use meridian_archive::layout::{decode_object, encode_object, object_key};
 use meridian_archive::rewrite::list_project_objects;
-use meridian_catalog::{Actor, CatalogError, MigrationStatus, RegionMigration};
+use meridian_catalog::{Actor, CatalogError, MigrationProgress, MigrationStatus, RegionMigration};
 use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms};
 use meridian_core::{ErasureFilter, RegionId};
 use serde_json::Value;
@@ -290,17 +290,7 @@ async fn copy_pass(node: &Node, migration: RegionMigration) -> Result<(), StepEr
         progress.objects_copied += 1;
         progress.messages_copied += message_count as i64;
         progress.lag_objects -= 1;
-        let stored = node
-            .catalog
-            .record_migration_progress(
-                &migration.migration_id,
-                &node.node_id,
-                &progress,
-                false,
-                now_unix_ms() + LEASE.as_millis() as i64,
-            )
-            .await
-            .map_err(|error| error.to_string())?;
+        let stored = record_progress(node, &migration, &progress, false).await?;
         if stored.status == MigrationStatus::Cancelled {
             info!(migration_id = %migration.migration_id, objects_copied = progress.objects_copied, "migration cancelled; the copy stops");
             return Ok(());
@@ -313,17 +303,7 @@ async fn copy_pass(node: &Node, migration: RegionMigration) -> Result<(), StepEr
         }
     }
     debug_assert_eq!(progress.lag_objects, 0);
-    let stored = node
-        .catalog
-        .record_migration_progress(
-            &migration.migration_id,
-            &node.node_id,
-            &progress,
-            true,
-            now_unix_ms() + LEASE.as_millis() as i64,
-        )
-        .await
-        .map_err(|error| error.to_string())?;
+    let stored = record_progress(node, &migration, &progress, true).await?;
     if stored.status == MigrationStatus::Copying {
         let executor = Actor::system(&format!("migration-executor/{}", node.node_id));
         node.catalog
@@ -377,4 +357,24 @@ mod tests {
             "a deleted user is not copied"
         );
     }
+}
+
+/// Saves the copy's progress (`pass_finished`: every object of the pass is copied) and renews the
+/// lease; returns the migration as stored (an admin may have cancelled it meanwhile).
+async fn record_progress(
+    node: &Node,
+    migration: &RegionMigration,
+    progress: &MigrationProgress,
+    pass_finished: bool,
+) -> Result<RegionMigration, StepError> {
+    Ok(node
+        .catalog
+        .record_migration_progress(
+            &migration.migration_id,
+            &node.node_id,
+            progress,
+            pass_finished,
+            now_unix_ms() + LEASE.as_millis() as i64,
+        )
+        .await?)
 }

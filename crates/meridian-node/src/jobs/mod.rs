@@ -116,6 +116,24 @@ pub async fn run_leased_loop<J: LeasedJob>(
     }
 }
 
+/// Claims one job from the first regional store that has one for this node (the stores of the
+/// served regions asked in turn): `claim` gets a store's catalog and its region names.
+pub(crate) async fn claim_from_first_store<Job, Claim, Claiming>(
+    node: &Node,
+    claim: Claim,
+) -> Result<Vec<Job>, CatalogError>
+where
+    Claim: Fn(meridian_catalog::Catalog, Vec<String>) -> Claiming,
+    Claiming: std::future::Future<Output = Result<Option<Job>, CatalogError>>,
+{
+    for store in node.stores.stores() {
+        if let Some(job) = claim(store.catalog.clone(), store.region_names()).await? {
+            return Ok(vec![job]);
+        }
+    }
+    Ok(Vec::new())
+}
+
 /// Hands every job loop to the node's supervisor.
 pub fn start_all(node: &Arc<Node>) {
     spawn_job(node, deletion::Deletions);

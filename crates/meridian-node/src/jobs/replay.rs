@@ -15,7 +15,7 @@ use meridian_core::timestamp::now_unix_ms;
 use tokio::sync::Notify;
 use tracing::info;
 
-use super::{AfterWork, JobLabel, LEASE, LeasedJob};
+use super::{AfterWork, JobLabel, LEASE, LeasedJob, claim_from_first_store};
 use crate::error::StepError;
 use crate::node::Node;
 use crate::project_archive::{ProjectStore, bounded, object_token, stores_of_project};
@@ -35,16 +35,12 @@ impl LeasedJob for Replays {
     }
 
     async fn claim(&self, node: &Node, lease_until_ms: i64) -> Result<Vec<Replay>, CatalogError> {
-        for store in node.stores.stores() {
-            if let Some(replay) = store
-                .catalog
-                .claim_replay(&node.node_id, &store.region_names(), lease_until_ms)
-                .await?
-            {
-                return Ok(vec![replay]);
-            }
-        }
-        Ok(Vec::new())
+        claim_from_first_store(node, |catalog, regions| async move {
+            catalog
+                .claim_replay(&node.node_id, &regions, lease_until_ms)
+                .await
+        })
+        .await
     }
 
     fn label_of(replay: &Replay) -> JobLabel {
@@ -67,7 +63,7 @@ impl LeasedJob for Replays {
     }
 
     fn poll_interval(&self, node: &Node) -> Duration {
-        node.settings.gdpr_poll_interval
+        node.settings.replay_poll_interval
     }
 
     fn wake<'node>(&self, node: &'node Node) -> &'node Notify {

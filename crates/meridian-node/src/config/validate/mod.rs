@@ -153,6 +153,7 @@ impl Config {
             gdpr_settle: Duration::from_millis(self.gdpr.settle_ms),
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
+            replay_poll_interval: Duration::from_millis(self.replay.poll_interval_ms.max(10)),
             live_subscribers_per_project: self.console.live_subscribers_per_project.max(1),
             live_events_per_second: self.console.live_events_per_second.max(1),
             max_live_streams: self.console.max_live_streams.max(1),
