@@ -148,10 +148,10 @@ async fn each_regions_clickhouse_holds_exactly_its_projects_messages() {
     }
     let migrations = clickhouse_query(
         &eu_url,
-        &format!("SELECT DISTINCT version FROM {database}.schema_migrations"),
+        &format!("SELECT DISTINCT version FROM {database}.schema_migrations ORDER BY version"),
     )
     .await;
-    assert_eq!(migrations.trim(), "1");
+    assert_eq!(migrations.trim(), "1\n2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -650,15 +650,77 @@ async fn a_retry_whose_timestamp_crosses_midnight_or_a_month_counts_once() {
         clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
         4
     );
+
+    // An SDK flushing an old offline queue: the same message, without a timestamp of its own,
+    // reaches the node again three days later — its stored time would be three days apart.
+    let first_copy =
+        json!({"type": "track", "userId": "u", "event": "Offline", "messageId": "days-later"});
+    assert_eq!(
+        post_batch(&server, &key, vec![first_copy.clone()]).await,
+        200
+    );
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    let stored_time_sql = format!(
+        "SELECT DISTINCT timestamp_ms FROM {database}.events WHERE project_id = '{project_id}' AND message_id = 'days-later'"
+    );
+    let first_time = clickhouse_query(&eu_url, &stored_time_sql).await;
+    let mut server = server;
+    server.terminate();
+    let three_days_ms = (3 * 86_400_000i64).to_string();
+    server.extra_env.push((
+        meridian_core::timestamp::TEST_CLOCK_OFFSET_VARIABLE.to_string(),
+        three_days_ms,
+    ));
+    server.spawn().await;
+    assert_eq!(post_batch(&server, &key, vec![first_copy]).await, 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(60))
+            .await
+    );
+    assert_eq!(
+        clickhouse_count(
+            &eu_url,
+            &format!("SELECT count() FROM {database}.events WHERE project_id = '{project_id}' AND message_id = 'days-later'"),
+        )
+        .await,
+        2,
+        "both copies were inserted"
+    );
+    assert_eq!(
+        clickhouse_query(&eu_url, &stored_time_sql).await,
+        first_time,
+        "the copy three days later is stored with the first copy's time"
+    );
+    assert_eq!(
+        clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
+        5,
+        "and counts once"
+    );
 }
 
 #[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() {
+async fn a_table_of_the_identity_keyed_layout_moves_time_first_under_load_and_kill_9_keeping_every_row()
+ {
     let Some(eu_url) = shared_service("MERIDIAN_TEST_CLICKHOUSE_URL") else {
         return;
     };
     let database = unique_database();
+    let config = test_config(&clickhouse_block(
+        "eu-west-1",
+        std::slice::from_ref(&eu_url),
+        &database,
+    ));
+    // The sink prepares (and moves) its tables before its first insert, not before.
+    let mut server = TestServer::start(&config, &[]).await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+
     let version = clickhouse_query(&eu_url, "SELECT version()").await;
     let flavor = meridian_clickhouse::ServerVersion::parse(&version)
         .map(meridian_clickhouse::ServerVersion::flavor)
@@ -671,77 +733,118 @@ async fn an_events_table_of_the_day_keyed_schema_is_rekeyed_keeping_every_row() 
             dedup_window: 100,
         },
     );
-    let day_keyed = current.replace(
-        "ORDER BY (project_id, message_id)",
+    // The layout before: the message's identity only, in one partition.
+    let identity_keyed = current.replace(
         "PARTITION BY toYYYYMM(timestamp)\nORDER BY (project_id, toDate(timestamp), message_id)",
+        "ORDER BY (project_id, message_id)",
     );
-    assert_ne!(day_keyed, current);
+    assert_ne!(identity_keyed, current);
     clickhouse_query(&eu_url, &format!("CREATE DATABASE {database}")).await;
-    clickhouse_query(&eu_url, &day_keyed).await;
+    clickhouse_query(&eu_url, &identity_keyed).await;
+    // Old rows: 'a' twice (a retry across midnight, collapsed by the old key; the later copy is
+    // the one kept), and enough others that the move takes a while (the node is killed while it
+    // runs).
     clickhouse_query(
         &eu_url,
         &format!(
-            "INSERT INTO {database}.events (project_id, message_id, type, timestamp, received_at, region) VALUES \
-             ('prj_old', 'a', 'track', '2026-01-31 23:59:59', '2026-01-31 23:59:59', 'eu-west-1'), \
-             ('prj_old', 'a', 'track', '2026-02-01 00:00:01', '2026-02-01 00:00:01', 'eu-west-1'), \
-             ('prj_old', 'b', 'track', '2026-02-03 10:00:00', '2026-02-03 10:00:00', 'eu-west-1'), \
-             ('prj_old', 'c', 'track', '2026-02-04 10:00:00', '2026-02-04 10:00:00', 'eu-west-1')"
+            "INSERT INTO {database}.events (project_id, message_id, type, timestamp, timestamp_ms, received_at, region) VALUES \
+             ('{project_id}', 'a', 'track', '2026-01-31 23:59:59', 1769903999000, '2026-01-31 23:59:59', 'eu-west-1')"
         ),
     )
     .await;
-    let old_count =
-        format!("SELECT count() FROM {database}.events FINAL WHERE project_id = 'prj_old'");
+    clickhouse_query(
+        &eu_url,
+        &format!(
+            "INSERT INTO {database}.events (project_id, message_id, type, timestamp, timestamp_ms, received_at, region) VALUES \
+             ('{project_id}', 'a', 'track', '2026-02-01 00:00:01', 1769904001000, '2026-02-01 00:00:01', 'eu-west-1')"
+        ),
+    )
+    .await;
+    const OLD_ROWS: u64 = 400_000;
+    clickhouse_query(
+        &eu_url,
+        &format!(
+            "INSERT INTO {database}.events (project_id, message_id, type, timestamp, timestamp_ms, received_at, region) \
+             SELECT '{project_id}', concat('old-', toString(number)), 'track', toDateTime(1767225600 + number * 60), \
+             (1767225600 + number * 60) * 1000, toDateTime(1767225600 + number * 60), 'eu-west-1' FROM system.numbers LIMIT {OLD_ROWS}"
+        ),
+    )
+    .await;
     assert_eq!(
-        clickhouse_count(&eu_url, &old_count).await,
-        4,
-        "the day key does not collapse 'a'"
+        clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
+        OLD_ROWS + 1
     );
 
-    // The sink prepares its schema (and re-keys the table) before its first insert.
-    let config = test_config(&clickhouse_block(
-        "eu-west-1",
-        std::slice::from_ref(&eu_url),
-        &database,
-    ));
-    let server = TestServer::start(&config, &[]).await;
-    server.create_org("acme").await;
-    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
-    assert_eq!(
-        post_batch(&server, &key, vec![track("after-rekey")]).await,
-        200
-    );
-    assert_eq!(
-        wait_for_count(
-            &eu_url,
-            &count_sql(&database, &project_id),
-            1,
-            Duration::from_secs(60)
-        )
-        .await,
-        1,
-        "the re-keyed table takes new messages"
-    );
-    assert_eq!(
-        clickhouse_count(&eu_url, &old_count).await,
-        3,
-        "every old message once, the retried one collapsed"
+    // Messages keep arriving; the node is killed at moments of the seeded schedule and started
+    // again, while the sink moves the table.
+    let mut schedule = kill_schedule("moves time first under kill -9");
+    let mut accepted = BTreeSet::new();
+    let mut next = 0u64;
+    for _ in 0..4 {
+        let run_for = Duration::from_millis(rand::Rng::random_range(&mut schedule, 200..1500));
+        let deadline = std::time::Instant::now() + run_for;
+        while std::time::Instant::now() < deadline {
+            let messages: Vec<Value> = (0..20).map(|n| track(&format!("m{next}-{n}"))).collect();
+            next += 1;
+            let ids: Vec<String> = messages
+                .iter()
+                .map(|m| m["messageId"].as_str().unwrap().to_string())
+                .collect();
+            if post_batch(&server, &key, messages).await == 200 {
+                accepted.extend(ids);
+            }
+        }
+        server.kill_hard();
+        server.spawn().await;
+    }
+    // A retry of the old message 'a', on yet another day, joins the row the move kept.
+    let retry = json!({"type": "track", "userId": "u", "event": "Counted", "messageId": "a",
+                       "timestamp": "2026-02-03T12:00:00.000Z"});
+    assert_eq!(post_batch(&server, &key, vec![retry]).await, 200);
+    assert!(
+        server
+            .wait_for_sinks_to_drain(Duration::from_secs(180))
+            .await,
+        "the sink finished the move and delivered everything"
     );
     let tables = clickhouse_query(
         &eu_url,
-        &format!("SELECT name, sorting_key FROM system.tables WHERE database = '{database}' AND name LIKE 'events%' FORMAT TSV"),
+        &format!("SELECT name, sorting_key, partition_key FROM system.tables WHERE database = '{database}' AND name LIKE 'events%' FORMAT TSV"),
     )
     .await;
     assert_eq!(
         tables.trim(),
-        "events\tproject_id, message_id",
-        "only the re-keyed table is left"
+        "events\tproject_id, toDate(timestamp), message_id\ttoYYYYMM(timestamp)",
+        "only the time-first table is left"
     );
-    let kept = clickhouse_query(
+    assert!(accepted.len() > 100, "load ran: {}", accepted.len());
+    let stored_new: BTreeSet<String> = clickhouse_query(
         &eu_url,
-        &format!("SELECT DISTINCT message_id FROM {database}.events WHERE project_id = 'prj_old' ORDER BY message_id FORMAT TSV"),
+        &format!("SELECT message_id FROM {database}.events FINAL WHERE project_id = '{project_id}' AND message_id LIKE 'm%'"),
     )
-    .await;
-    assert_eq!(kept.trim(), "a\nb\nc");
+    .await
+    .lines()
+    .map(str::to_string)
+    .collect();
+    assert_eq!(
+        stored_new, accepted,
+        "every acknowledged message, and nothing else"
+    );
+    assert_eq!(
+        clickhouse_count(&eu_url, &count_sql(&database, &project_id)).await,
+        OLD_ROWS + 1 + accepted.len() as u64,
+        "every old message and every new one, each once"
+    );
+    assert_eq!(
+        clickhouse_query(
+            &eu_url,
+            &format!("SELECT DISTINCT timestamp_ms FROM {database}.events WHERE project_id = '{project_id}' AND message_id = 'a' FORMAT TSV"),
+        )
+        .await
+        .trim(),
+        "1769904001000",
+        "the retry took the kept row's time"
+    );
 }
 
 #[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]

@@ -1,16 +1,25 @@
-//! Re-keying an events table of an earlier version.
+//! Re-keying an events table of an earlier layout into the current one
+//! ([`schema::EVENTS_SORTING_KEY`], partitioned by [`schema::EVENTS_PARTITION_KEY`]).
 //!
-//! Tables created before were ordered by `(project_id, toDate(timestamp), message_id)` and
-//! partitioned by month: ReplacingMergeTree only collapses rows with the same key in the same
-//! partition, so a retried message whose timestamp landed on another day counted twice. The
-//! current key is [`schema::EVENTS_SORTING_KEY`] in one partition. A re-key, on each replica:
+//! The layout before was ordered by `(project_id, message_id)` in one partition, so that copies of
+//! a message collapsed whatever their timestamps — and every time-range question read a
+//! project's whole history. The current layout is time first, and gives copies one timestamp
+//! through `message_ids` (see `crate::schema`). A re-key, on each replica:
 //!
-//! 1. creates `events_rekeyed` with the current schema;
-//! 2. swaps the tables in one `RENAME` (`events` -> `events_before_rekey`, `events_rekeyed` ->
+//! 1. records every stored message in `message_ids` (from `events FINAL`: one row per message,
+//!    the one the old table keeps), so that a copy arriving from now on gets the timestamp of the
+//!    row the copy below moves;
+//! 2. creates `events_rekeyed` with the current schema;
+//! 3. swaps the tables in one `RENAME` (`events` -> `events_before_rekey`, `events_rekeyed` ->
 //!    `events`): the rename waits for inserts in progress, and every later insert goes to the
 //!    re-keyed table, so no row is written where the copy cannot see it;
-//! 3. copies every row of `events_before_rekey` into `events` (copies of one message collapse);
-//! 4. drops `events_before_rekey`.
+//! 4. copies `events_before_rekey FINAL` into `events` (one row per message);
+//! 5. drops `events_before_rekey`.
+//!
+//! While it runs, ingest goes on and delivery into the warehouse goes on (into the old table
+//! until the swap, into the new one after). A copy of an old message that reaches the sink while
+//! step 1 has not yet recorded it is stored with its own timestamp: if that falls on another day
+//! than the old row's, the message has two rows (a retry in those minutes, on a day boundary).
 //!
 //! Every step is decided by looking at the tables, so a re-key interrupted anywhere (or run by two
 //! nodes at once) finishes when run again. GDPR deletions refuse to run while
@@ -129,8 +138,19 @@ pub(crate) async fn rekey_events(
             RekeyState::OldKey => {
                 info!(
                     database,
-                    "re-keying the events table by (project_id, message_id) so retried messages collapse across days and months"
+                    "re-keying the events table time first; recording every stored message's timestamp first"
                 );
+                let received_at_ms = match flavor {
+                    SchemaFlavor::Modern => "toUnixTimestamp64Milli(received_at)",
+                    SchemaFlavor::Legacy => "toInt64(received_at) * 1000",
+                };
+                let record = format!(
+                    "INSERT INTO {db}.{message_ids} (project_id, message_id, timestamp_ms, received_at_ms, first_seen) \
+                     SELECT project_id, message_id, timestamp_ms, {received_at_ms}, bitNot(toUInt64({received_at_ms})) \
+                     FROM {events} FINAL",
+                    message_ids = schema::quote_identifier(schema::MESSAGE_IDS_TABLE),
+                );
+                with_timeout(copy_timeout, admin.query(&record).execute()).await?;
                 let create = schema::create_events_table_named(
                     database,
                     schema::REKEY_TARGET_TABLE,
@@ -148,7 +168,7 @@ pub(crate) async fn rekey_events(
                 rekeyed = true;
             }
             RekeyState::Copying => {
-                let copy = format!("INSERT INTO {events} SELECT * FROM {source}");
+                let copy = format!("INSERT INTO {events} SELECT * FROM {source} FINAL");
                 with_timeout(copy_timeout, admin.query(&copy).execute()).await?;
                 with_timeout(
                     timeout,

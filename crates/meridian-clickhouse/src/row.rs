@@ -118,8 +118,18 @@ fn datetime_seconds(unix_ms: i64) -> Option<u32> {
     u32::try_from(unix_ms.div_euclid(1000)).ok()
 }
 
+/// What the sink reads and sets of a row of either flavor: its identity and its times.
+pub trait EventRow {
+    fn project_id(&self) -> &str;
+    fn message_id(&self) -> &str;
+    fn timestamp_ms(&self) -> i64;
+    fn received_at_ms(&self) -> i64;
+    /// Sets `timestamp` (and `timestamp_ms`) to the time a copy of the message was stored with.
+    fn set_timestamp_ms(&mut self, timestamp_ms: i64);
+}
+
 macro_rules! event_row {
-    ($name:ident, $time:ty, $convert:expr, $doc:literal) => {
+    ($name:ident, $time:ty, $convert:expr, $to_ms:expr, $doc:literal) => {
         #[doc = $doc]
         #[derive(Clone, Debug, Row, Serialize)]
         pub struct $name {
@@ -177,6 +187,31 @@ macro_rules! event_row {
                 }
             }
         }
+
+        impl EventRow for $name {
+            fn project_id(&self) -> &str {
+                &self.project_id
+            }
+
+            fn message_id(&self) -> &str {
+                &self.message_id
+            }
+
+            fn timestamp_ms(&self) -> i64 {
+                self.timestamp_ms
+            }
+
+            fn received_at_ms(&self) -> i64 {
+                let to_ms: fn($time) -> i64 = $to_ms;
+                to_ms(self.received_at)
+            }
+
+            fn set_timestamp_ms(&mut self, timestamp_ms: i64) {
+                let convert: fn(i64) -> Option<$time> = $convert;
+                self.timestamp = convert(timestamp_ms).unwrap_or_default();
+                self.timestamp_ms = timestamp_ms;
+            }
+        }
     };
 }
 
@@ -184,12 +219,14 @@ event_row!(
     LegacyEventRow,
     u32,
     datetime_seconds,
+    |seconds| i64::from(seconds) * 1000,
     "A row for servers before 22.2: `DateTime` columns in seconds."
 );
 event_row!(
     ModernEventRow,
     i64,
     Some,
+    |milliseconds| milliseconds,
     "A row for current servers: `DateTime64(3)` columns in milliseconds."
 );
 
@@ -219,8 +256,11 @@ mod tests {
         );
         assert_eq!(fields.queue_offset, 42);
 
-        let legacy = LegacyEventRow::from_fields(fields.clone());
+        let mut legacy = LegacyEventRow::from_fields(fields.clone());
         assert_eq!(legacy.timestamp, 1_795_497_144);
+        assert_eq!(legacy.received_at_ms(), 1_795_497_146_000);
+        legacy.set_timestamp_ms(1_000_500);
+        assert_eq!((legacy.timestamp, legacy.timestamp_ms), (1_000, 1_000_500));
         let modern = ModernEventRow::from_fields(fields);
         assert_eq!(modern.timestamp, 1_795_497_144_001);
     }

@@ -3,12 +3,17 @@
 //! Current ClickHouse (22.2 and later) gets DateTime64(3), LowCardinality, ZSTD codecs, a dedup
 //! window for `insert_deduplication_token`, and a TTL when a retention is set. Older servers (the
 //! Debian package is 18.16) get the fallback: DateTime (seconds; `timestamp_ms` keeps the
-//! milliseconds), plain String, no codecs, no TTL, no dedup tokens. Both keep ReplacingMergeTree
-//! ordered by `(project_id, message_id)` in one partition, so a message stored twice collapses
-//! whatever its timestamps (a retry's skew-corrected timestamp may land on the other side of
-//! midnight or of a month) and `SELECT count() FROM events FINAL WHERE project_id = ...` counts
-//! each message once. Tables of earlier versions, keyed by day, are re-keyed by
-//! [`crate::sink`] (see [`EVENTS_SORTING_KEY`]).
+//! milliseconds), plain String, no codecs, no TTL, no dedup tokens.
+//!
+//! Both lay `events` out time first — ReplacingMergeTree partitioned by the month of `timestamp`
+//! and ordered by `(project_id, toDate(timestamp), message_id)` — so that a question about a time
+//! range of one project reads that range, not the project's history. Copies of one message
+//! collapse only when their sorting keys are equal, and a client's retry carries a new
+//! skew-corrected timestamp (possibly on another day), so the sink gives every copy the timestamp
+//! of the first one it stored: `message_ids` (ordered by `(project_id, message_id)`) remembers,
+//! per message, the timestamp its row was stored with (see `crate::identity`). Then
+//! `SELECT count() FROM events FINAL WHERE project_id = ...` counts each message once. Tables of
+//! earlier layouts are re-keyed by [`crate::rekey`] (see [`EVENTS_SORTING_KEY`]).
 
 use std::fmt::Write;
 
@@ -63,9 +68,14 @@ pub fn quote_identifier(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
 
-/// The sorting (and collapsing) key of the events table: a message's identity, nothing that a
-/// retry may change. As `system.tables.sorting_key` spells it.
-pub const EVENTS_SORTING_KEY: &str = "project_id, message_id";
+/// The sorting (and collapsing) key of the events table: the project, the day of the message's
+/// stored timestamp (the same for every copy: see the module documentation) and its id. As
+/// `system.tables.sorting_key` spells it.
+pub const EVENTS_SORTING_KEY: &str = "project_id, toDate(timestamp), message_id";
+/// The partition key of the events table, as `system.tables.partition_key` spells it.
+pub const EVENTS_PARTITION_KEY: &str = "toYYYYMM(timestamp)";
+/// The table that remembers the timestamp each stored message was stored with.
+pub const MESSAGE_IDS_TABLE: &str = "message_ids";
 /// The table a re-key builds before it takes the place of `events`.
 pub const REKEY_TARGET_TABLE: &str = "events_rekeyed";
 /// Where the day-keyed table waits while its rows are copied into the re-keyed one.
@@ -132,6 +142,7 @@ pub fn create_events_table_named(
          \x20   raw String{json_codec},\n\
          \x20   queue_offset UInt64\n\
          ) ENGINE = ReplacingMergeTree\n\
+         PARTITION BY {EVENTS_PARTITION_KEY}\n\
          ORDER BY ({EVENTS_SORTING_KEY})"
     );
     if flavor == SchemaFlavor::Modern {
@@ -158,11 +169,39 @@ pub struct Migration {
 /// again; 18.16 lacks `ADD COLUMN IF NOT EXISTS`, so later column additions must check
 /// `system.columns` first.
 pub fn migrations(database: &str, flavor: SchemaFlavor, options: &SchemaOptions) -> Vec<Migration> {
-    vec![Migration {
-        version: 1,
-        description: "events table",
-        statements: vec![create_events_table(database, flavor, options)],
-    }]
+    vec![
+        Migration {
+            version: 1,
+            description: "events table",
+            statements: vec![create_events_table(database, flavor, options)],
+        },
+        Migration {
+            version: 2,
+            description: "message ids: the stored timestamp of every message",
+            statements: vec![create_message_ids_table(database)],
+        },
+    ]
+}
+
+/// The SQL that creates `message_ids`: one row per stored message (a message stored by two nodes
+/// at once may get two; readers take the earliest received, `argMax(..., first_seen)`), ordered
+/// by its identity so that the sink looks a batch's ids up by the primary key. `first_seen` is
+/// `MAX - received_at_ms` so that the row of the copy received first wins a merge. Partitioned by
+/// the month a message was received.
+pub fn create_message_ids_table(database: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{} (\n\
+         \x20   project_id String,\n\
+         \x20   message_id String,\n\
+         \x20   timestamp_ms Int64,\n\
+         \x20   received_at_ms Int64,\n\
+         \x20   first_seen UInt64\n\
+         ) ENGINE = ReplacingMergeTree(first_seen)\n\
+         PARTITION BY toYYYYMM(toDateTime(intDiv(received_at_ms, 1000), 'UTC'))\n\
+         ORDER BY (project_id, message_id)",
+        quote_identifier(database),
+        quote_identifier(MESSAGE_IDS_TABLE)
+    )
 }
 
 pub fn create_database(database: &str) -> String {
@@ -219,11 +258,8 @@ mod tests {
         assert!(sql.contains("TTL toDateTime(timestamp) + INTERVAL 400 DAY"));
         assert!(sql.contains("SETTINGS non_replicated_deduplication_window = 1000"));
         assert!(sql.contains("ENGINE = ReplacingMergeTree"));
-        assert!(
-            !sql.contains("PARTITION BY"),
-            "copies of a message must share a partition whatever their timestamps"
-        );
-        assert!(sql.contains("ORDER BY (project_id, message_id)"));
+        assert!(sql.contains("PARTITION BY toYYYYMM(timestamp)"));
+        assert!(sql.contains("ORDER BY (project_id, toDate(timestamp), message_id)"));
         let without_retention = create_events_table(
             "meridian",
             SchemaFlavor::Modern,

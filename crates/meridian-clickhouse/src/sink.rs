@@ -22,6 +22,7 @@ use crate::row::{EventFields, LegacyEventRow, ModernEventRow};
 use crate::schema::{self, SchemaFlavor, SchemaOptions, ServerVersion};
 
 mod admin;
+mod identity;
 mod replay;
 pub use replay::ReplayOutcome;
 
@@ -291,7 +292,7 @@ impl ClickHouseSink {
         )
         .await?;
         if rekeyed {
-            info!(region = %self.region, url = %replica.url, "clickhouse events table re-keyed by (project_id, message_id)");
+            info!(region = %self.region, url = %replica.url, "clickhouse events table re-keyed time first (project_id, toDate(timestamp), message_id)");
         }
         Ok(MigrationReport {
             url: replica.url.clone(),
@@ -340,7 +341,12 @@ impl ClickHouseSink {
             .await?
             .with_timeouts(timeout, timeout);
         if let Some(token) = dedup_token {
-            insert = insert.with_setting("insert_deduplication_token", token);
+            // Only current servers take tokens; they also refuse a block spanning more than
+            // `max_partitions_per_insert_block` months by default, and a batch of old offline
+            // events may.
+            insert = insert
+                .with_setting("insert_deduplication_token", token)
+                .with_setting("max_partitions_per_insert_block", "0");
         }
         for (_, row) in rows {
             insert.write(row).await?;
@@ -373,12 +379,7 @@ impl ClickHouseSink {
             match outcome.map_err(classify) {
                 Ok(()) => return Ok(()),
                 Err(InsertFailure::Unreachable(reason)) => {
-                    let next = (index + 1) % self.replicas.len();
-                    if self.replicas.len() > 1 {
-                        self.counters.failovers.fetch_add(1, Ordering::Relaxed);
-                        warn!(region = %self.region, from = %replica.url, to = %self.replicas[next].url, %reason, "clickhouse replica unreachable; failing over within the region");
-                    }
-                    self.current_replica.store(next, Ordering::Relaxed);
+                    self.fail_over_from(index, &reason);
                     unreachable.push(format!("{}: {reason}", replica.url));
                 }
                 Err(other) => return Err(other),
@@ -389,6 +390,16 @@ impl ClickHouseSink {
             self.region,
             unreachable.join("; ")
         )))
+    }
+
+    /// Moves on from the replica at `index`, which could not be reached, to the region's next.
+    fn fail_over_from(&self, index: usize, reason: &str) {
+        let next = (index + 1) % self.replicas.len();
+        if self.replicas.len() > 1 {
+            self.counters.failovers.fetch_add(1, Ordering::Relaxed);
+            warn!(region = %self.region, from = %self.replicas[index].url, to = %self.replicas[next].url, %reason, "clickhouse replica unreachable; failing over within the region");
+        }
+        self.current_replica.store(next, Ordering::Relaxed);
     }
 
     fn offsets_of(rows: &Rows, range: (usize, usize)) -> (u64, u64) {
@@ -675,7 +686,7 @@ impl Sink for ClickHouseSink {
         let flavor = self.ensure_schema().await?;
         let records = Arc::clone(&batch.records);
         let erasures = Arc::clone(&self.erasures);
-        let (rows, erased, mut dead) = tokio::task::spawn_blocking(move || {
+        let (mut rows, erased, mut dead) = tokio::task::spawn_blocking(move || {
             let mut dead = Vec::new();
             let (rows, erased) = build_rows(&records, flavor, erasures.as_ref(), &mut dead);
             (rows, erased, dead)
@@ -688,8 +699,19 @@ impl Sink for ClickHouseSink {
                 .write_dead_letters(dead, Arc::clone(&batch.records))
                 .await;
         }
+        let known = self.known_timestamps(&rows).await?;
+        let records = rows.give_stored_timestamps(&known);
         self.store(&batch.source, &rows, flavor, &mut dead).await?;
         dead.sort_by_key(|(offset, _)| *offset);
+        let stored_records: Vec<_> = records
+            .into_iter()
+            .filter(|(offset, _)| {
+                dead.binary_search_by_key(offset, |(dead_offset, _)| *dead_offset)
+                    .is_err()
+            })
+            .map(|(_, record)| record)
+            .collect();
+        self.record_message_ids(&stored_records).await?;
         self.write_dead_letters(dead, Arc::clone(&batch.records))
             .await
     }

@@ -1,6 +1,8 @@
 //! Replays: archived messages re-inserted into the region's warehouse, each only if the warehouse
 //! does not already have it, so a replay over intact data changes no count (raw or `FINAL`) and a
-//! replay resumed after a crash inserts nothing twice.
+//! replay resumed after a crash inserts nothing twice. A replayed message gets the timestamp its
+//! message is stored with (see `identity`), and is looked for in `events` on that day: a lookup
+//! by the primary key, however long the project's history.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -54,18 +56,18 @@ impl ClickHouseSink {
                 .collect(),
         );
         let erasures = Arc::clone(&self.erasures);
-        let (rows, erased, dead) = tokio::task::spawn_blocking(move || {
+        let (mut rows, erased, dead) = tokio::task::spawn_blocking(move || {
             let mut dead = Vec::new();
             let (rows, erased) = build_rows(&records, flavor, erasures.as_ref(), &mut dead);
             (rows, erased, dead)
         })
         .await
         .map_err(|error| SinkError::Transient(format!("row builder panicked: {error}")))?;
-        let candidate_ids: Vec<String> = match &rows {
-            Rows::Legacy(rows) => rows.iter().map(|(_, row)| row.message_id.clone()).collect(),
-            Rows::Modern(rows) => rows.iter().map(|(_, row)| row.message_id.clone()).collect(),
-        };
-        let present_ids = self.stored_message_ids(project_id, &candidate_ids).await?;
+        let known = self.known_timestamps(&rows).await?;
+        let records = rows.give_stored_timestamps(&known);
+        let candidates = rows.identities_and_days();
+        let candidate_count = candidates.len() as u64;
+        let present_ids = self.stored_message_ids(project_id, &candidates).await?;
         let is_missing = |project: &str, message_id: &str| {
             project == project_id && !present_ids.contains(message_id)
         };
@@ -85,12 +87,24 @@ impl ClickHouseSink {
             Rows::Legacy(rows) => rows.len() as u64,
             Rows::Modern(rows) => rows.len() as u64,
         };
-        let present = candidate_ids.len() as u64 - inserted;
+        let present = candidate_count - inserted;
         let mut refused_rows = Vec::new();
         if inserted > 0 {
             self.store(source, &missing, flavor, &mut refused_rows)
                 .await?;
         }
+        refused_rows.sort_by_key(|(offset, _)| *offset);
+        let stored_records: Vec<_> = records
+            .into_iter()
+            .filter(|(offset, record)| {
+                record.project_id == project_id
+                    && refused_rows
+                        .binary_search_by_key(offset, |(refused, _)| *refused)
+                        .is_err()
+            })
+            .map(|(_, record)| record)
+            .collect();
+        self.record_message_ids(&stored_records).await?;
         let refused = (dead.len() + refused_rows.len()) as u64;
         debug_assert_eq!(read, inserted + present + erased + dead.len() as u64);
         Ok(ReplayOutcome {
@@ -102,25 +116,34 @@ impl ClickHouseSink {
         })
     }
 
-    /// Which of `message_ids` of the project any replica of the region stores.
+    /// Which of the messages (id and stored day) of the project any replica of the region
+    /// stores: looked for on their day, by the events table's primary key.
     async fn stored_message_ids(
         &self,
         project_id: &str,
-        message_ids: &[String],
+        candidates: &[(String, String, String)],
     ) -> Result<HashSet<String>, SinkError> {
         let database = schema::quote_identifier(&self.config.database);
+        let of_project: Vec<&(String, String, String)> = candidates
+            .iter()
+            .filter(|(project, _, _)| project == project_id)
+            .collect();
         let mut present = HashSet::new();
         for replica in &self.replicas {
-            for chunk in message_ids.chunks(IDS_PER_QUERY) {
-                let placeholders = vec!["?"; chunk.len()].join(", ");
+            for chunk in of_project.chunks(IDS_PER_QUERY) {
+                let days: std::collections::BTreeSet<&str> =
+                    chunk.iter().map(|(_, _, day)| day.as_str()).collect();
                 let sql = format!(
-                    "SELECT DISTINCT message_id FROM {database}.events WHERE project_id = ? AND message_id IN ({placeholders})"
+                    "SELECT DISTINCT message_id FROM {database}.events WHERE project_id = ? \
+                     AND toDate(timestamp) IN ({}) AND message_id IN ({})",
+                    vec!["toDate(?)"; days.len()].join(", "),
+                    vec!["?"; chunk.len()].join(", ")
                 );
+                let query = replica.admin.query(&sql).bind(project_id);
+                let query = days.iter().fold(query, |query, day| query.bind(*day));
                 let query = chunk
                     .iter()
-                    .fold(replica.admin.query(&sql).bind(project_id), |query, id| {
-                        query.bind(id.as_str())
-                    });
+                    .fold(query, |query, (_, id, _)| query.bind(id.as_str()));
                 match self.with_timeout(query.fetch_all::<String>()).await {
                     Ok(found) => present.extend(found),
                     // No table on this replica yet: it holds none of them.
