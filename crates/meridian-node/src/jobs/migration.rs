@@ -325,6 +325,26 @@ async fn copy_pass(node: &Node, migration: RegionMigration) -> Result<(), StepEr
     Ok(())
 }
 
+/// Saves the copy's progress (`pass_finished`: every object of the pass is copied) and renews the
+/// lease; returns the migration as stored (an admin may have cancelled it meanwhile).
+async fn record_progress(
+    node: &Node,
+    migration: &RegionMigration,
+    progress: &MigrationProgress,
+    pass_finished: bool,
+) -> Result<RegionMigration, StepError> {
+    Ok(node
+        .catalog
+        .record_migration_progress(
+            &migration.migration_id,
+            &node.node_id,
+            progress,
+            pass_finished,
+            now_unix_ms() + LEASE.as_millis() as i64,
+        )
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,24 +377,4 @@ mod tests {
             "a deleted user is not copied"
         );
     }
-}
-
-/// Saves the copy's progress (`pass_finished`: every object of the pass is copied) and renews the
-/// lease; returns the migration as stored (an admin may have cancelled it meanwhile).
-async fn record_progress(
-    node: &Node,
-    migration: &RegionMigration,
-    progress: &MigrationProgress,
-    pass_finished: bool,
-) -> Result<RegionMigration, StepError> {
-    Ok(node
-        .catalog
-        .record_migration_progress(
-            &migration.migration_id,
-            &node.node_id,
-            progress,
-            pass_finished,
-            now_unix_ms() + LEASE.as_millis() as i64,
-        )
-        .await?)
 }
