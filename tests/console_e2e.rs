@@ -387,3 +387,77 @@ async fn the_orgs_volume_counts_each_projects_last_hour_from_its_regions_warehou
         .await;
     assert_eq!(status, 404);
 }
+
+#[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_the_insights_page_draws_a_projects_events_per_day_and_its_top_events() {
+    let (Some(chromium), Some(clickhouse)) = (
+        shared_service("MERIDIAN_TEST_CHROMIUM_BIN"),
+        shared_service("MERIDIAN_TEST_CLICKHOUSE_URL"),
+    ) else {
+        return;
+    };
+    let database = format!(
+        "insights_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let server = TestServer::start(
+        &console_config(&format!(
+            "[regions.eu-west-1.clickhouse]\nurls = [\"{clickhouse}\"]\ndatabase = \"{database}\"\nflush_interval_ms = 100\n"
+        )),
+        &[],
+    )
+    .await;
+    server.create_org("acme").await;
+    let (project_id, key) = server.create_project("acme", "eu-west-1").await;
+    // Events at noon of three recent days (event time, as the client stamped it).
+    let day_start = |days_ago: i64| {
+        let now_ms = meridian_core::timestamp::now_unix_ms();
+        now_ms - now_ms.rem_euclid(86_400_000) - days_ago * 86_400_000
+    };
+    let sent = [
+        (3, "Signed Up", "u1"),
+        (3, "Signed Up", "u2"),
+        (3, "Signed Up", "u3"),
+        (2, "Ordered", "u2"),
+        (1, "Signed Up", "u4"),
+        (1, "Ordered", "u1"),
+    ];
+    let batch: Vec<Value> = sent
+        .iter()
+        .enumerate()
+        .map(|(index, (days_ago, event, user))| {
+            json!({"type": "track", "userId": user, "event": event, "messageId": format!("i-{index}"),
+                   "timestamp": meridian_core::timestamp::format_rfc3339_ms(day_start(*days_ago) + 43_200_000)})
+        })
+        .collect();
+    server.send_and_deliver(&key, &batch).await;
+    let day = |days_ago: i64| {
+        meridian_core::timestamp::format_rfc3339_ms(day_start(days_ago))[..10].to_string()
+    };
+    let expected = json!({
+        "days": {day(3): 3, day(2): 1, day(1): 2},
+        "top": [["Signed Up", 4, 4], ["Ordered", 2, 2]],
+    });
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    let run = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/console/insights_test.py"
+        ))
+        .env("BASE_URL", &server.base_url)
+        .env("TOKEN", server.issue_token("owner", Some("acme")))
+        .env("PROJECT_ID", &project_id)
+        .env("EXPECTED", expected.to_string())
+        .env("ARTIFACT_DIR", &artifacts)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("python3 runs the browser test");
+    assert!(
+        run.status.success(),
+        "the insights browser test failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        server.log()
+    );
+}

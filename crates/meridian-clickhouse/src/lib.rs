@@ -9,4 +9,7 @@ mod sink;
 
 pub use row::{EventFields, LegacyEventRow, ModernEventRow, StoredMessageError};
 pub use schema::{SchemaFlavor, SchemaOptions, ServerVersion};
+pub use sink::insights::{
+    self, EventTotal, InsightsError, InsightsLimits, InsightsRange, Interval, VolumePoint,
+};
 pub use sink::{ClickHouseConfig, ClickHouseSink, MigrationReport, ReplayOutcome, WarehouseError};

@@ -23,6 +23,7 @@ use crate::schema::{self, SchemaFlavor, SchemaOptions, ServerVersion};
 
 mod admin;
 mod identity;
+pub mod insights;
 mod replay;
 pub use replay::ReplayOutcome;
 

@@ -259,7 +259,7 @@ async function newProjectPage() {
 
 // ---- a project --------------------------------------------------------------------------
 
-const TABS = [["live", "Live events"], ["privacy", "Privacy"], ["keys", "Keys"], ["replays", "Replays"]];
+const TABS = [["live", "Live events"], ["insights", "Insights"], ["privacy", "Privacy"], ["keys", "Keys"], ["replays", "Replays"]];
 
 async function projectPage(projectId, tab) {
   const project = await api("GET", `/admin/projects/${encodeURIComponent(projectId)}`);
@@ -269,7 +269,7 @@ async function projectPage(projectId, tab) {
     h("nav", { class: "tabs", "aria-label": "Project" }, TABS.map(([id, label]) =>
       h("a", { href: `#/project/${projectId}/${id}`, "aria-current": id === tab ? "page" : false }, label))),
     body);
-  const pages = { live: livePanel, privacy: privacyPanel, keys: keysPanel, replays: replaysPanel };
+  const pages = { live: livePanel, insights: insightsPanel, privacy: privacyPanel, keys: keysPanel, replays: replaysPanel };
   await (pages[tab] || livePanel)(project, body);
 }
 
@@ -335,6 +335,74 @@ async function livePanel(project, body) {
       else if (name === "skipped") state.textContent = `Connected (${event.count} messages not shown: sampled or too fast for this page).`;
     }
   }
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+// An SVG element with attributes (numbers and text only: nothing is parsed as markup).
+function svg(tag, attributes, ...children) {
+  const element = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes || {})) element.setAttribute(name, String(value));
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return element;
+}
+
+// Events per bucket as bars, drawn here (no chart library): the tallest bar sets the scale.
+function volumeChart(series, interval) {
+  const width = 760, height = 240, left = 48, bottom = 28, top = 12;
+  const plotWidth = width - left - 8, plotHeight = height - top - bottom;
+  const most = Math.max(1, ...series.map((point) => point.events));
+  const slot = plotWidth / Math.max(1, series.length);
+  const bars = series.map((point, index) => {
+    const barHeight = Math.round((point.events / most) * plotHeight);
+    const label = `${point.start.slice(0, interval === "hour" ? 13 : 10).replace("T", " ")}${interval === "hour" ? ":00" : ""}: ${point.events} events, ${point.users} users`;
+    return svg("rect", { x: (left + index * slot + slot * 0.1).toFixed(1), y: top + plotHeight - barHeight,
+      width: Math.max(1, slot * 0.8).toFixed(1), height: barHeight, class: "bar", "data-start": point.start, "data-events": point.events },
+      svg("title", {}, label));
+  });
+  const every = Math.max(1, Math.ceil(series.length / 8));
+  const ticks = series.map((point, index) => index % every === 0
+    ? svg("text", { x: (left + index * slot + slot / 2).toFixed(1), y: height - 8, "text-anchor": "middle", class: "tick" },
+      interval === "hour" ? point.start.slice(11, 13) + "h" : point.start.slice(5, 10))
+    : null);
+  return svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", id: "volume-chart", "aria-label": `Events per ${interval}` },
+    svg("line", { x1: left, y1: top + plotHeight, x2: width - 8, y2: top + plotHeight, class: "axis" }),
+    svg("text", { x: left - 6, y: top + 10, "text-anchor": "end", class: "tick" }, String(most)),
+    svg("text", { x: left - 6, y: top + plotHeight, "text-anchor": "end", class: "tick" }, "0"),
+    bars, ticks);
+}
+
+async function insightsPanel(project, body) {
+  const id = encodeURIComponent(project.project_id);
+  const today = new Date();
+  const day = (date) => date.toISOString().slice(0, 10);
+  const from = h("input", { id: "insights-from", type: "date", value: day(new Date(today.getTime() - 29 * 86400000)), required: true });
+  const to = h("input", { id: "insights-to", type: "date", value: day(today), required: true });
+  const interval = h("select", { id: "insights-interval" }, h("option", { value: "day" }, "Per day"), h("option", { value: "hour" }, "Per hour"));
+  const chart = h("div", { id: "insights-chart" });
+  const top = h("div", { id: "insights-events" });
+  const load = guarded(async () => {
+    // `to` is inclusive in the picker: the question runs to the next midnight.
+    const end = day(new Date(Date.parse(to.value) + 86400000));
+    const range = `from=${from.value}&to=${end}`;
+    const volume = await api("GET", `/admin/projects/${id}/insights/volume?${range}&interval=${interval.value}`);
+    const events = await api("GET", `/admin/projects/${id}/insights/events?${range}&limit=20`);
+    const total = volume.series.reduce((sum, point) => sum + point.events, 0);
+    chart.replaceChildren(h("p", { class: "note", id: "insights-total" }, `${total} events from ${from.value} to ${to.value} (event time, UTC).`),
+      volumeChart(volume.series, volume.interval));
+    top.replaceChildren(h("h2", {}, "Top events"), events.events.length === 0 ? h("p", { class: "note" }, "No track events in this range.") :
+      table(["Event", "Events", "Users"], events.events.map((total) => h("tr", {}, h("td", {}, total.event), h("td", {}, String(total.events)), h("td", {}, String(total.users)))), { id: "top-events" }));
+  });
+  body.replaceChildren(
+    h("p", {}, `What this project's events look like, from its region's warehouse (${project.region}).`),
+    h("form", { id: "insights-range", class: "row", onsubmit: load },
+      h("label", { for: "insights-from" }, "From"), from, h("label", { for: "insights-to" }, "To"), to,
+      h("label", { for: "insights-interval" }, "Buckets"), interval, h("button", { type: "submit" }, "Show")),
+    chart, top);
+  await load();
 }
 
 async function privacyPanel(project, body) {

@@ -228,18 +228,7 @@ async fn live_events(
     ApiPath(project_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let project = authorized_project(&state, &claims, &project_id, Role::Member).await?;
-    let served = meridian_core::RegionId::parse(&project.region)
-        .is_ok_and(|region| state.node.serves(&region));
-    if !served {
-        return Err(ApiError::unavailable(
-            "region_not_served",
-            format!(
-                "this node does not serve {}, where project {project_id}'s events arrive: ask a node of that region",
-                project.region
-            ),
-            5,
-        ));
-    }
+    crate::admin::access::served_region(&state, &project)?;
     // Node-wide cap on open streams; the permit lives as long as the stream.
     let Ok(stream_permit) = Arc::clone(&state.http.live_streams).try_acquire_owned() else {
         state.node.metrics.edge_refused("live_streams_node");

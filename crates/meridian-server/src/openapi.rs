@@ -501,6 +501,30 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
         ),
         (
             Method::GET,
+            "/admin/projects/{project_id}/insights/volume",
+            Operation {
+                summary: "Events and users per UTC day or hour (`interval=day|hour`) of `[from, to)` by event time, every bucket listed; at most 366 days or 744 hours; 422 too_much_data past insights.max_rows_to_read; 503 region_not_served (with the region and its public_url) on a node of another region (member+)",
+                tag: "admin",
+                security: Security::AdminJwt,
+                request: None,
+                success: (200, None),
+                errors: &[400, 401, 403, 404, 409, 422, 503],
+            },
+        ),
+        (
+            Method::GET,
+            "/admin/projects/{project_id}/insights/events",
+            Operation {
+                summary: "The most frequent track events of `[from, to)` with their users (`limit` 1-100); the same bounds and region rule as the volume (member+)",
+                tag: "admin",
+                security: Security::AdminJwt,
+                request: None,
+                success: (200, None),
+                errors: &[400, 401, 403, 404, 409, 422, 503],
+            },
+        ),
+        (
+            Method::GET,
             "/admin/projects/{project_id}/events/live",
             Operation {
                 summary: "Server-Sent Events of the project's messages as they are accepted (`accepted`, `suppressed`, `rejected` with its reason, `skipped` with a count), sampled above console.live_events_per_second; 429 too_many_subscribers past console.live_subscribers_per_project; 503 region_not_served on a node of another region (owner/admin/member)",

@@ -24,6 +24,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub migration: MigrationConfig,
     pub console: ConsoleConfig,
+    pub insights: InsightsConfig,
     pub rate_limits: RateLimitConfig,
     pub regions: BTreeMap<String, RegionConfig>,
 }
@@ -67,6 +68,14 @@ pub struct ConsoleConfig {
     pub live_subscribers_per_project: usize,
     pub live_events_per_second: u32,
     pub max_live_streams: usize,
+}
+
+/// `[insights]`: what one question of `/admin/projects/{id}/insights/*` may cost the warehouse.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsightsConfig {
+    pub max_rows_to_read: u64,
+    pub max_execution_secs: u64,
 }
 
 /// `[migration]`: the executor of region migrations.
@@ -239,6 +248,8 @@ pub struct RegionConfig {
     pub disk_budget_bytes: Option<u64>,
     /// The AWS region this Meridian region's buckets must be in; unset: the region's id.
     pub aws_region: Option<String>,
+    /// Where the region's own nodes answer (named to a caller a node of another region refuses).
+    pub public_url: Option<String>,
     pub archive: Option<ArchiveConfig>,
     pub clickhouse: Option<ClickHouseRegionConfig>,
     pub queue: Option<RegionQueueConfig>,

@@ -74,6 +74,8 @@ pub struct Settings {
     pub replay_max_messages_per_second: u64,
     /// How often this node looks for replays to carry out.
     pub replay_poll_interval: Duration,
+    /// What one insights question may cost the warehouse.
+    pub insights_limits: meridian_clickhouse::InsightsLimits,
     /// Live debugger subscribers one project may have on a node at once (429 beyond).
     pub live_subscribers_per_project: usize,
     /// Events a project's live feed carries per second at most (the rest are counted as skipped).
@@ -102,6 +104,8 @@ pub struct RegionSettings {
     pub disk_budget_bytes: u64,
     /// The AWS region the region's buckets (archive and customer buckets) must report.
     pub aws_region: String,
+    /// Where the region's own nodes answer, when configured.
+    pub public_url: Option<String>,
     pub queue_dir: PathBuf,
     /// Set when the region's queue is on its JetStream cluster (`queue.backend = "jetstream"`).
     pub jetstream: Option<JetStreamRegionSettings>,

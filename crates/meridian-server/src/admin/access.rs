@@ -1,5 +1,6 @@
-//! What every admin route shares: reading a JSON body, the audit actor, paging, and the
-//! checks that a token may see an org or a project.
+//! What every admin route shares: reading a JSON body, the audit actor, paging, the checks that
+//! a token may see an org or a project, and the rule that a project's data is answered for only
+//! in its region.
 
 use axum::extract::Query;
 use bytes::Bytes;
@@ -148,4 +149,39 @@ pub fn validate_user_ids(user_ids: &[String]) -> Result<(), ApiError> {
 #[derive(Deserialize)]
 pub struct UserIds {
     pub user_ids: Vec<String>,
+}
+
+/// The services of the project's region, when this node serves it; else 503
+/// `region_not_served` naming the region (and where its nodes answer, when configured): the
+/// project's data is read only in its region.
+pub fn served_region<'state>(
+    state: &'state AppState,
+    project: &Project,
+) -> Result<&'state meridian_node::region::RegionServices, ApiError> {
+    let services = RegionId::parse(&project.region)
+        .ok()
+        .and_then(|region| state.node.services(&region));
+    if let Some(services) = services {
+        return Ok(services);
+    }
+    let public_url = RegionId::parse(&project.region)
+        .ok()
+        .and_then(|region| state.node.settings.regions.get(&region))
+        .and_then(|region| region.public_url.clone());
+    let message = match &public_url {
+        Some(url) => format!(
+            "this node does not serve {}, where project {}'s data is: ask a node of that region ({url})",
+            project.region, project.project_id
+        ),
+        None => format!(
+            "this node does not serve {}, where project {}'s data is: ask a node of that region",
+            project.region, project.project_id
+        ),
+    };
+    Err(
+        ApiError::unavailable("region_not_served", message, 5).with_extra(
+            "region",
+            serde_json::json!({"id": project.region, "url": public_url}),
+        ),
+    )
 }

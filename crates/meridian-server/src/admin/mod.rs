@@ -4,6 +4,7 @@
 pub mod access;
 mod audit_log;
 mod gdpr;
+mod insights;
 mod migration;
 mod orgs;
 mod projects;
@@ -30,5 +31,6 @@ pub fn routes() -> ApiRoutes {
         .merge(retention::routes())
         .merge(migration::routes())
         .merge(volume::routes())
+        .merge(insights::routes())
         .merge(token_revocation::routes())
 }

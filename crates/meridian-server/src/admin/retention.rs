@@ -19,7 +19,7 @@ use meridian_core::RegionId;
 use meridian_core::timestamp::{format_rfc3339_ms, now_unix_ms};
 use serde_json::{Value, json};
 
-use super::access::authorized_project;
+use super::access::{authorized_project, served_region};
 use crate::auth::{AdminAuth, Role};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiPath};
@@ -147,17 +147,10 @@ async fn preview_retention(
     if let Some(text) = &query.archive_days {
         retention.archive = parse_query_setting("archive_days", text)?;
     }
-    let region = RegionId::parse(&project.region)
-        .map_err(|error| ApiError::unavailable("region_not_served", error.to_string(), 5))?;
-    let Some(services) = state.node.services(&region) else {
-        return Err(ApiError::unavailable(
-            "region_not_served",
-            format!(
-                "this node does not serve {region}, where project {project_id}'s data is: ask a node of that region"
-            ),
-            5,
-        ));
-    };
+    let services = served_region(&state, &project)?;
+    let region = RegionId::parse(&project.region).map_err(|error| {
+        ApiError::internal(format!("a stored project has a bad region: {error}"))
+    })?;
     let effective = EffectiveRetention::of(
         retention,
         region_default(&state.node.settings, &project.region),

@@ -154,6 +154,10 @@ impl Config {
             gdpr_poll_interval: Duration::from_millis(self.gdpr.poll_interval_ms.max(10)),
             replay_max_messages_per_second: self.replay.max_messages_per_second.max(1),
             replay_poll_interval: Duration::from_millis(self.replay.poll_interval_ms.max(10)),
+            insights_limits: meridian_clickhouse::InsightsLimits {
+                max_rows_to_read: self.insights.max_rows_to_read.max(1),
+                max_execution_seconds: self.insights.max_execution_secs.max(1),
+            },
             live_subscribers_per_project: self.console.live_subscribers_per_project.max(1),
             live_events_per_second: self.console.live_events_per_second.max(1),
             max_live_streams: self.console.max_live_streams.max(1),

@@ -56,6 +56,13 @@ pub(super) fn validate_regions(
                 ));
         }
         let aws_region = region.aws_region.clone().unwrap_or_else(|| id.to_string());
+        if let Some(url) = &region.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            problems.push(format!(
+                "regions.{id}.public_url `{url}` must start with http:// or https://"
+            ));
+        }
         let archive = region.archive.clone().unwrap_or_default();
         let archive_target = match (&archive.dir, &archive.s3) {
             (Some(_), Some(s3)) => {
@@ -128,6 +135,7 @@ pub(super) fn validate_regions(
                 available,
                 disk_budget_bytes,
                 aws_region,
+                public_url: region.public_url.clone(),
                 queue_dir: data_dir.join("queue").join(id.as_str()),
                 archive: ArchiveSettings {
                     target: archive_target,
