@@ -141,6 +141,9 @@ start_chdb() { # name
   log "chdb (ClickHouse $(curl -s --data-binary 'SELECT version()' "http://127.0.0.1:$port/")) $name on http://127.0.0.1:$port (pid $!)"
 }
 
+# `weed mini` sizes its volume count from the free disk (free space / volume size) and gives every
+# bucket volumes of its own: after ~30 buckets on this machine every new one got 500 InternalError.
+# The suite makes hundreds of small buckets: many small volumes (files, not preallocated).
 start_seaweedfs() {
   local dir="$SERVICES_DIR/seaweedfs" ports=() i
   mkdir -p "$dir/data"
@@ -152,6 +155,7 @@ start_seaweedfs() {
       -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" \
       -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
       -admin.port="${ports[8]}" -admin.port.grpc="${ports[9]}" \
+      -volume.max=4000 -master.volumeSizeLimitMB=32 \
       -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
       -filer.localSocket="$dir/filer.sock" -s3.localSocket="$dir/s3.sock" >"$dir/weed.log" 2>&1) &
   SERVICE_PIDS+=($!)
