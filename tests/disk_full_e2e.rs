@@ -127,6 +127,19 @@ async fn send_padded_batch(
     Ok((status, retry_after, ids))
 }
 
+/// Keeps the local archive of `region` from writing: a plain file where its directory goes (every
+/// write fails with ENOTDIR and the sink retries). Removing the returned file lets it write again.
+fn hold_the_archive(data_dir: &Path, region: &str) -> PathBuf {
+    let archive_root = data_dir.join("archive");
+    std::fs::create_dir_all(&archive_root).unwrap();
+    let region_directory = archive_root.join(region);
+    if region_directory.is_dir() {
+        std::fs::remove_dir(&region_directory).expect("nothing archived yet");
+    }
+    std::fs::write(&region_directory, b"held by the test").unwrap();
+    region_directory
+}
+
 async fn readyz(server: &TestServer) -> (u16, Value) {
     let response = server
         .client
@@ -303,6 +316,10 @@ async fn a_queue_that_filled_its_own_disk_drains_and_takes_appends_again_without
         TestServer::start_with_data_dir(root.path(), &data_dir, &test_config(""), &[]).await;
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
+    // The archive is held while the load runs (a file where its directory goes): a segment the
+    // archive had fully delivered would be rolled and deleted, and an archive as fast as the load
+    // would keep the disk from ever filling.
+    let archive_hold = hold_the_archive(&data_dir, "eu-west-1");
     let mut acknowledged: BTreeSet<String> = BTreeSet::new();
     let mut refused = 0;
     for round in 0..400 {
@@ -318,6 +335,7 @@ async fn a_queue_that_filled_its_own_disk_drains_and_takes_appends_again_without
         }
     }
     assert!(refused >= 5, "the load filled the disk down to the reserve");
+    std::fs::remove_file(&archive_hold).unwrap();
     assert!(
         server
             .wait_for_sinks_to_drain(Duration::from_secs(60))
