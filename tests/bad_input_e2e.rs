@@ -243,7 +243,14 @@ async fn assert_clean_answer(server: &TestServer, case: Case) {
         "{}: X-Region",
         case.label
     );
-    let text = response.text().await.unwrap_or_default();
+    let text = match response.text().await {
+        Ok(text) => text,
+        // The same early close can reset the connection before the client read the answer's
+        // body (the refusal's head arrived: its status is checked above).
+        Err(error) if case.expect == Some(413) && error.is_body() => return,
+        Err(error) if case.expect == Some(413) && error.is_decode() => return,
+        Err(error) => panic!("{}: reading the answer failed: {error}", case.label),
+    };
     if status >= 400 {
         let body: Value = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("{}: error body is not JSON: {text}", case.label));

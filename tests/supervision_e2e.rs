@@ -165,6 +165,8 @@ async fn every_task_of_a_local_node_is_restarted_counted_shown_and_joined() {
         &[
             "delivery eu-west-1 archive",
             "delivery us-east-1 archive",
+            "delivery eu-west-1 ledger",
+            "ledger checks",
             "key cache refresher",
             "residency guards",
             "spool drainer eu-west-1",

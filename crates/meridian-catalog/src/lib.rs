@@ -13,6 +13,7 @@ mod ids;
 mod key_cache;
 pub mod keyed_hash;
 pub(crate) mod lease;
+mod ledger;
 mod org;
 mod project;
 mod region_migration;
@@ -32,6 +33,9 @@ pub use error::CatalogError;
 pub use ids::{generate_write_key, hash_write_key, write_key_prefix};
 pub use key_cache::{KeyCache, ResolvedKey};
 pub use keyed_hash::CatalogKey;
+pub use ledger::{
+    LEDGER_ARCHIVE_SINK, LEDGER_WAREHOUSE_SINK, LedgerDay, LedgerRange, UnreconciledDay,
+};
 pub use region_migration::{MigrationProgress, MigrationStatus, RegionMigration};
 pub use regional::{MovedRows, RegionalStore, RegionalStores, move_end_user_rows};
 pub use replay::{Replay, ReplayProgress, ReplayStatus};

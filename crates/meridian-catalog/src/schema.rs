@@ -201,6 +201,41 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
                 created_by TEXT NOT NULL
             )"],
     ),
+    (
+        11,
+        "the delivery ledger",
+        &[
+            "CREATE TABLE IF NOT EXISTS ledger_ranges (
+                source TEXT NOT NULL,
+                start_offset BIGINT NOT NULL,
+                end_offset BIGINT NOT NULL,
+                project_id TEXT NOT NULL,
+                day_ms BIGINT NOT NULL,
+                region TEXT NOT NULL,
+                messages BIGINT NOT NULL,
+                PRIMARY KEY (source, start_offset, project_id, day_ms)
+            )",
+            "CREATE INDEX IF NOT EXISTS ledger_ranges_by_project_day
+                ON ledger_ranges (project_id, day_ms)",
+            "CREATE INDEX IF NOT EXISTS ledger_ranges_by_region_day
+                ON ledger_ranges (region, day_ms)",
+            "CREATE TABLE IF NOT EXISTS ledger_positions (
+                source TEXT NOT NULL,
+                sink TEXT NOT NULL,
+                position BIGINT NOT NULL,
+                updated_at_ms BIGINT NOT NULL,
+                PRIMARY KEY (source, sink)
+            )",
+            "CREATE TABLE IF NOT EXISTS ledger_counts (
+                project_id TEXT NOT NULL,
+                day_ms BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                entry TEXT NOT NULL,
+                messages BIGINT NOT NULL,
+                PRIMARY KEY (project_id, day_ms, kind, entry)
+            )",
+        ],
+    ),
 ];
 
 /// The migration that replaces stored user ids by their keyed hashes (done in code, with the key).

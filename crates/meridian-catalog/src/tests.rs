@@ -540,13 +540,13 @@ async fn migrations_are_recorded_and_idempotent() {
     let catalog = sqlite_catalog(&dir).await;
     assert_eq!(
         catalog.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     );
     catalog.close().await;
     let again = sqlite_catalog(&dir).await;
     assert_eq!(
         again.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     );
 }
 

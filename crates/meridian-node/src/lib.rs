@@ -7,6 +7,7 @@ pub mod catalog_key;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod project_archive;

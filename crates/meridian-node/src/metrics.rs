@@ -8,7 +8,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -85,6 +85,7 @@ pub struct Metrics {
     task_restarts: Family<TaskLabels, Counter>,
     retention_archive_objects: Family<RegionLabels, Counter>,
     retention_warehouse_rows: Family<RegionLabels, Counter>,
+    ledger_unreconciled_days: Family<RegionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -180,7 +181,14 @@ impl Metrics {
             "The node's long-lived tasks (delivery runners, job loops, refreshers, guards) started again after they panicked or failed",
             task_restarts.clone(),
         );
+        let ledger_unreconciled_days = Family::<RegionLabels, Gauge>::default();
+        registry.register(
+            "ledger_unreconciled_days",
+            "Days of the region's projects (the last 7, ended more than an hour ago) whose acknowledged messages are not all in every store",
+            ledger_unreconciled_days.clone(),
+        );
         Metrics {
+            ledger_unreconciled_days,
             task_restarts,
             body_budget_refusals,
             edge_refusals,
@@ -209,6 +217,16 @@ impl Metrics {
         let _ = self.queue_full.get_or_create(&labels);
         let _ = self.retention_archive_objects.get_or_create(&labels);
         let _ = self.retention_warehouse_rows.get_or_create(&labels);
+        let _ = self.ledger_unreconciled_days.get_or_create(&labels);
+    }
+
+    /// The delivery ledger's latest check of a region.
+    pub fn set_unreconciled_days(&self, region: &str, days: usize) {
+        self.ledger_unreconciled_days
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .set(days as i64);
     }
 
     /// Creates a task's restart counter at zero (a series from the start).

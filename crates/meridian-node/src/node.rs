@@ -98,6 +98,13 @@ impl Node {
                 &customer_stores,
                 queue_encryption.as_ref(),
                 &node_id,
+                stores
+                    .of_region(region_id.as_str())
+                    .map_err(|error| NodeError::Region {
+                        region: region_id.to_string(),
+                        message: format!("its store: {error}"),
+                    })?
+                    .clone(),
             )
             .await?;
             metrics.initialize_region(region_id.as_str());
@@ -207,6 +214,13 @@ impl Node {
                 },
             );
         }
+        let node = Arc::clone(self);
+        self.supervisor.spawn(
+            "ledger checks",
+            Phase::Background,
+            RestartPolicy::default(),
+            move |context| crate::ledger::run_ledger_checks(Arc::clone(&node), context),
+        );
         crate::jobs::start_all(self);
     }
 

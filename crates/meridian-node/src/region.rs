@@ -13,7 +13,7 @@ use meridian_archive::{
     ArchiveError, ArchiveSink, ArchiveSinkConfig, CustomerTarget, LocalDirStore, ObjectStore,
     Spool, StoreResolver,
 };
-use meridian_catalog::KeyCache;
+use meridian_catalog::{Catalog, KeyCache};
 use meridian_clickhouse::ClickHouseSink;
 use meridian_core::{ErasureFilter, RegionId};
 use meridian_queue::encryption::QueueEncryption;
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::config::{ArchiveTarget, Settings};
 use crate::error::NodeError;
+use crate::ledger::LedgerSink;
 
 /// A running sink of a region, for metrics and readiness.
 #[derive(Clone)]
@@ -109,12 +110,18 @@ impl Region {
         customer_stores: &Arc<CustomerStores>,
         queue_encryption: Option<&Arc<QueueEncryption>>,
         node_id: &str,
+        ledger_store: Catalog,
     ) -> Result<(Region, RegionTasks), NodeError> {
         let region_settings = settings_of(settings, region)?;
         // A replicated queue keeps nothing of its own on the node; so must the archive: with
         // it, objects for a failing customer bucket wait in the queue instead of a local spool.
         let node_local_spool = region_settings.jetstream.is_none();
-        let built = build_sinks(settings, region, keys, customer_stores, node_local_spool).await?;
+        let mut built =
+            build_sinks(settings, region, keys, customer_stores, node_local_spool).await?;
+        // The delivery ledger reads the queue like a sink: what it counts is what was queued.
+        built
+            .sinks
+            .push(Arc::new(LedgerSink::new(region.clone(), ledger_store)) as Arc<dyn Sink>);
         let sink_names: Vec<String> = built
             .sinks
             .iter()

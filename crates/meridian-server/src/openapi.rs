@@ -525,6 +525,18 @@ pub fn descriptions() -> Vec<(Method, &'static str, Operation)> {
         ),
         (
             Method::GET,
+            "/admin/projects/{project_id}/ledger",
+            Operation {
+                summary: "The delivery ledger: per received day (UTC) of `[from, to]` (dates; default the last 7 days, at most 366), the messages acknowledged, suppressed, archived, in the warehouse (null without one), erased by GDPR deletions, still queued, and whether the day reconciles; 503 region_not_served on a node of another region (member+)",
+                tag: "admin",
+                security: Security::AdminJwt,
+                request: None,
+                success: (200, None),
+                errors: &[400, 401, 403, 404, 503],
+            },
+        ),
+        (
+            Method::GET,
             "/admin/projects/{project_id}/events/live",
             Operation {
                 summary: "Server-Sent Events of the project's messages as they are accepted (`accepted`, `suppressed`, `rejected` with its reason, `skipped` with a count), sampled above console.live_events_per_second; 429 too_many_subscribers past console.live_subscribers_per_project; 503 region_not_served on a node of another region (owner/admin/member)",

@@ -156,9 +156,9 @@ async fn execute(node: &Arc<Node>, mut deletion: Deletion) -> Result<(), StepErr
                 .map_err(|error| format!("customer bucket {}: {error}", storage.bucket))?;
             stores.push((store, Some(prefix)));
         }
-        for (store, prefix) in stores {
+        for (object_store, prefix) in stores {
             let objects = list_project_objects(
-                store.as_ref(),
+                object_store.as_ref(),
                 prefix.as_deref(),
                 &deletion.project_id,
                 None,
@@ -166,14 +166,26 @@ async fn execute(node: &Arc<Node>, mut deletion: Deletion) -> Result<(), StepErr
             .await
             .map_err(|error| error.to_string())?;
             for object in objects {
-                let outcome =
-                    rewrite_without_users(store.as_ref(), &object.key, &users, services.gzip_level)
-                        .await
-                        .map_err(|error| error.to_string())?;
+                let outcome = rewrite_without_users(
+                    object_store.as_ref(),
+                    &object.key,
+                    &users,
+                    services.gzip_level,
+                )
+                .await
+                .map_err(|error| error.to_string())?;
                 progress.archive_objects_scanned += 1;
                 if outcome.rewritten {
                     progress.archive_objects_rewritten += 1;
                     progress.archive_messages_removed += outcome.messages_removed as i64;
+                    record_erased_in_ledger(
+                        &store,
+                        &deletion.deletion_id,
+                        &deletion.project_id,
+                        &object.key,
+                        outcome.messages_removed as u64,
+                    )
+                    .await?;
                 }
                 record(DeletionStage::Archive, progress).await?;
             }
@@ -195,6 +207,38 @@ async fn execute(node: &Arc<Node>, mut deletion: Deletion) -> Result<(), StepErr
         "GDPR deletion done"
     );
     Ok(())
+}
+
+/// Records in the delivery ledger what a deletion removed from one archive batch, by the batch's
+/// received day (named in its key: `.../segment-logs/<project>/<day start ms>/<batch>.gz`). Keyed
+/// by deletion and batch name, so a copy of the batch in a customer's bucket, or the same step run
+/// again, counts once.
+async fn record_erased_in_ledger(
+    store: &meridian_catalog::Catalog,
+    deletion_id: &str,
+    project_id: &str,
+    object_key: &str,
+    messages_removed: u64,
+) -> Result<(), StepError> {
+    if messages_removed == 0 {
+        return Ok(());
+    }
+    let mut parts = object_key.rsplit('/');
+    let batch = parts.next().unwrap_or_default();
+    let Some(day_start_ms) = parts.next().and_then(|day| day.parse::<i64>().ok()) else {
+        return Err(StepError::new(format!(
+            "archive object {object_key} does not name its received day"
+        )));
+    };
+    store
+        .record_erased(
+            project_id,
+            day_start_ms,
+            &format!("{deletion_id}/{batch}"),
+            messages_removed,
+        )
+        .await
+        .map_err(|error| StepError::of("recording the erasure in the delivery ledger", error))
 }
 
 /// When a deletion requested at `created_at_ms` may rewrite the stores. Every node's key cache

@@ -55,7 +55,7 @@ fn parse_query(uri: &Uri) -> Result<InsightsQuery, ApiError> {
 }
 
 /// A time of the query: an RFC 3339 timestamp, or a date (`2026-12-01`: its UTC midnight).
-fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
+pub(super) fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
     let timestamp = if text.len() == 10 {
         format!("{text}T00:00:00Z")
     } else {

@@ -5,6 +5,7 @@ pub mod access;
 mod audit_log;
 mod gdpr;
 mod insights;
+mod ledger;
 mod migration;
 mod orgs;
 mod projects;
@@ -32,5 +33,6 @@ pub fn routes() -> ApiRoutes {
         .merge(migration::routes())
         .merge(volume::routes())
         .merge(insights::routes())
+        .merge(ledger::routes())
         .merge(token_revocation::routes())
 }

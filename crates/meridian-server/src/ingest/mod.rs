@@ -237,6 +237,11 @@ async fn ingest(
             .with_extra("rejected", outcome.rejections.to_json())
             .in_region(region));
     }
+    // Suppressed messages never enter the queue: the delivery ledger counts them before the
+    // answer (and before the others are queued: a failure here leaves nothing half done).
+    if outcome.suppressed > 0 {
+        record_suppressed(&state, &resolved, received_at_ms, outcome.suppressed).await?;
+    }
     if !outcome.records.is_empty() {
         append_durably(&state, &resolved, outcome.records).await?;
     }
@@ -279,6 +284,44 @@ async fn ingest(
         response.headers_mut().insert(X_REGION, value);
     }
     Ok(response)
+}
+
+/// Adds suppressed messages to the delivery ledger in the region's store.
+async fn record_suppressed(
+    state: &AppState,
+    resolved: &ResolvedKey,
+    received_at_ms: i64,
+    suppressed: u64,
+) -> Result<(), ApiError> {
+    let region = &resolved.region;
+    let unavailable = |reason: String| {
+        tracing::warn!(region = %region, project_id = %resolved.project_id, %reason, "the delivery ledger could not count suppressed messages; the request is refused");
+        ApiError::unavailable(
+            "ledger_unavailable",
+            format!("the delivery ledger of region {region} could not count this request's suppressed messages; retry later"),
+            5,
+        )
+        .in_region(region.clone())
+    };
+    let store = state
+        .node
+        .stores
+        .of_region(region.as_str())
+        .map_err(|error| unavailable(error.to_string()))?;
+    let recorded = tokio::time::timeout(
+        state.node.settings.append_timeout,
+        store.record_suppressed(
+            &resolved.project_id,
+            meridian_core::timestamp::utc_day_start_ms(received_at_ms),
+            suppressed,
+        ),
+    )
+    .await;
+    match recorded {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(unavailable(error.to_string())),
+        Err(_) => Err(unavailable("timed out".to_string())),
+    }
 }
 
 async fn append_durably(
