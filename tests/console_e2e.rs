@@ -390,7 +390,7 @@ async fn the_orgs_volume_counts_each_projects_last_hour_from_its_regions_warehou
 
 #[ignore = "needs the test services: scripts/test runs it (--include-ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_browser_the_insights_page_draws_a_projects_events_per_day_and_its_top_events() {
+async fn in_a_browser_the_insights_and_ledger_pages_show_a_projects_events() {
     let (Some(chromium), Some(clickhouse)) = (
         shared_service("MERIDIAN_TEST_CHROMIUM_BIN"),
         shared_service("MERIDIAN_TEST_CLICKHOUSE_URL"),
@@ -438,6 +438,7 @@ async fn in_a_browser_the_insights_page_draws_a_projects_events_per_day_and_its_
     let expected = json!({
         "days": {day(3): 3, day(2): 1, day(1): 2},
         "top": [["Signed Up", 4, 4], ["Ordered", 2, 2]],
+        "ledger": {"day": day(0), "acknowledged": sent.len()},
     });
     let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
     let run = std::process::Command::new("python3")

@@ -1,6 +1,7 @@
 """The console's Insights page in headless Chromium: the events per day of a project drawn as bars
-(SVG drawn by the page), the top events with their users, and a range picked. EXPECTED (JSON) holds
-the counts the page must show: {"days": {"YYYY-MM-DD": events}, "top": [[event, events, users]]}.
+(SVG drawn by the page), the top events with their users, and a range picked; then its Delivery
+ledger page. EXPECTED (JSON) holds the counts the pages must show: {"days": {"YYYY-MM-DD": events},
+"top": [[event, events, users]], "ledger": {"day": "YYYY-MM-DD", "acknowledged": n}}.
 Writes screenshots; exits non-zero with the reason on any failure."""
 
 import json
@@ -68,6 +69,24 @@ def run(page):
     total = sum(int(bar.get_attribute("data-events")) for bar in page.query_selector_all("#volume-chart rect.bar"))
     assert total == EXPECTED["days"][days[0]], f"hours sum to {total}"
     shot(page, "insights-one-day-by-hour")
+
+    # The delivery ledger of the same project: today's messages (received today, whatever their
+    # event time) acknowledged, archived and in the warehouse, reconciled once the stores report.
+    ledger = EXPECTED["ledger"]
+    page.goto(f"{BASE}/console/#/project/{PROJECT}/ledger")
+    deadline = time.monotonic() + 20
+    while True:
+        page.wait_for_selector("#ledger-table tbody tr", timeout=10_000)
+        cells = [cell.text_content() for cell in page.query_selector_all("#ledger-table tbody tr")[0].query_selector_all("td")]
+        if cells[-1] == "reconciled" or time.monotonic() > deadline:
+            break
+        page.click("#ledger-range button[type=submit]")
+        page.wait_for_timeout(300)
+    count = str(ledger["acknowledged"])
+    assert cells == [ledger["day"], count, "0", count, count, "0", "0", "reconciled"], f"today's ledger row {cells}"
+    assert len(page.query_selector_all("#ledger-table tbody tr")) == 7, "the last 7 days by default"
+    assert "Every acknowledged message" in page.text_content("#ledger-summary")
+    shot(page, "ledger-7-days")
 
 
 with sync_playwright() as playwright:

@@ -259,7 +259,7 @@ async function newProjectPage() {
 
 // ---- a project --------------------------------------------------------------------------
 
-const TABS = [["live", "Live events"], ["insights", "Insights"], ["privacy", "Privacy"], ["keys", "Keys"], ["replays", "Replays"]];
+const TABS = [["live", "Live events"], ["insights", "Insights"], ["ledger", "Delivery ledger"], ["privacy", "Privacy"], ["keys", "Keys"], ["replays", "Replays"]];
 
 async function projectPage(projectId, tab) {
   const project = await api("GET", `/admin/projects/${encodeURIComponent(projectId)}`);
@@ -269,7 +269,7 @@ async function projectPage(projectId, tab) {
     h("nav", { class: "tabs", "aria-label": "Project" }, TABS.map(([id, label]) =>
       h("a", { href: `#/project/${projectId}/${id}`, "aria-current": id === tab ? "page" : false }, label))),
     body);
-  const pages = { live: livePanel, insights: insightsPanel, privacy: privacyPanel, keys: keysPanel, replays: replaysPanel };
+  const pages = { live: livePanel, insights: insightsPanel, ledger: ledgerPanel, privacy: privacyPanel, keys: keysPanel, replays: replaysPanel };
   await (pages[tab] || livePanel)(project, body);
 }
 
@@ -402,6 +402,37 @@ async function insightsPanel(project, body) {
       h("label", { for: "insights-from" }, "From"), from, h("label", { for: "insights-to" }, "To"), to,
       h("label", { for: "insights-interval" }, "Buckets"), interval, h("button", { type: "submit" }, "Show")),
     chart, top);
+  await load();
+}
+
+async function ledgerPanel(project, body) {
+  const id = encodeURIComponent(project.project_id);
+  const today = new Date();
+  const day = (date) => date.toISOString().slice(0, 10);
+  const from = h("input", { id: "ledger-from", type: "date", value: day(new Date(today.getTime() - 6 * 86400000)), required: true });
+  const to = h("input", { id: "ledger-to", type: "date", value: day(today), required: true });
+  const days = h("div", { id: "ledger-days" });
+  const count = (value) => value === null ? "—" : String(value);
+  const load = guarded(async () => {
+    const ledger = await api("GET", `/admin/projects/${id}/ledger?from=${from.value}&to=${to.value}`);
+    const open = ledger.days.filter((row) => !row.reconciled).length;
+    days.replaceChildren(
+      h("p", { class: "note", id: "ledger-summary" }, open === 0
+        ? `Every acknowledged message of these ${ledger.days.length} days is in every store of ${ledger.region}.`
+        : `${open} of ${ledger.days.length} days still have messages on their way to a store.`),
+      table(["Day (UTC)", "Acknowledged", "Suppressed", "Archived", "Warehouse", "Erased", "Queued", ""],
+        ledger.days.slice().reverse().map((row) => h("tr", { class: row.reconciled ? "" : "pending" },
+          h("td", {}, row.day), h("td", {}, String(row.acknowledged)), h("td", {}, String(row.suppressed)),
+          h("td", {}, String(row.archived)), h("td", {}, count(row.warehouse)), h("td", {}, String(row.erased)),
+          h("td", {}, String(row.queued)), h("td", {}, row.reconciled ? "reconciled" : "on its way"))),
+        { id: "ledger-table" }));
+  });
+  body.replaceChildren(
+    h("p", {}, `Every message answered 200, per day received, and where it is now (${project.region}). Erased counts what GDPR deletions removed since.`),
+    h("form", { id: "ledger-range", class: "row", onsubmit: load },
+      h("label", { for: "ledger-from" }, "From"), from, h("label", { for: "ledger-to" }, "To"), to,
+      h("button", { type: "submit" }, "Show")),
+    days);
   await load();
 }
 
