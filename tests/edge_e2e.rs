@@ -73,11 +73,21 @@ async fn legitimate_requests(server: &TestServer, key: &str, count: usize) -> (V
 /// p99 is compared with the unattacked one, or with this, whichever is larger.
 const LATENCY_FLOOR: Duration = Duration::from_millis(10);
 
-async fn open_connections(server: &TestServer) -> f64 {
+/// The node's body budget not held now.
+async fn body_budget_available(server: &TestServer) -> f64 {
     server
-        .metric("meridian_open_connections")
+        .metric("meridian_body_budget_available_bytes")
         .await
-        .unwrap_or(0.0)
+        .expect("the body budget is exported")
+}
+
+/// Waits until the node holds `count` slow bodies that each sent one byte: its body budget shows
+/// at least that many bytes taken (a node that charges more per body shows more).
+async fn wait_until_held(server: &TestServer, full_budget: f64, count: usize) -> bool {
+    wait_until(Duration::from_secs(10), || async {
+        body_budget_available(server).await <= full_budget - count as f64
+    })
+    .await
 }
 
 /// The legitimate client's 100 requests while `attack` holds the node: every one answered 200,
@@ -115,6 +125,7 @@ async fn two_hundred_slow_anonymous_uploads_starve_nobody() {
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
     let baseline_p99 = unattacked_p99(&server, &key).await;
+    let full_budget = body_budget_available(&server).await;
 
     let mut held = Vec::new();
     for index in 0..200 {
@@ -122,10 +133,7 @@ async fn two_hundred_slow_anonymous_uploads_starve_nobody() {
         held.push(slow_upload(server.port, path, None).await);
     }
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            open_connections(&server).await >= 200.0
-        })
-        .await,
+        wait_until_held(&server, full_budget, 200).await,
         "the node holds the 200 slow uploads"
     );
     assert_unaffected_by(&server, &key, baseline_p99, "200 slow anonymous uploads").await;
@@ -147,15 +155,14 @@ async fn slow_uploads_with_another_projects_public_key_starve_nobody() {
     server.create_org("victim-of-a-leak").await;
     let (_, public_key) = server.create_project("victim-of-a-leak", "eu-west-1").await;
     let baseline_p99 = unattacked_p99(&server, &key).await;
+    let full_budget = body_budget_available(&server).await;
     let mut held = Vec::new();
     for _ in 0..200 {
         held.push(slow_upload(server.port, "/v1/batch", Some(&basic_auth(&public_key))).await);
     }
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            open_connections(&server).await >= 200.0
-        })
-        .await
+        wait_until_held(&server, full_budget, 200).await,
+        "the node holds the 200 slow uploads"
     );
     assert_unaffected_by(
         &server,
@@ -176,6 +183,7 @@ async fn one_http2_connection_of_many_slow_streams_starves_nobody() {
     server.create_org("acme").await;
     let (_, key) = server.create_project("acme", "eu-west-1").await;
     let baseline_p99 = unattacked_p99(&server, &key).await;
+    let full_budget = body_budget_available(&server).await;
     let stream = connect_from(ATTACKER, server.port).await;
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -204,6 +212,12 @@ async fn one_http2_connection_of_many_slow_streams_starves_nobody() {
         held_streams.push(tokio::spawn(sender.send_request(request)));
     }
     assert!(held_streams.len() >= 90, "the streams were opened");
+    // Each held stream has sent a byte of its body: the node holds them once its body budget
+    // shows at least that much taken (a node charging more per stream shows more).
+    assert!(
+        wait_until_held(&server, full_budget, 90).await,
+        "the node holds the slow streams"
+    );
     assert_unaffected_by(
         &server,
         &key,
