@@ -131,8 +131,9 @@ pub async fn run_ledger_checks(
     mut context: TaskContext,
 ) -> Result<(), TaskFailure> {
     let mut last_reconcile: Option<tokio::time::Instant> = None;
+    let mut recorded = RecordedPositions::new();
     loop {
-        record_positions(&node).await;
+        record_positions(&node, &mut recorded).await;
         if last_reconcile.is_none_or(|at| at.elapsed() >= RECONCILE_INTERVAL) {
             count_unreconciled_days(&node).await;
             last_reconcile = Some(tokio::time::Instant::now());
@@ -144,9 +145,12 @@ pub async fn run_ledger_checks(
     }
 }
 
-/// Where each store's cursor stands, per queue source, in the region's store. A failure is
-/// logged and tried again at the next round (positions only move forward).
-pub async fn record_positions(node: &Node) {
+/// The positions last recorded, per (queue source, sink): an unchanged one is not written again.
+type RecordedPositions = std::collections::HashMap<(Arc<str>, String), u64>;
+
+/// Where each store's cursor stands, per queue source, in the region's store (written when it
+/// moved since the last round). A failure is logged and tried again at the next round.
+async fn record_positions(node: &Node, recorded: &mut RecordedPositions) {
     for region in node.regions.values() {
         let Ok(store) = node.stores.of_region(region.id.as_str()) else {
             continue;
@@ -160,12 +164,18 @@ pub async fn record_positions(node: &Node) {
                 .status
                 .position
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let recorded = tokio::time::timeout(
+            let key = (Arc::clone(&source), handle.sink.clone());
+            if recorded.get(&key) == Some(&position) {
+                continue;
+            }
+            let written = tokio::time::timeout(
                 STORE_TIMEOUT,
                 store.record_ledger_position(&source, &handle.sink, position),
             )
             .await;
-            if !matches!(recorded, Ok(Ok(()))) {
+            if matches!(written, Ok(Ok(()))) {
+                recorded.insert(key, position);
+            } else {
                 warn!(region = %region.id, sink = %handle.sink, source = %source, "could not record the sink's position in the delivery ledger; trying again");
             }
         }
