@@ -82,9 +82,11 @@ impl Sink for LedgerSink {
     }
 
     fn batch_limits(&self) -> BatchLimits {
+        // The ledger holds a batch's records while it counts them: small batches keep that
+        // memory small (a mebibyte), at a store write per batch.
         BatchLimits {
-            max_records: 50_000,
-            max_bytes: 8 * 1024 * 1024,
+            max_records: 10_000,
+            max_bytes: 1024 * 1024,
             max_age: Duration::from_millis(200),
         }
     }
