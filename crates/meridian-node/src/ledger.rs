@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use meridian_archive::layout::ArchivedMessage;
 use meridian_catalog::{Catalog, LEDGER_ARCHIVE_SINK, LEDGER_WAREHOUSE_SINK, LedgerRange};
 use meridian_core::RegionId;
 use meridian_core::timestamp::{now_unix_ms, parse_timestamp_ms, utc_day_start_ms};
 use meridian_queue::{BatchLimits, DeliveryBatch, Record, Sink, SinkError};
-use serde::Deserialize;
 use tracing::warn;
 
 use crate::node::Node;
@@ -49,21 +49,12 @@ impl LedgerSink {
     }
 }
 
-/// The fields of a queued message the ledger counts by.
-#[derive(Deserialize)]
-struct CountedFields<'a> {
-    #[serde(rename = "projectId", borrow)]
-    project_id: std::borrow::Cow<'a, str>,
-    #[serde(rename = "receivedAt", borrow)]
-    received_at: std::borrow::Cow<'a, str>,
-}
-
 /// Messages per (project, received day) in `records`. A record that is not a message (it cannot
 /// be: ingest wrote every one) is counted under an empty project id rather than dropped.
 pub fn count_by_project_and_day(records: &[Record]) -> BTreeMap<(String, i64), u64> {
     let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
     for record in records {
-        let key = match serde_json::from_slice::<CountedFields>(&record.payload) {
+        let key = match serde_json::from_slice::<ArchivedMessage>(&record.payload) {
             Ok(fields) => (
                 fields.project_id.into_owned(),
                 utc_day_start_ms(parse_timestamp_ms(&fields.received_at).unwrap_or(0)),
