@@ -172,32 +172,14 @@ impl Catalog {
         to_day_ms: i64,
     ) -> Result<Vec<LedgerDay>, CatalogError> {
         let mut days: BTreeMap<i64, LedgerDay> = BTreeMap::new();
-        let queued = sqlx::query(
-            "SELECT r.day_ms AS day_ms,
-                CAST(SUM(r.messages) AS BIGINT) AS queued,
-                CAST(SUM(CASE WHEN a.position IS NOT NULL AND r.end_offset <= a.position
-                    THEN r.messages ELSE 0 END) AS BIGINT) AS archived,
-                CAST(SUM(CASE WHEN w.position IS NOT NULL AND r.end_offset <= w.position
-                    THEN r.messages ELSE 0 END) AS BIGINT) AS warehouse
-             FROM ledger_ranges r
-             LEFT JOIN ledger_positions a ON a.source = r.source AND a.sink = $4
-             LEFT JOIN ledger_positions w ON w.source = r.source AND w.sink = $5
-             WHERE r.project_id = $1 AND r.day_ms >= $2 AND r.day_ms <= $3
-             GROUP BY r.day_ms",
-        )
-        .bind(project_id)
-        .bind(from_day_ms)
-        .bind(to_day_ms)
-        .bind(LEDGER_ARCHIVE_SINK)
-        .bind(LEDGER_WAREHOUSE_SINK)
-        .fetch_all(&self.pool)
-        .await?;
-        for row in queued {
-            let day_start_ms: i64 = row.try_get("day_ms")?;
-            let day = days.entry(day_start_ms).or_default();
-            day.acknowledged += sum_column(&row, "queued")?;
-            day.archived = sum_column(&row, "archived")?;
-            day.warehouse = sum_column(&row, "warehouse")?;
+        for stored in self
+            .stored_by_project_and_day(RangeScope::Project(project_id), from_day_ms, to_day_ms)
+            .await?
+        {
+            let day = days.entry(stored.day_start_ms).or_default();
+            day.acknowledged += stored.queued;
+            day.archived = stored.archived;
+            day.warehouse = stored.warehouse;
         }
         let counts = sqlx::query(
             "SELECT day_ms, kind, CAST(SUM(messages) AS BIGINT) AS messages FROM ledger_counts
@@ -241,7 +223,56 @@ impl Catalog {
         to_day_ms: i64,
         with_warehouse: bool,
     ) -> Result<Vec<UnreconciledDay>, CatalogError> {
-        let rows = sqlx::query(
+        let mut unreconciled = Vec::new();
+        for stored in self
+            .stored_by_project_and_day(RangeScope::Region(region), from_day_ms, to_day_ms)
+            .await?
+        {
+            let mut in_every_store = stored.archived;
+            if with_warehouse {
+                in_every_store = in_every_store.min(stored.warehouse);
+            }
+            if in_every_store < stored.queued {
+                unreconciled.push(UnreconciledDay {
+                    project_id: stored.project_id,
+                    day_start_ms: stored.day_start_ms,
+                    missing: stored.queued - in_every_store,
+                });
+            }
+        }
+        Ok(unreconciled)
+    }
+}
+
+/// Which ledger ranges a sum covers.
+enum RangeScope<'a> {
+    Project(&'a str),
+    Region(&'a str),
+}
+
+/// The queued messages of one project and day, and how many of them each store has taken.
+struct StoredDay {
+    project_id: String,
+    day_start_ms: i64,
+    queued: u64,
+    archived: u64,
+    warehouse: u64,
+}
+
+impl Catalog {
+    /// Per project and day in `[from_day_ms, to_day_ms]`: the messages the ledger read from the
+    /// queue, and those below the archive's and the warehouse sink's cursors.
+    async fn stored_by_project_and_day(
+        &self,
+        scope: RangeScope<'_>,
+        from_day_ms: i64,
+        to_day_ms: i64,
+    ) -> Result<Vec<StoredDay>, CatalogError> {
+        let (column, value) = match scope {
+            RangeScope::Project(project_id) => ("r.project_id", project_id),
+            RangeScope::Region(region) => ("r.region", region),
+        };
+        let rows = sqlx::query(&format!(
             "SELECT r.project_id AS project_id, r.day_ms AS day_ms,
                 CAST(SUM(r.messages) AS BIGINT) AS queued,
                 CAST(SUM(CASE WHEN a.position IS NOT NULL AND r.end_offset <= a.position
@@ -251,32 +282,28 @@ impl Catalog {
              FROM ledger_ranges r
              LEFT JOIN ledger_positions a ON a.source = r.source AND a.sink = $4
              LEFT JOIN ledger_positions w ON w.source = r.source AND w.sink = $5
-             WHERE r.region = $1 AND r.day_ms >= $2 AND r.day_ms <= $3
-             GROUP BY r.project_id, r.day_ms",
-        )
-        .bind(region)
+             WHERE {column} = $1 AND r.day_ms >= $2 AND r.day_ms <= $3
+             GROUP BY r.project_id, r.day_ms
+             ORDER BY r.day_ms"
+        ))
+        .bind(value)
         .bind(from_day_ms)
         .bind(to_day_ms)
         .bind(LEDGER_ARCHIVE_SINK)
         .bind(LEDGER_WAREHOUSE_SINK)
         .fetch_all(&self.pool)
         .await?;
-        let mut unreconciled = Vec::new();
-        for row in rows {
-            let queued = sum_column(&row, "queued")?;
-            let mut stored = sum_column(&row, "archived")?;
-            if with_warehouse {
-                stored = stored.min(sum_column(&row, "warehouse")?);
-            }
-            if stored < queued {
-                unreconciled.push(UnreconciledDay {
+        rows.iter()
+            .map(|row| {
+                Ok(StoredDay {
                     project_id: row.try_get("project_id")?,
                     day_start_ms: row.try_get("day_ms")?,
-                    missing: queued - stored,
-                });
-            }
-        }
-        Ok(unreconciled)
+                    queued: sum_column(row, "queued")?,
+                    archived: sum_column(row, "archived")?,
+                    warehouse: sum_column(row, "warehouse")?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -284,4 +311,124 @@ impl Catalog {
 fn sum_column(row: &sqlx::any::AnyRow, column: &str) -> Result<u64, CatalogError> {
     let value: Option<i64> = row.try_get(column)?;
     Ok(value.unwrap_or(0).max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::catalogs_under_test;
+
+    const DAY: i64 = 86_400_000;
+
+    fn range(source: &str, start: u64, end: u64, counts: &[(&str, i64, u64)]) -> LedgerRange {
+        LedgerRange {
+            source: source.to_string(),
+            start_offset: start,
+            end_offset: end,
+            messages: counts
+                .iter()
+                .map(|(project, day, messages)| ((project.to_string(), *day), *messages))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn ranges_read_again_replace_their_counts_and_cursors_tell_what_each_store_took() {
+        let dir = tempfile::tempdir().unwrap();
+        for catalog in catalogs_under_test(&dir).await {
+            let region = "eu-west-1";
+            for recorded in [
+                range("q1", 0, 10, &[("p1", 0, 6), ("p1", DAY, 4)]),
+                range("q1", 10, 20, &[("p1", DAY, 10)]),
+                range("q2", 0, 5, &[("p1", DAY, 5)]),
+                // After a crash the ledger reads from 10 again, further this time: it replaces.
+                range("q1", 10, 25, &[("p1", DAY, 15)]),
+            ] {
+                catalog
+                    .record_ledger_range(region, &recorded)
+                    .await
+                    .unwrap();
+            }
+            catalog
+                .record_ledger_position("q1", "archive", 10)
+                .await
+                .unwrap();
+            // A node that no longer holds the cursor reports an older position: ignored.
+            catalog
+                .record_ledger_position("q1", "archive", 5)
+                .await
+                .unwrap();
+            catalog
+                .record_ledger_position("q1", "clickhouse", 25)
+                .await
+                .unwrap();
+            catalog.record_suppressed("p1", DAY, 2).await.unwrap();
+            catalog.record_suppressed("p1", DAY, 1).await.unwrap();
+            // The same deletion and batch recorded twice count once.
+            catalog
+                .record_erased("p1", DAY, "del-1/batch-a", 3)
+                .await
+                .unwrap();
+            catalog
+                .record_erased("p1", DAY, "del-1/batch-a", 3)
+                .await
+                .unwrap();
+
+            let days = catalog.ledger_days("p1", 0, DAY).await.unwrap();
+            assert_eq!(
+                days,
+                vec![
+                    LedgerDay {
+                        day_start_ms: 0,
+                        acknowledged: 6,
+                        suppressed: 0,
+                        archived: 6,
+                        warehouse: 6,
+                        erased: 0,
+                    },
+                    LedgerDay {
+                        day_start_ms: DAY,
+                        acknowledged: 4 + 15 + 5 + 3,
+                        suppressed: 3,
+                        archived: 4,
+                        warehouse: 4 + 15,
+                        erased: 3,
+                    },
+                ]
+            );
+            assert_eq!(
+                catalog
+                    .unreconciled_ledger_days(region, 0, DAY, true)
+                    .await
+                    .unwrap(),
+                vec![UnreconciledDay {
+                    project_id: "p1".to_string(),
+                    day_start_ms: DAY,
+                    missing: 24 - 4,
+                }]
+            );
+            assert!(
+                catalog
+                    .unreconciled_ledger_days("us-east-1", 0, DAY, true)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "another region's days are its own"
+            );
+            for sink in ["archive", "clickhouse"] {
+                catalog
+                    .record_ledger_position("q1", sink, 25)
+                    .await
+                    .unwrap();
+                catalog.record_ledger_position("q2", sink, 5).await.unwrap();
+            }
+            assert!(
+                catalog
+                    .unreconciled_ledger_days(region, 0, DAY, true)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    }
 }
