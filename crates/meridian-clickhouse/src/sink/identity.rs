@@ -169,48 +169,15 @@ impl ClickHouseSink {
             schema::quote_identifier(schema::MESSAGE_IDS_TABLE),
             vec!["?"; message_ids.len()].join(", ")
         );
-        let mut unreachable = Vec::new();
-        for _ in 0..self.replicas.len() {
-            let index = self
-                .current_replica
-                .load(std::sync::atomic::Ordering::Relaxed)
-                % self.replicas.len();
-            let replica = &self.replicas[index];
+        self.on_current_replica("looking up stored message ids", |replica| {
             let query = message_ids
                 .iter()
                 .fold(replica.admin.query(&sql).bind(project_id), |query, id| {
                     query.bind(id.as_str())
                 });
-            match self
-                .with_timeout(query.fetch_all::<KnownTimestamp>())
-                .await
-                .map_err(classify)
-            {
-                Ok(found) => return Ok(found),
-                Err(InsertFailure::Unreachable(reason)) => {
-                    self.fail_over_from(index, &reason);
-                    unreachable.push(format!("{}: {reason}", replica.url));
-                }
-                Err(InsertFailure::Schema(reason)) => {
-                    *self.flavor.lock().await = None;
-                    return Err(SinkError::Transient(format!(
-                        "{}: message_ids is missing ({reason}); preparing the schema again",
-                        replica.url
-                    )));
-                }
-                Err(InsertFailure::Data(reason)) | Err(InsertFailure::Transient(reason)) => {
-                    return Err(SinkError::Transient(format!(
-                        "{}: looking up stored message ids failed: {reason}",
-                        replica.url
-                    )));
-                }
-            }
-        }
-        Err(SinkError::Transient(format!(
-            "every ClickHouse replica of region {} is unreachable: {}",
-            self.region,
-            unreachable.join("; ")
-        )))
+            self.with_timeout(query.fetch_all::<KnownTimestamp>())
+        })
+        .await
     }
 
     /// Records the messages a batch stored for the first time (after their rows are stored).
@@ -221,6 +188,24 @@ impl ClickHouseSink {
         if records.is_empty() {
             return Ok(());
         }
+        self.on_current_replica("recording stored message ids", |replica| {
+            self.insert_message_ids(replica, records)
+        })
+        .await
+    }
+
+    /// Runs one step on `message_ids` on the current replica, failing over to the next while
+    /// replicas are unreachable; any other failure ends the attempt (the batch is delivered
+    /// again), a missing table after the schema is prepared again.
+    async fn on_current_replica<'s, T, Step, Work>(
+        &'s self,
+        what: &str,
+        mut step: Step,
+    ) -> Result<T, SinkError>
+    where
+        Step: FnMut(&'s super::Replica) -> Work,
+        Work: std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+    {
         let mut unreachable = Vec::new();
         for _ in 0..self.replicas.len() {
             let index = self
@@ -228,12 +213,8 @@ impl ClickHouseSink {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 % self.replicas.len();
             let replica = &self.replicas[index];
-            match self
-                .insert_message_ids(replica, records)
-                .await
-                .map_err(classify)
-            {
-                Ok(()) => return Ok(()),
+            match step(replica).await.map_err(classify) {
+                Ok(value) => return Ok(value),
                 Err(InsertFailure::Unreachable(reason)) => {
                     self.fail_over_from(index, &reason);
                     unreachable.push(format!("{}: {reason}", replica.url));
@@ -246,9 +227,9 @@ impl ClickHouseSink {
                     )));
                 }
                 Err(InsertFailure::Data(reason)) | Err(InsertFailure::Transient(reason)) => {
-                    warn!(region = %self.region, url = %replica.url, %reason, "recording stored message ids failed; the batch is delivered again");
+                    warn!(region = %self.region, url = %replica.url, %reason, "{what} failed; the batch is delivered again");
                     return Err(SinkError::Transient(format!(
-                        "{}: recording stored message ids failed: {reason}",
+                        "{}: {what} failed: {reason}",
                         replica.url
                     )));
                 }
